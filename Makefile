@@ -1,0 +1,41 @@
+# Tether developer entry points. Every target builds what it needs, starting
+# from a plain checkout with only python3 and make installed.
+
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: venv demo test lint pytest proto proto-check sysdeps clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV) || { \
+	  echo "python3 -m venv failed; installing python3-venv"; \
+	  apt-get update -qq && apt-get install -y -qq python3-venv && $(PYTHON) -m venv $(VENV); }
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	@touch $@
+
+# System tools the end-to-end tests drive (curl is the real CONNECT client).
+sysdeps:
+	@command -v curl >/dev/null 2>&1 || { \
+	  echo "installing curl"; apt-get update -qq && apt-get install -y -qq curl; }
+
+demo: venv
+	$(VENV)/bin/tether demo
+
+lint: venv
+	$(VENV)/bin/ruff check protocol broker edge_agent tether tests benchmarks
+	$(VENV)/bin/ruff format --check protocol broker edge_agent tether tests benchmarks
+	$(VENV)/bin/mypy
+
+pytest: venv sysdeps
+	$(VENV)/bin/pytest $(PYTEST_ARGS)
+
+test: lint pytest
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis *.egg-info
