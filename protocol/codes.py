@@ -1,0 +1,35 @@
+"""Wire-level error codes, kept apart from the Python exception classes."""
+
+from __future__ import annotations
+
+import enum
+
+
+class DialFailCode(str, enum.Enum):
+    """Codes an agent puts in ``dial_fail`` (design section 2)."""
+
+    REFUSED = "refused"
+    TIMEOUT = "timeout"
+    UNREACHABLE = "unreachable"
+    DNS = "dns"
+    FORBIDDEN = "forbidden"
+    ERROR = "error"
+
+
+class CloseCode(str, enum.Enum):
+    """Codes carried by the ``close`` map on a data stream."""
+
+    RESET = "reset"  # the far socket was reset
+    ERROR = "error"  # an I/O error on the far socket
+    PROTOCOL = "protocol"  # the peer broke the data-stream rules
+    SHUTDOWN = "shutdown"  # the process is going away
+
+
+# Status codes of the control-stream handshake, with their meaning.
+HANDSHAKE_STATUS = {
+    200: "accepted",
+    401: "unauthenticated",
+    403: "forbidden",
+    409: "conflict",
+    426: "upgrade required",
+}
