@@ -1,0 +1,632 @@
+"""The tunnel session: a sans-IO state machine over ``h2.H2Connection``.
+
+One :class:`TunnelSession` drives one agent-to-broker connection, in either
+role. The agent is the HTTP/2 client: it opens the control stream and one data
+stream per successful dial. The broker is the server: it accepts or rejects
+the control stream and pairs each data stream with a pending dial.
+
+Like h11 and h2, the session does no I/O. Feed it received bytes with
+:meth:`TunnelSession.receive_data`, act on the returned events, and send
+whatever :meth:`TunnelSession.data_to_send` returns after *every* call.
+
+Flow control follows design section 2:
+
+* *Connection* credit is returned as soon as a DATA frame has been decoded
+  into its stream's buffer, so stalled streams never hold it hostage.
+* *Stream* credit is returned only through :meth:`acknowledge`, which the
+  owner calls once the destination socket has taken the bytes. A stream's
+  buffered bytes are therefore bounded by its window.
+* :meth:`send_capacity` tells how many payload bytes may be sent now, so the
+  owner never reads more from a socket than the peer's window allows.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+from typing import Union
+
+import attrs
+import h2.config
+import h2.connection
+import h2.errors
+import h2.events
+import h2.exceptions
+import h2.settings
+import msgpack
+
+from protocol import framing, messages
+from protocol.errors import HandshakeRejected, ProtocolError, SessionError
+
+CONTROL_PATH = "/tether.v1/connect"
+STREAM_PATH = "/tether.v1/stream"
+CONTENT_TYPE = "application/msgpack"
+DIAL_ID_HEADER = "tether-dial-id"
+
+
+class Role(enum.Enum):
+    AGENT = "agent"
+    BROKER = "broker"
+
+
+@attrs.frozen
+class SessionConfig:
+    #: Window granted to each stream; also bounds a stream's receive buffer.
+    stream_window: int = 1024 * 1024
+    #: Window of the whole connection.
+    connection_window: int = 16 * 1024 * 1024
+    #: Largest HTTP/2 frame payload we accept.
+    max_frame_size: int = 64 * 1024
+    max_concurrent_streams: int = 10_000
+    max_header_list_size: int = 16 * 1024
+    max_message_size: int = messages.MAX_MESSAGE_SIZE
+    #: Largest payload put into one ``bin`` object when sending.
+    send_chunk: int = 256 * 1024
+
+    def __attrs_post_init__(self) -> None:
+        if not 64 * 1024 <= self.stream_window <= 2**31 - 1:
+            raise ValueError("stream_window must be between 64 KiB and 2 GiB")
+        if not self.stream_window <= self.connection_window <= 2**31 - 1:
+            raise ValueError("connection_window must be >= stream_window and < 2 GiB")
+        if not 16 * 1024 <= self.max_frame_size <= 2**24 - 1:
+            raise ValueError("max_frame_size must be between 16 KiB and 16 MiB")
+
+
+# ---------------------------------------------------------------------- events
+
+
+@attrs.frozen
+class ControlRequested:
+    """Broker: an agent opened the control stream. Accept or reject it."""
+
+    stream_id: int
+    headers: dict[str, str]
+
+
+@attrs.frozen
+class ControlAccepted:
+    """Agent: the broker accepted the control stream."""
+
+    headers: dict[str, str]
+
+
+@attrs.frozen
+class MessageReceived:
+    message: messages.Message
+
+
+@attrs.frozen
+class DataStreamRequested:
+    """Broker: the agent opened a data stream for ``dial_id``."""
+
+    stream_id: int
+    dial_id: int
+
+
+@attrs.frozen
+class DataStreamAccepted:
+    """Agent: the broker paired the data stream with its dial."""
+
+    stream_id: int
+
+
+@attrs.frozen
+class StreamData:
+    stream_id: int
+    data: bytes
+    #: Credit to hand back through :meth:`TunnelSession.acknowledge`.
+    flow_len: int
+
+
+@attrs.frozen
+class StreamClosed:
+    """The peer sent a ``close`` map: an error close, with its reason."""
+
+    stream_id: int
+    close: messages.Close
+
+
+@attrs.frozen
+class StreamEnded:
+    """The peer half-closed its direction (END_STREAM, a TCP FIN)."""
+
+    stream_id: int
+
+
+@attrs.frozen
+class StreamReset:
+    """The stream was aborted, by the peer (``remote``) or by the session."""
+
+    stream_id: int
+    error_code: int
+    remote: bool
+    reason: str = ""
+
+
+@attrs.frozen
+class WindowOpened:
+    """Send credit may have grown; ``stream_id`` None means every stream."""
+
+    stream_id: int | None
+
+
+@attrs.frozen
+class PingAcked:
+    payload: bytes
+
+
+@attrs.frozen
+class ConnectionClosed:
+    """GOAWAY received, or the control stream ended: the session is over."""
+
+    error_code: int
+    reason: str
+
+
+Event = Union[
+    ControlRequested,
+    ControlAccepted,
+    MessageReceived,
+    DataStreamRequested,
+    DataStreamAccepted,
+    StreamData,
+    StreamClosed,
+    StreamEnded,
+    StreamReset,
+    WindowOpened,
+    PingAcked,
+    ConnectionClosed,
+]
+
+
+@attrs.define
+class _Stream:
+    stream_id: int
+    dial_id: int
+    decoder: framing.DataStreamDecoder
+    unacked: int = 0  # stream credit earned but not yet sent as WINDOW_UPDATE
+    local_ended: bool = False
+    remote_ended: bool = False
+
+
+def _header_dict(headers: list[tuple[str, str]]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for name, value in headers:
+        out[name] = f"{out[name]}, {value}" if name in out else value
+    return out
+
+
+class TunnelSession:
+    """One tunnel connection's protocol state, in either role."""
+
+    def __init__(self, role: Role, config: SessionConfig | None = None) -> None:
+        self.role = role
+        self.config = config or SessionConfig()
+        h2_config = h2.config.H2Configuration(
+            client_side=role is Role.AGENT,
+            header_encoding="utf-8",
+            validate_inbound_headers=True,
+        )
+        self._h2 = h2.connection.H2Connection(config=h2_config)
+        self._control_id: int | None = None
+        self._control_decoder = framing.ControlDecoder(self.config.max_message_size)
+        self._control_open = False
+        self._streams: dict[int, _Stream] = {}
+        self._conn_unacked = 0
+        self._closed = False
+        self._rejected_status = 0
+
+    # ------------------------------------------------------------- lifecycle
+
+    def initiate(self) -> None:
+        """Send the connection preface and our settings."""
+        cfg = self.config
+        self._h2.local_settings = h2.settings.Settings(
+            client=self.role is Role.AGENT,
+            initial_values={
+                h2.settings.SettingCodes.ENABLE_PUSH: 0,
+                h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: cfg.max_concurrent_streams,
+                h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: cfg.stream_window,
+                h2.settings.SettingCodes.MAX_FRAME_SIZE: cfg.max_frame_size,
+                h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: cfg.max_header_list_size,
+            },
+        )
+        # Values set this way count as current at once (the peer cannot use
+        # them before it sees our SETTINGS), so mirror them into h2's caches.
+        self._h2.max_inbound_frame_size = cfg.max_frame_size
+        self._h2.decoder.max_header_list_size = cfg.max_header_list_size
+        self._h2.initiate_connection()
+        extra = cfg.connection_window - self._h2.inbound_flow_control_window
+        if extra > 0:
+            self._h2.increment_flow_control_window(extra)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def control_open(self) -> bool:
+        return self._control_open
+
+    @property
+    def open_data_streams(self) -> int:
+        return len(self._streams)
+
+    def data_to_send(self) -> bytes:
+        return self._h2.data_to_send()
+
+    def close(self, error_code: int = 0, reason: str = "") -> None:
+        """Send GOAWAY. Streams already open may finish (graceful drain)."""
+        if not self._closed:
+            self._closed = True
+            self._h2.close_connection(
+                error_code=error_code, additional_data=reason.encode()[:256] or None
+            )
+
+    def send_ping(self) -> bytes:
+        payload = os.urandom(8)
+        self._h2.ping(payload)
+        return payload
+
+    # ------------------------------------------------------- control stream
+
+    def open_control(self, headers: dict[str, str], authority: str) -> None:
+        """Agent: open the control stream (the first request)."""
+        self._require(Role.AGENT)
+        if self._control_id is not None:
+            raise SessionError("control stream already open")
+        sid = self._h2.get_next_available_stream_id()
+        request = [
+            (":method", "POST"),
+            (":scheme", "https"),
+            (":authority", authority),
+            (":path", CONTROL_PATH),
+            ("content-type", CONTENT_TYPE),
+            *sorted(headers.items()),
+        ]
+        self._h2.send_headers(sid, request)
+        self._control_id = sid
+
+    def accept_control(self, headers: dict[str, str]) -> None:
+        """Broker: answer the control stream with 200."""
+        self._require(Role.BROKER)
+        if self._control_id is None or self._control_open:
+            raise SessionError("no control stream to accept")
+        response = [(":status", "200"), ("content-type", CONTENT_TYPE), *sorted(headers.items())]
+        self._h2.send_headers(self._control_id, response)
+        self._control_open = True
+
+    def reject_control(self, status: int, error: str) -> None:
+        """Broker: answer the control stream with an error and close."""
+        self._require(Role.BROKER)
+        if self._control_id is None:
+            raise SessionError("no control stream to reject")
+        body = msgpack.packb({"error": error[:1024]}, use_bin_type=True)
+        self._h2.send_headers(
+            self._control_id,
+            [(":status", str(status)), ("content-type", CONTENT_TYPE)],
+        )
+        self._h2.send_data(self._control_id, body, end_stream=True)
+        self.close(0, "rejected")
+
+    def send_message(self, msg: messages.Message) -> None:
+        """Queue one control message. Control messages are small and rare;
+        they bypass the payload flow-control dance and are sent at once when
+        the window allows, else h2 raises and the connection is doomed."""
+        if self._control_id is None or (self.role is Role.BROKER and not self._control_open):
+            raise SessionError("control stream is not open")
+        data = messages.encode(msg)
+        if self._h2.local_flow_control_window(self._control_id) < len(data):
+            raise SessionError("control stream window exhausted: peer is not reading")
+        self._send_frames(self._control_id, data)
+
+    # --------------------------------------------------------- data streams
+
+    def open_data_stream(self, dial_id: int, authority: str) -> int:
+        """Agent: open the data stream for a successful dial."""
+        self._require(Role.AGENT)
+        if not self._control_open:
+            raise SessionError("control stream is not open")
+        sid = self._h2.get_next_available_stream_id()
+        self._h2.send_headers(
+            sid,
+            [
+                (":method", "POST"),
+                (":scheme", "https"),
+                (":authority", authority),
+                (":path", STREAM_PATH),
+                ("content-type", CONTENT_TYPE),
+                (DIAL_ID_HEADER, str(dial_id)),
+            ],
+        )
+        self._streams[sid] = _Stream(sid, dial_id, framing.DataStreamDecoder())
+        return sid
+
+    def accept_data_stream(self, stream_id: int) -> None:
+        """Broker: pair the stream with its pending dial (``:status 200``)."""
+        self._require(Role.BROKER)
+        if stream_id not in self._streams:
+            raise SessionError(f"no data stream {stream_id}")
+        self._h2.send_headers(stream_id, [(":status", "200"), ("content-type", CONTENT_TYPE)])
+
+    def send_capacity(self, stream_id: int) -> int:
+        """Payload bytes that may be sent on ``stream_id`` right now."""
+        stream = self._streams.get(stream_id)
+        if stream is None or stream.local_ended or self._closed:
+            return 0
+        try:
+            window = self._h2.local_flow_control_window(stream_id)
+        except h2.exceptions.StreamClosedError:
+            return 0
+        room = min(window, self.config.send_chunk + 5) - 5
+        return max(room, 0)
+
+    def send_data(self, stream_id: int, data: bytes | memoryview) -> int:
+        """Send up to :meth:`send_capacity` payload bytes; return how many."""
+        n = min(len(data), self.send_capacity(stream_id))
+        if n <= 0:
+            return 0
+        self._send_frames(stream_id, framing.bin_header(n) + bytes(data[:n]))
+        return n
+
+    def send_close(self, stream_id: int, close: messages.Close) -> bool:
+        """Error-close our direction: a ``close`` map, then END_STREAM.
+
+        Returns False when the window cannot take the map; the caller then
+        resets the stream instead.
+        """
+        stream = self._streams.get(stream_id)
+        if stream is None or stream.local_ended:
+            return False
+        data = messages.encode(close)
+        try:
+            if self._h2.local_flow_control_window(stream_id) < len(data):
+                return False
+        except h2.exceptions.StreamClosedError:
+            return False
+        self._send_frames(stream_id, data)
+        return self.end_stream(stream_id)
+
+    def end_stream(self, stream_id: int) -> bool:
+        """Half-close our direction (END_STREAM)."""
+        stream = self._streams.get(stream_id)
+        if stream is None or stream.local_ended:
+            return False
+        stream.local_ended = True
+        try:
+            self._h2.end_stream(stream_id)
+        except h2.exceptions.StreamClosedError:
+            self._forget(stream_id)
+            return False
+        self._maybe_forget(stream)
+        return True
+
+    def reset_stream(self, stream_id: int, error_code: int = h2.errors.ErrorCodes.CANCEL) -> None:
+        """Abort a stream (RST_STREAM, a TCP RST)."""
+        if self._streams.pop(stream_id, None) is None and stream_id != self._control_id:
+            return
+        try:
+            self._h2.reset_stream(stream_id, error_code=error_code)
+        except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
+            pass
+
+    def acknowledge(self, stream_id: int, flow_len: int) -> None:
+        """The destination took ``flow_len`` wire bytes of this stream."""
+        stream = self._streams.get(stream_id)
+        if stream is None or flow_len <= 0:
+            return
+        self._earn(stream, flow_len)
+
+    def _earn(self, stream: _Stream, n: int) -> None:
+        stream.unacked += n
+        # Batch WINDOW_UPDATEs; a quarter window keeps the sender streaming,
+        # and a blocked sender always has at least that much outstanding.
+        if stream.unacked >= self.config.stream_window // 4:
+            self._credit_stream(stream)
+
+    # -------------------------------------------------------------- receive
+
+    def receive_data(self, data: bytes) -> list[Event]:
+        """Feed bytes from the transport; return the resulting events.
+
+        Raises :class:`ProtocolError` for a connection-level violation; a
+        GOAWAY is then queued in :meth:`data_to_send`.
+        """
+        try:
+            h2_events = self._h2.receive_data(data)
+        except h2.exceptions.ProtocolError as exc:
+            self._closed = True
+            raise SessionError(f"HTTP/2 protocol violation: {exc}", reason="h2") from None
+        out: list[Event] = []
+        for ev in h2_events:
+            self._handle(ev, out)
+        self._flush_conn_credit()
+        return out
+
+    def _handle(self, ev: h2.events.Event, out: list[Event]) -> None:
+        if isinstance(ev, h2.events.DataReceived):
+            self._on_data(ev, out)
+        elif isinstance(ev, h2.events.RequestReceived):
+            self._on_request(ev, out)
+        elif isinstance(ev, h2.events.ResponseReceived):
+            self._on_response(ev, out)
+        elif isinstance(ev, h2.events.StreamEnded):
+            self._on_stream_ended(ev.stream_id, out)
+        elif isinstance(ev, h2.events.StreamReset):
+            self._on_stream_reset(ev, out)
+        elif isinstance(ev, h2.events.WindowUpdated):
+            out.append(WindowOpened(ev.stream_id or None))
+        elif isinstance(ev, h2.events.RemoteSettingsChanged):
+            if h2.settings.SettingCodes.INITIAL_WINDOW_SIZE in ev.changed_settings:
+                out.append(WindowOpened(None))
+        elif isinstance(ev, h2.events.PingAckReceived):
+            out.append(PingAcked(bytes(ev.ping_data)))
+        elif isinstance(ev, h2.events.ConnectionTerminated):
+            self._closed = True
+            reason = (ev.additional_data or b"").decode("utf-8", "replace")
+            out.append(ConnectionClosed(int(ev.error_code or 0), reason or "goaway"))
+        elif isinstance(ev, h2.events.TrailersReceived):
+            if ev.stream_ended:
+                self._on_stream_ended(ev.stream_id, out)
+        # SETTINGS ACKs, PINGs (h2 answers them itself), priority and unknown
+        # frames need no action beyond flushing data_to_send().
+
+    def _on_request(self, ev: h2.events.RequestReceived, out: list[Event]) -> None:
+        headers = _header_dict(list(ev.headers))
+        sid = ev.stream_id
+        method, path = headers.get(":method"), headers.get(":path")
+        if self.role is Role.AGENT:
+            self._refuse(sid, h2.errors.ErrorCodes.PROTOCOL_ERROR)
+            return
+        if method != "POST" or path not in (CONTROL_PATH, STREAM_PATH):
+            self._h2.send_headers(sid, [(":status", "404")], end_stream=True)
+            return
+        if path == CONTROL_PATH:
+            if self._control_id is not None:
+                self._refuse(sid, h2.errors.ErrorCodes.PROTOCOL_ERROR)
+                return
+            self._control_id = sid
+            out.append(ControlRequested(sid, headers))
+            return
+        raw_id = headers.get(DIAL_ID_HEADER, "")
+        if not self._control_open or not raw_id.isdigit() or int(raw_id) >= 2**64:
+            self._refuse(sid, h2.errors.ErrorCodes.CANCEL)
+            return
+        self._streams[sid] = _Stream(sid, int(raw_id), framing.DataStreamDecoder())
+        out.append(DataStreamRequested(sid, int(raw_id)))
+
+    def _on_response(self, ev: h2.events.ResponseReceived, out: list[Event]) -> None:
+        headers = _header_dict(list(ev.headers))
+        status = headers.get(":status", "")
+        if ev.stream_id == self._control_id:
+            if status == "200":
+                self._control_open = True
+                out.append(ControlAccepted(headers))
+            else:
+                self._rejected_status = int(status) if status.isdigit() else 0
+            return
+        if ev.stream_id in self._streams:
+            if status == "200":
+                out.append(DataStreamAccepted(ev.stream_id))
+            else:
+                self.reset_stream(ev.stream_id)
+                out.append(StreamReset(ev.stream_id, 0, remote=True, reason=f"status {status}"))
+
+    def _on_data(self, ev: h2.events.DataReceived, out: list[Event]) -> None:
+        sid = ev.stream_id
+        flow = ev.flow_controlled_length or 0
+        data = bytes(ev.data or b"")
+        # Connection credit: the bytes now sit in a bounded per-stream buffer.
+        self._conn_unacked += flow
+        padding = flow - len(data)
+        if sid == self._control_id:
+            self._on_control_data(sid, data, flow, out)
+            return
+        stream = self._streams.get(sid)
+        if stream is None:
+            return  # a stream we already reset; h2 still counts it
+        if padding > 0:
+            self._credit_stream_now(sid, padding)
+        try:
+            items = stream.decoder.feed(data)
+        except ProtocolError as exc:
+            self.reset_stream(sid, h2.errors.ErrorCodes.PROTOCOL_ERROR)
+            out.append(StreamReset(sid, h2.errors.ErrorCodes.PROTOCOL_ERROR, False, str(exc)))
+            return
+        for item in items:
+            if isinstance(item, framing.Payload):
+                if item.data:
+                    out.append(StreamData(sid, item.data, item.wire_len))
+                else:
+                    self._earn(stream, item.wire_len)
+            else:
+                self._earn(stream, item.wire_len)
+                out.append(StreamClosed(sid, item.close))
+
+    def _on_control_data(self, sid: int, data: bytes, flow: int, out: list[Event]) -> None:
+        if self.role is Role.AGENT and not self._control_open:
+            self._on_rejection_body(data, out)
+            return
+        if flow:
+            self._credit_stream_now(sid, flow)
+        msgs = self._control_decoder.feed(data)  # ProtocolError closes the connection
+        out.extend(MessageReceived(m) for m in msgs)
+
+    def _on_rejection_body(self, data: bytes, out: list[Event]) -> None:
+        status = self._rejected_status
+        try:
+            body = msgpack.unpackb(data, raw=False)
+            error = str(body.get("error", "")) if isinstance(body, dict) else ""
+        except Exception:
+            error = data[:200].decode("utf-8", "replace")
+        self._closed = True
+        raise HandshakeRejected(status, error)
+
+    def _on_stream_ended(self, sid: int, out: list[Event]) -> None:
+        if sid == self._control_id:
+            if self.role is Role.AGENT and not self._control_open:
+                raise HandshakeRejected(self._rejected_status, "")
+            self._closed = True
+            out.append(ConnectionClosed(0, "control stream ended"))
+            return
+        stream = self._streams.get(sid)
+        if stream is None:
+            return
+        if stream.decoder.mid_object:
+            self.reset_stream(sid, h2.errors.ErrorCodes.PROTOCOL_ERROR)
+            out.append(StreamReset(sid, h2.errors.ErrorCodes.PROTOCOL_ERROR, False, "truncated"))
+            return
+        stream.remote_ended = True
+        out.append(StreamEnded(sid))
+        self._maybe_forget(stream)
+
+    def _on_stream_reset(self, ev: h2.events.StreamReset, out: list[Event]) -> None:
+        sid = ev.stream_id
+        if sid == self._control_id:
+            self._closed = True
+            out.append(ConnectionClosed(int(ev.error_code or 0), "control stream reset"))
+            return
+        if self._streams.pop(sid, None) is not None:
+            out.append(StreamReset(sid, int(ev.error_code or 0), remote=bool(ev.remote_reset)))
+
+    # ------------------------------------------------------------- helpers
+
+    def _require(self, role: Role) -> None:
+        if self.role is not role:
+            raise SessionError(f"only the {role.value} may do this")
+
+    def _refuse(self, sid: int, code: int) -> None:
+        try:
+            self._h2.reset_stream(sid, error_code=code)
+        except h2.exceptions.ProtocolError:
+            pass
+
+    def _send_frames(self, stream_id: int, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            size = self._h2.max_outbound_frame_size
+            self._h2.send_data(stream_id, view[:size])
+            view = view[size:]
+
+    def _credit_stream_now(self, stream_id: int, n: int) -> None:
+        try:
+            self._h2.increment_flow_control_window(n, stream_id=stream_id)
+        except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
+            pass
+
+    def _credit_stream(self, stream: _Stream) -> None:
+        if stream.unacked > 0 and not stream.remote_ended:
+            self._credit_stream_now(stream.stream_id, stream.unacked)
+        stream.unacked = 0
+
+    def _flush_conn_credit(self) -> None:
+        if self._conn_unacked >= self.config.connection_window // 8:
+            self._h2.increment_flow_control_window(self._conn_unacked)
+            self._conn_unacked = 0
+
+    def _maybe_forget(self, stream: _Stream) -> None:
+        if stream.local_ended and stream.remote_ended:
+            self._forget(stream.stream_id)
+
+    def _forget(self, stream_id: int) -> None:
+        self._streams.pop(stream_id, None)

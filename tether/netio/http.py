@@ -1,0 +1,91 @@
+"""A tiny HTTP/1.1 server (h11) for health, readiness and metrics endpoints.
+
+It serves GET/HEAD on a fixed route table, with header and idle deadlines so
+a slow client cannot pin a task forever.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import h11
+import trio
+
+log = logging.getLogger(__name__)
+
+#: A route returns (status, content type, body).
+Route = Callable[[], tuple[int, str, bytes]]
+
+HEADER_DEADLINE = 10.0
+MAX_REQUEST_BYTES = 16 * 1024
+
+
+def text(status: int, body: str) -> tuple[int, str, bytes]:
+    return status, "text/plain; charset=utf-8", (body + "\n").encode()
+
+
+async def serve_http(listener: trio.SocketListener, routes: dict[str, Route]) -> None:
+    """Serve ``routes`` on ``listener`` until cancelled."""
+
+    async def handle(stream: trio.SocketStream) -> None:
+        try:
+            await _handle(stream, routes)
+        except Exception:  # a bad client must never kill the listener
+            log.exception("health endpoint: handler failed")
+        finally:
+            await trio.aclose_forcefully(stream)
+
+    await trio.serve_listeners(handle, [listener])
+
+
+async def _handle(stream: trio.SocketStream, routes: dict[str, Route]) -> None:
+    conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST_BYTES)
+    while True:
+        request: h11.Request | None = None
+        with trio.move_on_after(HEADER_DEADLINE):
+            while request is None:
+                try:
+                    event = conn.next_event()
+                except h11.RemoteProtocolError as exc:
+                    await _send(stream, conn, exc.error_status_hint, "text/plain", b"bad request\n")
+                    return
+                if event is h11.NEED_DATA:
+                    data = await stream.receive_some(4096)
+                    conn.receive_data(data)
+                    continue
+                if isinstance(event, h11.Request):
+                    request = event
+                elif isinstance(event, h11.ConnectionClosed) or event is h11.PAUSED:
+                    return
+        if request is None:
+            return  # header deadline: drop the slow client
+        path = request.target.decode("ascii", "replace").split("?", 1)[0]
+        method = request.method.decode("ascii", "replace")
+        route = routes.get(path)
+        if method not in ("GET", "HEAD"):
+            status, ctype, body = text(405, "method not allowed")
+        elif route is None:
+            status, ctype, body = text(404, "not found")
+        else:
+            status, ctype, body = route()
+        await _send(stream, conn, status, ctype, b"" if method == "HEAD" else body)
+        if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
+            return
+        try:
+            conn.start_next_cycle()
+        except h11.LocalProtocolError:
+            return
+
+
+async def _send(
+    stream: trio.SocketStream, conn: h11.Connection, status: int, ctype: str, body: bytes
+) -> None:
+    headers = [("content-type", ctype), ("content-length", str(len(body)))]
+    try:
+        data = conn.send(h11.Response(status_code=status, headers=headers))
+        data = (data or b"") + (conn.send(h11.Data(data=body)) or b"") if body else data
+        data = (data or b"") + (conn.send(h11.EndOfMessage()) or b"")
+    except h11.LocalProtocolError:
+        return
+    await stream.send_all(data)

@@ -1,0 +1,397 @@
+"""Trio driver for :class:`protocol.session.TunnelSession`.
+
+Both the broker and the agent run one :class:`TunnelConnection` per
+agent-to-broker connection. It owns the transport: one reader task feeds the
+session, one writer task flushes it, and a keepalive task detects dead links.
+Data-stream events are routed to :class:`TunnelStream` objects; everything
+else goes to the owner's :class:`ConnectionHandler`.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import math
+from collections.abc import Callable
+from typing import Protocol
+
+import attrs
+import h2.errors
+import trio
+
+from protocol import messages, session
+from protocol.codes import CloseCode
+from protocol.errors import ProtocolError
+
+log = logging.getLogger(__name__)
+
+READ_SIZE = 256 * 1024
+
+
+class TunnelClosed(Exception):
+    """The tunnel connection is gone; no more streams or messages."""
+
+
+class StreamAborted(Exception):
+    """The peer reset the stream, or closed it with an error reason."""
+
+    def __init__(self, reason: str, close: messages.Close | None = None) -> None:
+        super().__init__(reason)
+        self.close = close
+
+
+@attrs.frozen
+class Keepalive:
+    interval: float = 15.0
+    timeout: float = 15.0
+
+
+class ConnectionHandler(Protocol):
+    """What the owner of a connection reacts to (called from the reader)."""
+
+    def on_control_requested(self, ev: session.ControlRequested) -> None: ...
+    def on_control_accepted(self, ev: session.ControlAccepted) -> None: ...
+    def on_message(self, msg: messages.Message) -> None: ...
+    def on_data_stream_requested(self, ev: session.DataStreamRequested) -> None: ...
+
+
+class TunnelStream:
+    """One tunneled TCP connection: an HTTP/2 stream carrying msgpack bins."""
+
+    def __init__(self, conn: TunnelConnection, stream_id: int, dial_id: int) -> None:
+        self.conn = conn
+        self.stream_id = stream_id
+        self.dial_id = dial_id
+        self._chunks: collections.deque[session.StreamData] = collections.deque()
+        self._buffered = 0
+        self._eof = False
+        self._abort: StreamAborted | None = None
+        self._accepted = False
+        self._readable = trio.Event()
+        self._writable = trio.Event()
+        self._accepted_event = trio.Event()
+
+    # -------------------------------------------------- fed by the reader
+
+    def _deliver(self, ev: session.StreamData) -> None:
+        self._chunks.append(ev)
+        self._buffered += len(ev.data)
+        self._readable.set()
+
+    def _ended(self) -> None:
+        self._eof = True
+        self._readable.set()
+
+    def _aborted(self, exc: StreamAborted) -> None:
+        if self._abort is None:
+            self._abort = exc
+        self._readable.set()
+        self._writable.set()
+        self._accepted_event.set()
+
+    def _window_opened(self) -> None:
+        self._writable.set()
+
+    def _accept(self) -> None:
+        self._accepted = True
+        self._accepted_event.set()
+
+    # ---------------------------------------------------------- public
+
+    @property
+    def buffered(self) -> int:
+        """Payload bytes received but not yet taken by :meth:`receive`."""
+        return self._buffered
+
+    @property
+    def aborted(self) -> bool:
+        return self._abort is not None
+
+    async def wait_accepted(self) -> None:
+        """Agent: wait for the broker to pair this stream with its dial."""
+        await self._accepted_event.wait()
+        if self._abort is not None:
+            raise self._abort
+
+    async def receive(self) -> session.StreamData | None:
+        """Next payload piece; ``None`` at END_STREAM. Raises StreamAborted.
+
+        Call :meth:`acknowledge` with the piece's ``flow_len`` once its bytes
+        have been written to the destination: that, and only that, lets the
+        peer send more on this stream.
+        """
+        while not self._chunks:
+            if self._abort is not None:
+                raise self._abort
+            if self._eof:
+                return None
+            self._readable = trio.Event()
+            await self._readable.wait()
+        chunk = self._chunks.popleft()
+        self._buffered -= len(chunk.data)
+        return chunk
+
+    def acknowledge(self, flow_len: int) -> None:
+        self.conn.session.acknowledge(self.stream_id, flow_len)
+        self.conn.wake_writer()
+
+    async def wait_writable(self) -> int:
+        """Wait for send credit; return how many payload bytes may go now."""
+        while True:
+            if self._abort is not None:
+                raise self._abort
+            self.conn.check_open()
+            cap = self.conn.session.send_capacity(self.stream_id)
+            if cap > 0:
+                return cap
+            self._writable = trio.Event()
+            await self._writable.wait()
+
+    async def send_all(self, data: bytes | memoryview) -> None:
+        view = memoryview(data)
+        while view:
+            await self.wait_writable()
+            n = self.conn.session.send_data(self.stream_id, view)
+            view = view[n:]
+            self.conn.wake_writer()
+        await self.conn.wait_flushed_below()
+
+    def send_eof(self) -> None:
+        if self.conn.session.end_stream(self.stream_id):
+            self.conn.wake_writer()
+
+    def send_close(self, code: CloseCode, msg: str) -> None:
+        """Error close: the reason, then END_STREAM; a reset if it can't fit."""
+        if not self.conn.session.send_close(self.stream_id, messages.Close(code, msg[:1024])):
+            self.reset()
+        self.conn.wake_writer()
+
+    def reset(self, error_code: int = h2.errors.ErrorCodes.CANCEL) -> None:
+        self.conn.session.reset_stream(self.stream_id, error_code)
+        self.conn.forget(self.stream_id)
+        self._aborted(StreamAborted("reset locally"))
+        self.conn.wake_writer()
+
+
+class TunnelConnection:
+    """Drives a session over a trio stream until either side closes it."""
+
+    def __init__(
+        self,
+        transport: trio.abc.Stream,
+        sess: session.TunnelSession,
+        handler: ConnectionHandler,
+        *,
+        keepalive: Keepalive | None = None,
+        name: str = "tunnel",
+        write_buffer: int = 4 * 1024 * 1024,
+    ) -> None:
+        self.transport = transport
+        self.session = sess
+        self.handler = handler
+        self.keepalive = keepalive or Keepalive()
+        self.name = name
+        self.streams: dict[int, TunnelStream] = {}
+        self.closed_reason: str | None = None
+        #: Set when the peer broke the protocol at connection level.
+        self.protocol_error: ProtocolError | None = None
+        self.rtt: float | None = None
+        self._write_buffer = write_buffer
+        self._want_write = trio.Event()
+        self._flushed = trio.Event()
+        self._pending_out = 0
+        self._last_rx = trio.current_time()
+        self._ping: tuple[bytes, trio.Event] | None = None
+        self._cancel: trio.CancelScope | None = None
+        self._on_rtt: Callable[[float], None] | None = None
+
+    # --------------------------------------------------------------- run
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Run until the connection ends; always closes the transport."""
+        try:
+            with trio.CancelScope() as self._cancel:
+                self.wake_writer()
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._writer)
+                    nursery.start_soon(self._keepalive)
+                    task_status.started()
+                    await self._reader()
+                    nursery.cancel_scope.cancel()
+        finally:
+            self._shutdown(self.closed_reason or "closed")
+            with trio.CancelScope(shield=True):
+                await self._final_flush()
+                await trio.aclose_forcefully(self.transport)
+
+    def abort(self, reason: str) -> None:
+        """Tear the connection down now (from any task)."""
+        if self.closed_reason is None:
+            self.closed_reason = reason
+        if self._cancel is not None:
+            self._cancel.cancel()
+
+    def goaway(self, reason: str = "shutdown") -> None:
+        """Graceful close: GOAWAY; open streams may finish."""
+        self.session.close(0, reason)
+        self.wake_writer()
+
+    def check_open(self) -> None:
+        if self.closed_reason is not None:
+            raise TunnelClosed(self.closed_reason)
+
+    def wake_writer(self) -> None:
+        self._want_write.set()
+
+    def forget(self, stream_id: int) -> None:
+        self.streams.pop(stream_id, None)
+
+    async def wait_flushed_below(self) -> None:
+        """Backpressure from the socket: wait while too much is unsent."""
+        while self._pending_out > self._write_buffer:
+            self.check_open()
+            self._flushed = trio.Event()
+            await self._flushed.wait()
+
+    def send_message(self, msg: messages.Message) -> None:
+        self.check_open()
+        self.session.send_message(msg)
+        self.wake_writer()
+
+    def add_stream(self, stream_id: int, dial_id: int) -> TunnelStream:
+        ts = TunnelStream(self, stream_id, dial_id)
+        self.streams[stream_id] = ts
+        return ts
+
+    def set_rtt_observer(self, fn: Callable[[float], None]) -> None:
+        self._on_rtt = fn
+
+    # ------------------------------------------------------------- tasks
+
+    async def _reader(self) -> None:
+        while True:
+            try:
+                data = await self.transport.receive_some(READ_SIZE)
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                self.closed_reason = self.closed_reason or f"transport error: {exc!r}"
+                return
+            if not data:
+                self.closed_reason = self.closed_reason or "peer closed the connection"
+                return
+            self._last_rx = trio.current_time()
+            try:
+                events = self.session.receive_data(data)
+            except ProtocolError as exc:
+                self.closed_reason = f"protocol error: {exc}"
+                self.protocol_error = exc
+                return
+            finally:
+                self.wake_writer()
+            for ev in events:
+                self._dispatch(ev)
+                if self.closed_reason is not None and isinstance(ev, session.ConnectionClosed):
+                    if not self.streams:
+                        return
+
+    def _dispatch(self, ev: session.Event) -> None:
+        if isinstance(ev, session.StreamData):
+            ts = self.streams.get(ev.stream_id)
+            if ts is not None:
+                ts._deliver(ev)
+        elif isinstance(ev, session.WindowOpened):
+            if ev.stream_id is None:
+                for ts in self.streams.values():
+                    ts._window_opened()
+            elif (ts := self.streams.get(ev.stream_id)) is not None:
+                ts._window_opened()
+        elif isinstance(ev, session.StreamEnded):
+            if (ts := self.streams.get(ev.stream_id)) is not None:
+                ts._ended()
+        elif isinstance(ev, session.StreamClosed):
+            if (ts := self.streams.get(ev.stream_id)) is not None:
+                ts._aborted(StreamAborted(f"{ev.close.code.value}: {ev.close.msg}", ev.close))
+        elif isinstance(ev, session.StreamReset):
+            if (ts := self.streams.pop(ev.stream_id, None)) is not None:
+                who = "peer" if ev.remote else "protocol"
+                ts._aborted(StreamAborted(f"stream reset by {who} {ev.reason}".strip()))
+        elif isinstance(ev, session.DataStreamAccepted):
+            if (ts := self.streams.get(ev.stream_id)) is not None:
+                ts._accept()
+        elif isinstance(ev, session.MessageReceived):
+            self.handler.on_message(ev.message)
+        elif isinstance(ev, session.DataStreamRequested):
+            self.handler.on_data_stream_requested(ev)
+        elif isinstance(ev, session.ControlRequested):
+            self.handler.on_control_requested(ev)
+        elif isinstance(ev, session.ControlAccepted):
+            self.handler.on_control_accepted(ev)
+        elif isinstance(ev, session.PingAcked):
+            if self._ping is not None and self._ping[0] == ev.payload:
+                self._ping[1].set()
+        elif isinstance(ev, session.ConnectionClosed):
+            self.closed_reason = self.closed_reason or f"peer closed: {ev.reason}"
+
+    async def _writer(self) -> None:
+        while True:
+            await self._want_write.wait()
+            self._want_write = trio.Event()
+            data = self.session.data_to_send()
+            if not data:
+                continue
+            self._pending_out += len(data)
+            try:
+                await self.transport.send_all(data)
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                self.abort(f"transport error: {exc!r}")
+                return
+            finally:
+                # A cancelled send_all leaves the TLS stream unusable: the
+                # connection is doomed either way, so no retry here.
+                self._pending_out -= len(data)
+                self._flushed.set()
+
+    async def _keepalive(self) -> None:
+        interval, timeout = self.keepalive.interval, self.keepalive.timeout
+        if not math.isfinite(interval) or interval <= 0:
+            return
+        while True:
+            idle_for = trio.current_time() - self._last_rx
+            if idle_for < interval:
+                await trio.sleep(interval - idle_for)
+                continue
+            payload = self.session.send_ping()
+            acked = trio.Event()
+            self._ping = (payload, acked)
+            self.wake_writer()
+            sent_at = trio.current_time()
+            with trio.move_on_after(timeout):
+                await acked.wait()
+            self._ping = None
+            if not acked.is_set():
+                self.abort(f"keepalive: no PING ACK within {timeout:g}s")
+                return
+            self.rtt = trio.current_time() - sent_at
+            if self._on_rtt is not None:
+                self._on_rtt(self.rtt)
+            await trio.sleep(interval)
+
+    # ------------------------------------------------------------ teardown
+
+    def _shutdown(self, reason: str) -> None:
+        if self.closed_reason is None:
+            self.closed_reason = reason
+        for ts in list(self.streams.values()):
+            ts._aborted(StreamAborted(f"tunnel connection lost: {self.closed_reason}"))
+        self.streams.clear()
+        self._flushed.set()
+
+    async def _final_flush(self) -> None:
+        data = self.session.data_to_send()
+        if data and self._pending_out == 0:
+            with trio.move_on_after(1):
+                try:
+                    await self.transport.send_all(data)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    pass
+
+
