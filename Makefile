@@ -27,15 +27,22 @@ sysdeps:
 demo: venv
 	$(VENV)/bin/tether demo
 
-lint: venv
-	$(VENV)/bin/ruff check protocol broker edge_agent tether tests benchmarks
-	$(VENV)/bin/ruff format --check protocol broker edge_agent tether tests benchmarks
+lint: venv proto-check
+	$(VENV)/bin/ruff check protocol broker edge_agent tether tests benchmarks scripts
+	$(VENV)/bin/ruff format --check protocol broker edge_agent tether tests benchmarks scripts
 	$(VENV)/bin/mypy
 
 pytest: venv sysdeps
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
 test: lint pytest
+
+# The committed konnectivity_pb2 module must match the .proto.
+proto: venv
+	$(PY) scripts/gen_proto.py
+
+proto-check: venv
+	$(PY) scripts/gen_proto.py --check
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis *.egg-info
