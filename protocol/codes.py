@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 
 
-class DialFailCode(str, enum.Enum):
+class DialFailCode(enum.StrEnum):
     """Codes an agent puts in ``dial_fail`` (design section 2)."""
 
     REFUSED = "refused"
@@ -16,7 +16,7 @@ class DialFailCode(str, enum.Enum):
     ERROR = "error"
 
 
-class CloseCode(str, enum.Enum):
+class CloseCode(enum.StrEnum):
     """Codes carried by the ``close`` map on a data stream."""
 
     RESET = "reset"  # the far socket was reset

@@ -77,7 +77,7 @@ class ControlDecoder:
 
     @property
     def buffered(self) -> int:
-        return self._fed - self._unpacker.tell()
+        return self._fed - int(self._unpacker.tell())
 
     def feed(self, data: bytes) -> list[messages.Message]:
         out: list[messages.Message] = []

@@ -8,7 +8,7 @@ can grow additively.
 
 from __future__ import annotations
 
-from typing import Any, Union
+from typing import Any
 
 import attrs
 import msgpack
@@ -71,7 +71,7 @@ class Close:
     msg: str = ""
 
 
-Message = Union[Dial, Cancel, Drain, DialFail, Identifiers]
+Message = Dial | Cancel | Drain | DialFail | Identifiers
 
 
 def split_host_port(addr: str) -> tuple[str, int]:

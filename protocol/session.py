@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import enum
 import os
-from typing import Union
 
 import attrs
 import h2.config
@@ -163,20 +162,20 @@ class ConnectionClosed:
     reason: str
 
 
-Event = Union[
-    ControlRequested,
-    ControlAccepted,
-    MessageReceived,
-    DataStreamRequested,
-    DataStreamAccepted,
-    StreamData,
-    StreamClosed,
-    StreamEnded,
-    StreamReset,
-    WindowOpened,
-    PingAcked,
-    ConnectionClosed,
-]
+Event = (
+    ControlRequested
+    | ControlAccepted
+    | MessageReceived
+    | DataStreamRequested
+    | DataStreamAccepted
+    | StreamData
+    | StreamClosed
+    | StreamEnded
+    | StreamReset
+    | WindowOpened
+    | PingAcked
+    | ConnectionClosed
+)
 
 
 @attrs.define
@@ -189,9 +188,10 @@ class _Stream:
     remote_ended: bool = False
 
 
-def _header_dict(headers: list[tuple[str, str]]) -> dict[str, str]:
+def _header_dict(headers: object) -> dict[str, str]:
+    """h2 decodes header names and values to str (header_encoding is set)."""
     out: dict[str, str] = {}
-    for name, value in headers:
+    for name, value in headers:  # type: ignore[attr-defined]
         out[name] = f"{out[name]}, {value}" if name in out else value
     return out
 
@@ -465,14 +465,11 @@ class TunnelSession:
             self._closed = True
             reason = (ev.additional_data or b"").decode("utf-8", "replace")
             out.append(ConnectionClosed(int(ev.error_code or 0), reason or "goaway"))
-        elif isinstance(ev, h2.events.TrailersReceived):
-            if ev.stream_ended:
-                self._on_stream_ended(ev.stream_id, out)
-        # SETTINGS ACKs, PINGs (h2 answers them itself), priority and unknown
+        # Trailers (h2 emits StreamEnded for them separately), SETTINGS ACKs, PINGs (h2 answers them itself), priority and unknown
         # frames need no action beyond flushing data_to_send().
 
     def _on_request(self, ev: h2.events.RequestReceived, out: list[Event]) -> None:
-        headers = _header_dict(list(ev.headers))
+        headers = _header_dict(ev.headers)
         sid = ev.stream_id
         method, path = headers.get(":method"), headers.get(":path")
         if self.role is Role.AGENT:
@@ -496,7 +493,7 @@ class TunnelSession:
         out.append(DataStreamRequested(sid, int(raw_id)))
 
     def _on_response(self, ev: h2.events.ResponseReceived, out: list[Event]) -> None:
-        headers = _header_dict(list(ev.headers))
+        headers = _header_dict(ev.headers)
         status = headers.get(":status", "")
         if ev.stream_id == self._control_id:
             if status == "200":

@@ -160,7 +160,7 @@ def init_pki(
     if cluster is None:
         cluster = DEFAULT_CLUSTER
 
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     fresh_ca = ca is None
     if ca is None:
         ca = _new_ca(cluster, now, days)
@@ -329,7 +329,7 @@ def _usable_leaf(cert_path: Path, key_path: Path, ca: _Ca) -> x509.Certificate |
         cert.verify_directly_issued_by(ca.cert)
     except (ValueError, TypeError, InvalidSignature):
         return None
-    if cert.not_valid_after_utc <= datetime.datetime.now(datetime.timezone.utc):
+    if cert.not_valid_after_utc <= datetime.datetime.now(datetime.UTC):
         return None
     return cert
 

@@ -46,7 +46,7 @@ async def _socket_to_tunnel(
         if not data:
             ts.send_eof()
             return
-        await ts.send_all(data)
+        await ts.send_all(bytes(data))
         result.bytes_up += len(data)
         if count is not None:
             count("up", len(data))

@@ -280,7 +280,7 @@ class TunnelConnection:
                 return
             self._last_rx = trio.current_time()
             try:
-                events = self.session.receive_data(data)
+                events = self.session.receive_data(bytes(data))
             except ProtocolError as exc:
                 self.closed_reason = f"protocol error: {exc}"
                 self.protocol_error = exc
@@ -289,9 +289,8 @@ class TunnelConnection:
                 self.wake_writer()
             for ev in events:
                 self._dispatch(ev)
-                if self.closed_reason is not None and isinstance(ev, session.ConnectionClosed):
-                    if not self.streams:
-                        return
+                if isinstance(ev, session.ConnectionClosed) and not self.streams:
+                    return
 
     def _dispatch(self, ev: session.Event) -> None:
         if isinstance(ev, session.StreamData):
@@ -393,5 +392,3 @@ class TunnelConnection:
                     await self.transport.send_all(data)
                 except (trio.BrokenResourceError, trio.ClosedResourceError):
                     pass
-
-

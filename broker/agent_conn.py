@@ -1,0 +1,253 @@
+"""One connected agent, as the broker sees it: its control stream, its
+pending dials and the data streams that answer them."""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+import attrs
+import h2.errors
+import trio
+
+from broker.dialing import DialError, DialOutcome
+from protocol import messages, session
+from protocol.identifiers import AgentIdentifiers
+from tether.netio.tls import PeerIdentity
+from tether.netio.tunnel import TunnelClosed, TunnelConnection, TunnelStream
+
+if TYPE_CHECKING:
+    from broker.registry import Registry
+
+_NAME_OK = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
+
+
+def valid_name(name: str) -> bool:
+    return 0 < len(name) <= 63 and name[0].isalnum() and set(name) <= _NAME_OK
+
+
+@attrs.frozen
+class ServerInfo:
+    server_id: str
+    server_count: int
+    default_cluster: str = "default"
+
+
+log = logging.getLogger("tether.broker")
+
+
+@attrs.define(eq=False)
+class PendingDial:
+    id: int
+    addr: str
+    done: trio.Event = attrs.Factory(trio.Event)
+    stream: TunnelStream | None = None
+    error: DialError | None = None
+
+
+class AgentConnection:
+    """Handler for one agent's tunnel connection (see ConnectionHandler)."""
+
+    def __init__(
+        self,
+        registry: Registry,
+        server: ServerInfo,
+        peer: PeerIdentity | None,
+        remote: str,
+    ) -> None:
+        self.registry = registry
+        self.metrics = registry.metrics
+        self.server = server
+        self.peer = peer
+        self.remote = remote
+        self.agent_id = ""
+        self.cluster = ""
+        self.identifiers = AgentIdentifiers()
+        self.conn: TunnelConnection | None = None
+        self.pending: dict[int, PendingDial] = {}
+        self.registered = trio.Event()
+        #: Set once the control stream was either accepted or rejected.
+        self.settled = trio.Event()
+        self.draining = False
+        self.closed = False
+
+    # ------------------------------------------------------------ load
+
+    @property
+    def load(self) -> int:
+        """What least-loaded routing compares: dials in flight plus streams."""
+        return len(self.pending) + (len(self.conn.streams) if self.conn else 0)
+
+    @property
+    def usable(self) -> bool:
+        return not (self.draining or self.closed) and self.conn is not None
+
+    # --------------------------------------------------------- dialing
+
+    async def dial(
+        self, dial_id: int, addr: str, timeout: float, early: bytes | None = None
+    ) -> TunnelStream:
+        """Ask the agent to dial ``addr``; return the paired data stream."""
+        assert self.conn is not None
+        pending = PendingDial(dial_id, addr)
+        self.pending[dial_id] = pending
+        self.metrics.pending_dials.inc()
+        delivered = False
+        try:
+            try:
+                self.conn.send_message(
+                    messages.Dial(
+                        id=dial_id,
+                        addr=addr,
+                        timeout_ms=max(1, int(timeout * 1000)),
+                        early=early or None,
+                    )
+                )
+            except TunnelClosed as exc:
+                raise DialError(DialOutcome.AGENT_LOST, f"agent connection lost: {exc}") from None
+            with trio.move_on_after(timeout):
+                await pending.done.wait()
+            if pending.error is not None:
+                raise pending.error
+            if pending.stream is None:
+                raise DialError(DialOutcome.TIMEOUT, f"dial to {addr} timed out after {timeout:g}s")
+            delivered = True
+            return pending.stream
+        finally:
+            self.pending.pop(dial_id, None)
+            self.metrics.pending_dials.dec()
+            if not delivered:
+                if pending.stream is not None:
+                    pending.stream.reset()
+                elif not pending.done.is_set():
+                    self._send_cancel(dial_id)
+
+    def _send_cancel(self, dial_id: int) -> None:
+        if self.conn is None:
+            return
+        try:
+            self.conn.send_message(messages.Cancel(id=dial_id))
+        except (TunnelClosed, Exception) as exc:  # the connection may be dying
+            log.debug("cancel for dial %d not sent: %s", dial_id, exc)
+
+    # ------------------------------------------------ ConnectionHandler
+
+    def on_control_requested(self, ev: session.ControlRequested) -> None:
+        """Authenticate the agent from its certificate and headers."""
+        assert self.conn is not None
+        status, error = self._authenticate(ev.headers)
+        if status != 200:
+            self.metrics.agent_rejected.labels(error.split(":", 1)[0]).inc()
+            log.warning("agent connection from %s rejected (%d): %s", self.remote, status, error)
+            self.conn.session.reject_control(status, error)
+            self.conn.wake_writer()
+            self.closed = True
+            self.settled.set()
+            return
+        self.conn.session.accept_control(
+            {
+                "tether-server-id": self.server.server_id,
+                "tether-server-count": str(self.server.server_count),
+            }
+        )
+        self.conn.wake_writer()
+        replaced = self.registry.add(self)
+        if replaced is not None:
+            log.info(
+                "agent %s/%s reconnected; closing its old connection", self.cluster, self.agent_id
+            )
+            replaced.fail_all("replaced by a new connection")
+            if replaced.conn is not None:
+                replaced.conn.abort("replaced by a new connection from the same agent")
+        log.info(
+            "agent connected: id=%s cluster=%s from=%s identifiers=%s",
+            self.agent_id,
+            self.cluster,
+            self.remote,
+            self.identifiers.render(),
+        )
+        self.registered.set()
+        self.settled.set()
+
+    def _authenticate(self, headers: dict[str, str]) -> tuple[int, str]:
+        agent_id = headers.get("tether-agent-id", "")
+        cluster = headers.get("tether-cluster", "")
+        if not valid_name(agent_id):
+            return 403, "bad_agent_id: missing or invalid tether-agent-id header"
+        if cluster and not valid_name(cluster):
+            return 403, "bad_cluster: invalid tether-cluster header"
+        if self.peer is None:
+            return 401, "unauthenticated: no client certificate"
+        if self.peer.common_name != agent_id:
+            return 403, (
+                f"identity_mismatch: certificate names agent {self.peer.common_name!r}, "
+                f"header claims {agent_id!r}"
+            )
+        # The trust anchor that verified the certificate decides the cluster;
+        # neither the certificate nor the header may claim another one.
+        expected = self.server.default_cluster
+        for source, claimed in (("certificate", self.peer.organization), ("header", cluster)):
+            if claimed and claimed != expected:
+                return 403, (
+                    f"identity_mismatch: {source} names cluster {claimed!r}, "
+                    f"this broker serves {expected!r}"
+                )
+        try:
+            self.identifiers = AgentIdentifiers.parse(headers.get("tether-agent-identifiers", ""))
+        except ValueError as exc:
+            return 403, f"bad_identifiers: {exc}"
+        self.agent_id = agent_id
+        self.cluster = expected
+        return 200, ""
+
+    def on_control_accepted(self, ev: session.ControlAccepted) -> None:
+        raise AssertionError("brokers do not receive responses")
+
+    def on_message(self, msg: messages.Message) -> None:
+        if isinstance(msg, messages.DialFail):
+            pending = self.pending.get(msg.id)
+            if pending is not None and not pending.done.is_set():
+                pending.error = DialError.from_agent(msg.code, msg.msg)
+                pending.done.set()
+        elif isinstance(msg, messages.Drain):
+            log.info("agent %s/%s is draining", self.cluster, self.agent_id)
+            self.draining = True
+        elif isinstance(msg, messages.Identifiers):
+            try:
+                self.identifiers = AgentIdentifiers.parse(msg.value)
+            except ValueError as exc:
+                self.metrics.bad_input.labels("agent", "identifiers").inc()
+                log.warning("agent %s sent bad identifiers: %s", self.agent_id, exc)
+        else:
+            self.metrics.bad_input.labels("agent", "unexpected_message").inc()
+            log.warning("agent %s sent unexpected %s", self.agent_id, type(msg).__name__)
+
+    def on_data_stream_requested(self, ev: session.DataStreamRequested) -> None:
+        assert self.conn is not None
+        pending = self.pending.get(ev.dial_id)
+        if pending is None or pending.done.is_set():
+            # A dial we gave up on (timeout, cancel) or never made.
+            self.metrics.bad_input.labels("agent", "unknown_dial_id").inc()
+            log.info("agent %s: data stream for unknown dial %d refused", self.agent_id, ev.dial_id)
+            self.conn.session.reset_stream(ev.stream_id, h2.errors.ErrorCodes.CANCEL)
+            self.conn.wake_writer()
+            return
+        ts = self.conn.add_stream(ev.stream_id, ev.dial_id)
+        self.conn.session.accept_data_stream(ev.stream_id)
+        self.conn.wake_writer()
+        pending.stream = ts
+        pending.done.set()
+
+    # -------------------------------------------------------- teardown
+
+    def fail_all(self, reason: str) -> None:
+        """The connection died: every pending dial fails at once."""
+        self.closed = True
+        if self.registered.is_set():
+            self.registry.remove(self)
+        for pending in self.pending.values():
+            if not pending.done.is_set():
+                pending.error = DialError(
+                    DialOutcome.AGENT_LOST, f"agent connection lost: {reason}"
+                )
+                pending.done.set()

@@ -1,0 +1,147 @@
+"""The agent listener: TLS with ALPN ``h2`` and mandatory client
+certificates, then one tunnel session per connection."""
+
+from __future__ import annotations
+
+import logging
+import ssl
+
+import trio
+
+from broker.agent_conn import AgentConnection, ServerInfo
+from broker.registry import Registry
+from protocol.session import Role, SessionConfig, TunnelSession
+from tether.netio.tls import peer_identity
+from tether.netio.tunnel import Keepalive, TunnelConnection
+
+log = logging.getLogger("tether.broker")
+
+
+class AgentServer:
+    def __init__(
+        self,
+        registry: Registry,
+        server: ServerInfo,
+        ssl_context: ssl.SSLContext,
+        session_config: SessionConfig,
+        keepalive: Keepalive,
+        handshake_timeout: float,
+    ) -> None:
+        self.registry = registry
+        self.metrics = registry.metrics
+        self.server = server
+        self.ssl_context = ssl_context
+        self.session_config = session_config
+        self.keepalive = keepalive
+        self.handshake_timeout = handshake_timeout
+        self.connections: set[TunnelConnection] = set()
+        self.draining = False
+
+    async def handle(self, tcp: trio.SocketStream) -> None:
+        """Serve one agent connection; every failure stays inside."""
+        try:
+            host, port = tcp.socket.getpeername()[:2]
+            remote = f"{host}:{port}"
+        except OSError:
+            remote = "?"
+        try:
+            await self._handle(tcp, remote)
+        except Exception:
+            log.exception("agent connection from %s: internal error", remote)
+        finally:
+            await trio.aclose_forcefully(tcp)
+
+    async def _handle(self, tcp: trio.SocketStream, remote: str) -> None:
+        if self.draining:
+            return
+        tls = trio.SSLStream(tcp, self.ssl_context, server_side=True, https_compatible=True)
+        try:
+            with trio.fail_after(self.handshake_timeout):
+                await tls.do_handshake()
+        except trio.TooSlowError:
+            self.metrics.bad_input.labels("agent", "tls_handshake_timeout").inc()
+            log.warning("agent connection from %s: TLS handshake timed out", remote)
+            return
+        except trio.BrokenResourceError as exc:
+            self.metrics.bad_input.labels("agent", "tls_handshake").inc()
+            log.warning(
+                "agent connection from %s: TLS handshake failed: %s", remote, exc.__cause__ or exc
+            )
+            return
+        if tls.selected_alpn_protocol() != "h2":
+            self.metrics.bad_input.labels("agent", "alpn").inc()
+            log.warning("agent connection from %s: no h2 ALPN; closing", remote)
+            await trio.aclose_forcefully(tls)
+            return
+        agent = AgentConnection(
+            self.registry, self.server, peer_identity(tls.getpeercert()), remote
+        )
+        sess = TunnelSession(Role.BROKER, self.session_config)
+        sess.initiate()
+        conn = TunnelConnection(tls, sess, agent, keepalive=self.keepalive, name=f"agent {remote}")
+        conn.set_rtt_observer(self.metrics.keepalive_rtt.observe)
+        agent.conn = conn
+        self.connections.add(conn)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._control_deadline, agent, conn)
+                await conn.run()
+                nursery.cancel_scope.cancel()
+        finally:
+            self.connections.discard(conn)
+            agent.fail_all(conn.closed_reason or "closed")
+            if conn.protocol_error is not None:
+                self.metrics.bad_input.labels("agent", conn.protocol_error.reason).inc()
+                log.warning(
+                    "agent %s from %s: protocol violation: %s",
+                    agent.agent_id or "?",
+                    remote,
+                    conn.protocol_error,
+                )
+            if agent.registered.is_set():
+                self.metrics.agent_disconnects.labels(_cause(conn)).inc()
+                log.info(
+                    "agent disconnected: id=%s cluster=%s reason=%s",
+                    agent.agent_id,
+                    agent.cluster,
+                    conn.closed_reason,
+                )
+
+    async def _control_deadline(self, agent: AgentConnection, conn: TunnelConnection) -> None:
+        with trio.move_on_after(self.handshake_timeout):
+            await agent.settled.wait()
+        if agent.registered.is_set():
+            return
+        if not agent.closed:
+            self.metrics.bad_input.labels("agent", "no_control_stream").inc()
+            log.warning(
+                "%s: no control stream within %gs; closing", conn.name, self.handshake_timeout
+            )
+        else:
+            await trio.sleep(0.5)  # let the rejection body reach the agent
+        conn.abort("no accepted control stream")
+
+    def drain(self, retry_ms: int) -> None:
+        """Tell every agent to go elsewhere within ``retry_ms``; stop new ones."""
+        from protocol.messages import Drain
+
+        self.draining = True
+        for conn in list(self.connections):
+            try:
+                conn.send_message(Drain(retry_ms=retry_ms))
+            except Exception as exc:
+                log.debug("drain to %s not sent: %s", conn.name, exc)
+            conn.goaway("broker draining")
+
+
+def _cause(conn: TunnelConnection) -> str:
+    reason = conn.closed_reason or ""
+    if conn.protocol_error is not None:
+        return "protocol_error"
+    if reason.startswith("keepalive"):
+        return "keepalive_timeout"
+    if "replaced" in reason:
+        return "replaced"
+    if reason.startswith("transport") or reason.startswith("peer"):
+        return "peer_closed"
+    return "shutdown"

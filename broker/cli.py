@@ -1,0 +1,28 @@
+"""``tether-broker``: parse flags, set up logging, run the broker."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from broker.app import Broker
+from broker.config import from_args
+from tether.netio.logs import setup_logging
+from tether.netio.process import run_main
+from tether.netio.tls import TLSConfigError
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = from_args(argv)
+    setup_logging(cfg.log_format, cfg.log_level)
+    log = logging.getLogger("tether.broker")
+    try:
+        broker = Broker(cfg)
+    except TLSConfigError as exc:
+        log.error("%s", exc)
+        return 2
+    return run_main(broker.run, log)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

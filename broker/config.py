@@ -1,0 +1,232 @@
+"""Broker settings. Flag names follow konnectivity's proxy-server where the
+meaning is the same, so existing manifests translate one to one."""
+
+from __future__ import annotations
+
+import argparse
+import uuid
+
+import attrs
+
+from broker.registry import parse_strategies
+
+
+@attrs.frozen
+class BrokerConfig:
+    mode: str = "http-connect"
+    uds_name: str = ""
+    server_bind_address: str = ""
+    server_port: int = 8090
+    server_cert: str = ""
+    server_key: str = ""
+    server_ca_cert: str = ""
+    agent_bind_address: str = ""
+    agent_port: int = 8091
+    cluster_cert: str = ""
+    cluster_key: str = ""
+    cluster_ca_cert: str = ""
+    cluster_name: str = "default"
+    health_bind_address: str = ""
+    health_port: int = 8092
+    server_id: str = attrs.Factory(lambda: uuid.uuid4().hex[:12])
+    server_count: int = 1
+    proxy_strategies: tuple[str, ...] = ("default",)
+    backend_dial_timeout: float = 10.0
+    keepalive_time: float = 15.0
+    keepalive_timeout: float = 15.0
+    handshake_timeout: float = 10.0
+    frontend_header_timeout: float = 10.0
+    stream_window: int = 1024 * 1024
+    connection_window: int = 16 * 1024 * 1024
+    max_frontend_connections: int = 10_000
+    drain_timeout: float = 10.0
+    drain_retry: float = 5.0
+    log_format: str = "text"
+    log_level: str = "info"
+
+
+def _positive(text: str) -> float:
+    value = float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+    return value
+
+
+def _port(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"port out of range: {text}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = BrokerConfig(server_id="")
+    p = argparse.ArgumentParser(
+        prog="tether-broker",
+        description="Tether broker: fronts kube-apiserver egress and routes dials to edge agents.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    fe = p.add_argument_group("frontends (kube-apiserver side)")
+    fe.add_argument(
+        "--mode",
+        choices=["http-connect", "grpc"],
+        default=d.mode,
+        help="protocol served on --uds-name",
+    )
+    fe.add_argument(
+        "--uds-name",
+        default=d.uds_name,
+        help="Unix socket for the egress frontend (mode 0660); empty disables it",
+    )
+    fe.add_argument(
+        "--server-bind-address",
+        default=d.server_bind_address,
+        help="address of the TCP mTLS CONNECT frontend (empty: all)",
+    )
+    fe.add_argument(
+        "--server-port",
+        type=_port,
+        default=d.server_port,
+        help="port of the TCP mTLS CONNECT frontend; 0 disables it",
+    )
+    fe.add_argument("--server-cert", default=d.server_cert, help="frontend TLS certificate")
+    fe.add_argument("--server-key", default=d.server_key, help="frontend TLS key")
+    fe.add_argument(
+        "--server-ca-cert",
+        default=d.server_ca_cert,
+        help="CA that frontend client certificates must chain to",
+    )
+    ag = p.add_argument_group("agents")
+    ag.add_argument(
+        "--agent-bind-address",
+        default=d.agent_bind_address,
+        help="address agents connect to (empty: all)",
+    )
+    ag.add_argument("--agent-port", type=_port, default=d.agent_port, help="agent TLS port")
+    ag.add_argument("--cluster-cert", default=d.cluster_cert, help="broker certificate for agents")
+    ag.add_argument("--cluster-key", default=d.cluster_key, help="broker key for agents")
+    ag.add_argument(
+        "--cluster-ca-cert",
+        default=d.cluster_ca_cert,
+        help="CA that agent client certificates must chain to",
+    )
+    ag.add_argument(
+        "--cluster-name", default=d.cluster_name, help="cluster served by the single-cluster flags"
+    )
+    ag.add_argument("--server-id", default="", help="this replica's id (default: random)")
+    ag.add_argument(
+        "--server-count",
+        type=int,
+        default=d.server_count,
+        help="number of broker replicas agents should connect to",
+    )
+    ag.add_argument(
+        "--proxy-strategies",
+        default=",".join(d.proxy_strategies),
+        help="agent selection strategies in order: destHost, defaultRoute, default",
+    )
+    ag.add_argument(
+        "--backend-dial-timeout",
+        type=_positive,
+        default=d.backend_dial_timeout,
+        help="seconds a dial may take end to end",
+    )
+    ag.add_argument(
+        "--keepalive-time",
+        type=_positive,
+        default=d.keepalive_time,
+        help="seconds of silence before a PING on an agent connection",
+    )
+    ag.add_argument(
+        "--keepalive-timeout",
+        type=_positive,
+        default=d.keepalive_timeout,
+        help="seconds to wait for a PING ACK before dropping the agent",
+    )
+    ag.add_argument(
+        "--handshake-timeout",
+        type=_positive,
+        default=d.handshake_timeout,
+        help="seconds for the TLS handshake and control stream",
+    )
+    ag.add_argument(
+        "--stream-window",
+        type=int,
+        default=d.stream_window,
+        help="HTTP/2 window per tunneled connection (bytes)",
+    )
+    ag.add_argument(
+        "--connection-window",
+        type=int,
+        default=d.connection_window,
+        help="HTTP/2 window per agent connection (bytes)",
+    )
+    ops = p.add_argument_group("operations")
+    ops.add_argument("--health-bind-address", default=d.health_bind_address)
+    ops.add_argument(
+        "--health-port",
+        type=_port,
+        default=d.health_port,
+        help="/healthz, /readyz and /metrics; 0 disables",
+    )
+    ops.add_argument(
+        "--frontend-header-timeout",
+        type=_positive,
+        default=d.frontend_header_timeout,
+        help="seconds a frontend client has to send its request",
+    )
+    ops.add_argument("--max-frontend-connections", type=int, default=d.max_frontend_connections)
+    ops.add_argument(
+        "--drain-timeout",
+        type=_positive,
+        default=d.drain_timeout,
+        help="seconds open tunnels may finish after SIGTERM",
+    )
+    ops.add_argument(
+        "--drain-retry",
+        type=_positive,
+        default=d.drain_retry,
+        help="window (seconds) in which drained agents reconnect",
+    )
+    ops.add_argument("--log-format", choices=["text", "json"], default=d.log_format)
+    ops.add_argument(
+        "--log-level", choices=["debug", "info", "warning", "error"], default=d.log_level
+    )
+    return p
+
+
+def from_args(argv: list[str] | None) -> BrokerConfig:
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    try:
+        strategies = parse_strategies(ns.proxy_strategies)
+    except ValueError as exc:
+        parser.error(str(exc))
+    values = {k: v for k, v in vars(ns).items() if k not in ("proxy_strategies", "server_id")}
+    cfg = BrokerConfig(
+        proxy_strategies=strategies,
+        **({"server_id": ns.server_id} if ns.server_id else {}),
+        **values,
+    )
+    problems = validate(cfg)
+    if problems:
+        parser.error("; ".join(problems))
+    return cfg
+
+
+def validate(cfg: BrokerConfig) -> list[str]:
+    problems = []
+    if not (cfg.cluster_cert and cfg.cluster_key and cfg.cluster_ca_cert):
+        problems.append("--cluster-cert, --cluster-key and --cluster-ca-cert are required")
+    if cfg.server_port and not (cfg.server_cert and cfg.server_key and cfg.server_ca_cert):
+        problems.append(
+            "the TCP frontend needs --server-cert, --server-key and --server-ca-cert "
+            "(or --server-port=0 to turn it off)"
+        )
+    if not cfg.uds_name and not cfg.server_port:
+        problems.append("no frontend: give --uds-name and/or a nonzero --server-port")
+    if cfg.server_count < 1:
+        problems.append("--server-count must be at least 1")
+    if cfg.stream_window < 65536 or cfg.connection_window < cfg.stream_window:
+        problems.append("--stream-window must be >= 65536 and <= --connection-window")
+    return problems

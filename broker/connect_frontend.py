@@ -1,0 +1,225 @@
+"""The HTTP CONNECT frontend (egress ``proxyProtocol: HTTPConnect``).
+
+kube-apiserver sends ``CONNECT host:port HTTP/1.1``. We dial through an
+agent and answer ``200 Connection established`` only once the agent's data
+stream exists, then relay raw bytes. Errors are one-line ``text/plain``
+bodies with ``Connection: close`` (design section 3).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import attrs
+import h11
+import trio
+
+from broker.dialing import DialError
+from broker.metrics import BrokerMetrics
+from broker.registry import Registry
+from protocol.errors import InvalidMessage
+from protocol.messages import MAX_EARLY_DATA, split_host_port
+from tether.netio.relay import relay
+from tether.netio.tunnel import TunnelStream
+
+log = logging.getLogger("tether.broker.connect")
+
+MAX_REQUEST_HEADER_BYTES = 16 * 1024
+
+
+@attrs.frozen
+class ConnectSettings:
+    cluster: str
+    dial_timeout: float
+    header_timeout: float
+    frontend: str  # metric label: "uds" or "tcp"
+
+
+class _ClientGone(Exception):
+    pass
+
+
+async def handle_connect(
+    stream: trio.abc.Stream,
+    registry: Registry,
+    metrics: BrokerMetrics,
+    settings: ConnectSettings,
+) -> None:
+    """Serve one frontend connection; never raises for client trouble."""
+    try:
+        await _serve(stream, registry, metrics, settings)
+    except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+        log.debug("frontend client went away: %r", exc)
+    finally:
+        await trio.aclose_forcefully(stream)
+
+
+async def _respond(
+    stream: trio.abc.Stream,
+    conn: h11.Connection,
+    metrics: BrokerMetrics,
+    settings: ConnectSettings,
+    status: int,
+    message: str,
+) -> None:
+    metrics.frontend_requests.labels(settings.frontend, str(status)).inc()
+    body = (message.replace("\n", " ").replace("\r", " ") + "\n").encode()
+    headers = [
+        ("content-type", "text/plain; charset=utf-8"),
+        ("content-length", str(len(body))),
+        ("connection", "close"),
+    ]
+    try:
+        if conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
+            data = conn.send(h11.Response(status_code=status, headers=headers)) or b""
+        else:  # h11 gave up on the request: write the response by hand
+            data = _raw_response(status, headers)
+        data += conn.send(h11.Data(data=body)) or b"" if conn.our_state is h11.SEND_BODY else body
+    except h11.LocalProtocolError:
+        data = _raw_response(status, headers) + body
+    with trio.move_on_after(5):
+        await stream.send_all(data)
+
+
+def _raw_response(status: int, headers: list[tuple[str, str]]) -> bytes:
+    reason = {400: "Bad Request", 431: "Request Header Fields Too Large"}.get(status, "Error")
+    lines = [f"HTTP/1.1 {status} {reason}"] + [f"{k}: {v}" for k, v in headers]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+async def _serve(
+    stream: trio.abc.Stream,
+    registry: Registry,
+    metrics: BrokerMetrics,
+    settings: ConnectSettings,
+) -> None:
+    conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST_HEADER_BYTES)
+    request: h11.Request | None = None
+    with trio.move_on_after(settings.header_timeout):
+        while request is None:
+            try:
+                event = conn.next_event()
+            except h11.RemoteProtocolError as exc:
+                status = exc.error_status_hint
+                metrics.bad_input.labels("frontend", "malformed_request").inc()
+                log.info("frontend: malformed request (%d): %s", status, exc)
+                await _respond(stream, conn, metrics, settings, status, f"malformed request: {exc}")
+                return
+            if event is h11.NEED_DATA:
+                conn.receive_data(bytes(await stream.receive_some(16384)))
+            elif isinstance(event, h11.Request):
+                request = event
+            else:
+                return  # closed before a request
+    if request is None:
+        metrics.bad_input.labels("frontend", "header_timeout").inc()
+        log.info("frontend: no request within %gs; closing", settings.header_timeout)
+        return
+    method = request.method.decode("ascii", "replace")
+    target = request.target.decode("ascii", "replace")
+    if method != "CONNECT":
+        metrics.bad_input.labels("frontend", "not_connect").inc()
+        await _respond(
+            stream, conn, metrics, settings, 405, f"only CONNECT is served, not {method}"
+        )
+        return
+    try:
+        split_host_port(target)
+    except InvalidMessage as exc:
+        metrics.bad_input.labels("frontend", "bad_target").inc()
+        await _respond(stream, conn, metrics, settings, 400, f"bad CONNECT target: {exc}")
+        return
+
+    early = bytearray(conn.trailing_data[0])
+    try:
+        ts = await _dial_watching_client(stream, registry, settings, target, early)
+    except DialError as exc:
+        await _respond(stream, conn, metrics, settings, exc.http_status, exc.message)
+        return
+    except _ClientGone:
+        metrics.frontend_requests.labels(settings.frontend, "client_gone").inc()
+        log.info("frontend: client left while dialing %s; dial cancelled", target)
+        return
+
+    metrics.frontend_requests.labels(settings.frontend, "200").inc()
+    established = metrics.established.labels(settings.frontend)
+    established.inc()
+    try:
+        data = conn.send(
+            h11.Response(status_code=200, headers=[], reason=b"Connection established")
+        )
+        try:
+            await stream.send_all(data or b"")
+            if early:
+                await ts.send_all(bytes(early))
+        except BaseException:
+            ts.reset()
+            raise
+        result = await relay(stream, ts, count=_counter(metrics))
+        log.debug(
+            "tunnel %s done: up=%d down=%d err=%s",
+            target,
+            result.bytes_up,
+            result.bytes_down,
+            result.error,
+        )
+    finally:
+        established.dec()
+
+
+async def _dial_watching_client(
+    stream: trio.abc.Stream,
+    registry: Registry,
+    settings: ConnectSettings,
+    target: str,
+    early: bytearray,
+) -> TunnelStream:
+    """Dial while reading the client, so a disconnect cancels the dial.
+
+    Bytes the client sends before our 200 (pipelined TLS, say) are kept and
+    forwarded first; we stop reading once that buffer is full.
+    """
+    result: list[TunnelStream] = []
+    gone = False
+
+    async def watch(cancel_scope: trio.CancelScope) -> None:
+        nonlocal gone
+        while len(early) < MAX_EARLY_DATA:
+            try:
+                data = await stream.receive_some(MAX_EARLY_DATA - len(early))
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                data = b""
+            if not data:
+                gone = True
+                cancel_scope.cancel()
+                return
+            early.extend(data)
+        await trio.sleep_forever()
+
+    error: DialError | None = None
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(watch, nursery.cancel_scope)
+        try:
+            ts, _agent = await registry.dial(settings.cluster, target, settings.dial_timeout)
+            result.append(ts)
+        except DialError as exc:  # raised out of the nursery it would be grouped
+            error = exc
+        finally:
+            nursery.cancel_scope.cancel()
+    if gone:
+        if result:
+            result[0].reset()
+        raise _ClientGone()
+    if error is not None:
+        raise error
+    return result[0]
+
+
+def _counter(metrics: BrokerMetrics):  # type: ignore[no-untyped-def]
+    up = metrics.bytes_relayed.labels("up")
+    down = metrics.bytes_relayed.labels("down")
+
+    def count(direction: str, n: int) -> None:
+        (up if direction == "up" else down).inc(n)
+
+    return count

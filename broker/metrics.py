@@ -1,0 +1,82 @@
+"""Broker metrics. Names follow konnectivity-server where the meaning is the
+same, so existing dashboards and alerts keep working; extras use ``tether_``.
+"""
+
+from __future__ import annotations
+
+import prometheus_client as prom
+
+NS = "konnectivity_network_proxy_server"
+
+
+class BrokerMetrics:
+    def __init__(self) -> None:
+        self.registry = prom.CollectorRegistry()
+        r = self.registry
+        self.dial_duration = prom.Histogram(
+            f"{NS}_dial_duration_seconds",
+            "Time from dial request to the agent's data stream (successful dials).",
+            registry=r,
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+        )
+        self.dial_failures = prom.Counter(
+            f"{NS}_dial_failure_count",
+            "Dials that failed, by reason.",
+            ["reason"],
+            registry=r,
+        )
+        self.ready_backends = prom.Gauge(
+            f"{NS}_ready_backend_connections",
+            "Connected agents (backends) ready to take dials.",
+            registry=r,
+        )
+        self.pending_dials = prom.Gauge(
+            f"{NS}_pending_backend_dials",
+            "Dials sent to an agent and not yet answered.",
+            registry=r,
+        )
+        self.established = prom.Gauge(
+            f"{NS}_established_connections",
+            "Tunneled connections currently relaying, by frontend.",
+            ["frontend"],
+            registry=r,
+        )
+        self.frontend_requests = prom.Counter(
+            "tether_frontend_requests_total",
+            "Frontend requests by frontend and outcome (HTTP-style status).",
+            ["frontend", "status"],
+            registry=r,
+        )
+        self.bad_input = prom.Counter(
+            "tether_bad_input_total",
+            "Rejected malformed or hostile input, by where it arrived and why.",
+            ["source", "reason"],
+            registry=r,
+        )
+        self.agent_rejected = prom.Counter(
+            "tether_agent_connections_rejected_total",
+            "Agent connections refused before or at the control stream.",
+            ["reason"],
+            registry=r,
+        )
+        self.agent_disconnects = prom.Counter(
+            "tether_agent_disconnects_total",
+            "Agent connections that ended, by cause.",
+            ["cause"],
+            registry=r,
+        )
+        self.bytes_relayed = prom.Counter(
+            "tether_bytes_relayed_total",
+            "Payload bytes relayed, by direction (up: client to target).",
+            ["direction"],
+            registry=r,
+        )
+        self.keepalive_rtt = prom.Histogram(
+            "tether_keepalive_rtt_seconds",
+            "HTTP/2 PING round-trip time on agent connections.",
+            registry=r,
+            buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+        )
+
+    def render(self) -> bytes:
+        return bytes(prom.generate_latest(self.registry))

@@ -1,0 +1,295 @@
+"""The agent process: keep one tunnel to the broker, serve its dials."""
+
+from __future__ import annotations
+
+import logging
+import signal
+from collections.abc import Callable
+
+import trio
+
+from edge_agent.config import AgentConfig
+from edge_agent.dialer import DialFailed, dial_target
+from protocol import messages, session
+from protocol.backoff import Backoff
+from protocol.codes import DialFailCode
+from protocol.errors import HandshakeRejected, ProtocolError
+from protocol.session import Role, SessionConfig, TunnelSession
+from tether.netio import tls
+from tether.netio.http import serve_http, text
+from tether.netio.listeners import listener_port, open_tcp_listener
+from tether.netio.relay import relay
+from tether.netio.tunnel import Keepalive, TunnelClosed, TunnelConnection
+
+log = logging.getLogger("tether.agent")
+
+
+class BrokerLink:
+    """Handler for one broker connection: answers dials, tracks readiness."""
+
+    def __init__(self, agent: Agent, nursery: trio.Nursery) -> None:
+        self.agent = agent
+        self.nursery = nursery
+        self.conn: TunnelConnection | None = None
+        self.accepted = trio.Event()
+        self.server_id = ""
+        self.server_count = 1
+        self.drain_hint: float | None = None
+        self.dials: dict[int, trio.CancelScope] = {}
+
+    def on_control_requested(self, ev: session.ControlRequested) -> None:
+        raise AssertionError("agents do not receive requests")
+
+    def on_data_stream_requested(self, ev: session.DataStreamRequested) -> None:
+        raise AssertionError("agents do not receive requests")
+
+    def on_control_accepted(self, ev: session.ControlAccepted) -> None:
+        self.server_id = ev.headers.get("tether-server-id", "")
+        count = ev.headers.get("tether-server-count", "1")
+        self.server_count = int(count) if count.isdigit() and int(count) > 0 else 1
+        self.accepted.set()
+
+    def on_message(self, msg: messages.Message) -> None:
+        if isinstance(msg, messages.Dial):
+            if msg.id in self.dials:
+                log.warning("duplicate dial id %d ignored", msg.id)
+                return
+            scope = trio.CancelScope()
+            self.dials[msg.id] = scope
+            self.nursery.start_soon(self._serve_dial, msg, scope)
+        elif isinstance(msg, messages.Cancel):
+            pending = self.dials.get(msg.id)
+            if pending is not None:
+                log.info("dial %d cancelled by the broker", msg.id)
+                pending.cancel()
+        elif isinstance(msg, messages.Drain):
+            retry = (msg.retry_ms or 0) / 1000
+            log.info("broker %s is draining; reconnecting within %.1fs", self.server_id, retry)
+            self.drain_hint = retry
+        else:
+            log.debug("ignoring %s from broker", type(msg).__name__)
+
+    def _fail(self, dial_id: int, code: DialFailCode, msg: str) -> None:
+        log.info("dial %d failed: %s: %s", dial_id, code.value, msg)
+        try:
+            assert self.conn is not None
+            self.conn.send_message(messages.DialFail(id=dial_id, code=code, msg=msg[:1024]))
+        except (TunnelClosed, ProtocolError) as exc:
+            log.debug("dial_fail %d not sent: %s", dial_id, exc)
+
+    async def _serve_dial(self, msg: messages.Dial, scope: trio.CancelScope) -> None:
+        conn = self.conn
+        assert conn is not None
+        try:
+            with scope:
+                if msg.proto != "tcp":
+                    self._fail(msg.id, DialFailCode.ERROR, f"unsupported protocol {msg.proto!r}")
+                    return
+                try:
+                    target = await dial_target(msg.addr, msg.timeout_ms / 1000)
+                except DialFailed as exc:
+                    self._fail(msg.id, exc.code, exc.msg)
+                    return
+                try:
+                    if msg.early:
+                        await target.send_all(msg.early)
+                    sid = conn.session.open_data_stream(msg.id, self.agent.authority)
+                except (trio.BrokenResourceError, ProtocolError, Exception) as exc:
+                    await trio.aclose_forcefully(target)
+                    self._fail(msg.id, DialFailCode.ERROR, f"cannot start the tunnel: {exc}")
+                    return
+                ts = conn.add_stream(sid, msg.id)
+                conn.wake_writer()
+                log.debug("dial %d to %s ok (stream %d)", msg.id, msg.addr, sid)
+                self.agent.active_streams += 1
+                try:
+                    await relay(target, ts)
+                finally:
+                    self.agent.active_streams -= 1
+                    self.agent.streams_changed()
+            if scope.cancelled_caught:
+                log.debug("dial %d aborted", msg.id)
+        finally:
+            self.dials.pop(msg.id, None)
+
+
+class Agent:
+    def __init__(self, cfg: AgentConfig) -> None:
+        self.cfg = cfg
+        self.authority = f"{cfg.proxy_server_host}:{cfg.proxy_server_port}"
+        self.ssl_context = tls.client_context(
+            cfg.ca_cert, cfg.agent_cert, cfg.agent_key, alpn=["h2"]
+        )
+        self.session_config = SessionConfig(
+            stream_window=cfg.stream_window, connection_window=cfg.connection_window
+        )
+        self.backoff = Backoff(cfg.sync_interval, cfg.sync_interval_cap, cfg.stable_after)
+        self.link: BrokerLink | None = None
+        self.stopping = False
+        self.active_streams = 0
+        self._idle = trio.Event()
+        self.on_ready: Callable[[bool], None] | None = None
+
+    @property
+    def ready(self) -> bool:
+        link = self.link
+        return link is not None and link.accepted.is_set() and not self.stopping
+
+    def streams_changed(self) -> None:
+        if self.active_streams == 0:
+            self._idle.set()
+
+    def routes(self) -> dict[str, Callable[[], tuple[int, str, bytes]]]:
+        def healthz() -> tuple[int, str, bytes]:
+            return text(200, "ok")
+
+        def readyz() -> tuple[int, str, bytes]:
+            if self.ready:
+                assert self.link is not None
+                return text(200, f"connected to broker {self.link.server_id}")
+            return text(503, "not connected to a broker")
+
+        return {"/healthz": healthz, "/readyz": readyz}
+
+    async def run(
+        self, *, task_status: trio.TaskStatus[dict[str, int]] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        async with trio.open_nursery() as nursery:
+            ports: dict[str, int] = {}
+            if self.cfg.health_server_port:
+                health = await open_tcp_listener(
+                    self.cfg.health_server_bind_address, self.cfg.health_server_port
+                )
+                ports["health"] = listener_port(health)
+                nursery.start_soon(serve_http, health, self.routes())
+            loop_scope = trio.CancelScope()
+
+            async def loop() -> None:
+                with loop_scope:
+                    await self._connection_loop()
+
+            nursery.start_soon(loop)
+            task_status.started(ports)
+            await self._wait_for_signal()
+            await self.drain(loop_scope)
+            nursery.cancel_scope.cancel()
+
+    async def _wait_for_signal(self) -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for signum in signals:
+                log.info("received %s: draining", signal.Signals(signum).name)
+                return
+
+    async def drain(self, loop_scope: trio.CancelScope) -> None:
+        """Tell the broker, let open tunnels finish, then stop."""
+        self.stopping = True
+        link = self.link
+        if link is not None and link.conn is not None and link.accepted.is_set():
+            try:
+                link.conn.send_message(messages.Drain())
+            except (TunnelClosed, ProtocolError):
+                pass
+            if self.active_streams:
+                log.info(
+                    "waiting up to %gs for %d open tunnel(s)",
+                    self.cfg.drain_timeout,
+                    self.active_streams,
+                )
+                self._idle = trio.Event()
+                with trio.move_on_after(self.cfg.drain_timeout):
+                    await self._idle.wait()
+            link.conn.goaway("agent shutting down")
+            await trio.sleep(0.05)  # let the writer flush GOAWAY
+        loop_scope.cancel()
+        log.info("agent stopped")
+
+    # ------------------------------------------------------------ connection
+
+    async def _connection_loop(self) -> None:
+        while True:
+            started = trio.current_time()
+            cause = await self._connect_once()
+            if self.stopping:
+                return
+            healthy_for = trio.current_time() - started
+            self.backoff.connected_for(healthy_for)
+            ceiling = self.backoff.ceiling()
+            delay = self.backoff.next_delay()
+            log.info(
+                "reconnecting in %.2fs (attempt %d, backoff ceiling %.1fs, cause: %s)",
+                delay,
+                self.backoff.attempt,
+                ceiling,
+                cause,
+            )
+            await trio.sleep(delay)
+
+    async def _connect_once(self) -> str:
+        """One connection's life; returns why it ended."""
+        cfg = self.cfg
+        try:
+            with trio.fail_after(cfg.connect_timeout):
+                tcp = await trio.open_tcp_stream(cfg.proxy_server_host, cfg.proxy_server_port)
+                stream = trio.SSLStream(
+                    tcp,
+                    self.ssl_context,
+                    server_hostname=cfg.proxy_server_host,
+                    https_compatible=True,
+                )
+                try:
+                    await stream.do_handshake()
+                except BaseException:
+                    await trio.aclose_forcefully(stream)
+                    raise
+        except trio.TooSlowError:
+            return "connect timed out"
+        except OSError as exc:
+            return f"connect failed: {exc}"
+        except trio.BrokenResourceError as exc:
+            return f"TLS handshake failed: {exc.__cause__ or exc}"
+        if stream.selected_alpn_protocol() != "h2":
+            await trio.aclose_forcefully(stream)
+            return "broker did not negotiate h2"
+
+        sess = TunnelSession(Role.AGENT, self.session_config)
+        sess.initiate()
+        headers = {
+            "tether-agent-id": cfg.agent_id,
+            "tether-agent-identifiers": cfg.agent_identifiers,
+        }
+        if cfg.cluster:
+            headers["tether-cluster"] = cfg.cluster
+        sess.open_control(headers, self.authority)
+        async with trio.open_nursery() as nursery:
+            link = BrokerLink(self, nursery)
+            conn = TunnelConnection(
+                stream,
+                sess,
+                link,
+                keepalive=Keepalive(cfg.keepalive_time, cfg.keepalive_timeout),
+                name="broker",
+            )
+            link.conn = conn
+            self.link = link
+            nursery.start_soon(self._await_accept, link, conn)
+            await conn.run()
+            nursery.cancel_scope.cancel()
+        self.link = None
+        if isinstance(conn.protocol_error, HandshakeRejected):
+            err = conn.protocol_error
+            log.error("broker rejected this agent (%d): %s", err.status, err.error)
+            self.backoff.rejected()
+            return f"rejected: {err.status} {err.error}"
+        if link.drain_hint is not None:
+            self.backoff.drain_hint(link.drain_hint)
+        reason = conn.closed_reason or "closed"
+        if link.accepted.is_set():
+            log.warning("disconnected from broker %s: %s", link.server_id, reason)
+        return reason
+
+    async def _await_accept(self, link: BrokerLink, conn: TunnelConnection) -> None:
+        with trio.move_on_after(self.cfg.connect_timeout):
+            await link.accepted.wait()
+            log.info("connected to broker %s (server count %d)", link.server_id, link.server_count)
+            return
+        conn.abort("control stream not accepted in time")

@@ -1,0 +1,28 @@
+"""``tether-agent``: parse flags, set up logging, run the agent."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from edge_agent.app import Agent
+from edge_agent.config import from_args
+from tether.netio.logs import setup_logging
+from tether.netio.process import run_main
+from tether.netio.tls import TLSConfigError
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = from_args(argv)
+    setup_logging(cfg.log_format, cfg.log_level)
+    log = logging.getLogger("tether.agent")
+    try:
+        agent = Agent(cfg)
+    except TLSConfigError as exc:
+        log.error("%s", exc)
+        return 2
+    return run_main(agent.run, log)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,152 @@
+"""Agent settings. Flag names follow konnectivity's proxy-agent where the
+meaning is the same."""
+
+from __future__ import annotations
+
+import argparse
+
+import attrs
+
+from protocol.identifiers import AgentIdentifiers
+
+
+@attrs.frozen
+class AgentConfig:
+    proxy_server_host: str = "127.0.0.1"
+    proxy_server_port: int = 8091
+    ca_cert: str = ""
+    agent_cert: str = ""
+    agent_key: str = ""
+    agent_id: str = "agent-1"
+    cluster: str = ""
+    agent_identifiers: str = ""
+    health_server_bind_address: str = "127.0.0.1"
+    health_server_port: int = 8093
+    sync_interval: float = 1.0
+    sync_interval_cap: float = 30.0
+    stable_after: float = 30.0
+    keepalive_time: float = 15.0
+    keepalive_timeout: float = 15.0
+    connect_timeout: float = 10.0
+    drain_timeout: float = 10.0
+    stream_window: int = 1024 * 1024
+    connection_window: int = 16 * 1024 * 1024
+    log_format: str = "text"
+    log_level: str = "info"
+
+
+def _positive(text: str) -> float:
+    value = float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = AgentConfig()
+    p = argparse.ArgumentParser(
+        prog="tether-agent",
+        description="Tether edge agent: keeps one outbound tunnel to the broker and "
+        "dials local targets on its behalf.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    b = p.add_argument_group("broker connection")
+    b.add_argument("--proxy-server-host", default=d.proxy_server_host, help="broker address")
+    b.add_argument(
+        "--proxy-server-port", type=int, default=d.proxy_server_port, help="broker agent port"
+    )
+    b.add_argument("--ca-cert", default=d.ca_cert, help="CA that the broker certificate chains to")
+    b.add_argument("--agent-cert", default=d.agent_cert, help="this agent's client certificate")
+    b.add_argument("--agent-key", default=d.agent_key, help="this agent's client key")
+    b.add_argument(
+        "--agent-id", default=d.agent_id, help="agent id; must match the certificate's CN"
+    )
+    b.add_argument(
+        "--cluster",
+        default=d.cluster,
+        help="cluster name sent as tether-cluster (optional with mTLS)",
+    )
+    b.add_argument(
+        "--agent-identifiers",
+        default=d.agent_identifiers,
+        help="konnectivity form: host=n1&ipv4=10.0.0.5&cidr=10.1.0.0/16&default-route=true",
+    )
+    b.add_argument(
+        "--sync-interval",
+        type=_positive,
+        default=d.sync_interval,
+        help="base reconnect backoff (seconds)",
+    )
+    b.add_argument(
+        "--sync-interval-cap",
+        type=_positive,
+        default=d.sync_interval_cap,
+        help="reconnect backoff cap (seconds)",
+    )
+    b.add_argument(
+        "--keepalive-time",
+        type=_positive,
+        default=d.keepalive_time,
+        help="seconds of silence before a PING",
+    )
+    b.add_argument(
+        "--keepalive-timeout",
+        type=_positive,
+        default=d.keepalive_timeout,
+        help="seconds to wait for a PING ACK before reconnecting",
+    )
+    b.add_argument(
+        "--connect-timeout",
+        type=_positive,
+        default=d.connect_timeout,
+        help="seconds for TCP, TLS and the control stream handshake",
+    )
+    b.add_argument(
+        "--stream-window",
+        type=int,
+        default=d.stream_window,
+        help="HTTP/2 window per tunneled connection (bytes)",
+    )
+    b.add_argument(
+        "--connection-window",
+        type=int,
+        default=d.connection_window,
+        help="HTTP/2 connection window (bytes)",
+    )
+    o = p.add_argument_group("operations")
+    o.add_argument("--health-server-bind-address", default=d.health_server_bind_address)
+    o.add_argument(
+        "--health-server-port",
+        type=int,
+        default=d.health_server_port,
+        help="/healthz and /readyz; 0 disables",
+    )
+    o.add_argument(
+        "--drain-timeout",
+        type=_positive,
+        default=d.drain_timeout,
+        help="seconds open tunnels may finish after SIGTERM",
+    )
+    o.add_argument("--log-format", choices=["text", "json"], default=d.log_format)
+    o.add_argument(
+        "--log-level", choices=["debug", "info", "warning", "error"], default=d.log_level
+    )
+    return p
+
+
+def from_args(argv: list[str] | None) -> AgentConfig:
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    cfg = AgentConfig(**vars(ns))
+    problems = []
+    if not (cfg.ca_cert and cfg.agent_cert and cfg.agent_key):
+        problems.append("--ca-cert, --agent-cert and --agent-key are required")
+    if cfg.sync_interval_cap < cfg.sync_interval:
+        problems.append("--sync-interval-cap must be >= --sync-interval")
+    try:
+        AgentIdentifiers.parse(cfg.agent_identifiers)
+    except ValueError as exc:
+        problems.append(f"--agent-identifiers: {exc}")
+    if problems:
+        parser.error("; ".join(problems))
+    return cfg

@@ -1,0 +1,63 @@
+"""Dialing a target next to the agent, with failures mapped to wire codes."""
+
+from __future__ import annotations
+
+import errno
+import socket
+
+import trio
+
+from protocol.codes import DialFailCode
+from protocol.messages import split_host_port
+
+
+class DialFailed(Exception):
+    def __init__(self, code: DialFailCode, msg: str) -> None:
+        super().__init__(msg)
+        self.code = code
+        self.msg = msg
+
+
+_REFUSED = {errno.ECONNREFUSED}
+_UNREACHABLE = {errno.ENETUNREACH, errno.EHOSTUNREACH, errno.EHOSTDOWN, errno.ENETDOWN}
+
+
+def _leaf_errors(exc: BaseException) -> list[BaseException]:
+    """trio reports happy-eyeballs failures as a group under ``__cause__``."""
+    cause = exc.__cause__
+    if isinstance(cause, BaseExceptionGroup):
+        out: list[BaseException] = []
+        for sub in cause.exceptions:
+            out.extend(_leaf_errors(sub) or [sub])
+        return out
+    return [exc]
+
+
+def classify(exc: OSError) -> DialFailed:
+    if isinstance(exc, socket.gaierror):
+        return DialFailed(DialFailCode.DNS, f"name resolution failed: {exc.strerror or exc}")
+    leaves = _leaf_errors(exc)
+    errnos = {getattr(e, "errno", None) for e in leaves}
+    detail = "; ".join(str(e) for e in leaves)
+    if errnos & _REFUSED:
+        return DialFailed(DialFailCode.REFUSED, f"connection refused: {detail}")
+    if errnos & _UNREACHABLE:
+        return DialFailed(DialFailCode.UNREACHABLE, f"unreachable: {detail}")
+    if errno.ETIMEDOUT in errnos:
+        return DialFailed(DialFailCode.TIMEOUT, f"connect timed out: {detail}")
+    return DialFailed(DialFailCode.ERROR, detail or str(exc))
+
+
+async def dial_target(addr: str, timeout: float) -> trio.SocketStream:
+    """Open a TCP connection to ``host:port`` within ``timeout`` seconds."""
+    host, port = split_host_port(addr)
+    host = host.strip("[]")
+    try:
+        with trio.fail_after(timeout):
+            return await trio.open_tcp_stream(host, port)
+    except trio.TooSlowError:
+        raise DialFailed(
+            DialFailCode.TIMEOUT, f"connect to {addr} timed out after {timeout:g}s"
+        ) from None
+    except OSError as exc:
+        raise classify(exc) from None
