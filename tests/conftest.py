@@ -1,0 +1,58 @@
+"""Shared fixtures: certificates, and real broker/agent processes that are
+always stopped at teardown."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from procs import BrokerHandle, Proc, start_agent, start_broker
+
+from tether.certs import PkiPaths, init_pki
+
+
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> PkiPaths:
+    return init_pki(tmp_path_factory.mktemp("pki"), agents=("agent-1", "agent-2", "agent-3"))
+
+
+@pytest.fixture
+def procs_started() -> Iterator[list[Proc]]:
+    started: list[Proc] = []
+    yield started
+    for proc in reversed(started):
+        proc.stop(timeout=5)
+
+
+@pytest.fixture
+def broker_factory(
+    tmp_path: Path, pki: PkiPaths, procs_started: list[Proc]
+) -> Callable[..., BrokerHandle]:
+    def make(*extra: str, mode: str = "http-connect", tcp: bool = True) -> BrokerHandle:
+        handle = start_broker(tmp_path, pki, *extra, mode=mode, tcp=tcp)
+        procs_started.append(handle.proc)
+        return handle
+
+    return make
+
+
+@pytest.fixture
+def agent_factory(tmp_path: Path, procs_started: list[Proc]) -> Callable[..., Proc]:
+    def make(broker: BrokerHandle, *extra: str, agent_id: str = "agent-1") -> Proc:
+        proc = start_agent(tmp_path, broker, *extra, agent_id=agent_id)
+        procs_started.append(proc)
+        return proc
+
+    return make
+
+
+@pytest.fixture
+async def tunnel_env(
+    broker_factory: Callable[..., BrokerHandle], agent_factory: Callable[..., Proc]
+) -> tuple[BrokerHandle, Proc]:
+    """A broker with one connected agent, both ready."""
+    broker = broker_factory()
+    agent = agent_factory(broker)
+    await broker.ready(agents=1)
+    return broker, agent
