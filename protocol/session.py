@@ -438,8 +438,15 @@ class TunnelSession:
             self._closed = True
             raise SessionError(f"HTTP/2 protocol violation: {exc}", reason="h2") from None
         out: list[Event] = []
-        for ev in h2_events:
-            self._handle(ev, out)
+        try:
+            for ev in h2_events:
+                self._handle(ev, out)
+        except HandshakeRejected:
+            raise
+        except ProtocolError as exc:
+            # A control-stream violation: the whole connection goes.
+            self.close(h2.errors.ErrorCodes.PROTOCOL_ERROR, exc.reason)
+            raise
         self._flush_conn_credit()
         return out
 
@@ -486,7 +493,8 @@ class TunnelSession:
             out.append(ControlRequested(sid, headers))
             return
         raw_id = headers.get(DIAL_ID_HEADER, "")
-        if not self._control_open or not raw_id.isdigit() or int(raw_id) >= 2**64:
+        ok_id = raw_id.isascii() and raw_id.isdigit()  # isdigit() alone admits '²'
+        if not self._control_open or not ok_id or int(raw_id) >= 2**64:
             self._refuse(sid, h2.errors.ErrorCodes.CANCEL)
             return
         self._streams[sid] = _Stream(sid, int(raw_id), framing.DataStreamDecoder())
@@ -500,7 +508,7 @@ class TunnelSession:
                 self._control_open = True
                 out.append(ControlAccepted(headers))
             else:
-                self._rejected_status = int(status) if status.isdigit() else 0
+                self._rejected_status = int(status) if status.isascii() and status.isdigit() else 0
             return
         if ev.stream_id in self._streams:
             if status == "200":
