@@ -120,7 +120,7 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict[str, object]:
             "tunnel-tcp-mtls": lambda p: lambda: tunneled(broker, p, "tcp"),
         }
         results: dict[str, dict[str, float]] = {name: {} for name in paths}
-        for name, make in paths.items():  # warm-up
+        for make in paths.values():  # warm-up
             await bulk(make(source_port), 16 << 20)
         for _ in range(args.repeat):  # interleaved, so drift hits every path alike
             for name, make in paths.items():
