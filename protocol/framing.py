@@ -74,10 +74,13 @@ class ControlDecoder:
         self._max = max_message_size
         self._unpacker = _unpacker(max_message_size)
         self._fed = 0
+        self._start = 0  # stream offset where the pending message began
 
     @property
     def buffered(self) -> int:
-        return self._fed - int(self._unpacker.tell())
+        # Not ``fed - tell()``: the C unpacker folds a partial object's bytes
+        # into its parse state, so tell() moves before the object is complete.
+        return self._fed - self._start
 
     def feed(self, data: bytes) -> list[messages.Message]:
         out: list[messages.Message] = []
@@ -92,12 +95,13 @@ class ControlDecoder:
             self._unpacker.feed(piece)
             self._fed += len(piece)
             while True:
-                start = self._unpacker.tell()
                 ok, obj = _next_object(self._unpacker)
                 if not ok:
                     break
-                if self._unpacker.tell() - start > self._max:
+                end = int(self._unpacker.tell())
+                if end - self._start > self._max:
                     raise MessageTooLarge(f"control message exceeds {self._max} bytes")
+                self._start = end
                 msg = messages.decode(obj)
                 if isinstance(msg, messages.Close):
                     raise SessionError("close map is not valid on the control stream")

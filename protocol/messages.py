@@ -87,7 +87,10 @@ def split_host_port(addr: str) -> tuple[str, int]:
         host, sep, port_text = addr.rpartition(":")
         if not sep or ":" in host:
             raise InvalidMessage(f"malformed address {addr!r} (want host:port)")
-    if not host or not port_text.isdigit() or not 0 < int(port_text) < 65536:
+    # isdigit() alone admits non-ASCII digits ('²' crashes int(), '١٢' parses).
+    if not host or not (port_text.isascii() and port_text.isdigit()):
+        raise InvalidMessage(f"malformed address {addr!r} (want host:port)")
+    if not 0 < int(port_text) < 65536:
         raise InvalidMessage(f"malformed address {addr!r} (want host:port)")
     if any(c.isspace() or c in "/?#@" for c in host):
         raise InvalidMessage(f"malformed host in {addr!r}")
