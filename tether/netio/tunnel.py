@@ -200,6 +200,9 @@ class TunnelConnection:
         self._want_write = trio.Event()
         self._flushed = trio.Event()
         self._pending_out = 0
+        #: A send_all was cut short (cancelled or failed): the transport may
+        #: hold half a frame, so nothing more may be written to it.
+        self._write_interrupted = False
         self._last_rx = trio.current_time()
         self._ping: tuple[bytes, trio.Event] | None = None
         self._cancel: trio.CancelScope | None = None
@@ -338,8 +341,10 @@ class TunnelConnection:
             if not data:
                 continue
             self._pending_out += len(data)
+            self._write_interrupted = True
             try:
                 await self.transport.send_all(data)
+                self._write_interrupted = False
             except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                 self.abort(f"transport error: {exc!r}")
                 return
@@ -386,7 +391,7 @@ class TunnelConnection:
 
     async def _final_flush(self) -> None:
         data = self.session.data_to_send()
-        if data and self._pending_out == 0:
+        if data and not self._write_interrupted:
             with trio.move_on_after(1):
                 try:
                     await self.transport.send_all(data)
