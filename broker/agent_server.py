@@ -12,7 +12,9 @@ from broker.agent_conn import AgentConnection, ServerInfo
 from broker.registry import Registry
 from protocol.session import Role, SessionConfig, TunnelSession
 from tether.netio.tls import peer_identity
-from tether.netio.tunnel import Keepalive, TunnelConnection
+from protocol.errors import ProtocolError
+from protocol.messages import Drain
+from tether.netio.tunnel import Keepalive, TunnelClosed, TunnelConnection
 
 log = logging.getLogger("tether.broker")
 
@@ -121,17 +123,35 @@ class AgentServer:
             await trio.sleep(0.5)  # let the rejection body reach the agent
         conn.abort("no accepted control stream")
 
-    def drain(self, retry_ms: int) -> None:
-        """Tell every agent to go elsewhere within ``retry_ms``; stop new ones."""
-        from protocol.messages import Drain
+    async def drain(self, retry_ms: int) -> None:
+        """Tell every agent to go elsewhere within ``retry_ms``; stop new ones.
 
+        Open tunnels keep running: h2 allows no stream traffic after a
+        GOAWAY, so GOAWAY waits for :meth:`close_all`.
+        """
         self.draining = True
-        for conn in list(self.connections):
+        for agent in self.registry.agents():
+            agent.draining = True
+        conns = list(self.connections)
+        for conn in conns:
             try:
                 conn.send_message(Drain(retry_ms=retry_ms))
-            except Exception as exc:
+            except (TunnelClosed, ProtocolError) as exc:
                 log.debug("drain to %s not sent: %s", conn.name, exc)
-            conn.goaway("broker draining")
+        await self._flush(conns)
+
+    async def close_all(self) -> None:
+        """GOAWAY to every agent, flushed (bounded), before the process exits."""
+        conns = list(self.connections)
+        for conn in conns:
+            conn.goaway("broker shutting down")
+        await self._flush(conns)
+
+    @staticmethod
+    async def _flush(conns: list[TunnelConnection]) -> None:
+        async with trio.open_nursery() as nursery:
+            for conn in conns:
+                nursery.start_soon(conn.flush)
 
 
 def _cause(conn: TunnelConnection) -> str:

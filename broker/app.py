@@ -180,11 +180,12 @@ class Broker:
     async def shutdown(self) -> None:
         """Drain: no new frontend work, agents told to move, tunnels finish."""
         self.stopping = True
-        self.agent_server.drain(int(self.cfg.drain_retry * 1000))
+        await self.agent_server.drain(int(self.cfg.drain_retry * 1000))
         with trio.move_on_after(self.cfg.drain_timeout):
             await self._tunnels_idle.wait()
         if self._tunnels:
             log.warning("drain timeout: closing %d open tunnel(s)", self._tunnels)
+        await self.agent_server.close_all()
         log.info("broker stopped")
 
 

@@ -199,7 +199,7 @@ class Agent:
                 with trio.move_on_after(self.cfg.drain_timeout):
                     await self._idle.wait()
             link.conn.goaway("agent shutting down")
-            await trio.sleep(0.05)  # let the writer flush GOAWAY
+            await link.conn.flush()
         loop_scope.cancel()
         log.info("agent stopped")
 

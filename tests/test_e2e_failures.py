@@ -64,21 +64,22 @@ async def test_slow_consumer_does_not_starve_others(
 ) -> None:
     broker, _agent = tunnel_env
     stalled_port = await serve_source(nursery, GiB)
-    fast_size = 64 << 20
+    fast_size = 32 << 20
     fast_port = await serve_source(nursery, 1 << 40)
-    # Warm up, then the solo baseline (best of two, to tame a noisy machine).
-    await timed_download(broker, fast_port, 8 << 20)
-    solo = max([await timed_download(broker, fast_port, fast_size) for _ in range(2)])
+    await timed_download(broker, fast_port, 8 << 20)  # warm-up
     rss_before = broker.proc.rss_kib()
-
-    # A tunnel whose client never reads while its target offers 1 GiB.
-    stalled = await connect_tunnel(broker, f"127.0.0.1:{stalled_port}", via="uds")
-    assert stalled.status == 200
-    await trio.sleep(1.0)  # let every window and socket buffer on the path fill
-    shared = max([await timed_download(broker, fast_port, fast_size) for _ in range(2)])
-    rss_growth_mib = (broker.proc.rss_kib() - rss_before) / 1024
-    await stalled.aclose()
-
+    solo_runs, shared_runs, growth = [], [], []
+    # Interleave solo and shared rounds so machine noise hits both alike.
+    for _ in range(5):
+        solo_runs.append(await timed_download(broker, fast_port, fast_size))
+        # A tunnel whose client never reads while its target offers 1 GiB.
+        stalled = await connect_tunnel(broker, f"127.0.0.1:{stalled_port}", via="uds")
+        assert stalled.status == 200
+        await trio.sleep(0.5)  # let every window and socket buffer on the path fill
+        shared_runs.append(await timed_download(broker, fast_port, fast_size))
+        growth.append((broker.proc.rss_kib() - rss_before) / 1024)
+        await stalled.aclose()
+    solo, shared, rss_growth_mib = max(solo_runs), max(shared_runs), max(growth)
     ratio = shared / solo
     print(
         f"solo {solo / 1e6:.0f} MB/s, beside a stalled tunnel {shared / 1e6:.0f} MB/s "
@@ -149,7 +150,7 @@ async def test_broker_restart_agent_reconnects_with_backoff(
     agent = agent_factory(broker)
     await broker.ready(agents=1)
     echo_port = await serve_echo(nursery)
-    broker.proc.stop()
+    await trio.to_thread.run_sync(broker.proc.stop)
     await trio.sleep(2.0)  # a few failed attempts while the broker is away
     # Same ports, fresh process.
     from procs import Proc as P
@@ -164,7 +165,9 @@ async def test_broker_restart_agent_reconnects_with_backoff(
         assert await tunnel.receive_some() == b"back"
         await tunnel.aclose()
     finally:
-        restarted.stop()
+        # In a thread: the echo target lives in this event loop and must keep
+        # serving while the broker drains.
+        await trio.to_thread.run_sync(restarted.stop)
     log = agent.log()
     assert "disconnected from broker" in log
     assert "reconnecting in" in log and "attempt 2" in log, log[-2000:]

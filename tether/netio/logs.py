@@ -34,3 +34,6 @@ def setup_logging(fmt: str, level: str) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    # h2 and hpack log every frame and header at DEBUG: far too much to be useful.
+    for noisy in ("h2", "hpack"):
+        logging.getLogger(noisy).setLevel(max(logging.INFO, root.level))

@@ -235,13 +235,21 @@ class TunnelConnection:
             self._cancel.cancel()
 
     def goaway(self, reason: str = "shutdown") -> None:
-        """Graceful close: GOAWAY; open streams may finish."""
+        """Send GOAWAY. Graceful draining happens before, with ``drain``
+        messages: h2 4.x allows no stream traffic after a GOAWAY."""
         self.session.close(0, reason)
         self.wake_writer()
 
     def check_open(self) -> None:
         if self.closed_reason is not None:
             raise TunnelClosed(self.closed_reason)
+
+    async def flush(self, timeout: float = 1.0) -> None:
+        """Wait (bounded) until everything queued so far reached the socket."""
+        with trio.move_on_after(timeout):
+            while self.closed_reason is None and (self._want_write.is_set() or self._pending_out):
+                self._flushed = trio.Event()
+                await self._flushed.wait()
 
     def wake_writer(self) -> None:
         self._want_write.set()
@@ -292,7 +300,8 @@ class TunnelConnection:
                 self.wake_writer()
             for ev in events:
                 self._dispatch(ev)
-                if isinstance(ev, session.ConnectionClosed) and not self.streams:
+                if isinstance(ev, session.ConnectionClosed):
+                    # h2 allows no stream traffic after GOAWAY: this is the end.
                     return
 
     def _dispatch(self, ev: session.Event) -> None:
@@ -339,6 +348,7 @@ class TunnelConnection:
             self._want_write = trio.Event()
             data = self.session.data_to_send()
             if not data:
+                self._flushed.set()
                 continue
             self._pending_out += len(data)
             self._write_interrupted = True
