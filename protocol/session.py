@@ -346,6 +346,10 @@ class TunnelSession:
         """Broker: pair the stream with its pending dial (``:status 200``)."""
         self._require(Role.BROKER)
         if stream_id not in self._streams:
+            if stream_id % 2 and stream_id <= self._h2.highest_inbound_stream_id:
+                # The agent reset it in the same read as its request; the
+                # StreamReset event right after DataStreamRequested says so.
+                return
             raise SessionError(f"no data stream {stream_id}")
         self._h2.send_headers(stream_id, [(":status", "200"), ("content-type", CONTENT_TYPE)])
 

@@ -381,6 +381,25 @@ def test_broker_cannot_accept_unknown_stream(link: Link) -> None:
         link.broker.accept_data_stream(99)
 
 
+def test_accepting_a_stream_reset_in_the_same_read_is_harmless(link: Link) -> None:
+    """Regression: the agent opens a stream and resets it at once (a cancel
+    race); the broker sees the request and the reset in one read, and its
+    owner, reacting to DataStreamRequested, accepted a stream the session had
+    already dropped: SessionError, which took the whole connection down."""
+    sid = link.agent.open_data_stream(5, AUTHORITY)
+    link.agent.reset_stream(sid)
+    evs = link.broker.receive_data(link.agent.data_to_send())
+    assert [e for e in evs if not isinstance(e, WindowOpened)] == [
+        DataStreamRequested(sid, 5),
+        StreamReset(sid, CANCEL, remote=True),
+    ]
+    link.broker.accept_data_stream(sid)  # no-op, no exception
+    link.pump()
+    assert link.broker.open_data_streams == 0 and not link.broker.closed
+    other = link.open_stream(6)
+    assert link.transfer(link.agent, other, b"fine") == b"fine"
+
+
 def test_open_data_stream_needs_accepted_control() -> None:
     lk = Link()
     with pytest.raises(SessionError):

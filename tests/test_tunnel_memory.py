@@ -324,6 +324,24 @@ async def test_reset_and_close_reach_the_peer() -> None:
         assert info.value.close == messages.Close(CloseCode.ERROR, "target exploded")
 
 
+async def test_stream_reset_right_after_opening_does_not_kill_the_connection() -> None:
+    """Regression: request and RST_STREAM in one read made the broker handler's
+    accept_data_stream raise, and TunnelConnection.run died with it."""
+    async with tunnel() as t:
+        sid = t.agent.session.open_data_stream(1, AUTHORITY)
+        ts = t.agent.add_stream(sid, 1)
+        ts.reset()  # same write as the request
+        with trio.fail_after(5):
+            peer = await t.broker_handler.streams.receive()
+            with pytest.raises(StreamAborted):
+                await peer.receive()
+        assert t.broker.closed_reason is None and t.broker.streams == {}
+        a, b = await t.open_stream(2)
+        await a.send_all(b"still fine")
+        chunk = await b.receive()
+        assert chunk is not None and chunk.data == b"still fine"
+
+
 # ------------------------------------------------------------------ keepalive
 
 
