@@ -10,10 +10,10 @@ import trio
 
 from broker.agent_conn import AgentConnection, ServerInfo
 from broker.registry import Registry
-from protocol.session import Role, SessionConfig, TunnelSession
-from tether.netio.tls import peer_identity
 from protocol.errors import ProtocolError
 from protocol.messages import Drain
+from protocol.session import Role, SessionConfig, TunnelSession
+from tether.netio.tls import peer_identity
 from tether.netio.tunnel import Keepalive, TunnelClosed, TunnelConnection
 
 log = logging.getLogger("tether.broker")
