@@ -10,6 +10,7 @@ import trio
 
 from edge_agent.config import AgentConfig
 from edge_agent.dialer import DialFailed, dial_target
+from edge_agent.policy import Policy
 from protocol import messages, session
 from protocol.backoff import Backoff
 from protocol.codes import DialFailCode
@@ -86,7 +87,7 @@ class BrokerLink:
                     self._fail(msg.id, DialFailCode.ERROR, f"unsupported protocol {msg.proto!r}")
                     return
                 try:
-                    target = await dial_target(msg.addr, msg.timeout_ms / 1000)
+                    target = await dial_target(msg.addr, msg.timeout_ms / 1000, self.agent.policy)
                 except DialFailed as exc:
                     self._fail(msg.id, exc.code, exc.msg)
                     return
@@ -114,6 +115,14 @@ class BrokerLink:
 
 
 class Agent:
+    """Keeps connections to ``server-count`` distinct broker replicas.
+
+    The agent dials one address (a load balancer or DNS name). Each accepted
+    connection tells the broker's server id and the replica count; the agent
+    keeps dialing until it holds one connection per replica, closes
+    duplicates, and re-syncs when a replica goes away or the count changes.
+    """
+
     def __init__(self, cfg: AgentConfig) -> None:
         self.cfg = cfg
         self.authority = f"{cfg.proxy_server_host}:{cfg.proxy_server_port}"
@@ -123,33 +132,52 @@ class Agent:
         self.session_config = SessionConfig(
             stream_window=cfg.stream_window, connection_window=cfg.connection_window
         )
+        self.policy = Policy.parse(cfg.allow)
         self.backoff = Backoff(cfg.sync_interval, cfg.sync_interval_cap, cfg.stable_after)
-        self.link: BrokerLink | None = None
+        #: Accepted connections by broker server id.
+        self.links: dict[str, BrokerLink] = {}
+        self.server_count = 1
         self.stopping = False
         self.active_streams = 0
         self._idle = trio.Event()
-        self.on_ready: Callable[[bool], None] | None = None
+        self._links_changed = trio.Event()
+        self._lost: list[str] = []
+        self.ever_connected = trio.Event()
+
+    # -------------------------------------------------------------- state
 
     @property
     def ready(self) -> bool:
-        link = self.link
-        return link is not None and link.accepted.is_set() and not self.stopping
+        return bool(self.links) and not self.stopping
+
+    def readiness(self) -> tuple[int, str]:
+        have, want = len(self.links), self.server_count
+        if self.stopping:
+            return 503, "draining"
+        if not have:
+            return 503, f"not connected to a broker (0/{want})"
+        ids = ",".join(sorted(self.links))
+        scope = "all" if have >= want else "some"
+        return 200, f"connected to {scope} brokers ({have}/{want}): {ids}"
 
     def streams_changed(self) -> None:
         if self.active_streams == 0:
             self._idle.set()
+
+    def _changed(self) -> None:
+        self._links_changed.set()
+        self._links_changed = trio.Event()
 
     def routes(self) -> dict[str, Callable[[], tuple[int, str, bytes]]]:
         def healthz() -> tuple[int, str, bytes]:
             return text(200, "ok")
 
         def readyz() -> tuple[int, str, bytes]:
-            if self.ready:
-                assert self.link is not None
-                return text(200, f"connected to broker {self.link.server_id}")
-            return text(503, "not connected to a broker")
+            return text(*self.readiness())
 
         return {"/healthz": healthz, "/readyz": readyz}
+
+    # ---------------------------------------------------------------- run
 
     async def run(
         self, *, task_status: trio.TaskStatus[dict[str, int]] = trio.TASK_STATUS_IGNORED
@@ -181,51 +209,69 @@ class Agent:
                 return
 
     async def drain(self, loop_scope: trio.CancelScope) -> None:
-        """Tell the broker, let open tunnels finish, then stop."""
+        """Tell every broker, let open tunnels finish, then stop."""
         self.stopping = True
-        link = self.link
-        if link is not None and link.conn is not None and link.accepted.is_set():
+        links = [link for link in self.links.values() if link.conn is not None]
+        for link in links:
             try:
+                assert link.conn is not None
                 link.conn.send_message(messages.Drain())
             except (TunnelClosed, ProtocolError):
                 pass
-            if self.active_streams:
-                log.info(
-                    "waiting up to %gs for %d open tunnel(s)",
-                    self.cfg.drain_timeout,
-                    self.active_streams,
-                )
-                self._idle = trio.Event()
-                with trio.move_on_after(self.cfg.drain_timeout):
-                    await self._idle.wait()
+        if self.active_streams:
+            log.info(
+                "waiting up to %gs for %d open tunnel(s)",
+                self.cfg.drain_timeout,
+                self.active_streams,
+            )
+            self._idle = trio.Event()
+            with trio.move_on_after(self.cfg.drain_timeout):
+                await self._idle.wait()
+        for link in links:
+            assert link.conn is not None
             link.conn.goaway("agent shutting down")
             await link.conn.flush()
         loop_scope.cancel()
         log.info("agent stopped")
 
-    # ------------------------------------------------------------ connection
+    # ------------------------------------------------------------ connections
 
     async def _connection_loop(self) -> None:
-        while True:
-            started = trio.current_time()
-            cause = await self._connect_once()
-            if self.stopping:
-                return
-            healthy_for = trio.current_time() - started
-            self.backoff.connected_for(healthy_for)
-            ceiling = self.backoff.ceiling()
-            delay = self.backoff.next_delay()
-            log.info(
-                "reconnecting in %.2fs (attempt %d, backoff ceiling %.1fs, cause: %s)",
-                delay,
-                self.backoff.attempt,
-                ceiling,
-                cause,
-            )
-            await trio.sleep(delay)
+        async with trio.open_nursery() as links_nursery:
+            while True:
+                if self._lost:
+                    # A working link died: back off before dialing again, so
+                    # a broker that accepts and drops cannot make us spin.
+                    await self._back_off(self._lost.pop(), None)
+                    continue
+                if self.links and len(self.links) >= self.server_count:
+                    await self._links_changed.wait()
+                    continue
+                started = trio.current_time()
+                outcome = await links_nursery.start(self._run_link)
+                if outcome == "connected":
+                    continue  # maybe more replicas to reach; no delay
+                if outcome == "duplicate":
+                    # The balancer sent us to a replica we already hold.
+                    await trio.sleep(self.backoff.rng.uniform(0, self.cfg.sync_interval))
+                    continue
+                await self._back_off(outcome, trio.current_time() - started)
 
-    async def _connect_once(self) -> str:
-        """One connection's life; returns why it ended."""
+    async def _back_off(self, cause: str, healthy_for: float | None) -> None:
+        if healthy_for is not None:
+            self.backoff.connected_for(healthy_for)
+        ceiling = self.backoff.ceiling()
+        delay = self.backoff.next_delay()
+        log.info(
+            "reconnecting in %.2fs (attempt %d, backoff ceiling %.1fs, cause: %s)",
+            delay,
+            self.backoff.attempt,
+            ceiling,
+            cause,
+        )
+        await trio.sleep(delay)
+
+    async def _open_transport(self) -> trio.SSLStream[trio.SocketStream] | str:
         cfg = self.cfg
         try:
             with trio.fail_after(cfg.connect_timeout):
@@ -250,7 +296,17 @@ class Agent:
         if stream.selected_alpn_protocol() != "h2":
             await trio.aclose_forcefully(stream)
             return "broker did not negotiate h2"
+        return stream
 
+    async def _run_link(self, *, task_status: trio.TaskStatus[str]) -> None:
+        """One connection's life. Reports "connected", "duplicate" or a
+        failure cause through ``task_status`` as soon as that is known; a
+        connected link then keeps running until it ends."""
+        cfg = self.cfg
+        stream = await self._open_transport()
+        if isinstance(stream, str):
+            task_status.started(stream)
+            return
         sess = TunnelSession(Role.AGENT, self.session_config)
         sess.initiate()
         headers = {
@@ -260,6 +316,8 @@ class Agent:
         if cfg.cluster:
             headers["tether-cluster"] = cfg.cluster
         sess.open_control(headers, self.authority)
+        reported = False
+        started_at = trio.current_time()
         async with trio.open_nursery() as nursery:
             link = BrokerLink(self, nursery)
             conn = TunnelConnection(
@@ -270,11 +328,59 @@ class Agent:
                 name="broker",
             )
             link.conn = conn
-            self.link = link
-            nursery.start_soon(self._await_accept, link, conn)
+
+            async def handshake() -> None:
+                nonlocal reported
+                with trio.move_on_after(cfg.connect_timeout):
+                    await link.accepted.wait()
+                if not link.accepted.is_set():
+                    conn.abort("control stream not accepted in time")
+                    return
+                outcome = self._register(link)
+                reported = True
+                task_status.started(outcome)
+                if outcome == "duplicate":
+                    conn.goaway("duplicate connection")
+                    await conn.flush()
+                    conn.abort(f"duplicate connection to broker {link.server_id}")
+
+            nursery.start_soon(handshake)
             await conn.run()
             nursery.cancel_scope.cancel()
-        self.link = None
+        was_registered = self.links.get(link.server_id) is link
+        if was_registered:
+            del self.links[link.server_id]
+            self._changed()
+        cause = self._link_ended(link, conn)
+        if not reported:
+            task_status.started(cause)
+        elif was_registered and not self.stopping:
+            # A working link died: the loop reconnects after a backoff.
+            self.backoff.connected_for(trio.current_time() - started_at)
+            if link.drain_hint is not None:
+                self.backoff.drain_hint(link.drain_hint)
+            self._lost.append(cause)
+            self._changed()
+
+    def _register(self, link: BrokerLink) -> str:
+        if link.server_id in self.links:
+            log.info("already connected to broker %s; closing the duplicate", link.server_id)
+            return "duplicate"
+        if link.server_count != self.server_count:
+            log.info("broker reports %d replica(s) (was %d)", link.server_count, self.server_count)
+            self.server_count = link.server_count
+        self.links[link.server_id] = link
+        self.ever_connected.set()
+        self._changed()
+        log.info(
+            "connected to broker %s (%d/%d replicas)",
+            link.server_id,
+            len(self.links),
+            self.server_count,
+        )
+        return "connected"
+
+    def _link_ended(self, link: BrokerLink, conn: TunnelConnection) -> str:
         if isinstance(conn.protocol_error, HandshakeRejected):
             err = conn.protocol_error
             log.error("broker rejected this agent (%d): %s", err.status, err.error)
@@ -283,13 +389,6 @@ class Agent:
         if link.drain_hint is not None:
             self.backoff.drain_hint(link.drain_hint)
         reason = conn.closed_reason or "closed"
-        if link.accepted.is_set():
+        if link.accepted.is_set() and not reason.startswith("duplicate"):
             log.warning("disconnected from broker %s: %s", link.server_id, reason)
         return reason
-
-    async def _await_accept(self, link: BrokerLink, conn: TunnelConnection) -> None:
-        with trio.move_on_after(self.cfg.connect_timeout):
-            await link.accepted.wait()
-            log.info("connected to broker %s (server count %d)", link.server_id, link.server_count)
-            return
-        conn.abort("control stream not accepted in time")

@@ -7,6 +7,7 @@ import argparse
 
 import attrs
 
+from edge_agent.policy import Policy
 from protocol.identifiers import AgentIdentifiers
 
 
@@ -29,6 +30,7 @@ class AgentConfig:
     keepalive_timeout: float = 15.0
     connect_timeout: float = 10.0
     drain_timeout: float = 10.0
+    allow: str = ""
     stream_window: int = 1024 * 1024
     connection_window: int = 16 * 1024 * 1024
     log_format: str = "text"
@@ -113,6 +115,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=d.connection_window,
         help="HTTP/2 connection window (bytes)",
     )
+    b.add_argument(
+        "--allow",
+        default=d.allow,
+        help="destination allowlist, CIDR:PORT entries (PORT may be *), e.g. "
+        "10.0.0.0/8:10250,0.0.0.0/0:443; empty allows every destination",
+    )
     o = p.add_argument_group("operations")
     o.add_argument("--health-server-bind-address", default=d.health_server_bind_address)
     o.add_argument(
@@ -143,6 +151,10 @@ def from_args(argv: list[str] | None) -> AgentConfig:
         problems.append("--ca-cert, --agent-cert and --agent-key are required")
     if cfg.sync_interval_cap < cfg.sync_interval:
         problems.append("--sync-interval-cap must be >= --sync-interval")
+    try:
+        Policy.parse(cfg.allow)
+    except ValueError as exc:
+        problems.append(f"--allow: {exc}")
     try:
         AgentIdentifiers.parse(cfg.agent_identifiers)
     except ValueError as exc:

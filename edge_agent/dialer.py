@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import errno
+import ipaddress
 import socket
 
 import trio
 
+from edge_agent.policy import Policy
 from protocol.codes import DialFailCode
 from protocol.messages import split_host_port
 
@@ -48,12 +50,31 @@ def classify(exc: OSError) -> DialFailed:
     return DialFailed(DialFailCode.ERROR, detail or str(exc))
 
 
-async def dial_target(addr: str, timeout: float) -> trio.SocketStream:
+async def _allowed_address(host: str, port: int, policy: Policy) -> str:
+    """Resolve ``host`` and check every address, so a name cannot smuggle a
+    dial past the policy; return the address to connect to."""
+    try:
+        infos = await trio.socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        raise classify(exc) from None
+    addrs = [ipaddress.ip_address(str(info[4][0]).split("%", 1)[0]) for info in infos]
+    for ip in addrs:
+        if not policy.allows(ip, port):
+            raise DialFailed(
+                DialFailCode.FORBIDDEN, f"destination {ip}:{port} is not in the agent's allowlist"
+            )
+    if not addrs:
+        raise DialFailed(DialFailCode.DNS, f"{host} has no addresses")
+    return str(addrs[0])
+
+
+async def dial_target(addr: str, timeout: float, policy: Policy | None = None) -> trio.SocketStream:
     """Open a TCP connection to ``host:port`` within ``timeout`` seconds."""
     host, port = split_host_port(addr)
-    host = host.strip("[]")
     try:
         with trio.fail_after(timeout):
+            if policy is not None and not policy.open:
+                host = await _allowed_address(host, port, policy)
             return await trio.open_tcp_stream(host, port)
     except trio.TooSlowError:
         raise DialFailed(
