@@ -13,6 +13,7 @@ from broker.agent_conn import ServerInfo
 from broker.agent_server import AgentServer
 from broker.config import BrokerConfig
 from broker.connect_frontend import ConnectSettings, handle_connect
+from broker.grpc_frontend import GrpcFrontend, GrpcSettings
 from broker.metrics import BrokerMetrics
 from broker.registry import Registry
 from protocol.session import SessionConfig
@@ -46,6 +47,16 @@ class Broker:
             )
             if cfg.server_port
             else None
+        )
+        self.grpc_frontend = GrpcFrontend(
+            self.registry,
+            self.metrics,
+            GrpcSettings(
+                cluster=cfg.cluster_name,
+                dial_timeout=cfg.backend_dial_timeout,
+                handshake_timeout=cfg.frontend_header_timeout,
+                max_message_size=cfg.max_grpc_message_size,
+            ),
         )
         self._frontend_limit = trio.CapacityLimiter(cfg.max_frontend_connections)
         self._tunnels = 0
@@ -98,7 +109,10 @@ class Broker:
                     if tls_stream is None:
                         return
                     stream = tls_stream
-                await handle_connect(stream, self.registry, self.metrics, settings)
+                if frontend == "grpc":
+                    await self.grpc_frontend.handle(stream)
+                else:
+                    await handle_connect(stream, self.registry, self.metrics, settings)
             except Exception:
                 log.exception("frontend handler failed")
             finally:
@@ -135,10 +149,9 @@ class Broker:
             ports["agent"] = listener_port(agent_l)
             nursery.start_soon(_serve, agent_l, self.agent_server.handle)
             if cfg.uds_name:
-                if cfg.mode != "http-connect":
-                    raise SystemExit(f"--mode {cfg.mode} is not supported by this build")
                 uds_l = open_unix_listener(cfg.uds_name)
-                nursery.start_soon(_serve, uds_l, self._frontend_handler("uds"))
+                frontend = "grpc" if cfg.mode == "grpc" else "uds"
+                nursery.start_soon(_serve, uds_l, self._frontend_handler(frontend))
             if cfg.server_port:
                 tcp_l = await open_tcp_listener(cfg.server_bind_address, cfg.server_port)
                 ports["server"] = listener_port(tcp_l)
@@ -180,6 +193,7 @@ class Broker:
     async def shutdown(self) -> None:
         """Drain: no new frontend work, agents told to move, tunnels finish."""
         self.stopping = True
+        self.grpc_frontend.drain()
         await self.agent_server.drain(int(self.cfg.drain_retry * 1000))
         with trio.move_on_after(self.cfg.drain_timeout):
             await self._tunnels_idle.wait()

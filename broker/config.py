@@ -39,6 +39,7 @@ class BrokerConfig:
     stream_window: int = 1024 * 1024
     connection_window: int = 16 * 1024 * 1024
     max_frontend_connections: int = 10_000
+    max_grpc_message_size: int = 4 * 1024 * 1024
     drain_timeout: float = 10.0
     drain_retry: float = 5.0
     log_format: str = "text"
@@ -95,6 +96,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--server-ca-cert",
         default=d.server_ca_cert,
         help="CA that frontend client certificates must chain to",
+    )
+    fe.add_argument(
+        "--max-grpc-message-size",
+        type=int,
+        default=d.max_grpc_message_size,
+        help="largest gRPC message (bytes) a --mode grpc client may send; "
+        "grpc-go's default, as in konnectivity-server",
     )
     ag = p.add_argument_group("agents")
     ag.add_argument(
@@ -225,6 +233,8 @@ def validate(cfg: BrokerConfig) -> list[str]:
         )
     if not cfg.uds_name and not cfg.server_port:
         problems.append("no frontend: give --uds-name and/or a nonzero --server-port")
+    if cfg.max_grpc_message_size < 1024:
+        problems.append("--max-grpc-message-size must be at least 1024")
     if cfg.server_count < 1:
         problems.append("--server-count must be at least 1")
     if cfg.stream_window < 65536 or cfg.connection_window < cfg.stream_window:
