@@ -10,27 +10,20 @@ import attrs
 import h2.errors
 import trio
 
+from broker.auth import Authenticator, AuthError
 from broker.dialing import DialError, DialOutcome
 from protocol import messages, session
 from protocol.identifiers import AgentIdentifiers
-from tether.netio.tls import PeerIdentity
 from tether.netio.tunnel import TunnelClosed, TunnelConnection, TunnelStream
 
 if TYPE_CHECKING:
     from broker.registry import Registry
-
-_NAME_OK = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
-
-
-def valid_name(name: str) -> bool:
-    return 0 < len(name) <= 63 and name[0].isalnum() and set(name) <= _NAME_OK
 
 
 @attrs.frozen
 class ServerInfo:
     server_id: str
     server_count: int
-    default_cluster: str = "default"
 
 
 log = logging.getLogger("tether.broker")
@@ -52,13 +45,15 @@ class AgentConnection:
         self,
         registry: Registry,
         server: ServerInfo,
-        peer: PeerIdentity | None,
+        authenticator: Authenticator,
+        peer_der: bytes | None,
         remote: str,
     ) -> None:
         self.registry = registry
         self.metrics = registry.metrics
         self.server = server
-        self.peer = peer
+        self.authenticator = authenticator
+        self.peer_der = peer_der
         self.remote = remote
         self.agent_id = ""
         self.cluster = ""
@@ -170,34 +165,15 @@ class AgentConnection:
         self.settled.set()
 
     def _authenticate(self, headers: dict[str, str]) -> tuple[int, str]:
-        agent_id = headers.get("tether-agent-id", "")
-        cluster = headers.get("tether-cluster", "")
-        if not valid_name(agent_id):
-            return 403, "bad_agent_id: missing or invalid tether-agent-id header"
-        if cluster and not valid_name(cluster):
-            return 403, "bad_cluster: invalid tether-cluster header"
-        if self.peer is None:
-            return 401, "unauthenticated: no client certificate"
-        if self.peer.common_name != agent_id:
-            return 403, (
-                f"identity_mismatch: certificate names agent {self.peer.common_name!r}, "
-                f"header claims {agent_id!r}"
-            )
-        # The trust anchor that verified the certificate decides the cluster;
-        # neither the certificate nor the header may claim another one.
-        expected = self.server.default_cluster
-        for source, claimed in (("certificate", self.peer.organization), ("header", cluster)):
-            if claimed and claimed != expected:
-                return 403, (
-                    f"identity_mismatch: {source} names cluster {claimed!r}, "
-                    f"this broker serves {expected!r}"
-                )
         try:
+            identity = self.authenticator.authenticate(self.peer_der, headers)
             self.identifiers = AgentIdentifiers.parse(headers.get("tether-agent-identifiers", ""))
+        except AuthError as exc:
+            return exc.status, str(exc)
         except ValueError as exc:
             return 403, f"bad_identifiers: {exc}"
-        self.agent_id = agent_id
-        self.cluster = expected
+        self.agent_id = identity.agent_id
+        self.cluster = identity.cluster
         return 200, ""
 
     def on_control_accepted(self, ev: session.ControlAccepted) -> None:

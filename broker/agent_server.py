@@ -9,11 +9,11 @@ import ssl
 import trio
 
 from broker.agent_conn import AgentConnection, ServerInfo
+from broker.auth import Authenticator
 from broker.registry import Registry
 from protocol.errors import ProtocolError
 from protocol.messages import Drain
 from protocol.session import Role, SessionConfig, TunnelSession
-from tether.netio.tls import peer_identity
 from tether.netio.tunnel import Keepalive, TunnelClosed, TunnelConnection
 
 log = logging.getLogger("tether.broker")
@@ -24,6 +24,7 @@ class AgentServer:
         self,
         registry: Registry,
         server: ServerInfo,
+        authenticator: Authenticator,
         ssl_context: ssl.SSLContext,
         session_config: SessionConfig,
         keepalive: Keepalive,
@@ -32,6 +33,7 @@ class AgentServer:
         self.registry = registry
         self.metrics = registry.metrics
         self.server = server
+        self.authenticator = authenticator
         self.ssl_context = ssl_context
         self.session_config = session_config
         self.keepalive = keepalive
@@ -76,7 +78,11 @@ class AgentServer:
             await trio.aclose_forcefully(tls)
             return
         agent = AgentConnection(
-            self.registry, self.server, peer_identity(tls.getpeercert()), remote
+            self.registry,
+            self.server,
+            self.authenticator,
+            tls.getpeercert(binary_form=True),
+            remote,
         )
         sess = TunnelSession(Role.BROKER, self.session_config)
         sess.initiate()

@@ -11,6 +11,8 @@ import trio
 
 from broker.agent_conn import ServerInfo
 from broker.agent_server import AgentServer
+from broker.auth import Authenticator, TokenStore
+from broker.clusters import ClusterConfig, load_clusters
 from broker.config import BrokerConfig
 from broker.connect_frontend import ConnectSettings, handle_connect
 from broker.grpc_frontend import GrpcFrontend, GrpcSettings
@@ -32,11 +34,22 @@ class Broker:
         self.cfg = cfg
         self.metrics = BrokerMetrics()
         self.registry = Registry(self.metrics, cfg.proxy_strategies)
-        self.server = ServerInfo(cfg.server_id, cfg.server_count, cfg.cluster_name)
+        self.server = ServerInfo(cfg.server_id, cfg.server_count)
+        self.clusters = clusters_from(cfg)
+        self.authenticator = Authenticator(
+            self.clusters, TokenStore(cfg.agent_token_file) if cfg.agent_token_file else None
+        )
         self.agent_server = AgentServer(
             self.registry,
             self.server,
-            tls.server_context(cfg.cluster_cert, cfg.cluster_key, cfg.cluster_ca_cert, alpn=["h2"]),
+            self.authenticator,
+            tls.server_context(
+                cfg.cluster_cert,
+                cfg.cluster_key,
+                self.authenticator.ca_files,
+                alpn=["h2"],
+                optional=self.authenticator.allows_tokens,
+            ),
             SessionConfig(stream_window=cfg.stream_window, connection_window=cfg.connection_window),
             Keepalive(cfg.keepalive_time, cfg.keepalive_timeout),
             cfg.handshake_timeout,
@@ -48,16 +61,20 @@ class Broker:
             if cfg.server_port
             else None
         )
-        self.grpc_frontend = GrpcFrontend(
-            self.registry,
-            self.metrics,
-            GrpcSettings(
-                cluster=cfg.cluster_name,
-                dial_timeout=cfg.backend_dial_timeout,
-                handshake_timeout=cfg.frontend_header_timeout,
-                max_message_size=cfg.max_grpc_message_size,
-            ),
-        )
+        self.grpc_frontends = {
+            c.name: GrpcFrontend(
+                self.registry,
+                self.metrics,
+                GrpcSettings(
+                    cluster=c.name,
+                    dial_timeout=cfg.backend_dial_timeout,
+                    handshake_timeout=cfg.frontend_header_timeout,
+                    max_message_size=cfg.max_grpc_message_size,
+                ),
+            )
+            for c in self.clusters
+            if c.frontend_uds and c.frontend_mode == "grpc"
+        }
         self._frontend_limit = trio.CapacityLimiter(cfg.max_frontend_connections)
         self._tunnels = 0
         self._tunnels_idle = trio.Event()
@@ -83,13 +100,27 @@ class Broker:
 
     # ---------------------------------------------------------- frontends
 
-    def _frontend_handler(self, frontend: str) -> Handler:
-        settings = ConnectSettings(
-            cluster=self.cfg.cluster_name,
+    def _connect_settings(self, cluster: str, frontend: str) -> ConnectSettings:
+        return ConnectSettings(
+            cluster=cluster,
             dial_timeout=self.cfg.backend_dial_timeout,
             header_timeout=self.cfg.frontend_header_timeout,
             frontend=frontend,
         )
+
+    def _tcp_frontend_cluster(self, tls_stream: trio.SSLStream[trio.abc.Stream]) -> str | None:
+        """The TCP frontend serves every cluster: the client certificate's
+        ``O`` names which one (single-cluster brokers accept any)."""
+        peer = tls.peer_identity(tls_stream.getpeercert())
+        org = peer.organization if peer else None
+        names = {c.name for c in self.clusters}
+        if org in names:
+            return org
+        if not self.cfg.config and len(names) == 1:
+            return next(iter(names))
+        return None
+
+    def _frontend_handler(self, frontend: str, cluster: str = "") -> Handler:
 
         async def handle(stream: trio.abc.Stream) -> None:
             if self.stopping:
@@ -104,14 +135,23 @@ class Broker:
             self._tunnels += 1
             self._tunnels_idle = trio.Event()
             try:
+                target_cluster = cluster
                 if self.frontend_tls is not None and frontend == "tcp":
                     tls_stream = await self._tls_accept(stream)
                     if tls_stream is None:
                         return
                     stream = tls_stream
+                    found = self._tcp_frontend_cluster(tls_stream)
+                    if found is None:
+                        self.metrics.bad_input.labels("frontend", "unknown_cluster").inc()
+                        log.warning("frontend client certificate names no served cluster")
+                        await _forbidden(stream)
+                        return
+                    target_cluster = found
                 if frontend == "grpc":
-                    await self.grpc_frontend.handle(stream)
+                    await self.grpc_frontends[target_cluster].handle(stream)
                 else:
+                    settings = self._connect_settings(target_cluster, frontend)
                     await handle_connect(stream, self.registry, self.metrics, settings)
             except Exception:
                 log.exception("frontend handler failed")
@@ -148,10 +188,11 @@ class Broker:
             agent_l = await open_tcp_listener(cfg.agent_bind_address, cfg.agent_port)
             ports["agent"] = listener_port(agent_l)
             nursery.start_soon(_serve, agent_l, self.agent_server.handle)
-            if cfg.uds_name:
-                uds_l = open_unix_listener(cfg.uds_name)
-                frontend = "grpc" if cfg.mode == "grpc" else "uds"
-                nursery.start_soon(_serve, uds_l, self._frontend_handler(frontend))
+            for c in self.clusters:
+                if c.frontend_uds:
+                    uds_l = open_unix_listener(c.frontend_uds)
+                    frontend = "grpc" if c.frontend_mode == "grpc" else "uds"
+                    nursery.start_soon(_serve, uds_l, self._frontend_handler(frontend, c.name))
             if cfg.server_port:
                 tcp_l = await open_tcp_listener(cfg.server_bind_address, cfg.server_port)
                 ports["server"] = listener_port(tcp_l)
@@ -165,12 +206,12 @@ class Broker:
                 cfg.server_id,
                 ports.get("agent"),
                 ", ".join(
-                    f
-                    for f in (
-                        cfg.uds_name and f"{cfg.mode} on {cfg.uds_name}",
-                        ports.get("server") and f"CONNECT+mTLS on :{ports['server']}",
-                    )
-                    if f
+                    [
+                        f"{c.name}: {c.frontend_mode} on {c.frontend_uds}"
+                        for c in self.clusters
+                        if c.frontend_uds
+                    ]
+                    + ([f"CONNECT+mTLS on :{ports['server']}"] if "server" in ports else [])
                 ),
                 ports.get("health"),
             )
@@ -178,11 +219,12 @@ class Broker:
             await self._wait_for_signal()
             await self.shutdown()
             nursery.cancel_scope.cancel()
-        if cfg.uds_name:
-            try:
-                os.unlink(cfg.uds_name)
-            except OSError:
-                pass
+        for c in self.clusters:
+            if c.frontend_uds:
+                try:
+                    os.unlink(c.frontend_uds)
+                except OSError:
+                    pass
 
     async def _wait_for_signal(self) -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
@@ -193,7 +235,8 @@ class Broker:
     async def shutdown(self) -> None:
         """Drain: no new frontend work, agents told to move, tunnels finish."""
         self.stopping = True
-        self.grpc_frontend.drain()
+        for grpc_frontend in self.grpc_frontends.values():
+            grpc_frontend.drain()
         await self.agent_server.drain(int(self.cfg.drain_retry * 1000))
         with trio.move_on_after(self.cfg.drain_timeout):
             await self._tunnels_idle.wait()
@@ -201,6 +244,37 @@ class Broker:
             log.warning("drain timeout: closing %d open tunnel(s)", self._tunnels)
         await self.agent_server.close_all()
         log.info("broker stopped")
+
+
+def clusters_from(cfg: BrokerConfig) -> list[ClusterConfig]:
+    """The clusters this broker serves: the config file's, plus the implicit
+    cluster of the single-cluster flags when they name a trust or a frontend."""
+    clusters = load_clusters(cfg.config) if cfg.config else []
+    flags_used = bool(cfg.cluster_ca_cert or cfg.uds_name or cfg.agent_token_file)
+    if not clusters or (flags_used and cfg.cluster_name not in {c.name for c in clusters}):
+        clusters.append(
+            ClusterConfig(
+                name=cfg.cluster_name,
+                agent_ca=cfg.cluster_ca_cert,
+                token_agents=bool(cfg.agent_token_file),
+                frontend_uds=cfg.uds_name,
+                frontend_mode=cfg.mode,
+            )
+        )
+    return clusters
+
+
+async def _forbidden(stream: trio.abc.Stream) -> None:
+    body = b"client certificate names no cluster served here\n"
+    head = (
+        b"HTTP/1.1 403 Forbidden\r\ncontent-type: text/plain; charset=utf-8\r\n"
+        b"connection: close\r\ncontent-length: %d\r\n\r\n" % len(body)
+    )
+    with trio.move_on_after(5):
+        try:
+            await stream.send_all(head + body)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
 
 
 async def _serve(

@@ -6,6 +6,7 @@ import logging
 import sys
 
 from broker.app import Broker
+from broker.clusters import ConfigError
 from broker.config import from_args
 from tether.netio.logs import setup_logging
 from tether.netio.process import run_main
@@ -18,7 +19,7 @@ def main(argv: list[str] | None = None) -> int:
     log = logging.getLogger("tether.broker")
     try:
         broker = Broker(cfg)
-    except TLSConfigError as exc:
+    except (TLSConfigError, ConfigError) as exc:
         log.error("%s", exc)
         return 2
     return run_main(broker.run, log)

@@ -42,6 +42,8 @@ class BrokerConfig:
     max_grpc_message_size: int = 4 * 1024 * 1024
     drain_timeout: float = 10.0
     drain_retry: float = 5.0
+    config: str = ""
+    agent_token_file: str = ""
     log_format: str = "text"
     log_level: str = "info"
 
@@ -120,6 +122,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ag.add_argument(
         "--cluster-name", default=d.cluster_name, help="cluster served by the single-cluster flags"
+    )
+    ag.add_argument(
+        "--config",
+        default=d.config,
+        help="TOML file declaring several clusters (see docs/operations.md); the "
+        "single-cluster flags then add an implicit cluster --cluster-name",
+    )
+    ag.add_argument(
+        "--agent-token-file",
+        default=d.agent_token_file,
+        help="bearer tokens for agents: lines of 'sha256:<hex> <cluster> <agent-id glob>', "
+        "re-read when the file changes",
     )
     ag.add_argument("--server-id", default="", help="this replica's id (default: random)")
     ag.add_argument(
@@ -224,14 +238,16 @@ def from_args(argv: list[str] | None) -> BrokerConfig:
 
 def validate(cfg: BrokerConfig) -> list[str]:
     problems = []
-    if not (cfg.cluster_cert and cfg.cluster_key and cfg.cluster_ca_cert):
-        problems.append("--cluster-cert, --cluster-key and --cluster-ca-cert are required")
+    if not (cfg.cluster_cert and cfg.cluster_key):
+        problems.append("--cluster-cert and --cluster-key are required")
+    if not (cfg.cluster_ca_cert or cfg.config or cfg.agent_token_file):
+        problems.append("no agent trust: give --cluster-ca-cert, --agent-token-file or --config")
     if cfg.server_port and not (cfg.server_cert and cfg.server_key and cfg.server_ca_cert):
         problems.append(
             "the TCP frontend needs --server-cert, --server-key and --server-ca-cert "
             "(or --server-port=0 to turn it off)"
         )
-    if not cfg.uds_name and not cfg.server_port:
+    if not cfg.uds_name and not cfg.server_port and not cfg.config:
         problems.append("no frontend: give --uds-name and/or a nonzero --server-port")
     if cfg.max_grpc_message_size < 1024:
         problems.append("--max-grpc-message-size must be at least 1024")

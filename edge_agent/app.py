@@ -47,7 +47,8 @@ class BrokerLink:
     def on_control_accepted(self, ev: session.ControlAccepted) -> None:
         self.server_id = ev.headers.get("tether-server-id", "")
         count = ev.headers.get("tether-server-count", "1")
-        self.server_count = int(count) if count.isdigit() and int(count) > 0 else 1
+        ok = count.isascii() and count.isdigit() and 0 < int(count) <= 1000
+        self.server_count = int(count) if ok else 1
         self.accepted.set()
 
     def on_message(self, msg: messages.Message) -> None:
@@ -127,7 +128,7 @@ class Agent:
         self.cfg = cfg
         self.authority = f"{cfg.proxy_server_host}:{cfg.proxy_server_port}"
         self.ssl_context = tls.client_context(
-            cfg.ca_cert, cfg.agent_cert, cfg.agent_key, alpn=["h2"]
+            cfg.ca_cert, cfg.agent_cert or None, cfg.agent_key or None, alpn=["h2"]
         )
         self.session_config = SessionConfig(
             stream_window=cfg.stream_window, connection_window=cfg.connection_window
@@ -315,6 +316,13 @@ class Agent:
         }
         if cfg.cluster:
             headers["tether-cluster"] = cfg.cluster
+        if cfg.service_account_token_path:
+            token = self._read_token()
+            if token is None:
+                await trio.aclose_forcefully(stream)
+                task_status.started("token file unreadable or empty")
+                return
+            headers["authorization"] = f"Bearer {token}"
         sess.open_control(headers, self.authority)
         reported = False
         started_at = trio.current_time()
@@ -361,6 +369,16 @@ class Agent:
                 self.backoff.drain_hint(link.drain_hint)
             self._lost.append(cause)
             self._changed()
+
+    def _read_token(self) -> str | None:
+        """Read the token afresh on every connect, so a rotated token is used."""
+        try:
+            with open(self.cfg.service_account_token_path, encoding="utf-8") as f:
+                token = f.read().strip()
+        except OSError as exc:
+            log.error("cannot read token file: %s", exc)
+            return None
+        return token or None
 
     def _register(self, link: BrokerLink) -> str:
         if link.server_id in self.links:

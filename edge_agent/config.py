@@ -31,6 +31,7 @@ class AgentConfig:
     connect_timeout: float = 10.0
     drain_timeout: float = 10.0
     allow: str = ""
+    service_account_token_path: str = ""
     stream_window: int = 1024 * 1024
     connection_window: int = 16 * 1024 * 1024
     log_format: str = "text"
@@ -116,6 +117,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="HTTP/2 connection window (bytes)",
     )
     b.add_argument(
+        "--service-account-token-path",
+        default=d.service_account_token_path,
+        help="file holding a bearer token for the broker (re-read on every connect, so "
+        "rotated tokens work); with it, --agent-cert/--agent-key are optional",
+    )
+    b.add_argument(
         "--allow",
         default=d.allow,
         help="destination allowlist, CIDR:PORT entries (PORT may be *), e.g. "
@@ -147,8 +154,12 @@ def from_args(argv: list[str] | None) -> AgentConfig:
     ns = parser.parse_args(argv)
     cfg = AgentConfig(**vars(ns))
     problems = []
-    if not (cfg.ca_cert and cfg.agent_cert and cfg.agent_key):
-        problems.append("--ca-cert, --agent-cert and --agent-key are required")
+    if not cfg.ca_cert:
+        problems.append("--ca-cert is required")
+    if bool(cfg.agent_cert) != bool(cfg.agent_key):
+        problems.append("--agent-cert and --agent-key go together")
+    if not cfg.agent_cert and not cfg.service_account_token_path:
+        problems.append("give --agent-cert/--agent-key or --service-account-token-path")
     if cfg.sync_interval_cap < cfg.sync_interval:
         problems.append("--sync-interval-cap must be >= --sync-interval")
     try:

@@ -10,6 +10,12 @@ from urllib.parse import parse_qsl, urlencode
 import attrs
 
 MAX_IDENTIFIERS_LEN = 4096
+_NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
+
+
+def valid_name(name: str) -> bool:
+    """Agent ids and cluster names: ``[A-Za-z0-9][A-Za-z0-9._-]{0,62}``."""
+    return 0 < len(name) <= 63 and name[0].isalnum() and name.isascii() and set(name) <= _NAME_CHARS
 _KEYS = {"host", "ipv4", "ipv6", "cidr", "default-route"}
 
 
@@ -52,10 +58,12 @@ class AgentIdentifiers:
 
     def matches_host(self, host: str) -> bool:
         """destHost: does this agent own ``host`` (a name or an address)?"""
+        if host.lower() in self.hosts:  # konnectivity matches host= as a plain string
+            return True
         try:
             addr = ipaddress.ip_address(host.strip("[]"))
         except ValueError:
-            return host.lower() in self.hosts
+            return False
         if addr in self.ipv4 or addr in self.ipv6:
             return True
         return any(addr.version == net.version and addr in net for net in self.cidrs)

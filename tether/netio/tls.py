@@ -33,15 +33,23 @@ def _load_ca(ctx: ssl.SSLContext, ca: str | Path) -> None:
 
 
 def server_context(
-    cert: str | Path, key: str | Path, client_ca: str | Path, *, alpn: list[str] | None
+    cert: str | Path,
+    key: str | Path,
+    client_ca: str | Path | list[str],
+    *,
+    alpn: list[str] | None,
+    optional: bool = False,
 ) -> ssl.SSLContext:
-    """A server context that insists on a client certificate from ``client_ca``."""
+    """A server context that verifies client certificates against ``client_ca``
+    (one CA file or several). With ``optional`` a client may present none
+    (token login); one that is presented must still verify."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
     _load_chain(ctx, cert, key)
-    _load_ca(ctx, client_ca)
-    ctx.verify_mode = ssl.CERT_REQUIRED
+    for ca in [client_ca] if isinstance(client_ca, str | Path) else client_ca:
+        _load_ca(ctx, ca)
+    ctx.verify_mode = ssl.CERT_OPTIONAL if optional else ssl.CERT_REQUIRED
     if alpn:
         ctx.set_alpn_protocols(alpn)
     return ctx

@@ -1,0 +1,95 @@
+"""Clusters served by one broker, from the single-cluster flags or from a
+TOML file (``--config``).
+
+Every agent and every frontend belongs to exactly one cluster, and a dial
+only ever reaches agents of its frontend's cluster. Example::
+
+    [[clusters]]
+    name = "tenant-a"
+    agent_ca = "/etc/tether/tenant-a/ca.crt"     # agents: mTLS against this CA
+    frontend_uds = "/run/tether/tenant-a.sock"   # kube-apiserver of tenant-a
+    frontend_mode = "http-connect"               # or "grpc"
+
+    [[clusters]]
+    name = "tenant-b"
+    token_agents = true                          # agents: bearer tokens (--agent-token-file)
+    frontend_uds = "/run/tether/tenant-b.sock"
+
+On the TCP mTLS CONNECT frontend the client certificate's ``O`` names the
+cluster.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from protocol.identifiers import valid_name
+
+
+class ConfigError(Exception):
+    """The cluster configuration is invalid; the message names the key."""
+
+
+@attrs.frozen
+class ClusterConfig:
+    name: str
+    agent_ca: str = ""
+    token_agents: bool = False
+    frontend_uds: str = ""
+    frontend_mode: str = "http-connect"
+
+
+_KEYS = {f.name for f in attrs.fields(ClusterConfig)}
+
+
+def load_clusters(path: str) -> list[ClusterConfig]:
+    try:
+        data = tomllib.loads(Path(path).read_text())
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    raw = data.get("clusters")
+    if not isinstance(raw, list) or not raw:
+        raise ConfigError(f"{path}: needs at least one [[clusters]] table")
+    clusters = [_cluster(f"{path}: clusters[{i}]", entry) for i, entry in enumerate(raw)]
+    names = [c.name for c in clusters]
+    dupes = {n for n in names if names.count(n) > 1}
+    if dupes:
+        raise ConfigError(f"{path}: duplicate cluster name(s): {', '.join(sorted(dupes))}")
+    uds = [c.frontend_uds for c in clusters if c.frontend_uds]
+    if len(uds) != len(set(uds)):
+        raise ConfigError(f"{path}: two clusters share one frontend_uds path")
+    return clusters
+
+
+def _cluster(where: str, entry: Any) -> ClusterConfig:
+    if not isinstance(entry, dict):
+        raise ConfigError(f"{where}: must be a table")
+    unknown = set(entry) - _KEYS
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}")
+    for key, kind in (
+        ("name", str),
+        ("agent_ca", str),
+        ("frontend_uds", str),
+        ("frontend_mode", str),
+        ("token_agents", bool),
+    ):
+        if key in entry and not isinstance(entry[key], kind):
+            raise ConfigError(f"{where}.{key}: must be a {kind.__name__}")
+    name = entry.get("name", "")
+    if not valid_name(name):
+        raise ConfigError(f"{where}.name: {name!r} is not a valid cluster name")
+    cluster = ClusterConfig(**entry)
+    if cluster.frontend_mode not in ("http-connect", "grpc"):
+        raise ConfigError(f"{where}.frontend_mode: must be http-connect or grpc")
+    if not cluster.agent_ca and not cluster.token_agents:
+        raise ConfigError(f"{where}: give agent_ca and/or token_agents = true")
+    if cluster.agent_ca and not Path(cluster.agent_ca).is_file():
+        raise ConfigError(f"{where}.agent_ca: no such file {cluster.agent_ca}")
+    return cluster
