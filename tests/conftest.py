@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from procs import BrokerHandle, Proc, start_agent, start_broker
@@ -39,8 +40,8 @@ def broker_factory(
 
 @pytest.fixture
 def agent_factory(tmp_path: Path, procs_started: list[Proc]) -> Callable[..., Proc]:
-    def make(broker: BrokerHandle, *extra: str, agent_id: str = "agent-1") -> Proc:
-        proc = start_agent(tmp_path, broker, *extra, agent_id=agent_id)
+    def make(broker: BrokerHandle, *extra: str, agent_id: str = "agent-1", **kw: Any) -> Proc:
+        proc = start_agent(tmp_path, broker, *extra, agent_id=agent_id, **kw)
         procs_started.append(proc)
         return proc
 

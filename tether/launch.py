@@ -179,16 +179,26 @@ def start_broker(
 
 
 def start_agent(
-    tmp: Path, broker: BrokerHandle, *extra: str, agent_id: str = "agent-1", port: int | None = None
+    tmp: Path,
+    broker: BrokerHandle,
+    *extra: str,
+    agent_id: str = "agent-1",
+    port: int | None = None,
+    pki: PkiPaths | None = None,
+    client_cert: bool = True,
 ) -> Proc:
-    cert, key = broker.pki.agent(agent_id)
+    """Start an agent for ``broker``; its certificate comes from ``pki``
+    (default: the broker's), or none at all with ``client_cert=False``."""
+    creds: list[str] = []
+    if client_cert:
+        cert, key = (pki or broker.pki).agent(agent_id)
+        creds = [f"--agent-cert={cert}", f"--agent-key={key}"]
     argv = [
         str(BIN / "tether-agent"),
         "--proxy-server-host=127.0.0.1",
         f"--proxy-server-port={port or broker.agent_port}",
         f"--ca-cert={broker.pki.ca_cert}",
-        f"--agent-cert={cert}",
-        f"--agent-key={key}",
+        *creds,
         f"--agent-id={agent_id}",
         "--health-server-port=0",
         "--sync-interval=0.2",
