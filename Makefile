@@ -19,10 +19,19 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[test]'
 	@touch $@
 
-# System tools the end-to-end tests drive (curl is the real CONNECT client).
+# System tools the end-to-end tests drive: curl (the real CONNECT client) and
+# HAProxy (the load balancer in front of broker replicas).
+SYSDEPS := curl:curl haproxy:haproxy
+
 sysdeps:
-	@command -v curl >/dev/null 2>&1 || { \
-	  echo "installing curl"; apt-get update -qq && apt-get install -y -qq curl; }
+	@missing=""; for pair in $(SYSDEPS); do \
+	  cmd=$${pair%%:*}; pkg=$${pair#*:}; \
+	  command -v $$cmd >/dev/null 2>&1 || [ -x /usr/sbin/$$cmd ] || missing="$$missing $$pkg"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing:$$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	fi
 
 demo: venv
 	$(VENV)/bin/tether demo
