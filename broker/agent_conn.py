@@ -131,6 +131,13 @@ class AgentConnection:
         """Authenticate the agent from its certificate and headers."""
         assert self.conn is not None
         status, error = self._authenticate(ev.headers)
+        held = ev.headers.get("tether-connected-servers", "")
+        if status == 200 and self.server.server_id in held.split(","):
+            # HA: the balancer sent an agent back to a replica it already
+            # holds. Refuse before registering, so its live link stays.
+            status, error = 409, (
+                f"duplicate: agent already holds a connection to server {self.server.server_id}"
+            )
         if status != 200:
             self.metrics.agent_rejected.labels(error.split(":", 1)[0]).inc()
             log.warning("agent connection from %s rejected (%d): %s", self.remote, status, error)

@@ -316,6 +316,10 @@ class Agent:
         }
         if cfg.cluster:
             headers["tether-cluster"] = cfg.cluster
+        if self.links:
+            # Lets a replica we already hold refuse us (409) without touching
+            # the live link.
+            headers["tether-connected-servers"] = ",".join(sorted(self.links))
         if cfg.service_account_token_path:
             token = self._read_token()
             if token is None:
@@ -401,6 +405,9 @@ class Agent:
     def _link_ended(self, link: BrokerLink, conn: TunnelConnection) -> str:
         if isinstance(conn.protocol_error, HandshakeRejected):
             err = conn.protocol_error
+            if err.status == 409 and err.error.startswith("duplicate"):
+                log.info("balancer chose a replica we already hold: %s", err.error)
+                return "duplicate"
             log.error("broker rejected this agent (%d): %s", err.status, err.error)
             self.backoff.rejected()
             return f"rejected: {err.status} {err.error}"
