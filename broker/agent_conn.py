@@ -59,6 +59,7 @@ class AgentConnection:
         self.cluster = ""
         self.identifiers = AgentIdentifiers()
         self.conn: TunnelConnection | None = None
+        self.nursery: trio.Nursery | None = None
         self.pending: dict[int, PendingDial] = {}
         self.registered = trio.Event()
         #: Set once the control stream was either accepted or rejected.
@@ -128,15 +129,23 @@ class AgentConnection:
     # ------------------------------------------------ ConnectionHandler
 
     def on_control_requested(self, ev: session.ControlRequested) -> None:
-        """Authenticate the agent from its certificate and headers."""
+        # Authentication may need a TokenReview round trip: answer from a task.
+        assert self.nursery is not None
+        self.nursery.start_soon(self._answer_control, ev)
+
+    async def _answer_control(self, ev: session.ControlRequested) -> None:
+        """Authenticate the agent from its certificate or token and headers."""
         assert self.conn is not None
-        status, error = self._authenticate(ev.headers)
+        status, error = await self._authenticate(ev.headers)
+        if self.conn.closed_reason is not None:
+            return
         held = ev.headers.get("tether-connected-servers", "")
         if status == 200 and self.server.server_id in held.split(","):
             # HA: the balancer sent an agent back to a replica it already
             # holds. Refuse before registering, so its live link stays.
-            status, error = 409, (
-                f"duplicate: agent already holds a connection to server {self.server.server_id}"
+            status, error = (
+                409,
+                (f"duplicate: agent already holds a connection to server {self.server.server_id}"),
             )
         if status != 200:
             self.metrics.agent_rejected.labels(error.split(":", 1)[0]).inc()
@@ -171,9 +180,9 @@ class AgentConnection:
         self.registered.set()
         self.settled.set()
 
-    def _authenticate(self, headers: dict[str, str]) -> tuple[int, str]:
+    async def _authenticate(self, headers: dict[str, str]) -> tuple[int, str]:
         try:
-            identity = self.authenticator.authenticate(self.peer_der, headers)
+            identity = await self.authenticator.authenticate(self.peer_der, headers)
             self.identifiers = AgentIdentifiers.parse(headers.get("tether-agent-identifiers", ""))
         except AuthError as exc:
             return exc.status, str(exc)

@@ -92,6 +92,7 @@ class AgentServer:
         self.connections.add(conn)
         try:
             async with trio.open_nursery() as nursery:
+                agent.nursery = nursery
                 nursery.start_soon(self._control_deadline, agent, conn)
                 await conn.run()
                 nursery.cancel_scope.cancel()

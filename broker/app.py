@@ -250,7 +250,7 @@ def clusters_from(cfg: BrokerConfig) -> list[ClusterConfig]:
     """The clusters this broker serves: the config file's, plus the implicit
     cluster of the single-cluster flags when they name a trust or a frontend."""
     clusters = load_clusters(cfg.config) if cfg.config else []
-    flags_used = bool(cfg.cluster_ca_cert or cfg.uds_name or cfg.agent_token_file)
+    flags_used = bool(cfg.cluster_ca_cert or cfg.uds_name or cfg.agent_token_file or cfg.kubeconfig)
     if not clusters or (flags_used and cfg.cluster_name not in {c.name for c in clusters}):
         clusters.append(
             ClusterConfig(
@@ -259,6 +259,13 @@ def clusters_from(cfg: BrokerConfig) -> list[ClusterConfig]:
                 token_agents=bool(cfg.agent_token_file),
                 frontend_uds=cfg.uds_name,
                 frontend_mode=cfg.mode,
+                tokenreview_kubeconfig=cfg.kubeconfig,
+                tokenreview_audience=cfg.authentication_audience,
+                allowed_service_accounts=(
+                    (f"{cfg.agent_namespace}:{cfg.agent_service_account}",)
+                    if cfg.kubeconfig
+                    else ()
+                ),
             )
         )
     return clusters

@@ -27,6 +27,7 @@ from cryptography import x509
 from cryptography.x509.oid import NameOID
 
 from broker.clusters import ClusterConfig
+from broker.tokenreview import TokenReviewer, TokenReviewError, load_kubeconfig
 from protocol.identifiers import valid_name
 
 log = logging.getLogger("tether.broker")
@@ -105,6 +106,16 @@ class Authenticator:
     def __init__(self, clusters: list[ClusterConfig], tokens: TokenStore | None) -> None:
         self.clusters = {c.name: c for c in clusters}
         self.tokens = tokens
+        self.reviewers: dict[str, tuple[TokenReviewer, frozenset[str]]] = {}
+        for cluster in clusters:
+            if cluster.tokenreview_kubeconfig:
+                reviewer = TokenReviewer(
+                    load_kubeconfig(cluster.tokenreview_kubeconfig), cluster.tokenreview_audience
+                )
+                allowed = frozenset(
+                    "system:serviceaccount:" + sa for sa in cluster.allowed_service_accounts
+                )
+                self.reviewers[cluster.name] = (reviewer, allowed)
         self._cas: list[tuple[str, x509.Certificate]] = []
         for cluster in clusters:
             if cluster.agent_ca:
@@ -118,9 +129,12 @@ class Authenticator:
 
     @property
     def allows_tokens(self) -> bool:
-        return self.tokens is not None and any(c.token_agents for c in self.clusters.values())
+        file_tokens = self.tokens is not None and any(
+            c.token_agents for c in self.clusters.values()
+        )
+        return file_tokens or bool(self.reviewers)
 
-    def authenticate(self, peer_der: bytes | None, headers: dict[str, str]) -> Identity:
+    async def authenticate(self, peer_der: bytes | None, headers: dict[str, str]) -> Identity:
         agent_id = headers.get("tether-agent-id", "")
         claimed_cluster = headers.get("tether-cluster", "")
         if not valid_name(agent_id):
@@ -131,7 +145,7 @@ class Authenticator:
             return self._by_certificate(peer_der, agent_id, claimed_cluster)
         auth = headers.get("authorization", "")
         if auth.lower().startswith("bearer ") and len(auth) > 7:
-            return self._by_token(auth[7:].strip(), agent_id, claimed_cluster)
+            return await self._by_token(auth[7:].strip(), agent_id, claimed_cluster)
         raise AuthError(401, "unauthenticated", "no client certificate and no bearer token")
 
     def _by_certificate(self, der: bytes, agent_id: str, claimed: str) -> Identity:
@@ -168,11 +182,13 @@ class Authenticator:
             return cluster
         return None
 
-    def _by_token(self, token: str, agent_id: str, claimed: str) -> Identity:
-        if self.tokens is None:
-            raise AuthError(401, "unauthenticated", "token login is not enabled on this broker")
-        entries = self.tokens.match(token)
+    async def _by_token(self, token: str, agent_id: str, claimed: str) -> Identity:
+        entries = self.tokens.match(token) if self.tokens is not None else []
         if not entries:
+            if self.reviewers:
+                return await self._by_token_review(token, agent_id, claimed)
+            if self.tokens is None:
+                raise AuthError(401, "unauthenticated", "token login is not enabled here")
             raise AuthError(401, "bad_token", "unknown or revoked token")
         for entry in entries:
             cluster = self.clusters.get(entry.cluster)
@@ -188,3 +204,28 @@ class Authenticator:
             f"token is not valid for agent {agent_id!r}"
             + (f" in cluster {claimed!r}" if claimed else ""),
         )
+
+    async def _by_token_review(self, token: str, agent_id: str, claimed: str) -> Identity:
+        if claimed:
+            if claimed not in self.reviewers:
+                raise AuthError(403, "token_scope", f"cluster {claimed!r} takes no reviewed tokens")
+            cluster = claimed
+        elif len(self.reviewers) == 1:
+            cluster = next(iter(self.reviewers))
+        else:
+            raise AuthError(403, "bad_cluster", "several clusters: send tether-cluster")
+        reviewer, allowed = self.reviewers[cluster]
+        try:
+            result = await reviewer.review(token)
+        except TokenReviewError as exc:
+            log.error("TokenReview for cluster %s failed: %s", cluster, exc)
+            raise AuthError(503, "tokenreview_unavailable", str(exc)) from None
+        if not result.authenticated:
+            raise AuthError(401, "bad_token", result.error or "TokenReview: not authenticated")
+        if reviewer.audience and reviewer.audience not in result.audiences:
+            raise AuthError(401, "bad_token", f"token is not for audience {reviewer.audience!r}")
+        if result.username not in allowed:
+            raise AuthError(
+                403, "token_scope", f"service account {result.username!r} may not register"
+            )
+        return Identity(cluster, agent_id, "tokenreview")

@@ -8,6 +8,7 @@ import sys
 from broker.app import Broker
 from broker.clusters import ConfigError
 from broker.config import from_args
+from broker.tokenreview import TokenReviewError
 from tether.netio.logs import setup_logging
 from tether.netio.process import run_main
 from tether.netio.tls import TLSConfigError
@@ -19,7 +20,7 @@ def main(argv: list[str] | None = None) -> int:
     log = logging.getLogger("tether.broker")
     try:
         broker = Broker(cfg)
-    except (TLSConfigError, ConfigError) as exc:
+    except (TLSConfigError, ConfigError, TokenReviewError) as exc:
         log.error("%s", exc)
         return 2
     return run_main(broker.run, log)

@@ -41,6 +41,11 @@ class ClusterConfig:
     token_agents: bool = False
     frontend_uds: str = ""
     frontend_mode: str = "http-connect"
+    #: TokenReview against this cluster's apiserver for bearer-token agents.
+    tokenreview_kubeconfig: str = ""
+    tokenreview_audience: str = ""
+    #: ServiceAccounts allowed to register, as ``namespace:name``.
+    allowed_service_accounts: tuple[str, ...] = ()
 
 
 _KEYS = {f.name for f in attrs.fields(ClusterConfig)}
@@ -79,17 +84,29 @@ def _cluster(where: str, entry: Any) -> ClusterConfig:
         ("frontend_uds", str),
         ("frontend_mode", str),
         ("token_agents", bool),
+        ("tokenreview_kubeconfig", str),
+        ("tokenreview_audience", str),
+        ("allowed_service_accounts", list),
     ):
         if key in entry and not isinstance(entry[key], kind):
             raise ConfigError(f"{where}.{key}: must be a {kind.__name__}")
+    for sa in entry.get("allowed_service_accounts", []):
+        if not isinstance(sa, str) or sa.count(":") != 1:
+            raise ConfigError(f"{where}.allowed_service_accounts: want 'namespace:name' entries")
     name = entry.get("name", "")
     if not valid_name(name):
         raise ConfigError(f"{where}.name: {name!r} is not a valid cluster name")
-    cluster = ClusterConfig(**entry)
+    cluster = ClusterConfig(
+        **{**entry, "allowed_service_accounts": tuple(entry.get("allowed_service_accounts", ()))}
+    )
     if cluster.frontend_mode not in ("http-connect", "grpc"):
         raise ConfigError(f"{where}.frontend_mode: must be http-connect or grpc")
-    if not cluster.agent_ca and not cluster.token_agents:
-        raise ConfigError(f"{where}: give agent_ca and/or token_agents = true")
+    if not cluster.agent_ca and not cluster.token_agents and not cluster.tokenreview_kubeconfig:
+        raise ConfigError(
+            f"{where}: give agent_ca, token_agents = true and/or tokenreview_kubeconfig"
+        )
+    if cluster.tokenreview_kubeconfig and not cluster.allowed_service_accounts:
+        raise ConfigError(f"{where}.allowed_service_accounts: needed with tokenreview_kubeconfig")
     if cluster.agent_ca and not Path(cluster.agent_ca).is_file():
         raise ConfigError(f"{where}.agent_ca: no such file {cluster.agent_ca}")
     return cluster

@@ -44,6 +44,10 @@ class BrokerConfig:
     drain_retry: float = 5.0
     config: str = ""
     agent_token_file: str = ""
+    kubeconfig: str = ""
+    authentication_audience: str = ""
+    agent_namespace: str = ""
+    agent_service_account: str = ""
     log_format: str = "text"
     log_level: str = "info"
 
@@ -128,6 +132,26 @@ def build_parser() -> argparse.ArgumentParser:
         default=d.config,
         help="TOML file declaring several clusters (see docs/operations.md); the "
         "single-cluster flags then add an implicit cluster --cluster-name",
+    )
+    ag.add_argument(
+        "--kubeconfig",
+        default=d.kubeconfig,
+        help="check agent bearer tokens with a TokenReview against this cluster's apiserver",
+    )
+    ag.add_argument(
+        "--authentication-audience",
+        default=d.authentication_audience,
+        help="audience agent tokens must carry (TokenReview)",
+    )
+    ag.add_argument(
+        "--agent-namespace",
+        default=d.agent_namespace,
+        help="namespace of the ServiceAccount agents authenticate as (TokenReview)",
+    )
+    ag.add_argument(
+        "--agent-service-account",
+        default=d.agent_service_account,
+        help="ServiceAccount agents authenticate as (TokenReview)",
     )
     ag.add_argument(
         "--agent-token-file",
@@ -240,8 +264,12 @@ def validate(cfg: BrokerConfig) -> list[str]:
     problems = []
     if not (cfg.cluster_cert and cfg.cluster_key):
         problems.append("--cluster-cert and --cluster-key are required")
-    if not (cfg.cluster_ca_cert or cfg.config or cfg.agent_token_file):
-        problems.append("no agent trust: give --cluster-ca-cert, --agent-token-file or --config")
+    if not (cfg.cluster_ca_cert or cfg.config or cfg.agent_token_file or cfg.kubeconfig):
+        problems.append(
+            "no agent trust: give --cluster-ca-cert, --agent-token-file, --kubeconfig or --config"
+        )
+    if cfg.kubeconfig and not (cfg.agent_namespace and cfg.agent_service_account):
+        problems.append("--kubeconfig needs --agent-namespace and --agent-service-account")
     if cfg.server_port and not (cfg.server_cert and cfg.server_key and cfg.server_ca_cert):
         problems.append(
             "the TCP frontend needs --server-cert, --server-key and --server-ca-cert "
