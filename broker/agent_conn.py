@@ -149,7 +149,9 @@ class AgentConnection:
             )
         if status != 200:
             self.metrics.agent_rejected.labels(error.split(":", 1)[0]).inc()
-            log.warning("agent connection from %s rejected (%d): %s", self.remote, status, error)
+            # A 409 duplicate is routine with several replicas behind a balancer.
+            level = logging.INFO if status == 409 else logging.WARNING
+            log.log(level, "agent connection from %s rejected (%d): %s", self.remote, status, error)
             self.conn.session.reject_control(status, error)
             self.conn.wake_writer()
             self.closed = True
