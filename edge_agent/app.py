@@ -8,6 +8,7 @@ from collections.abc import Callable
 
 import trio
 
+from edge_agent import sdnotify
 from edge_agent.config import AgentConfig
 from edge_agent.dialer import DialFailed, dial_target
 from edge_agent.policy import Policy
@@ -20,6 +21,7 @@ from tether.netio import tls
 from tether.netio.http import serve_http, text
 from tether.netio.listeners import listener_port, open_tcp_listener
 from tether.netio.relay import relay
+from tether.netio.tls_stream import TLSStream
 from tether.netio.tunnel import Keepalive, TunnelClosed, TunnelConnection
 
 log = logging.getLogger("tether.agent")
@@ -144,6 +146,7 @@ class Agent:
         self._links_changed = trio.Event()
         self._lost: list[str] = []
         self.ever_connected = trio.Event()
+        self.notifier = sdnotify.Notifier.from_environment()
 
     # -------------------------------------------------------------- state
 
@@ -168,6 +171,7 @@ class Agent:
     def _changed(self) -> None:
         self._links_changed.set()
         self._links_changed = trio.Event()
+        self.notifier.status(self.readiness()[1])
 
     def routes(self) -> dict[str, Callable[[], tuple[int, str, bytes]]]:
         def healthz() -> tuple[int, str, bytes]:
@@ -184,6 +188,8 @@ class Agent:
         self, *, task_status: trio.TaskStatus[dict[str, int]] = trio.TASK_STATUS_IGNORED
     ) -> None:
         async with trio.open_nursery() as nursery:
+            nursery.start_soon(sdnotify.run_watchdog, self.notifier)
+            self.notifier.status(self.readiness()[1])
             ports: dict[str, int] = {}
             if self.cfg.health_server_port:
                 health = await open_tcp_listener(
@@ -212,6 +218,8 @@ class Agent:
     async def drain(self, loop_scope: trio.CancelScope) -> None:
         """Tell every broker, let open tunnels finish, then stop."""
         self.stopping = True
+        self.notifier.stopping()
+        self.notifier.status(self.readiness()[1])
         links = [link for link in self.links.values() if link.conn is not None]
         for link in links:
             try:
@@ -272,16 +280,16 @@ class Agent:
         )
         await trio.sleep(delay)
 
-    async def _open_transport(self) -> trio.SSLStream[trio.SocketStream] | str:
+    async def _open_transport(self) -> TLSStream | str:
         cfg = self.cfg
         try:
             with trio.fail_after(cfg.connect_timeout):
                 tcp = await trio.open_tcp_stream(cfg.proxy_server_host, cfg.proxy_server_port)
-                stream = trio.SSLStream(
+                stream = TLSStream(
                     tcp,
                     self.ssl_context,
+                    server_side=False,
                     server_hostname=cfg.proxy_server_host,
-                    https_compatible=True,
                 )
                 try:
                     await stream.do_handshake()
@@ -392,6 +400,8 @@ class Agent:
             log.info("broker reports %d replica(s) (was %d)", link.server_count, self.server_count)
             self.server_count = link.server_count
         self.links[link.server_id] = link
+        if not self.ever_connected.is_set():
+            self.notifier.ready()
         self.ever_connected.set()
         self._changed()
         log.info(
