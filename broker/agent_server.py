@@ -14,6 +14,7 @@ from broker.registry import Registry
 from protocol.errors import ProtocolError
 from protocol.messages import Drain
 from protocol.session import Role, SessionConfig, TunnelSession
+from tether.netio.tls_stream import TLSStream
 from tether.netio.tunnel import Keepalive, TunnelClosed, TunnelConnection
 
 log = logging.getLogger("tether.broker")
@@ -58,7 +59,7 @@ class AgentServer:
     async def _handle(self, tcp: trio.SocketStream, remote: str) -> None:
         if self.draining:
             return
-        tls = trio.SSLStream(tcp, self.ssl_context, server_side=True, https_compatible=True)
+        tls = TLSStream(tcp, self.ssl_context, server_side=True)
         try:
             with trio.fail_after(self.handshake_timeout):
                 await tls.do_handshake()

@@ -34,8 +34,10 @@ import h2.exceptions
 import h2.settings
 import msgpack
 
-from protocol import framing, messages
+from protocol import framing, h2compat, messages
 from protocol.errors import HandshakeRejected, ProtocolError, SessionError
+
+del h2compat  # imported for its patch of hyperframe's DataFrame repr
 
 CONTROL_PATH = "/tether.v1/connect"
 STREAM_PATH = "/tether.v1/stream"
