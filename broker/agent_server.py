@@ -14,6 +14,7 @@ from broker.registry import Registry
 from protocol.errors import ProtocolError
 from protocol.messages import Drain
 from protocol.session import Role, SessionConfig, TunnelSession
+from tether.netio import sockopts
 from tether.netio.tls_stream import TLSStream
 from tether.netio.tunnel import Keepalive, TunnelClosed, TunnelConnection
 
@@ -40,6 +41,10 @@ class AgentServer:
         self.keepalive = keepalive
         self.handshake_timeout = handshake_timeout
         self.connections: set[TunnelConnection] = set()
+        self.socket_options = sockopts.TunnelSocketOptions(
+            user_timeout=keepalive.interval + keepalive.timeout,
+            keepalive_idle=keepalive.interval,
+        )
         self.draining = False
 
     async def handle(self, tcp: trio.SocketStream) -> None:
@@ -59,6 +64,7 @@ class AgentServer:
     async def _handle(self, tcp: trio.SocketStream, remote: str) -> None:
         if self.draining:
             return
+        sockopts.apply(tcp.socket, self.socket_options)  # type: ignore[arg-type]
         tls = TLSStream(tcp, self.ssl_context, server_side=True)
         try:
             with trio.fail_after(self.handshake_timeout):

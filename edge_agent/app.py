@@ -17,7 +17,7 @@ from protocol.backoff import Backoff
 from protocol.codes import DialFailCode
 from protocol.errors import HandshakeRejected, ProtocolError
 from protocol.session import Role, SessionConfig, TunnelSession
-from tether.netio import tls
+from tether.netio import sockopts, tls
 from tether.netio.http import serve_http, text
 from tether.netio.listeners import listener_port, open_tcp_listener
 from tether.netio.relay import relay
@@ -136,6 +136,10 @@ class Agent:
             stream_window=cfg.stream_window, connection_window=cfg.connection_window
         )
         self.policy = Policy.parse(cfg.allow)
+        self.socket_options = sockopts.TunnelSocketOptions(
+            user_timeout=cfg.keepalive_time + cfg.keepalive_timeout,
+            keepalive_idle=cfg.keepalive_time,
+        )
         self.backoff = Backoff(cfg.sync_interval, cfg.sync_interval_cap, cfg.stable_after)
         #: Accepted connections by broker server id.
         self.links: dict[str, BrokerLink] = {}
@@ -285,6 +289,7 @@ class Agent:
         try:
             with trio.fail_after(cfg.connect_timeout):
                 tcp = await trio.open_tcp_stream(cfg.proxy_server_host, cfg.proxy_server_port)
+                sockopts.apply(tcp.socket, self.socket_options)  # type: ignore[arg-type]
                 stream = TLSStream(
                     tcp,
                     self.ssl_context,

@@ -1,0 +1,101 @@
+"""TCP options for the agent-to-broker connection (Linux).
+
+- ``TCP_USER_TIMEOUT`` and TCP keepalive make the kernel give up on a dead
+  link on its own, even when the tunnel is busy and HTTP/2 PINGs are stuck
+  behind unacknowledged data.
+- ``TCP_CONGESTION`` picks the congestion control; BBR copes with random
+  loss on radio links far better than CUBIC.
+- ``TCP_NOTSENT_LOWAT`` keeps the unsent part of the kernel's send queue
+  small, so bulk data waits in our scheduler, where an interactive stream can
+  overtake it, rather than in the kernel, where it cannot.
+
+Every option is best effort: a platform without one keeps working.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from pathlib import Path
+
+import attrs
+
+log = logging.getLogger(__name__)
+
+TCP_USER_TIMEOUT = getattr(socket, "TCP_USER_TIMEOUT", 18)
+TCP_CONGESTION = getattr(socket, "TCP_CONGESTION", 13)
+TCP_NOTSENT_LOWAT = getattr(socket, "TCP_NOTSENT_LOWAT", 25)
+
+
+@attrs.frozen
+class TunnelSocketOptions:
+    #: Seconds of unacknowledged data before the kernel drops the connection.
+    user_timeout: float | None = None
+    #: Idle seconds before TCP keepalive probes start (None: no keepalive).
+    keepalive_idle: float | None = None
+    keepalive_interval: float = 5.0
+    keepalive_count: int = 3
+    #: Congestion control name (e.g. "bbr"); None keeps the system default.
+    congestion: str | None = None
+    notsent_lowat: int | None = None
+
+
+def available_congestion_controls() -> list[str]:
+    try:
+        return Path("/proc/sys/net/ipv4/tcp_available_congestion_control").read_text().split()
+    except OSError:
+        return []
+
+
+def congestion_of(sock: socket.socket) -> str | None:
+    """The congestion control a connected socket uses (None if unknown)."""
+    try:
+        raw = sock.getsockopt(socket.IPPROTO_TCP, TCP_CONGESTION, 16)
+    except OSError:
+        return None
+    return raw.split(b"\0", 1)[0].decode() or None
+
+
+def apply(sock: socket.socket, opts: TunnelSocketOptions) -> None:
+    if sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return
+    tcp = socket.IPPROTO_TCP
+    _set(sock, tcp, socket.TCP_NODELAY, 1, "TCP_NODELAY")
+    if opts.user_timeout:
+        _set(sock, tcp, TCP_USER_TIMEOUT, int(opts.user_timeout * 1000), "TCP_USER_TIMEOUT")
+    if opts.keepalive_idle:
+        _set(sock, socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1, "SO_KEEPALIVE")
+        _set(
+            sock,
+            tcp,
+            getattr(socket, "TCP_KEEPIDLE", 4),
+            max(1, int(opts.keepalive_idle)),
+            "TCP_KEEPIDLE",
+        )
+        _set(
+            sock,
+            tcp,
+            getattr(socket, "TCP_KEEPINTVL", 5),
+            max(1, int(opts.keepalive_interval)),
+            "TCP_KEEPINTVL",
+        )
+        _set(sock, tcp, getattr(socket, "TCP_KEEPCNT", 6), opts.keepalive_count, "TCP_KEEPCNT")
+    if opts.congestion:
+        try:
+            sock.setsockopt(tcp, TCP_CONGESTION, opts.congestion.encode())
+        except OSError as exc:
+            log.warning(
+                "congestion control %r unavailable (%s); available: %s",
+                opts.congestion,
+                exc.strerror,
+                " ".join(available_congestion_controls()) or "unknown",
+            )
+    if opts.notsent_lowat:
+        _set(sock, tcp, TCP_NOTSENT_LOWAT, opts.notsent_lowat, "TCP_NOTSENT_LOWAT")
+
+
+def _set(sock: socket.socket, level: int, opt: int, value: int, name: str) -> None:
+    try:
+        sock.setsockopt(level, opt, value)
+    except OSError as exc:
+        log.debug("%s not set: %s", name, exc)
