@@ -16,6 +16,8 @@ _NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ012
 def valid_name(name: str) -> bool:
     """Agent ids and cluster names: ``[A-Za-z0-9][A-Za-z0-9._-]{0,62}``."""
     return 0 < len(name) <= 63 and name[0].isalnum() and name.isascii() and set(name) <= _NAME_CHARS
+
+
 _KEYS = {"host", "ipv4", "ipv6", "cidr", "default-route"}
 
 
