@@ -9,11 +9,13 @@ from typing import TYPE_CHECKING
 import attrs
 import h2.errors
 import trio
+from cryptography import x509
 
 from broker.auth import Authenticator, AuthError
 from broker.dialing import DialError, DialOutcome
 from protocol import messages, session
 from protocol.identifiers import AgentIdentifiers
+from tether.netio.logs import event
 from tether.netio.tunnel import TunnelClosed, TunnelConnection, TunnelStream
 
 if TYPE_CHECKING:
@@ -57,6 +59,7 @@ class AgentConnection:
         self.remote = remote
         self.agent_id = ""
         self.cluster = ""
+        self.auth_method = ""
         self.identifiers = AgentIdentifiers()
         self.conn: TunnelConnection | None = None
         self.nursery: trio.Nursery | None = None
@@ -151,7 +154,20 @@ class AgentConnection:
             self.metrics.agent_rejected.labels(error.split(":", 1)[0]).inc()
             # A 409 duplicate is routine with several replicas behind a balancer.
             level = logging.INFO if status == 409 else logging.WARNING
-            log.log(level, "agent connection from %s rejected (%d): %s", self.remote, status, error)
+            log.log(
+                level,
+                "agent connection from %s rejected (%d): %s",
+                self.remote,
+                status,
+                error,
+                extra=event(
+                    "auth_rejected",
+                    remote=self.remote,
+                    status=status,
+                    reason=error.split(":", 1)[0],
+                    cert_serial=_serial(self.peer_der),
+                ),
+            )
             self.conn.session.reject_control(status, error)
             self.conn.wake_writer()
             self.closed = True
@@ -178,6 +194,15 @@ class AgentConnection:
             self.cluster,
             self.remote,
             self.identifiers.render(),
+            extra=event(
+                "agent_connected",
+                agent_id=self.agent_id,
+                cluster=self.cluster,
+                remote=self.remote,
+                identifiers=self.identifiers.render(),
+                auth=self.auth_method,
+                cert_serial=_serial(self.peer_der),
+            ),
         )
         self.registered.set()
         self.settled.set()
@@ -192,6 +217,7 @@ class AgentConnection:
             return 403, f"bad_identifiers: {exc}"
         self.agent_id = identity.agent_id
         self.cluster = identity.cluster
+        self.auth_method = identity.method
         return 200, ""
 
     def on_control_accepted(self, ev: session.ControlAccepted) -> None:
@@ -204,7 +230,14 @@ class AgentConnection:
                 pending.error = DialError.from_agent(msg.code, msg.msg)
                 pending.done.set()
         elif isinstance(msg, messages.Drain):
-            log.info("agent %s/%s is draining", self.cluster, self.agent_id)
+            log.info(
+                "agent %s/%s is draining",
+                self.cluster,
+                self.agent_id,
+                extra=event(
+                    "drain", initiator="agent", agent_id=self.agent_id, cluster=self.cluster
+                ),
+            )
             self.draining = True
         elif isinstance(msg, messages.Identifiers):
             try:
@@ -245,3 +278,14 @@ class AgentConnection:
                     DialOutcome.AGENT_LOST, f"agent connection lost: {reason}"
                 )
                 pending.done.set()
+
+
+def _serial(der: bytes | None) -> str | None:
+    """The client certificate's serial (hex), so a rotation can be followed
+    agent by agent in the logs."""
+    if not der:
+        return None
+    try:
+        return f"{x509.load_der_x509_certificate(der).serial_number:x}"
+    except ValueError:
+        return None

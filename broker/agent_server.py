@@ -15,6 +15,7 @@ from protocol.errors import ProtocolError
 from protocol.messages import Drain
 from protocol.session import Role, SessionConfig, TunnelSession
 from tether.netio import sockopts
+from tether.netio.logs import event
 from tether.netio.tls_stream import TLSStream
 from tether.netio.tunnel import Keepalive, TunnelClosed, TunnelConnection
 
@@ -71,12 +72,21 @@ class AgentServer:
                 await tls.do_handshake()
         except trio.TooSlowError:
             self.metrics.bad_input.labels("agent", "tls_handshake_timeout").inc()
-            log.warning("agent connection from %s: TLS handshake timed out", remote)
+            log.warning(
+                "agent connection from %s: TLS handshake timed out",
+                remote,
+                extra=event(
+                    "tls_handshake_failed", listener="agent", remote=remote, reason="timeout"
+                ),
+            )
             return
         except trio.BrokenResourceError as exc:
             self.metrics.bad_input.labels("agent", "tls_handshake").inc()
             log.warning(
-                "agent connection from %s: TLS handshake failed: %s", remote, exc.__cause__ or exc
+                "agent connection from %s: TLS handshake failed: %s",
+                remote,
+                exc.__cause__ or exc,
+                extra=event("tls_handshake_failed", listener="agent", remote=remote, reason="tls"),
             )
             return
         if tls.selected_alpn_protocol() != "h2":
@@ -95,6 +105,7 @@ class AgentServer:
         sess.initiate()
         conn = TunnelConnection(tls, sess, agent, keepalive=self.keepalive, name=f"agent {remote}")
         conn.set_rtt_observer(self.metrics.keepalive_rtt.observe)
+        conn.set_stall_observer(self.metrics.window_stalls.inc)
         agent.conn = conn
         self.connections.add(conn)
         try:
@@ -113,14 +124,29 @@ class AgentServer:
                     agent.agent_id or "?",
                     remote,
                     conn.protocol_error,
+                    extra=event(
+                        "protocol_violation",
+                        agent_id=agent.agent_id,
+                        remote=remote,
+                        reason=conn.protocol_error.reason,
+                    ),
                 )
             if agent.registered.is_set():
-                self.metrics.agent_disconnects.labels(_cause(conn)).inc()
+                cause = _cause(conn)
+                self.metrics.agent_disconnects.labels(cause).inc()
                 log.info(
                     "agent disconnected: id=%s cluster=%s reason=%s",
                     agent.agent_id,
                     agent.cluster,
                     conn.closed_reason,
+                    extra=event(
+                        "agent_disconnected",
+                        agent_id=agent.agent_id,
+                        cluster=agent.cluster,
+                        remote=remote,
+                        cause=cause,
+                        reason=conn.closed_reason,
+                    ),
                 )
 
     async def _control_deadline(self, agent: AgentConnection, conn: TunnelConnection) -> None:

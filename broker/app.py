@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import ssl
 from collections.abc import Awaitable, Callable
 
 import trio
@@ -22,6 +23,7 @@ from protocol.session import SessionConfig
 from tether.netio import tls
 from tether.netio.http import serve_http, text
 from tether.netio.listeners import listener_port, open_tcp_listener, open_unix_listener
+from tether.netio.logs import event
 from tether.netio.tunnel import Keepalive
 
 log = logging.getLogger("tether.broker")
@@ -39,28 +41,40 @@ class Broker:
         self.authenticator = Authenticator(
             self.clusters, TokenStore(cfg.agent_token_file) if cfg.agent_token_file else None
         )
+        # Certificates are reloaded on SIGHUP or file change (see _cert_reloaded):
+        # every new connection takes the context current at that moment.
+        self.agent_tls = tls.ReloadableContext(
+            "cluster",
+            self._agent_context,
+            [cfg.cluster_cert, cfg.cluster_key, *self.authenticator.ca_files],
+            cert_file=cfg.cluster_cert,
+        )
         self.agent_server = AgentServer(
             self.registry,
             self.server,
             self.authenticator,
-            tls.server_context(
-                cfg.cluster_cert,
-                cfg.cluster_key,
-                self.authenticator.ca_files,
-                alpn=["h2"],
-                optional=self.authenticator.allows_tokens,
-            ),
+            self.agent_tls.current,
             SessionConfig(stream_window=cfg.stream_window, connection_window=cfg.connection_window),
             Keepalive(cfg.keepalive_time, cfg.keepalive_timeout),
             cfg.handshake_timeout,
         )
         self.frontend_tls = (
-            tls.server_context(
-                cfg.server_cert, cfg.server_key, cfg.server_ca_cert, alpn=["http/1.1"]
+            tls.ReloadableContext(
+                "server",
+                lambda: tls.server_context(
+                    cfg.server_cert, cfg.server_key, cfg.server_ca_cert, alpn=["http/1.1"]
+                ),
+                [cfg.server_cert, cfg.server_key, cfg.server_ca_cert],
+                cert_file=cfg.server_cert,
             )
             if cfg.server_port
             else None
         )
+        self.metrics.active_streams.set_function(
+            lambda: sum(len(conn.streams) for conn in self.agent_server.connections)
+        )
+        for ctx in self._tls_contexts():
+            self.metrics.cert_expiry.labels(ctx.name).set_function(_expiry_of(ctx))
         self.grpc_frontends = {
             c.name: GrpcFrontend(
                 self.registry,
@@ -80,6 +94,30 @@ class Broker:
         self._tunnels_idle = trio.Event()
         self._tunnels_idle.set()
         self.stopping = False
+
+    # --------------------------------------------------------- certificates
+
+    def _agent_context(self) -> ssl.SSLContext:
+        ctx = tls.server_context(
+            self.cfg.cluster_cert,
+            self.cfg.cluster_key,
+            self.authenticator.ca_files,
+            alpn=["h2"],
+            optional=self.authenticator.allows_tokens,
+        )
+        try:
+            self.authenticator.load_cas()
+        except (OSError, ValueError) as exc:
+            raise tls.TLSConfigError(f"cannot load agent CA bundle: {exc}") from None
+        return ctx
+
+    def _tls_contexts(self) -> list[tls.ReloadableContext]:
+        return [self.agent_tls] + ([self.frontend_tls] if self.frontend_tls else [])
+
+    def _cert_reloaded(self, ctx: tls.ReloadableContext, ok: bool) -> None:
+        self.metrics.cert_reloads.labels(ctx.name, "ok" if ok else "error").inc()
+        if ctx is self.agent_tls:
+            self.agent_server.ssl_context = ctx.current
 
     # ------------------------------------------------------------- health
 
@@ -165,14 +203,20 @@ class Broker:
 
     async def _tls_accept(self, tcp: trio.abc.Stream) -> trio.SSLStream[trio.abc.Stream] | None:
         assert self.frontend_tls is not None
-        tls_stream = trio.SSLStream(tcp, self.frontend_tls, server_side=True, https_compatible=True)
+        tls_stream = trio.SSLStream(
+            tcp, self.frontend_tls.current, server_side=True, https_compatible=True
+        )
         try:
             with trio.fail_after(self.cfg.handshake_timeout):
                 await tls_stream.do_handshake()
         except (trio.TooSlowError, trio.BrokenResourceError) as exc:
             reason = "tls_handshake_timeout" if isinstance(exc, trio.TooSlowError) else "tls"
             self.metrics.bad_input.labels("frontend", reason).inc()
-            log.warning("frontend TLS handshake failed: %s", exc.__cause__ or exc)
+            log.warning(
+                "frontend TLS handshake failed: %s",
+                exc.__cause__ or exc,
+                extra=event("tls_handshake_failed", listener="frontend", reason=reason),
+            )
             await trio.aclose_forcefully(tcp)
             return None
         return tls_stream
@@ -184,6 +228,12 @@ class Broker:
     ) -> None:
         cfg = self.cfg
         async with trio.open_nursery() as nursery:
+            await nursery.start(
+                tls.watch_certificates,
+                self._tls_contexts(),
+                cfg.cert_reload_interval,
+                self._cert_reloaded,
+            )
             ports: dict[str, int] = {}
             agent_l = await open_tcp_listener(cfg.agent_bind_address, cfg.agent_port)
             ports["agent"] = listener_port(agent_l)
@@ -214,6 +264,7 @@ class Broker:
                     + ([f"CONNECT+mTLS on :{ports['server']}"] if "server" in ports else [])
                 ),
                 ports.get("health"),
+                extra=event("started", server_id=cfg.server_id, ports=ports),
             )
             task_status.started(ports)
             await self._wait_for_signal()
@@ -229,7 +280,8 @@ class Broker:
     async def _wait_for_signal(self) -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async for signum in signals:
-                log.info("received %s: draining", signal.Signals(signum).name)
+                name = signal.Signals(signum).name
+                log.info("received %s: draining", name, extra=event("drain", initiator=name))
                 return
 
     async def shutdown(self) -> None:
@@ -243,7 +295,7 @@ class Broker:
         if self._tunnels:
             log.warning("drain timeout: closing %d open tunnel(s)", self._tunnels)
         await self.agent_server.close_all()
-        log.info("broker stopped")
+        log.info("broker stopped", extra=event("stopped", server_id=self.cfg.server_id))
 
 
 def clusters_from(cfg: BrokerConfig) -> list[ClusterConfig]:
@@ -269,6 +321,14 @@ def clusters_from(cfg: BrokerConfig) -> list[ClusterConfig]:
             )
         )
     return clusters
+
+
+def _expiry_of(ctx: tls.ReloadableContext) -> Callable[[], float]:
+    def expiry() -> float:
+        info = ctx.cert_info()
+        return info.not_after if info else float("nan")
+
+    return expiry
 
 
 async def _forbidden(stream: trio.abc.Stream) -> None:

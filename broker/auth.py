@@ -117,11 +117,19 @@ class Authenticator:
                 )
                 self.reviewers[cluster.name] = (reviewer, allowed)
         self._cas: list[tuple[str, x509.Certificate]] = []
-        for cluster in clusters:
+        self.load_cas()
+
+    def load_cas(self) -> None:
+        """(Re)read every cluster's CA bundle. Called again when the agent
+        listener's certificates are reloaded, so a CA added to a bundle during
+        a rotation decides the cluster just as the TLS layer trusts it."""
+        cas = []
+        for cluster in self.clusters.values():
             if cluster.agent_ca:
                 with open(cluster.agent_ca, "rb") as f:
                     for ca in x509.load_pem_x509_certificates(f.read()):
-                        self._cas.append((cluster.name, ca))
+                        cas.append((cluster.name, ca))
+        self._cas = cas
 
     @property
     def ca_files(self) -> list[str]:

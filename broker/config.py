@@ -1,14 +1,22 @@
 """Broker settings. Flag names follow konnectivity's proxy-server where the
-meaning is the same, so existing manifests translate one to one."""
+meaning is the same, so existing manifests translate one to one.
+
+Every flag can also come from a ``TETHER_BROKER_*`` variable or from the
+``[broker]`` table of ``--config-file`` (see :mod:`tether.settings`); the
+table leaves room for other sections in the same file, and ``--config``
+keeps naming the multi-cluster file.
+"""
 
 from __future__ import annotations
 
 import argparse
 import uuid
+from collections.abc import Mapping
 
 import attrs
 
 from broker.registry import parse_strategies
+from tether import settings
 
 
 @attrs.frozen
@@ -50,12 +58,21 @@ class BrokerConfig:
     agent_service_account: str = ""
     log_format: str = "text"
     log_level: str = "info"
+    config_file: str = ""
+    cert_reload_interval: float = 5.0
 
 
 def _positive(text: str) -> float:
     value = float(text)
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+    return value
+
+
+def _non_negative(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
     return value
 
 
@@ -238,23 +255,54 @@ def build_parser() -> argparse.ArgumentParser:
     ops.add_argument(
         "--log-level", choices=["debug", "info", "warning", "error"], default=d.log_level
     )
+    ops.add_argument(
+        "--cert-reload-interval",
+        type=_non_negative,
+        default=d.cert_reload_interval,
+        help="seconds between checks of the certificate, key and CA files; changed files "
+        "are reloaded for new connections (SIGHUP reloads at once); 0: SIGHUP only",
+    )
+    ops.add_argument(
+        "--config-file",
+        default=d.config_file,
+        help="TOML file whose [broker] table sets any of these flags (key: the flag name "
+        "with underscores); precedence: flags > TETHER_BROKER_* environment > file > defaults",
+    )
+    ops.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the effective configuration as TOML and exit",
+    )
     return p
 
 
-def from_args(argv: list[str] | None) -> BrokerConfig:
+SPEC = settings.Spec(
+    config_class=BrokerConfig,
+    env_prefix="TETHER_BROKER_",
+    table="broker",
+    checks={"proxy_strategies": parse_strategies},
+)
+
+
+def from_args(argv: list[str] | None, environ: Mapping[str, str] | None = None) -> BrokerConfig:
+    """Flags, then ``TETHER_BROKER_*`` variables, then ``--config-file``, then defaults."""
     parser = build_parser()
-    ns = parser.parse_args(argv)
+    resolved = settings.resolve(parser, build_parser, argv, SPEC, environ)
+    values = dict(resolved.values)
     try:
-        strategies = parse_strategies(ns.proxy_strategies)
+        strategies = parse_strategies(values.pop("proxy_strategies"))
     except ValueError as exc:
-        parser.error(str(exc))
-    values = {k: v for k, v in vars(ns).items() if k not in ("proxy_strategies", "server_id")}
+        settings.fail(parser, f"{settings.where(resolved, 'proxy_strategies')}: {exc}")
+    server_id = values.pop("server_id")
     cfg = BrokerConfig(
         proxy_strategies=strategies,
-        **({"server_id": ns.server_id} if ns.server_id else {}),
+        config_file=resolved.config_file,
+        **({"server_id": server_id} if server_id else {}),
         **values,
     )
     problems = validate(cfg)
+    if resolved.print_config:
+        settings.print_config(parser, resolved, SPEC, problems)
     if problems:
         parser.error("; ".join(problems))
     return cfg

@@ -78,5 +78,29 @@ class BrokerMetrics:
             buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
         )
 
+        self.active_streams = prom.Gauge(
+            "tether_active_streams",
+            "Tunneled connections (HTTP/2 data streams) open on agent connections.",
+            registry=r,
+        )
+        self.window_stalls = prom.Counter(
+            "tether_stream_window_stalls",
+            "Times a tunneled connection had to wait for HTTP/2 flow-control window "
+            "before sending (a slow reader at the far end, or a saturated link).",
+            registry=r,
+        )
+        self.cert_reloads = prom.Counter(
+            "tether_cert_reloads",
+            "Certificate reloads (SIGHUP or changed files), by certificate and result.",
+            ["cert", "result"],
+            registry=r,
+        )
+        self.cert_expiry = prom.Gauge(
+            "tether_certificate_expiry_timestamp_seconds",
+            "When the certificate in use expires (Unix time), by certificate.",
+            ["cert"],
+            registry=r,
+        )
+
     def render(self) -> bytes:
         return bytes(prom.generate_latest(self.registry))

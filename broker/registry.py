@@ -20,6 +20,7 @@ from broker.agent_conn import AgentConnection
 from broker.dialing import DialError, DialOutcome
 from broker.metrics import BrokerMetrics
 from protocol.messages import split_host_port
+from tether.netio.logs import event
 from tether.netio.tunnel import TunnelStream
 
 log = logging.getLogger("tether.broker")
@@ -120,7 +121,28 @@ class Registry:
             stream = await agent.dial(self.next_dial_id(), addr, timeout, early)
         except DialError as exc:
             self.metrics.dial_failures.labels(exc.code).inc()
-            log.info("dial %s in cluster %s failed: %s", addr, cluster, exc.message)
+            log.info(
+                "dial %s in cluster %s failed: %s",
+                addr,
+                cluster,
+                exc.message,
+                extra=event("dial_failed", addr=addr, cluster=cluster, code=exc.code),
+            )
             raise
-        self.metrics.dial_duration.observe(trio.current_time() - started)
+        elapsed = trio.current_time() - started
+        self.metrics.dial_duration.observe(elapsed)
+        log.debug(
+            "dial %s in cluster %s ok via agent %s (%.1f ms)",
+            addr,
+            cluster,
+            agent.agent_id,
+            elapsed * 1000,
+            extra=event(
+                "dial_ok",
+                addr=addr,
+                cluster=cluster,
+                agent_id=agent.agent_id,
+                duration_s=round(elapsed, 6),
+            ),
+        )
         return stream, agent

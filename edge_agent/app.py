@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import logging
 import signal
+import ssl
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import trio
 
@@ -20,11 +22,40 @@ from protocol.session import Role, SessionConfig, TunnelSession
 from tether.netio import sockopts, tls
 from tether.netio.http import serve_http, text
 from tether.netio.listeners import listener_port, open_tcp_listener
+from tether.netio.logs import event
 from tether.netio.relay import relay
 from tether.netio.tls_stream import TLSStream
 from tether.netio.tunnel import Keepalive, TunnelClosed, TunnelConnection
 
+if TYPE_CHECKING:
+    from edge_agent.metrics import AgentMetrics
+
 log = logging.getLogger("tether.agent")
+
+#: Reconnect causes (metric label, log field), by the start of the cause text
+#: produced in this module and in tether/netio/tunnel.py.
+_CAUSES = (
+    ("drain", "drain"),
+    ("rejected", "rejected"),
+    ("connect timed out", "connect_timeout"),
+    ("connect failed", "connect_failed"),
+    ("TLS handshake failed", "tls_handshake"),
+    ("broker did not negotiate h2", "no_h2"),
+    ("token file", "token_unreadable"),
+    ("control stream not accepted", "control_timeout"),
+    ("keepalive", "keepalive_timeout"),
+    ("protocol error", "protocol_error"),
+    ("peer closed", "broker_closed"),
+    ("transport error", "transport_error"),
+)
+
+
+def cause_label(cause: str) -> str:
+    """A bounded label for a reconnect cause (the text itself is unbounded)."""
+    for prefix, label in _CAUSES:
+        if cause.startswith(prefix):
+            return label
+    return "other"
 
 
 class BrokerLink:
@@ -64,17 +95,34 @@ class BrokerLink:
         elif isinstance(msg, messages.Cancel):
             pending = self.dials.get(msg.id)
             if pending is not None:
-                log.info("dial %d cancelled by the broker", msg.id)
+                log.info(
+                    "dial %d cancelled by the broker",
+                    msg.id,
+                    extra=event("dial_cancelled", dial_id=msg.id, server_id=self.server_id),
+                )
                 pending.cancel()
         elif isinstance(msg, messages.Drain):
             retry = (msg.retry_ms or 0) / 1000
-            log.info("broker %s is draining; reconnecting within %.1fs", self.server_id, retry)
+            log.info(
+                "broker %s is draining; reconnecting within %.1fs",
+                self.server_id,
+                retry,
+                extra=event("drain", initiator="broker", server_id=self.server_id, retry_s=retry),
+            )
             self.drain_hint = retry
         else:
             log.debug("ignoring %s from broker", type(msg).__name__)
 
-    def _fail(self, dial_id: int, code: DialFailCode, msg: str) -> None:
-        log.info("dial %d failed: %s: %s", dial_id, code.value, msg)
+    def _fail(self, dial_id: int, code: DialFailCode, msg: str, addr: str = "") -> None:
+        log.info(
+            "dial %d failed: %s: %s",
+            dial_id,
+            code.value,
+            msg,
+            extra=event("dial_failed", dial_id=dial_id, addr=addr, code=code.value),
+        )
+        if self.agent.metrics is not None:
+            self.agent.metrics.dial_failures.labels(code.value).inc()
         try:
             assert self.conn is not None
             self.conn.send_message(messages.DialFail(id=dial_id, code=code, msg=msg[:1024]))
@@ -87,27 +135,46 @@ class BrokerLink:
         try:
             with scope:
                 if msg.proto != "tcp":
-                    self._fail(msg.id, DialFailCode.ERROR, f"unsupported protocol {msg.proto!r}")
+                    self._fail(
+                        msg.id, DialFailCode.ERROR, f"unsupported protocol {msg.proto!r}", msg.addr
+                    )
                     return
+                started = trio.current_time()
                 try:
                     target = await dial_target(msg.addr, msg.timeout_ms / 1000, self.agent.policy)
                 except DialFailed as exc:
-                    self._fail(msg.id, exc.code, exc.msg)
+                    self._fail(msg.id, exc.code, exc.msg, msg.addr)
                     return
+                elapsed = trio.current_time() - started
                 try:
                     if msg.early:
                         await target.send_all(msg.early)
                     sid = conn.session.open_data_stream(msg.id, self.agent.authority)
                 except (trio.BrokenResourceError, ProtocolError, Exception) as exc:
                     await trio.aclose_forcefully(target)
-                    self._fail(msg.id, DialFailCode.ERROR, f"cannot start the tunnel: {exc}")
+                    self._fail(
+                        msg.id, DialFailCode.ERROR, f"cannot start the tunnel: {exc}", msg.addr
+                    )
                     return
                 ts = conn.add_stream(sid, msg.id)
                 conn.wake_writer()
-                log.debug("dial %d to %s ok (stream %d)", msg.id, msg.addr, sid)
+                log.debug(
+                    "dial %d to %s ok (stream %d)",
+                    msg.id,
+                    msg.addr,
+                    sid,
+                    extra=event(
+                        "dial_ok", dial_id=msg.id, addr=msg.addr, duration_s=round(elapsed, 6)
+                    ),
+                )
+                metrics = self.agent.metrics
+                if metrics is not None:
+                    metrics.dial_duration.observe(elapsed)
                 self.agent.active_streams += 1
                 try:
-                    await relay(target, ts)
+                    await relay(
+                        target, ts, count=metrics.count_relayed if metrics is not None else None
+                    )
                 finally:
                     self.agent.active_streams -= 1
                     self.agent.streams_changed()
@@ -129,8 +196,15 @@ class Agent:
     def __init__(self, cfg: AgentConfig) -> None:
         self.cfg = cfg
         self.authority = f"{cfg.proxy_server_host}:{cfg.proxy_server_port}"
-        self.ssl_context = tls.client_context(
-            cfg.ca_cert, cfg.agent_cert or None, cfg.agent_key or None, alpn=["h2"]
+        # Rebuilt on SIGHUP or when the files change; each new broker
+        # connection takes the current one, open connections keep theirs.
+        self.tls = tls.ReloadableContext(
+            "agent",
+            lambda: tls.client_context(
+                cfg.ca_cert, cfg.agent_cert or None, cfg.agent_key or None, alpn=["h2"]
+            ),
+            [cfg.ca_cert, cfg.agent_cert, cfg.agent_key],
+            cert_file=cfg.agent_cert or None,
         )
         self.session_config = SessionConfig(
             stream_window=cfg.stream_window, connection_window=cfg.connection_window
@@ -151,8 +225,19 @@ class Agent:
         self._lost: list[str] = []
         self.ever_connected = trio.Event()
         self.notifier = sdnotify.Notifier.from_environment()
+        self.metrics: AgentMetrics | None = None
+        if cfg.metrics:
+            from edge_agent.metrics import AgentMetrics  # lazy: see that module
+
+            self.metrics = AgentMetrics(self)
+            self.metrics.watch_certificate(self.tls)
 
     # -------------------------------------------------------------- state
+
+    @property
+    def ssl_context(self) -> ssl.SSLContext:
+        """The context for the next broker connection (see ``self.tls``)."""
+        return self.tls.current
 
     @property
     def ready(self) -> bool:
@@ -184,7 +269,19 @@ class Agent:
         def readyz() -> tuple[int, str, bytes]:
             return text(*self.readiness())
 
-        return {"/healthz": healthz, "/readyz": readyz}
+        routes = {"/healthz": healthz, "/readyz": readyz}
+        metrics = self.metrics
+        if metrics is not None:
+
+            def render() -> tuple[int, str, bytes]:
+                return 200, "text/plain; version=0.0.4; charset=utf-8", metrics.render()
+
+            routes["/metrics"] = render
+        return routes
+
+    def _cert_reloaded(self, ctx: tls.ReloadableContext, ok: bool) -> None:
+        if self.metrics is not None:
+            self.metrics.cert_reloads.labels(ctx.name, "ok" if ok else "error").inc()
 
     # ---------------------------------------------------------------- run
 
@@ -192,6 +289,12 @@ class Agent:
         self, *, task_status: trio.TaskStatus[dict[str, int]] = trio.TASK_STATUS_IGNORED
     ) -> None:
         async with trio.open_nursery() as nursery:
+            await nursery.start(
+                tls.watch_certificates,
+                [self.tls],
+                self.cfg.cert_reload_interval,
+                self._cert_reloaded,
+            )
             nursery.start_soon(sdnotify.run_watchdog, self.notifier)
             self.notifier.status(self.readiness()[1])
             ports: dict[str, int] = {}
@@ -216,7 +319,8 @@ class Agent:
     async def _wait_for_signal(self) -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async for signum in signals:
-                log.info("received %s: draining", signal.Signals(signum).name)
+                name = signal.Signals(signum).name
+                log.info("received %s: draining", name, extra=event("drain", initiator=name))
                 return
 
     async def drain(self, loop_scope: trio.CancelScope) -> None:
@@ -245,7 +349,7 @@ class Agent:
             link.conn.goaway("agent shutting down")
             await link.conn.flush()
         loop_scope.cancel()
-        log.info("agent stopped")
+        log.info("agent stopped", extra=event("stopped", agent_id=self.cfg.agent_id))
 
     # ------------------------------------------------------------ connections
 
@@ -275,13 +379,24 @@ class Agent:
             self.backoff.connected_for(healthy_for)
         ceiling = self.backoff.ceiling()
         delay = self.backoff.next_delay()
+        label = cause_label(cause)
         log.info(
             "reconnecting in %.2fs (attempt %d, backoff ceiling %.1fs, cause: %s)",
             delay,
             self.backoff.attempt,
             ceiling,
             cause,
+            extra=event(
+                "reconnect",
+                delay_s=round(delay, 3),
+                attempt=self.backoff.attempt,
+                ceiling_s=ceiling,
+                cause=label,
+                reason=cause,
+            ),
         )
+        if self.metrics is not None:
+            self.metrics.reconnects.labels(label).inc()
         await trio.sleep(delay)
 
     async def _open_transport(self) -> TLSStream | str:
@@ -353,6 +468,9 @@ class Agent:
                 name="broker",
             )
             link.conn = conn
+            if self.metrics is not None:
+                conn.set_rtt_observer(self.metrics.keepalive_rtt.observe)
+                conn.set_stall_observer(self.metrics.window_stalls.inc)
 
             async def handshake() -> None:
                 nonlocal reported
@@ -414,6 +532,13 @@ class Agent:
             link.server_id,
             len(self.links),
             self.server_count,
+            extra=event(
+                "agent_connected",
+                agent_id=self.cfg.agent_id,
+                server_id=link.server_id,
+                connected=len(self.links),
+                expected=self.server_count,
+            ),
         )
         return "connected"
 
@@ -423,12 +548,34 @@ class Agent:
             if err.status == 409 and err.error.startswith("duplicate"):
                 log.info("balancer chose a replica we already hold: %s", err.error)
                 return "duplicate"
-            log.error("broker rejected this agent (%d): %s", err.status, err.error)
+            log.error(
+                "broker rejected this agent (%d): %s",
+                err.status,
+                err.error,
+                extra=event(
+                    "auth_rejected",
+                    agent_id=self.cfg.agent_id,
+                    status=err.status,
+                    reason=err.error.split(":", 1)[0],
+                ),
+            )
             self.backoff.rejected()
             return f"rejected: {err.status} {err.error}"
-        if link.drain_hint is not None:
-            self.backoff.drain_hint(link.drain_hint)
         reason = conn.closed_reason or "closed"
         if link.accepted.is_set() and not reason.startswith("duplicate"):
-            log.warning("disconnected from broker %s: %s", link.server_id, reason)
+            log.warning(
+                "disconnected from broker %s: %s",
+                link.server_id,
+                reason,
+                extra=event(
+                    "agent_disconnected",
+                    agent_id=self.cfg.agent_id,
+                    server_id=link.server_id,
+                    cause=cause_label("drain" if link.drain_hint is not None else reason),
+                    reason=reason,
+                ),
+            )
+        if link.drain_hint is not None:
+            self.backoff.drain_hint(link.drain_hint)
+            return f"drain: {reason}"
         return reason

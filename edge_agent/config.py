@@ -1,14 +1,25 @@
 """Agent settings. Flag names follow konnectivity's proxy-agent where the
-meaning is the same."""
+meaning is the same.
+
+Every flag can also come from a ``TETHER_AGENT_*`` variable or a top-level
+key of a TOML file (see :mod:`tether.settings`): ``--config-file``, else
+``TETHER_AGENT_CONFIG_FILE``, else ``/etc/tether/agent.toml`` when it exists,
+so a device's settings live in one file the systemd unit need not name.
+"""
 
 from __future__ import annotations
 
 import argparse
+from collections.abc import Mapping
 
 import attrs
 
 from edge_agent.policy import Policy
 from protocol.identifiers import AgentIdentifiers
+from tether import settings
+
+#: Read when neither --config-file nor TETHER_AGENT_CONFIG_FILE names a file.
+DEFAULT_CONFIG_FILE = "/etc/tether/agent.toml"
 
 
 @attrs.frozen
@@ -36,12 +47,22 @@ class AgentConfig:
     connection_window: int = 16 * 1024 * 1024
     log_format: str = "text"
     log_level: str = "info"
+    config_file: str = ""
+    cert_reload_interval: float = 5.0
+    metrics: bool = False
 
 
 def _positive(text: str) -> float:
     value = float(text)
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+    return value
+
+
+def _non_negative(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
     return value
 
 
@@ -146,13 +167,48 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument(
         "--log-level", choices=["debug", "info", "warning", "error"], default=d.log_level
     )
+    o.add_argument(
+        "--metrics",
+        action=argparse.BooleanOptionalAction,
+        default=d.metrics,
+        help="serve Prometheus /metrics on the health port",
+    )
+    o.add_argument(
+        "--cert-reload-interval",
+        type=_non_negative,
+        default=d.cert_reload_interval,
+        help="seconds between checks of --ca-cert, --agent-cert and --agent-key; changed "
+        "files are used from the next connection on (SIGHUP reloads at once); 0: SIGHUP only",
+    )
+    o.add_argument(
+        "--config-file",
+        default=d.config_file,
+        help=f"TOML file setting any of these flags (key: the flag name with underscores); "
+        f"default {DEFAULT_CONFIG_FILE} if it exists, '' for none; "
+        "precedence: flags > TETHER_AGENT_* environment > file > defaults",
+    )
+    o.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the effective configuration as TOML and exit",
+    )
     return p
 
 
-def from_args(argv: list[str] | None) -> AgentConfig:
+SPEC = settings.Spec(
+    config_class=AgentConfig,
+    env_prefix="TETHER_AGENT_",
+    default_file=DEFAULT_CONFIG_FILE,
+    list_keys=frozenset({"allow"}),
+    checks={"allow": Policy.parse, "agent_identifiers": AgentIdentifiers.parse},
+)
+
+
+def from_args(argv: list[str] | None, environ: Mapping[str, str] | None = None) -> AgentConfig:
+    """Flags, then ``TETHER_AGENT_*`` variables, then the config file, then defaults."""
     parser = build_parser()
-    ns = parser.parse_args(argv)
-    cfg = AgentConfig(**vars(ns))
+    resolved = settings.resolve(parser, build_parser, argv, SPEC, environ)
+    cfg = AgentConfig(config_file=resolved.config_file, **resolved.values)
     problems = []
     if not cfg.ca_cert:
         problems.append("--ca-cert is required")
@@ -170,6 +226,8 @@ def from_args(argv: list[str] | None) -> AgentConfig:
         AgentIdentifiers.parse(cfg.agent_identifiers)
     except ValueError as exc:
         problems.append(f"--agent-identifiers: {exc}")
+    if resolved.print_config:
+        settings.print_config(parser, resolved, SPEC, problems)
     if problems:
         parser.error("; ".join(problems))
     return cfg

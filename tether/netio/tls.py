@@ -3,15 +3,29 @@
 TLS 1.2 is the floor (1.3 preferred by OpenSSL's negotiation). The agent
 tunnel speaks only HTTP/2 (ALPN ``h2``); the CONNECT frontend speaks
 HTTP/1.1. Every server here requires a client certificate.
+
+Certificates rotate without a restart: each listener or dialer holds a
+:class:`ReloadableContext` and takes :attr:`ReloadableContext.current` for
+every new connection, and :func:`watch_certificates` rebuilds the contexts on
+SIGHUP or when their files change.
 """
 
 from __future__ import annotations
 
+import logging
+import os
+import signal
 import ssl
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import attrs
+import trio
+
+from tether.netio.logs import event
+
+log = logging.getLogger("tether.tls")
 
 
 class TLSConfigError(Exception):
@@ -92,3 +106,163 @@ def peer_identity(peercert: dict[str, Any] | None) -> PeerIdentity | None:
     if cn is None:
         return None
     return PeerIdentity(cn, org)
+
+
+# ------------------------------------------------------------------ rotation
+
+
+@attrs.frozen
+class CertInfo:
+    serial: int
+    not_after: float  # seconds since the epoch
+
+
+def describe_cert(path: str | Path) -> CertInfo | None:
+    """Serial and expiry of the first certificate in a PEM file (None if unreadable).
+
+    cryptography is imported here, not at module level: the agent's import
+    path stays light, and this only runs on a reload or a metrics scrape.
+    """
+    from cryptography import x509
+
+    try:
+        cert = x509.load_pem_x509_certificate(Path(path).read_bytes())
+    except (OSError, ValueError):
+        return None
+    return CertInfo(cert.serial_number, cert.not_valid_after_utc.timestamp())
+
+
+_Stamp = tuple[int, int, int] | None
+
+
+class ReloadableContext:
+    """The SSL context a listener or dialer uses for its next connection.
+
+    An ``SSLContext`` reads its files once, when it is built. Rotation tools
+    (cert-manager, a Kubernetes Secret volume, a fleet agent) replace the
+    files instead, so this holder rebuilds the context from the same
+    ``build`` function on demand. A connection keeps the context it was made
+    with: open tunnels are never disturbed by a rotation. A rebuild that
+    fails (a half-copied file, a key that does not match its certificate)
+    keeps the previous context, so a botched rotation never stops service;
+    it is logged and counted, and retried when the files change again.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        build: Callable[[], ssl.SSLContext],
+        files: Sequence[str | Path],
+        *,
+        cert_file: str | Path | None = None,
+    ) -> None:
+        #: Which certificate this is, for logs and metric labels.
+        self.name = name
+        self._build = build
+        self.files = tuple(str(f) for f in files if f)
+        self.cert_file = str(cert_file) if cert_file else None
+        self._stamps = self._stat()
+        self._context = build()  # TLSConfigError here: the command exits 2
+        self._info: tuple[tuple[_Stamp, ...], CertInfo | None] | None = None
+
+    @property
+    def current(self) -> ssl.SSLContext:
+        return self._context
+
+    def _stat(self) -> tuple[_Stamp, ...]:
+        stamps: list[_Stamp] = []
+        for path in self.files:
+            try:
+                st = os.stat(path)  # follows symlinks: a Secret volume's swap counts
+            except OSError:
+                stamps.append(None)
+            else:
+                stamps.append((st.st_mtime_ns, st.st_size, st.st_ino))
+        return tuple(stamps)
+
+    def changed(self) -> bool:
+        """Whether any file changed since the last (attempted) build."""
+        return self._stat() != self._stamps
+
+    def cert_info(self) -> CertInfo | None:
+        """The leaf certificate now in use (cached until the next reload)."""
+        if self.cert_file is None:
+            return None
+        if self._info is None or self._info[0] != self._stamps:
+            self._info = (self._stamps, describe_cert(self.cert_file))
+        return self._info[1]
+
+    def reload(self, trigger: str) -> bool:
+        """Rebuild from the files; on failure keep the current context."""
+        stamps = self._stat()  # before reading: a change during the build is seen next time
+        try:
+            context = self._build()
+        except TLSConfigError as exc:
+            self._stamps = stamps
+            log.error(
+                "cannot reload the %s certificate (%s); the previous one stays in use: %s",
+                self.name,
+                trigger,
+                exc,
+                extra=event("cert_reload_failed", cert=self.name, trigger=trigger, error=str(exc)),
+            )
+            return False
+        self._context, self._stamps = context, stamps
+        info = self.cert_info()
+        log.info(
+            "reloaded the %s certificate (%s): serial %s; new connections use it",
+            self.name,
+            trigger,
+            f"{info.serial:x}" if info else "-",
+            extra=event(
+                "cert_reloaded",
+                cert=self.name,
+                trigger=trigger,
+                serial=f"{info.serial:x}" if info else None,
+                not_after=info.not_after if info else None,
+            ),
+        )
+        return True
+
+
+#: How long a change must settle before a reload: rotation tools copy the
+#: certificate and the key one after the other.
+SETTLE = 0.25
+
+
+async def watch_certificates(
+    contexts: Sequence[ReloadableContext],
+    interval: float,
+    on_reload: Callable[[ReloadableContext, bool], None] | None = None,
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Reload ``contexts`` on SIGHUP, and when their files change (checked
+    every ``interval`` seconds: a few ``stat`` calls; 0 turns polling off).
+
+    ``task_status.started()`` fires once SIGHUP is handled, so a caller that
+    waits for it knows a SIGHUP can no longer kill the process.
+    """
+
+    def reload(ctx: ReloadableContext, trigger: str) -> None:
+        ok = ctx.reload(trigger)
+        if on_reload is not None:
+            on_reload(ctx, ok)
+
+    async def poll() -> None:
+        while True:
+            await trio.sleep(interval)
+            changed = [ctx for ctx in contexts if ctx.changed()]
+            if changed:
+                await trio.sleep(SETTLE)
+                for ctx in changed:
+                    reload(ctx, "file change")
+
+    with trio.open_signal_receiver(signal.SIGHUP) as signals:
+        async with trio.open_nursery() as nursery:
+            if interval > 0:
+                nursery.start_soon(poll)
+            task_status.started()
+            async for _ in signals:
+                for ctx in contexts:
+                    reload(ctx, "SIGHUP")

@@ -137,6 +137,7 @@ class TunnelStream:
 
     async def wait_writable(self) -> int:
         """Wait for send credit; return how many payload bytes may go now."""
+        stalled = False
         while True:
             if self._abort is not None:
                 raise self._abort
@@ -144,6 +145,11 @@ class TunnelStream:
             cap = self.conn.session.send_capacity(self.stream_id)
             if cap > 0:
                 return cap
+            if not stalled:
+                # Counted once per wait, and only here, off the fast path.
+                stalled = True
+                if self.conn._on_stall is not None:
+                    self.conn._on_stall()
             self._writable = trio.Event()
             await self._writable.wait()
 
@@ -207,6 +213,7 @@ class TunnelConnection:
         self._ping: tuple[bytes, trio.Event] | None = None
         self._cancel: trio.CancelScope | None = None
         self._on_rtt: Callable[[float], None] | None = None
+        self._on_stall: Callable[[], None] | None = None
 
     # --------------------------------------------------------------- run
 
@@ -276,6 +283,11 @@ class TunnelConnection:
 
     def set_rtt_observer(self, fn: Callable[[float], None]) -> None:
         self._on_rtt = fn
+
+    def set_stall_observer(self, fn: Callable[[], None]) -> None:
+        """``fn()`` runs each time a stream must wait for flow-control window:
+        a slow reader at the far end, or a link the windows cannot fill."""
+        self._on_stall = fn
 
     # ------------------------------------------------------------- tasks
 

@@ -1,0 +1,352 @@
+"""Layered settings for both commands: flags > ``TETHER_*`` environment >
+TOML file > defaults.
+
+Each command describes its settings once, as an argparse parser over an
+attrs config class (``broker/config.py``, ``edge_agent/config.py``). This
+module derives the other two sources from that one description, so a key in
+a file, an environment variable and a flag are always the same setting,
+converted and range-checked by the same function:
+
+- file key: the flag name with underscores (``keepalive_time = 20``), at the
+  top level or in one table (the broker's ``[broker]``);
+- environment: the prefix plus the key in capitals
+  (``TETHER_AGENT_KEEPALIVE_TIME=20``);
+- flag: ``--keepalive-time=20``.
+
+Errors name the key and where it came from (``agent.toml: keepalive_time:
+must be a number``), because a daemon that refuses to start must say which
+line to fix. ``--print-config`` renders the merged result as TOML that is
+itself a valid config file, with a comment on every value that is not a
+default telling where it came from.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import math
+import os
+import sys
+import tomllib
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+import attrs
+
+
+class SettingsError(Exception):
+    """A file, environment or flag value is unusable; the message names the key."""
+
+
+#: Keys every command has that are not settings themselves.
+CONTROL_KEYS = frozenset({"help", "config_file", "print_config"})
+
+_TRUE = frozenset({"1", "true", "yes", "on"})
+_FALSE = frozenset({"0", "false", "no", "off"})
+_WANT = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+
+
+@attrs.frozen
+class Spec:
+    """How one command's settings are layered."""
+
+    #: The attrs class holding the settings; its field types decide which
+    #: TOML types a key accepts.
+    config_class: type
+    #: ``TETHER_AGENT_``: environment variables are this plus the key in capitals.
+    env_prefix: str
+    #: Settings live in this table of the file (``[broker]``); None: top level.
+    table: str | None = None
+    #: Read when neither ``--config-file`` nor its variable names a file, if it exists.
+    default_file: str = ""
+    #: Comma-separated list settings: a TOML array of strings is accepted too.
+    list_keys: frozenset[str] = frozenset()
+    #: Extra checks of a file or environment value (raise ValueError), so an
+    #: error names the key there rather than a flag the user never typed.
+    checks: Mapping[str, Callable[[Any], object]] = attrs.field(factory=dict)
+
+
+@attrs.frozen
+class Resolved:
+    """The merged settings, before the command turns them into its config class."""
+
+    values: dict[str, Any]
+    #: Per key: ``default``, ``file``, ``env NAME`` or ``flag --name``.
+    sources: dict[str, str]
+    config_file: str
+    print_config: bool
+    #: ``TETHER_*`` variables with our prefix that name no setting: ignored,
+    #: because Kubernetes injects look-alikes (service links), but shown by
+    #: ``--print-config`` to expose typos.
+    ignored_env: tuple[str, ...]
+
+
+def fail(parser: argparse.ArgumentParser, message: str) -> NoReturn:
+    """Exit 2 with ``prog: error: message``, like argparse, without the usage
+    banner: the message already says what to fix."""
+    parser.exit(2, f"{parser.prog}: error: {message}\n")
+
+
+def resolve(
+    parser: argparse.ArgumentParser,
+    build_parser: Callable[[], argparse.ArgumentParser],
+    argv: Sequence[str] | None,
+    spec: Spec,
+    environ: Mapping[str, str] | None = None,
+) -> Resolved:
+    """Parse ``argv`` with ``parser`` and layer environment and file under it.
+
+    ``build_parser`` makes a second copy of the parser, used to learn which
+    flags were typed (argparse cannot tell a default from an explicit value).
+    Flag syntax errors and ``--help`` behave exactly as before; a bad file or
+    environment value exits 2 naming the key.
+    """
+    env = os.environ if environ is None else environ
+    ns = parser.parse_args(argv)
+    typed = _typed_flags(build_parser(), argv)
+    actions = {a.dest: a for a in parser._actions if a.dest not in CONTROL_KEYS}
+    kinds = _kinds(spec.config_class)
+    values: dict[str, Any] = {dest: getattr(ns, dest) for dest in actions}
+    sources = dict.fromkeys(actions, "default")
+    try:
+        path = _config_path(ns, typed, spec, env)
+        if path:
+            for key, value in _read_file(path, spec, actions, kinds).items():
+                values[key], sources[key] = value, "file"
+        ignored = []
+        for name in sorted(env):
+            if not name.startswith(spec.env_prefix):
+                continue
+            key = name[len(spec.env_prefix) :].lower()
+            if key == "config_file":
+                continue
+            if key not in actions:
+                ignored.append(name)
+                continue
+            values[key] = _convert(env[name], key, actions[key], kinds, spec, name)
+            sources[key] = f"env {name}"
+    except SettingsError as exc:
+        fail(parser, str(exc))
+    for key in typed & set(actions):
+        values[key] = getattr(ns, key)
+        sources[key] = f"flag {actions[key].option_strings[-1]}"
+    return Resolved(values, sources, path, bool(getattr(ns, "print_config", False)), tuple(ignored))
+
+
+def where(resolved: Resolved, key: str) -> str:
+    """How to name ``key`` in a message: the flag, variable or file key that set it."""
+    source = resolved.sources.get(key, "default")
+    if source.startswith(("flag ", "env ")):
+        return source.split(" ", 1)[1]
+    if source == "file":
+        return f"{resolved.config_file}: {key}"
+    return key
+
+
+def print_config(
+    parser: argparse.ArgumentParser,
+    resolved: Resolved,
+    spec: Spec,
+    problems: Sequence[str] = (),
+) -> NoReturn:
+    """``--print-config``: the effective settings as TOML on stdout, exit 0.
+
+    With problems (settings that parse but do not fit together) they go to
+    stderr and the exit status is 2, so the option doubles as a config check.
+    Only settings are printed; none of them holds a secret, only paths to
+    files that do (token contents are never read here).
+    """
+    sys.stdout.write(render_toml(resolved, spec, parser.prog))
+    sys.stdout.flush()
+    if problems:
+        fail(parser, "; ".join(problems))
+    parser.exit(0)
+
+
+def render_toml(resolved: Resolved, spec: Spec, prog: str) -> str:
+    lines = [
+        f"# {prog}: effective configuration",
+        f"# precedence: flags > {spec.env_prefix}* environment > config file > defaults",
+        f"# config file: {resolved.config_file or '(none)'}",
+    ]
+    if resolved.ignored_env:
+        lines.append(f"# ignored (no such setting): {', '.join(resolved.ignored_env)}")
+    if spec.table:
+        lines.append(f"[{spec.table}]")
+    for key, value in resolved.values.items():
+        line = f"{key} = {toml_value(value)}"
+        source = resolved.sources.get(key, "default")
+        if source != "default":
+            line += f"  # {source}"
+        lines.append(line)
+    return "\n".join(lines) + "\n"
+
+
+def toml_value(value: object) -> str:
+    """One TOML value; enough for settings (scalars and lists of them)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "nan"
+        if math.isinf(value):
+            return "inf" if value > 0 else "-inf"
+        return repr(value)
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    return _toml_string(str(value))
+
+
+def _toml_string(text: str) -> str:
+    out = ['"']
+    for ch in text:
+        if ch in '"\\':
+            out.append("\\" + ch)
+        elif ord(ch) < 0x20 or ord(ch) == 0x7F:
+            out.append(f"\\u{ord(ch):04x}")
+        else:
+            out.append(ch)
+    out.append('"')
+    return "".join(out)
+
+
+# ---------------------------------------------------------------- internals
+
+
+def _typed_flags(probe: argparse.ArgumentParser, argv: Sequence[str] | None) -> set[str]:
+    """Dests given on the command line: parse again with every default suppressed."""
+    for action in probe._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(probe.parse_args(argv)))
+
+
+def _kinds(config_class: type) -> dict[str, type]:
+    """TOML type per key, from the attrs field annotations (strings under
+    ``from __future__ import annotations``); tuples are comma lists."""
+    kinds: dict[str, type] = {}
+    for field in attrs.fields(config_class):
+        name = field.type if isinstance(field.type, str) else getattr(field.type, "__name__", "")
+        if name.startswith("tuple"):
+            kinds[field.name] = list
+        else:
+            kinds[field.name] = {"int": int, "float": float, "bool": bool}.get(name, str)
+    return kinds
+
+
+def _config_path(
+    ns: argparse.Namespace, typed: set[str], spec: Spec, env: Mapping[str, str]
+) -> str:
+    var = f"{spec.env_prefix}CONFIG_FILE"
+    if "config_file" in typed:
+        return str(ns.config_file)
+    if var in env:
+        return env[var]
+    if spec.default_file and os.path.exists(spec.default_file):
+        return spec.default_file
+    return ""
+
+
+def _read_file(
+    path: str,
+    spec: Spec,
+    actions: Mapping[str, argparse.Action],
+    kinds: Mapping[str, type],
+) -> dict[str, Any]:
+    try:
+        data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise SettingsError(f"cannot read config file {path}: {exc.strerror or exc}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise SettingsError(f"{path}: {exc}") from None
+    prefix = ""
+    if spec.table is not None:
+        unknown = sorted(set(data) - {spec.table})
+        if unknown:
+            raise SettingsError(
+                f"{path}: unknown top-level key(s) {', '.join(unknown)}; "
+                f"settings go in a [{spec.table}] table"
+            )
+        table = data.get(spec.table, {})
+        if not isinstance(table, dict):
+            raise SettingsError(f"{path}: {spec.table}: must be a table")
+        data, prefix = table, f"{spec.table}."
+    out: dict[str, Any] = {}
+    for key, raw in data.items():
+        name = f"{path}: {prefix}{key}"
+        if key not in actions:
+            hint = difflib.get_close_matches(key, list(actions), n=1)
+            also = f" (did you mean {hint[0]}?)" if hint else ""
+            raise SettingsError(f"{name}: unknown key{also}")
+        kind = kinds.get(key, str)
+        out[key] = _convert(
+            _from_toml(raw, key, kind, spec, name), key, actions[key], kinds, spec, name
+        )
+    return out
+
+
+def _from_toml(raw: object, key: str, kind: type, spec: Spec, name: str) -> str | bool:
+    """Check a TOML value's type; return the text a flag would have carried."""
+    if kind is bool:
+        if not isinstance(raw, bool):
+            raise SettingsError(f"{name}: must be true or false")
+        return raw
+    if kind is int:
+        if isinstance(raw, bool) or not isinstance(raw, int):
+            raise SettingsError(f"{name}: must be an integer")
+        return str(raw)
+    if kind is float:
+        if isinstance(raw, bool) or not isinstance(raw, int | float):
+            raise SettingsError(f"{name}: must be a number")
+        return repr(float(raw))
+    if kind is list or key in spec.list_keys:
+        if isinstance(raw, list) and all(isinstance(item, str) for item in raw):
+            return ",".join(raw)
+        if not isinstance(raw, str):
+            raise SettingsError(f"{name}: must be a string or an array of strings")
+        return raw
+    if not isinstance(raw, str):
+        raise SettingsError(f"{name}: must be a string")
+    return raw
+
+
+def _convert(
+    text: str | bool,
+    key: str,
+    action: argparse.Action,
+    kinds: Mapping[str, type],
+    spec: Spec,
+    name: str,
+) -> Any:
+    """Run a file or environment value through the flag's own type function."""
+    kind = kinds.get(key, str)
+    if kind is bool:
+        if isinstance(text, bool):
+            return text
+        word = text.strip().lower()
+        if word not in _TRUE | _FALSE:
+            raise SettingsError(f"{name}: must be true or false, got {text!r}")
+        return word in _TRUE
+    assert isinstance(text, str)
+    convert: Callable[[str], Any] = (
+        action.type if callable(action.type) else kind if kind in (int, float) else str
+    )
+    try:
+        value = convert(text)
+    except argparse.ArgumentTypeError as exc:
+        raise SettingsError(f"{name}: {exc}") from None
+    except (TypeError, ValueError):
+        want = _WANT.get(kind, "a string")
+        raise SettingsError(f"{name}: must be {want}, got {text!r}") from None
+    if action.choices is not None and value not in action.choices:
+        choices = ", ".join(str(c) for c in action.choices)
+        raise SettingsError(f"{name}: must be one of {choices}, got {text!r}")
+    check = spec.checks.get(key)
+    if check is not None:
+        try:
+            check(value)
+        except ValueError as exc:
+            raise SettingsError(f"{name}: {exc}") from None
+    return value
