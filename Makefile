@@ -53,5 +53,15 @@ proto: venv
 proto-check: venv
 	$(PY) scripts/gen_proto.py --check
 
+# Offline install bundle for edge devices without internet (docs/operations.md):
+# wheels for linux x86_64, aarch64 and armv7l plus deploy/systemd/install.sh
+# in wheelhouse/. Downloads from PyPI; takes minutes.
+WHEELHOUSE_ARCH   ?= x86_64 aarch64 armv7l
+WHEELHOUSE_PYTHON ?= 3.11
+.PHONY: wheelhouse
+wheelhouse: venv
+	$(PY) deploy/systemd/wheelhouse.py --clean --dest wheelhouse \
+	  $(foreach a,$(WHEELHOUSE_ARCH),--arch $(a)) $(foreach v,$(WHEELHOUSE_PYTHON),--python-version $(v))
+
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis *.egg-info
