@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: venv demo test lint pytest proto proto-check sysdeps clean
+.PHONY: venv demo test lint pytest proto proto-check sysdeps clean fuzz
 
 venv: $(STAMP)
 
@@ -45,6 +45,12 @@ pytest: venv sysdeps
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
 test: lint pytest
+
+# Coverage-guided fuzzing (atheris): every target in fuzz/ for FUZZ_SECONDS
+# each; seeds in fuzz/corpus/<target>/, new inputs in fuzz/.work/<target>/.
+FUZZ_SECONDS ?= 60
+fuzz: venv
+	$(PY) fuzz/run.py all --seconds $(FUZZ_SECONDS)
 
 # The committed konnectivity_pb2 module must match the .proto.
 proto: venv

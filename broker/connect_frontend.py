@@ -63,6 +63,13 @@ async def _respond(
     message: str,
 ) -> None:
     metrics.frontend_requests.labels(settings.frontend, str(status)).inc()
+    data = render_response(conn, status, message)
+    with trio.move_on_after(5):
+        await stream.send_all(data)
+
+
+def render_response(conn: h11.Connection, status: int, message: str) -> bytes:
+    """An error response: a one-line ``text/plain`` body, ``Connection: close``."""
     body = (message.replace("\n", " ").replace("\r", " ") + "\n").encode()
     headers = [
         ("content-type", "text/plain; charset=utf-8"),
@@ -77,8 +84,7 @@ async def _respond(
         data += conn.send(h11.Data(data=body)) or b"" if conn.our_state is h11.SEND_BODY else body
     except h11.LocalProtocolError:
         data = _raw_response(status, headers) + body
-    with trio.move_on_after(5):
-        await stream.send_all(data)
+    return data
 
 
 def _raw_response(status: int, headers: list[tuple[str, str]]) -> bytes:
@@ -87,50 +93,90 @@ def _raw_response(status: int, headers: list[tuple[str, str]]) -> bytes:
     return ("\r\n".join(lines) + "\r\n\r\n").encode()
 
 
+@attrs.frozen
+class ConnectTarget:
+    """A well-formed ``CONNECT host:port`` request."""
+
+    target: str
+    #: Bytes the client sent after the request header (kept, sent first).
+    early: bytes
+
+
+@attrs.frozen
+class ConnectRefusal:
+    """A request we answer with an error; ``status`` 0: the client closed
+    before sending one, nothing to answer."""
+
+    status: int
+    reason: str  # tether_bad_input_total label
+    message: str
+
+
+class ConnectRequestParser:
+    """The request half of the CONNECT frontend, sans-IO: bytes in, one
+    decision out. Never raises, whatever the client sends."""
+
+    def __init__(self) -> None:
+        self.conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST_HEADER_BYTES)
+
+    def feed(self, data: bytes) -> ConnectTarget | ConnectRefusal | None:
+        """Add received bytes (``b""``: the client closed); None: need more."""
+        conn = self.conn
+        try:
+            conn.receive_data(data)
+            event = conn.next_event()
+        except h11.RemoteProtocolError as exc:
+            status = exc.error_status_hint
+            return ConnectRefusal(status, "malformed_request", f"malformed request: {exc}")
+        if event is h11.NEED_DATA:
+            return None
+        if not isinstance(event, h11.Request):
+            return ConnectRefusal(0, "closed", "closed before a request")
+        method = event.method.decode("ascii", "replace")
+        target = event.target.decode("ascii", "replace")
+        if method != "CONNECT":
+            return ConnectRefusal(405, "not_connect", f"only CONNECT is served, not {method}")
+        try:
+            split_host_port(target)
+        except InvalidMessage as exc:
+            return ConnectRefusal(400, "bad_target", f"bad CONNECT target: {exc}")
+        return ConnectTarget(target, bytes(conn.trailing_data[0]))
+
+
+def parse_connect_request(data: bytes) -> ConnectTarget | ConnectRefusal:
+    """Parse a complete request (the client closes after ``data``)."""
+    parser = ConnectRequestParser()
+    result = parser.feed(data)
+    if result is None:
+        result = parser.feed(b"")
+    return result or ConnectRefusal(0, "closed", "closed before a request")
+
+
 async def _serve(
     stream: trio.abc.Stream,
     registry: Registry,
     metrics: BrokerMetrics,
     settings: ConnectSettings,
 ) -> None:
-    conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST_HEADER_BYTES)
-    request: h11.Request | None = None
+    parser = ConnectRequestParser()
+    conn = parser.conn
+    parsed: ConnectTarget | ConnectRefusal | None = None
     with trio.move_on_after(settings.header_timeout):
-        while request is None:
-            try:
-                event = conn.next_event()
-            except h11.RemoteProtocolError as exc:
-                status = exc.error_status_hint
-                metrics.bad_input.labels("frontend", "malformed_request").inc()
-                log.info("frontend: malformed request (%d): %s", status, exc)
-                await _respond(stream, conn, metrics, settings, status, f"malformed request: {exc}")
-                return
-            if event is h11.NEED_DATA:
-                conn.receive_data(bytes(await stream.receive_some(16384)))
-            elif isinstance(event, h11.Request):
-                request = event
-            else:
-                return  # closed before a request
-    if request is None:
+        while parsed is None:
+            parsed = parser.feed(bytes(await stream.receive_some(16384)))
+    if parsed is None:
         metrics.bad_input.labels("frontend", "header_timeout").inc()
         log.info("frontend: no request within %gs; closing", settings.header_timeout)
         return
-    method = request.method.decode("ascii", "replace")
-    target = request.target.decode("ascii", "replace")
-    if method != "CONNECT":
-        metrics.bad_input.labels("frontend", "not_connect").inc()
-        await _respond(
-            stream, conn, metrics, settings, 405, f"only CONNECT is served, not {method}"
-        )
+    if isinstance(parsed, ConnectRefusal):
+        if parsed.status == 0:
+            return  # closed before a request
+        metrics.bad_input.labels("frontend", parsed.reason).inc()
+        log.info("frontend: request refused (%d): %s", parsed.status, parsed.message)
+        await _respond(stream, conn, metrics, settings, parsed.status, parsed.message)
         return
-    try:
-        split_host_port(target)
-    except InvalidMessage as exc:
-        metrics.bad_input.labels("frontend", "bad_target").inc()
-        await _respond(stream, conn, metrics, settings, 400, f"bad CONNECT target: {exc}")
-        return
-
-    early = bytearray(conn.trailing_data[0])
+    target = parsed.target
+    early = bytearray(parsed.early)
     try:
         ts = await _dial_watching_client(stream, registry, settings, target, early)
     except DialError as exc:

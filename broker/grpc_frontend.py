@@ -56,6 +56,7 @@ from broker.registry import Registry
 from protocol import konnectivity_pb2 as pb
 from protocol import packets
 from protocol.errors import InvalidMessage, ProtocolError
+from protocol.flood import FloodGuard, FloodLimits, unsent_bytes
 from protocol.grpc_framing import (
     DEFAULT_MAX_MESSAGE_SIZE,
     GrpcMessageDecoder,
@@ -104,6 +105,8 @@ class GrpcSettings:
     linger: float = 5.0
     #: Bytes handed to the socket but not yet written before senders wait.
     write_buffer: int = 4 * 1024 * 1024
+    #: Budgets for frames that cost us work (rapid reset, PING floods, ...).
+    flood: FloodLimits = attrs.field(factory=FloodLimits)
 
 
 class _ClientGone(Exception):
@@ -186,6 +189,9 @@ class _Connection:
         self._writing = False
         self._conn_unacked = 0
         self._preface_seen = trio.Event()
+        #: Rapid reset, PING and SETTINGS floods (see protocol.flood).
+        self._flood = FloodGuard(self.settings.flood, trio.current_time())
+        self._unread_replies = 0  # bytes h2 queued in reply since the writer took output
         self._io_scope: trio.CancelScope | None = None
         self._calls_nursery: trio.Nursery | None = None
 
@@ -282,6 +288,7 @@ class _Connection:
 
     def _take_output(self) -> bytes:
         self._queued = 0
+        self._unread_replies = 0
         data = self.h2.data_to_send()
         if self._raw_out:
             data += b"".join(self._raw_out)
@@ -346,6 +353,7 @@ class _Connection:
                 return
             if not data:
                 return
+            queued_before = unsent_bytes(self.h2)
             try:
                 events = self.h2.receive_data(bytes(data))
             except h2.exceptions.ProtocolError as exc:
@@ -353,16 +361,37 @@ class _Connection:
                 self.metrics.bad_input.labels(FRONTEND, "h2_protocol").inc()
                 log.warning("gRPC frontend: HTTP/2 protocol violation: %s", exc)
                 return
+            except UnicodeDecodeError:
+                # h2 decodes headers as UTF-8 and lets the error escape.
+                self.metrics.bad_input.labels(FRONTEND, "header_encoding").inc()
+                log.warning("gRPC frontend: header field is not UTF-8; closing")
+                self._goaway_now(h2.errors.ErrorCodes.PROTOCOL_ERROR)
+                return
             finally:
                 self.wake_writer()
             for ev in events:
                 if not self._dispatch(ev):
                     return
             self._flush_conn_credit()
+            # h2's own replies (ACKs, RST_STREAMs) pile up while the writer
+            # is stuck, i.e. while the client does not read them.
+            self._unread_replies += max(0, unsent_bytes(self.h2) - queued_before)
+            if self._unread_replies > self.settings.flood.max_unread_replies:
+                self._flood.exhausted = self._flood.exhausted or "flood_unread_replies"
+            if self._flood.exhausted is not None:
+                self.metrics.bad_input.labels(FRONTEND, self._flood.exhausted).inc()
+                log.warning(
+                    "gRPC frontend: client flood (%s): GOAWAY ENHANCE_YOUR_CALM",
+                    self._flood.exhausted,
+                )
+                self._goaway_now(h2.errors.ErrorCodes.ENHANCE_YOUR_CALM, self._flood.exhausted)
+                return
 
     def _dispatch(self, ev: h2.events.Event) -> bool:
         """Handle one h2 event; False when the connection is over."""
-        if isinstance(ev, h2.events.DataReceived):
+        if isinstance(ev, h2.events.PingReceived):
+            self._flood.spend("pings", trio.current_time())  # h2 queued the ACK
+        elif isinstance(ev, h2.events.DataReceived):
             flow = ev.flow_controlled_length or 0
             # Connection credit now: the bytes sit in the call's bounded queue.
             self._conn_unacked += flow
@@ -375,6 +404,7 @@ class _Connection:
             if (call := self.calls.get(ev.stream_id)) is not None:
                 call.remote_ended()
         elif isinstance(ev, h2.events.StreamReset):
+            self._flood.spend("resets", trio.current_time())
             if (call := self.calls.get(ev.stream_id)) is not None:
                 call.client_gone(f"stream reset by the client (error code {ev.error_code})")
         elif isinstance(ev, h2.events.WindowUpdated):
@@ -385,6 +415,7 @@ class _Connection:
                 call.window_opened()
         elif isinstance(ev, h2.events.RemoteSettingsChanged):
             self._preface_seen.set()
+            self._flood.spend("settings", trio.current_time())
             changed = ev.changed_settings
             if (
                 h2.settings.SettingCodes.INITIAL_WINDOW_SIZE in changed
@@ -470,7 +501,16 @@ class _Connection:
         if self._goaway_sent and not self.calls:
             self._close_when_flushed()
 
+    def _goaway_now(self, code: int, reason: str = "") -> None:
+        """End the connection with GOAWAY(``code``); the final flush sends it."""
+        try:
+            self.h2.close_connection(error_code=code, additional_data=reason.encode() or None)
+        except h2.exceptions.ProtocolError:
+            pass  # h2 already closed the connection
+        self._goaway_sent = True
+
     def _reset(self, sid: int, code: int) -> None:
+        self._flood.spend("resets", trio.current_time())
         try:
             self.h2.reset_stream(sid, error_code=code)
         except h2.exceptions.ProtocolError:
@@ -479,6 +519,7 @@ class _Connection:
 
     def _http_error(self, sid: int, status: int) -> None:
         self.metrics.bad_input.labels(FRONTEND, f"http_{status}").inc()
+        self._flood.spend("resets", trio.current_time())
         try:
             self.h2.send_headers(sid, [(":status", str(status))], end_stream=True)
         except h2.exceptions.ProtocolError:
@@ -492,6 +533,7 @@ class _Connection:
         message: str,
         extra: list[tuple[str, str]] | None = None,
     ) -> None:
+        self._flood.spend("resets", trio.current_time())  # a refused call
         headers = [
             (":status", "200"),
             ("content-type", _GRPC_CONTENT_TYPE),

@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import enum
 import os
+import time
+from collections.abc import Callable
 
 import attrs
 import h2.config
@@ -36,6 +38,7 @@ import msgpack
 
 from protocol import framing, h2compat, messages
 from protocol.errors import HandshakeRejected, ProtocolError, SessionError
+from protocol.flood import FloodDetected, FloodGuard, FloodLimits, unsent_bytes
 
 del h2compat  # imported for its patch of hyperframe's DataFrame repr
 
@@ -63,6 +66,8 @@ class SessionConfig:
     max_message_size: int = messages.MAX_MESSAGE_SIZE
     #: Largest payload put into one ``bin`` object when sending.
     send_chunk: int = 256 * 1024
+    #: Budgets for frames that cost us work (rapid reset, PING floods, ...).
+    flood: FloodLimits = attrs.field(factory=FloodLimits)
 
     def __attrs_post_init__(self) -> None:
         if not 64 * 1024 <= self.stream_window <= 2**31 - 1:
@@ -186,6 +191,7 @@ class _Stream:
     dial_id: int
     decoder: framing.DataStreamDecoder
     unacked: int = 0  # stream credit earned but not yet sent as WINDOW_UPDATE
+    accepted: bool = False  # broker: answered 200 (paired with its dial)
     local_ended: bool = False
     remote_ended: bool = False
 
@@ -201,9 +207,19 @@ def _header_dict(headers: object) -> dict[str, str]:
 class TunnelSession:
     """One tunnel connection's protocol state, in either role."""
 
-    def __init__(self, role: Role, config: SessionConfig | None = None) -> None:
+    def __init__(
+        self,
+        role: Role,
+        config: SessionConfig | None = None,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.role = role
         self.config = config or SessionConfig()
+        #: Only the flood budgets read it (the session does no I/O).
+        self._clock = clock
+        self._flood = FloodGuard(self.config.flood, clock())
+        self._unread_replies = 0  # bytes h2 queued in reply since our last flush
         h2_config = h2.config.H2Configuration(
             client_side=role is Role.AGENT,
             header_encoding="utf-8",
@@ -255,19 +271,24 @@ class TunnelSession:
         return len(self._streams)
 
     def data_to_send(self) -> bytes:
+        self._unread_replies = 0
         return self._h2.data_to_send()
 
     def close(self, error_code: int = 0, reason: str = "") -> None:
         """Send GOAWAY. Streams already open may finish (graceful drain)."""
         if not self._closed:
             self._closed = True
-            self._h2.close_connection(
-                error_code=error_code, additional_data=reason.encode()[:256] or None
-            )
+            try:
+                self._h2.close_connection(
+                    error_code=error_code, additional_data=reason.encode()[:256] or None
+                )
+            except h2.exceptions.ProtocolError:
+                pass  # h2 already closed it (a GOAWAY in the same read)
 
     def send_ping(self) -> bytes:
         payload = os.urandom(8)
-        self._h2.ping(payload)
+        if not self._closed:  # h2 refuses frames after GOAWAY; no ACK will come
+            self._h2.ping(payload)
         return payload
 
     # ------------------------------------------------------- control stream
@@ -295,7 +316,13 @@ class TunnelSession:
         if self._control_id is None or self._control_open:
             raise SessionError("no control stream to accept")
         response = [(":status", "200"), ("content-type", CONTENT_TYPE), *sorted(headers.items())]
-        self._h2.send_headers(self._control_id, response)
+        try:
+            self._h2.send_headers(self._control_id, response)
+        except h2.exceptions.ProtocolError:
+            # The agent reset the stream (or sent GOAWAY) in the same read as
+            # its request; the ConnectionClosed event after it ends things.
+            self._closed = True
+            return
         self._control_open = True
 
     def reject_control(self, status: int, error: str) -> None:
@@ -304,11 +331,14 @@ class TunnelSession:
         if self._control_id is None:
             raise SessionError("no control stream to reject")
         body = msgpack.packb({"error": error[:1024]}, use_bin_type=True)
-        self._h2.send_headers(
-            self._control_id,
-            [(":status", str(status)), ("content-type", CONTENT_TYPE)],
-        )
-        self._h2.send_data(self._control_id, body, end_stream=True)
+        try:
+            self._h2.send_headers(
+                self._control_id,
+                [(":status", str(status)), ("content-type", CONTENT_TYPE)],
+            )
+            self._h2.send_data(self._control_id, body, end_stream=True)
+        except h2.exceptions.ProtocolError:
+            pass  # the agent already reset the stream: nobody to tell
         self.close(0, "rejected")
 
     def send_message(self, msg: messages.Message) -> None:
@@ -317,10 +347,15 @@ class TunnelSession:
         the window allows, else h2 raises and the connection is doomed."""
         if self._control_id is None or (self.role is Role.BROKER and not self._control_open):
             raise SessionError("control stream is not open")
+        if self._closed:
+            raise SessionError("connection is closing")
         data = messages.encode(msg)
-        if self._h2.local_flow_control_window(self._control_id) < len(data):
-            raise SessionError("control stream window exhausted: peer is not reading")
-        self._send_frames(self._control_id, data)
+        try:
+            if self._h2.local_flow_control_window(self._control_id) < len(data):
+                raise SessionError("control stream window exhausted: peer is not reading")
+            self._send_frames(self._control_id, data)
+        except h2.exceptions.ProtocolError as exc:
+            raise SessionError(f"control stream is closed: {exc!r}") from None
 
     # --------------------------------------------------------- data streams
 
@@ -353,7 +388,13 @@ class TunnelSession:
                 # StreamReset event right after DataStreamRequested says so.
                 return
             raise SessionError(f"no data stream {stream_id}")
-        self._h2.send_headers(stream_id, [(":status", "200"), ("content-type", CONTENT_TYPE)])
+        self._streams[stream_id].accepted = True
+        try:
+            self._h2.send_headers(stream_id, [(":status", "200"), ("content-type", CONTENT_TYPE)])
+        except h2.exceptions.ProtocolError:
+            # GOAWAY arrived in the same read: the ConnectionClosed event
+            # that follows aborts every stream, this one included.
+            self._streams.pop(stream_id, None)
 
     def send_capacity(self, stream_id: int) -> int:
         """Payload bytes that may be sent on ``stream_id`` right now."""
@@ -382,8 +423,8 @@ class TunnelSession:
         resets the stream instead.
         """
         stream = self._streams.get(stream_id)
-        if stream is None or stream.local_ended:
-            return False
+        if stream is None or stream.local_ended or self._closed:
+            return False  # after GOAWAY h2 sends nothing more; the caller resets
         data = messages.encode(close)
         try:
             if self._h2.local_flow_control_window(stream_id) < len(data):
@@ -396,7 +437,7 @@ class TunnelSession:
     def end_stream(self, stream_id: int) -> bool:
         """Half-close our direction (END_STREAM)."""
         stream = self._streams.get(stream_id)
-        if stream is None or stream.local_ended:
+        if stream is None or stream.local_ended or self._closed:
             return False
         stream.local_ended = True
         try:
@@ -409,8 +450,12 @@ class TunnelSession:
 
     def reset_stream(self, stream_id: int, error_code: int = h2.errors.ErrorCodes.CANCEL) -> None:
         """Abort a stream (RST_STREAM, a TCP RST)."""
-        if self._streams.pop(stream_id, None) is None and stream_id != self._control_id:
+        stream = self._streams.pop(stream_id, None)
+        if stream is None and stream_id != self._control_id:
             return
+        if stream is not None and self.role is Role.BROKER and not stream.accepted:
+            # Refused (unknown or replayed dial id): counts like a rapid reset.
+            self._flood.spend("resets", self._clock())
         try:
             self._h2.reset_stream(stream_id, error_code=error_code)
         except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
@@ -436,24 +481,40 @@ class TunnelSession:
         """Feed bytes from the transport; return the resulting events.
 
         Raises :class:`ProtocolError` for a connection-level violation; a
-        GOAWAY is then queued in :meth:`data_to_send`.
+        GOAWAY is then queued in :meth:`data_to_send`. A peer over one of its
+        flood budgets gets GOAWAY(ENHANCE_YOUR_CALM) and :class:`FloodDetected`.
         """
+        queued_before = unsent_bytes(self._h2)
         try:
             h2_events = self._h2.receive_data(data)
         except h2.exceptions.ProtocolError as exc:
             self._closed = True
             raise SessionError(f"HTTP/2 protocol violation: {exc}", reason="h2") from None
+        except UnicodeDecodeError:
+            # h2 decodes header bytes as UTF-8 (header_encoding) and lets the
+            # error escape, queueing no GOAWAY: a violation like any other.
+            self.close(h2.errors.ErrorCodes.PROTOCOL_ERROR, "header_encoding")
+            raise SessionError("header field is not UTF-8", reason="header_encoding") from None
         out: list[Event] = []
         try:
             for ev in h2_events:
                 self._handle(ev, out)
+            self._flush_conn_credit()
+            # Replies h2 queued on its own (ACKs, RST_STREAMs) pile up while
+            # the transport is not flushed, i.e. while the peer is not reading.
+            self._unread_replies += max(0, unsent_bytes(self._h2) - queued_before)
+            if self._unread_replies > self.config.flood.max_unread_replies:
+                self._flood.exhausted = self._flood.exhausted or "flood_unread_replies"
+            self._flood.check()
         except HandshakeRejected:
+            raise
+        except FloodDetected as exc:
+            self.close(h2.errors.ErrorCodes.ENHANCE_YOUR_CALM, exc.reason)
             raise
         except ProtocolError as exc:
             # A control-stream violation: the whole connection goes.
             self.close(h2.errors.ErrorCodes.PROTOCOL_ERROR, exc.reason)
             raise
-        self._flush_conn_credit()
         return out
 
     def _handle(self, ev: h2.events.Event, out: list[Event]) -> None:
@@ -470,8 +531,11 @@ class TunnelSession:
         elif isinstance(ev, h2.events.WindowUpdated):
             out.append(WindowOpened(ev.stream_id or None))
         elif isinstance(ev, h2.events.RemoteSettingsChanged):
+            self._flood.spend("settings", self._clock())
             if h2.settings.SettingCodes.INITIAL_WINDOW_SIZE in ev.changed_settings:
                 out.append(WindowOpened(None))
+        elif isinstance(ev, h2.events.PingReceived):
+            self._flood.spend("pings", self._clock())  # h2 queued the ACK itself
         elif isinstance(ev, h2.events.PingAckReceived):
             out.append(PingAcked(bytes(ev.ping_data)))
         elif isinstance(ev, h2.events.ConnectionTerminated):
@@ -489,7 +553,12 @@ class TunnelSession:
             self._refuse(sid, h2.errors.ErrorCodes.PROTOCOL_ERROR)
             return
         if method != "POST" or path not in (CONTROL_PATH, STREAM_PATH):
-            self._h2.send_headers(sid, [(":status", "404")], end_stream=True)
+            try:
+                self._h2.send_headers(sid, [(":status", "404")], end_stream=True)
+            except h2.exceptions.ProtocolError:
+                return  # already reset by the peer, in the same read
+            # Stop a request body at once, so the stream does not stay open.
+            self._refuse(sid, h2.errors.ErrorCodes.NO_ERROR)
             return
         if path == CONTROL_PATH:
             if self._control_id is not None:
@@ -593,6 +662,7 @@ class TunnelSession:
 
     def _on_stream_reset(self, ev: h2.events.StreamReset, out: list[Event]) -> None:
         sid = ev.stream_id
+        self._flood.spend("resets", self._clock())
         if sid == self._control_id:
             self._closed = True
             out.append(ConnectionClosed(int(ev.error_code or 0), "control stream reset"))
@@ -607,6 +677,7 @@ class TunnelSession:
             raise SessionError(f"only the {role.value} may do this")
 
     def _refuse(self, sid: int, code: int) -> None:
+        self._flood.spend("resets", self._clock())
         try:
             self._h2.reset_stream(sid, error_code=code)
         except h2.exceptions.ProtocolError:

@@ -273,7 +273,13 @@ class TunnelConnection:
 
     def send_message(self, msg: messages.Message) -> None:
         self.check_open()
-        self.session.send_message(msg)
+        try:
+            self.session.send_message(msg)
+        except ProtocolError as exc:
+            # Control messages cannot wait for credit: a peer that does not
+            # read its control stream, or closed it, loses the connection.
+            self.abort(f"control stream unusable: {exc}")
+            raise TunnelClosed(str(exc)) from None
         self.wake_writer()
 
     def add_stream(self, stream_id: int, dial_id: int) -> TunnelStream:
