@@ -16,8 +16,8 @@ ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 FROM ${PYTHON_IMAGE} AS build
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_NO_CACHE_DIR=1
-# PyPI has no armv7 wheels for cffi and msgpack: compile them here, in the
-# build stage only. Every other architecture installs binary wheels.
+# PyPI has no armv7 wheels for cffi, msgpack and PyYAML: build them here, in
+# the build stage only. Every other architecture installs binary wheels.
 RUN if [ "$(dpkg --print-architecture)" = "armhf" ]; then \
         apt-get update \
         && apt-get install -y --no-install-recommends gcc libc6-dev libffi-dev \

@@ -60,6 +60,7 @@ def test_wheelhouse_bundle(wheelhouse: Path) -> None:
 
 @pytest.mark.timeout(300)
 def test_install_into_a_root_prefix_twice(wheelhouse: Path, tmp_path: Path) -> None:
+    systemd_analyze()  # the systemd package, for systemd-sysusers and verify
     root = tmp_path / "root"
     first = subprocess.run(
         offline(
