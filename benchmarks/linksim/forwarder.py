@@ -90,7 +90,9 @@ class Forwarder:
     def _directions(self, which: str) -> list[int]:
         if which == "both":
             return [0, 1]
-        return [DIRECTIONS.index(which)]  # type: ignore[arg-type]
+        if which not in DIRECTIONS:
+            raise ValueError(f"bad direction {which!r}")
+        return [0 if which == DIRECTIONS[0] else 1 if which == DIRECTIONS[1] else -1]
 
     def _flush(self, d: int) -> None:
         gone = [e for e in self.heap if e[2] == d]

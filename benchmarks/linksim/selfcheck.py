@@ -184,7 +184,7 @@ def _mono_minus_real() -> float:
 
 def _recv_all(s: socket.socket, offset: float) -> list[tuple[bytes, tuple[str, int], float]]:
     """Drain a nonblocking UDP socket: (data, source, kernel receive time as monotonic)."""
-    out = []
+    out: list[tuple[bytes, tuple[str, int], float]] = []
     while True:
         try:
             data, anc, _flags, addr = s.recvmsg(2048, socket.CMSG_SPACE(16))
@@ -233,7 +233,7 @@ def run_probe_streams(
     ``tail_s`` after the last one, and run ``actions`` (offset from the start,
     callable) on the way.  One thread, so the clock readings are comparable."""
     offset = _mono_minus_real()
-    socks = {"cloud": _udp(link, "cloud"), "edge": _udp(link, "edge")}
+    socks: dict[Side, socket.socket] = {"cloud": _udp(link, "cloud"), "edge": _udp(link, "edge")}
     dests = {"cloud": socks["edge"].getsockname(), "edge": socks["cloud"].getsockname()}
     logs: dict[Direction, ProbeLog] = {d: ProbeLog() for d in DIRECTIONS}
     rx_dir: dict[Side, Direction] = {"edge": "cloud_to_edge", "cloud": "edge_to_cloud"}
@@ -244,7 +244,7 @@ def run_probe_streams(
         interval = 1.0 / pps
         end = start + (count - 1) * interval + tail_s
         seq = 0
-        fds = {s.fileno(): side for side, s in socks.items()}
+        fds: dict[int, Side] = {s.fileno(): side for side, s in socks.items()}
         readers = list(socks.values())
         while True:
             now = time.monotonic()
@@ -350,7 +350,7 @@ def _check_rtt(link: LinkSim, profile: LinkProfile, s: CheckSettings, report: Ch
     res = measure_rtt(link, s.rtt_probes, interval)
     report.data["rtt"] = res
     mean = res.mean_s
-    ok = (
+    mean_ok = (
         len(res.rtts_s) >= max(3, res.sent // 2)
         and abs(mean - expected) <= s.rtt_tolerance * expected
     )
@@ -360,11 +360,11 @@ def _check_rtt(link: LinkSim, profile: LinkProfile, s: CheckSettings, report: Ch
             f"{expected * 1e3:.2f} ms",
             f"{mean * 1e3:.2f} ms",
             f"±{s.rtt_tolerance:.0%}",
-            ok,
+            mean_ok,
         )
     )
     # Each leg's jitter is uniform on ±J: variance J²/3.  Samples the model
-    # cannot produce (beyond ±(J1 + J2) + 1 ms) are scheduling hiccups of a
+    # cannot produce (beyond ±(J1 + J2) + 2 ms) are scheduling hiccups of a
     # loaded host; they are counted, and left out of the spread.
     # With no jitter configured the spread is only host noise: shown, not judged.
     exp_sd = math.sqrt((c2e.jitter_s**2 + e2c.jitter_s**2) / 3)

@@ -253,7 +253,7 @@ def test_close_stops_children_forwarder_and_namespaces() -> None:
         sleeper = link.run_in("edge", ["sleep", "60"])
         fwd = link.forwarder_pid
         assert fwd is not None and pid_alive(fwd)
-        assert sorted(list_namespaces(PREFIX)) == sorted([link.cloud_ns, link.edge_ns])
+        assert list_namespaces(PREFIX) == sorted([str(link.cloud_ns), str(link.edge_ns)])
     assert sleeper.poll() is not None
     assert gone(fwd)
     assert list_namespaces(PREFIX) == []
