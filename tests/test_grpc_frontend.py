@@ -646,6 +646,9 @@ def test_target_closing_first_sends_close_rsp(stack: Stack, how: str) -> None:
         if how == "fin":
             conn.sendall(b"bye")
         else:
+            # Reset only once the dial is surely complete: a reset that beats
+            # the agent's connect() is a failed dial, not a target closing.
+            time.sleep(0.3)
             conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
 
     with target(closer) as tgt, stack.channel() as channel, open_call(channel) as call:

@@ -143,14 +143,24 @@ class BrokerHandle:
                 if await status_of(self.health_port, "/healthz") == 200
                 else (0, b"")
             )
+            self._check_alive()
             return code == 200 and int(body.split()[1]) >= agents
 
         await wait_for(check, timeout, f"broker ready with {agents} agent(s)")
+
+    def _check_alive(self) -> None:
+        """Fail at once, with the reason, if the broker died (a port taken
+        between choosing and binding it, a bad flag) instead of timing out."""
+        if not self.proc.alive():
+            raise RuntimeError(
+                f"broker exited with {self.proc.popen.returncode}: {self.proc.log()[-2000:]}"
+            )
 
     async def up(self, timeout: float = 20) -> None:
         """Listening (healthz answers), whether or not agents are connected."""
 
         async def check() -> bool:
+            self._check_alive()
             return await status_of(self.health_port, "/healthz") == 200
 
         await wait_for(check, timeout, "broker /healthz")
