@@ -20,10 +20,13 @@ from .profiles import (
     load_profile,
     load_profiles,
 )
+from .selfcheck import CheckReport, CheckSettings, run_self_check
 from .sim import CLOUD_ADDR, EDGE_ADDR, IFACE, LinkSim, Side
 
 __all__ = [
     "CLOUD_ADDR",
+    "CheckReport",
+    "CheckSettings",
     "DEFAULT_PREFIX",
     "DIRECTIONS",
     "EDGE_ADDR",
@@ -47,4 +50,5 @@ __all__ = [
     "list_namespaces",
     "load_profile",
     "load_profiles",
+    "run_self_check",
 ]
