@@ -25,12 +25,12 @@ from .sim import CLOUD_ADDR, EDGE_ADDR, IFACE, LinkSim, Side
 
 __all__ = [
     "CLOUD_ADDR",
-    "CheckReport",
-    "CheckSettings",
     "DEFAULT_PREFIX",
     "DIRECTIONS",
     "EDGE_ADDR",
     "IFACE",
+    "CheckReport",
+    "CheckSettings",
     "Direction",
     "DirectionParams",
     "DirectionStats",
