@@ -69,6 +69,7 @@ class Forwarder:
         self.written = [0, 0]
         self.written_bytes = [0, 0]
         self.write_errors = [0, 0]
+        self.read_errors = [0, 0]
         self.max_frame = [0, 0]
         # How late frames left compared with their scheduled time (wake-up and
         # loop latency): the emulator's own timing error.
@@ -111,6 +112,7 @@ class Forwarder:
                 written=self.written[d],
                 written_bytes=self.written_bytes[d],
                 write_errors=self.write_errors[d],
+                read_errors=self.read_errors[d],
                 max_frame=self.max_frame[d],
                 late_mean_us=1e6 * self.late_sum[d] / max(1, self.written[d]),
                 late_max_us=1e6 * self.late_max[d],
@@ -228,6 +230,10 @@ class Forwarder:
                     try:
                         frame = read(fd, bufsize)
                     except BlockingIOError:
+                        break
+                    except OSError:  # e.g. someone set the interface down
+                        self.read_errors[d] += 1
+                        time.sleep(0.001)  # the fd stays "readable": do not spin
                         break
                     n = len(frame)
                     if n > biggest:
