@@ -155,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--health-server-port",
         type=int,
         default=d.health_server_port,
-        help="/healthz and /readyz; 0 disables",
+        help="/healthz, /readyz (and /metrics with --metrics); 0 disables",
     )
     o.add_argument(
         "--drain-timeout",
