@@ -144,6 +144,7 @@ class Broker:
             dial_timeout=self.cfg.backend_dial_timeout,
             header_timeout=self.cfg.frontend_header_timeout,
             frontend=frontend,
+            optimistic=self.cfg.optimistic_connect,
         )
 
     def _tcp_frontend_cluster(self, tls_stream: trio.SSLStream[trio.abc.Stream]) -> str | None:

@@ -47,6 +47,7 @@ class BrokerConfig:
     stream_window: int = 1024 * 1024
     connection_window: int = 16 * 1024 * 1024
     max_frontend_connections: int = 10_000
+    optimistic_connect: bool = False
     max_grpc_message_size: int = 4 * 1024 * 1024
     drain_timeout: float = 10.0
     drain_retry: float = 5.0
@@ -119,6 +120,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--server-ca-cert",
         default=d.server_ca_cert,
         help="CA that frontend client certificates must chain to",
+    )
+    fe.add_argument(
+        "--optimistic-connect",
+        action=argparse.BooleanOptionalAction,
+        default=d.optimistic_connect,
+        help="answer CONNECT with 200 at once and send the client's first bytes with the "
+        "dial (saves a link round trip; a failed dial then shows as a reset, not a 502)",
     )
     fe.add_argument(
         "--max-grpc-message-size",

@@ -19,7 +19,7 @@ from broker.metrics import BrokerMetrics
 from broker.registry import Registry
 from protocol.errors import InvalidMessage
 from protocol.messages import MAX_EARLY_DATA, split_host_port
-from tether.netio.relay import relay
+from tether.netio.relay import relay, set_linger_zero
 from tether.netio.tunnel import TunnelStream
 
 log = logging.getLogger("tether.broker.connect")
@@ -33,6 +33,8 @@ class ConnectSettings:
     dial_timeout: float
     header_timeout: float
     frontend: str  # metric label: "uds" or "tcp"
+    optimistic: bool = False
+    optimistic_wait: float = 0.01
 
 
 class _ClientGone(Exception):
@@ -176,10 +178,31 @@ async def _serve(
         await _respond(stream, conn, metrics, settings, parsed.status, parsed.message)
         return
     target = parsed.target
-    early = bytearray(parsed.early)
+    # Bytes the client sent before the dial starts ride inside the dial
+    # message (the agent writes them right after connecting); bytes that
+    # arrive while it is under way are sent once the stream exists.
+    early = parsed.early[:MAX_EARLY_DATA]
+    later = bytearray(parsed.early[MAX_EARLY_DATA:])
+    established_reply = (
+        conn.send(h11.Response(status_code=200, headers=[], reason=b"Connection established"))
+        or b""
+    )
+    if settings.optimistic:
+        # Answer at once so the client's first flight (a TLS ClientHello,
+        # say) travels with the dial: one link round trip saved. A dial that
+        # then fails can only be reported by aborting the connection.
+        await stream.send_all(established_reply)
+        metrics.frontend_requests.labels(settings.frontend, "200").inc()
+        if not early:
+            early = await _first_bytes(stream, settings.optimistic_wait)
     try:
-        ts = await _dial_watching_client(stream, registry, settings, target, early)
+        ts = await _dial_watching_client(stream, registry, settings, target, early, later)
     except DialError as exc:
+        if settings.optimistic:
+            metrics.frontend_requests.labels(settings.frontend, "aborted_after_200").inc()
+            log.info("frontend: optimistic tunnel to %s aborted: %s", target, exc.message)
+            set_linger_zero(stream)
+            return
         await _respond(stream, conn, metrics, settings, exc.http_status, exc.message)
         return
     except _ClientGone:
@@ -187,17 +210,15 @@ async def _serve(
         log.info("frontend: client left while dialing %s; dial cancelled", target)
         return
 
-    metrics.frontend_requests.labels(settings.frontend, "200").inc()
     established = metrics.established.labels(settings.frontend)
     established.inc()
     try:
-        data = conn.send(
-            h11.Response(status_code=200, headers=[], reason=b"Connection established")
-        )
         try:
-            await stream.send_all(data or b"")
-            if early:
-                await ts.send_all(bytes(early))
+            if not settings.optimistic:
+                metrics.frontend_requests.labels(settings.frontend, "200").inc()
+                await stream.send_all(established_reply)
+            if later:
+                await ts.send_all(bytes(later))
         except BaseException:
             ts.reset()
             raise
@@ -213,40 +234,53 @@ async def _serve(
         established.dec()
 
 
+async def _first_bytes(stream: trio.abc.Stream, wait: float) -> bytes:
+    """The client's first flight, if it comes within ``wait`` seconds."""
+    with trio.move_on_after(wait):
+        try:
+            return bytes(await stream.receive_some(MAX_EARLY_DATA))
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return b""
+    return b""
+
+
 async def _dial_watching_client(
     stream: trio.abc.Stream,
     registry: Registry,
     settings: ConnectSettings,
     target: str,
-    early: bytearray,
+    early: bytes,
+    later: bytearray,
 ) -> TunnelStream:
     """Dial while reading the client, so a disconnect cancels the dial.
 
-    Bytes the client sends before our 200 (pipelined TLS, say) are kept and
-    forwarded first; we stop reading once that buffer is full.
+    ``early`` rides in the dial. Bytes the client sends meanwhile are kept in
+    ``later`` and forwarded first; we stop reading once that buffer is full.
     """
     result: list[TunnelStream] = []
     gone = False
 
     async def watch(cancel_scope: trio.CancelScope) -> None:
         nonlocal gone
-        while len(early) < MAX_EARLY_DATA:
+        while len(later) < MAX_EARLY_DATA:
             try:
-                data = await stream.receive_some(MAX_EARLY_DATA - len(early))
+                data = await stream.receive_some(MAX_EARLY_DATA - len(later))
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 data = b""
             if not data:
                 gone = True
                 cancel_scope.cancel()
                 return
-            early.extend(data)
+            later.extend(data)
         await trio.sleep_forever()
 
     error: DialError | None = None
     async with trio.open_nursery() as nursery:
         nursery.start_soon(watch, nursery.cancel_scope)
         try:
-            ts, _agent = await registry.dial(settings.cluster, target, settings.dial_timeout)
+            ts, _agent = await registry.dial(
+                settings.cluster, target, settings.dial_timeout, early or None
+            )
             result.append(ts)
         except DialError as exc:  # raised out of the nursery it would be grouped
             error = exc

@@ -159,10 +159,11 @@ class BrokerLink:
                 ts = conn.add_stream(sid, msg.id)
                 conn.wake_writer()
                 log.debug(
-                    "dial %d to %s ok (stream %d)",
+                    "dial %d to %s ok (stream %d, %d early bytes)",
                     msg.id,
                     msg.addr,
                     sid,
+                    len(msg.early or b""),
                     extra=event(
                         "dial_ok", dial_id=msg.id, addr=msg.addr, duration_s=round(elapsed, 6)
                     ),

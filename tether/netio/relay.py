@@ -122,13 +122,13 @@ async def relay(
         else:
             if not ts.aborted:
                 ts.reset()
-            _set_linger_zero(sock)
+            set_linger_zero(sock)
         ts.conn.forget(ts.stream_id)
         await trio.aclose_forcefully(sock)
     return result
 
 
-def _set_linger_zero(sock: trio.abc.Stream) -> None:
+def set_linger_zero(sock: trio.abc.Stream) -> None:
     """Turn the close into a TCP RST, so the far end sees an abort as one."""
     raw = getattr(sock, "socket", None)
     if raw is None:
