@@ -62,17 +62,10 @@ def test_wheelhouse_bundle(wheelhouse: Path) -> None:
 def test_install_into_a_root_prefix_twice(wheelhouse: Path, tmp_path: Path) -> None:
     systemd_analyze()  # the systemd package, for systemd-sysusers and verify
     root = tmp_path / "root"
+    # A root with umask 077 must still leave the venv readable to the agent's user.
+    script = ["sh", "-c", 'umask 077 && exec sh "$0" "$@"', str(SYSTEMD / "install.sh")]
     first = subprocess.run(
-        offline(
-            [
-                "sh",
-                str(SYSTEMD / "install.sh"),
-                "--prefix",
-                str(root),
-                "--wheelhouse",
-                str(wheelhouse),
-            ]
-        ),
+        offline([*script, "--prefix", str(root), "--wheelhouse", str(wheelhouse)]),
         capture_output=True,
         text=True,
         timeout=240,
@@ -81,6 +74,8 @@ def test_install_into_a_root_prefix_twice(wheelhouse: Path, tmp_path: Path) -> N
     assert "installing tether" in first.stdout
 
     agent = root / "opt/tether/bin/tether-agent"
+    code = next((root / "opt/tether/lib").glob("python3.*/site-packages/edge_agent/app.py"))
+    assert mode(agent) & 0o005 == 0o005 and mode(code) & 0o004 == 0o004
     out = subprocess.run([str(agent), "--help"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and out.stdout.startswith("usage: tether-agent"), out.stderr
     broker = subprocess.run(

@@ -13,6 +13,8 @@
 # (3.11 or newer, with the venv module) and sh; no network, no pip on the
 # device (pip runs from the wheel in the wheelhouse).
 set -eu
+# The venv must be readable by the agent's user whatever root's umask is.
+umask 022
 
 usage() {
     cat <<EOF
@@ -129,7 +131,6 @@ else
 fi
 "$opt/bin/tether-agent" --help >/dev/null || die "the installed tether-agent does not run"
 
-umask 022
 # The agent's system user: declared in sysusers.d, created by systemd-sysusers
 # (which also works on a --prefix root).
 mkdir -p "$root/etc/sysusers.d" "$root/etc/systemd/system"
@@ -152,16 +153,19 @@ gid=$(awk -F: '$1 == "tether" { print $3 }' "$root/etc/group")
 [ -n "$gid" ] || die "group tether was not created"
 
 # Settings and keys: root writes, the agent's group reads, nobody else.
-install -d -m 0750 -o 0 -g "$gid" "$root/etc/tether" "$root/etc/tether/pki"
-chown 0:"$gid" "$root/etc/tether" "$root/etc/tether/pki"
+# (Ownership needs root; a --prefix run by another user only gets the modes.)
+own() { if [ "$(id -u)" -eq 0 ]; then chown 0:"$gid" "$@"; fi; }
+install -d -m 0750 "$root/etc/tether" "$root/etc/tether/pki"
+own "$root/etc/tether" "$root/etc/tether/pki"
 chmod 0750 "$root/etc/tether" "$root/etc/tether/pki"
 for f in "$root"/etc/tether/pki/*; do
     [ -f "$f" ] || continue
-    chown 0:"$gid" "$f"
+    own "$f"
     chmod 0640 "$f"
 done
 if [ ! -e "$root/etc/tether/agent.toml" ]; then
-    install -m 0640 -o 0 -g "$gid" "$toml_src" "$root/etc/tether/agent.toml"
+    install -m 0640 "$toml_src" "$root/etc/tether/agent.toml"
+    own "$root/etc/tether/agent.toml"
     say "wrote $root/etc/tether/agent.toml: set the broker address and agent id there"
 fi
 install -m 0644 "$unit_src" "$root/etc/systemd/system/tether-agent.service"
