@@ -234,11 +234,11 @@ async def test_agent_under_a_notify_socket(
         early = await inbox.collect(1.0)
         assert "READY=1" not in inbox.lines, agent.log()
         assert "STATUS=not connected to a broker (0/1)" in inbox.lines
-        assert early.count("WATCHDOG=1") >= 3, "pings every 0.2s while not connected"
+        assert early.count("WATCHDOG=1") >= 2, "pings (every 0.2s) while not connected"
 
         broker.proc.signal(signal.SIGCONT)
         stopped.remove(broker.proc)
-        await inbox.wait_for(lambda s: s == "READY=1", 15, "READY=1 after connecting")
+        await inbox.wait_for(lambda s: s == "READY=1", 20, "READY=1 after connecting")
         status = await inbox.wait_for(lambda s: s.startswith("STATUS=connected"), 5, "status")
         assert status.startswith("STATUS=connected to all brokers (1/1): ")
 
