@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import prometheus_client as prom
 
+from tether.netio import introspect
+
 NS = "konnectivity_network_proxy_server"
 
 
@@ -101,6 +103,13 @@ class BrokerMetrics:
             ["cert"],
             registry=r,
         )
+
+        prom.Gauge(
+            "tether_tasks", "Live trio tasks in the broker (leak check).", registry=r
+        ).set_function(introspect.trio_task_count)
+        prom.Gauge(
+            "tether_open_fds", "Open file descriptors of the broker (leak check).", registry=r
+        ).set_function(introspect.open_fd_count)
 
     def render(self) -> bytes:
         return bytes(prom.generate_latest(self.registry))

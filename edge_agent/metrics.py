@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING
 
 import prometheus_client as prom
 
+from tether.netio import introspect
+
 if TYPE_CHECKING:
     from edge_agent.app import Agent
     from tether.netio.tls import ReloadableContext
@@ -49,6 +51,17 @@ class AgentMetrics:
             "Broker replicas this agent tries to hold a connection to.",
             registry=r,
         ).set_function(lambda: agent.server_count)
+        prom.Gauge(
+            "tether_tasks", "Live trio tasks in the agent (leak check).", registry=r
+        ).set_function(introspect.trio_task_count)
+        prom.Gauge(
+            "tether_open_fds", "Open file descriptors of the agent (leak check).", registry=r
+        ).set_function(introspect.open_fd_count)
+        prom.Gauge(
+            "tether_pending_dials",
+            "Dial tasks on broker connections: connecting to a target or relaying.",
+            registry=r,
+        ).set_function(lambda: sum(len(link.dials) for link in agent.links.values()))
         prom.Gauge(
             f"{NS}_open_endpoint_connections",
             "Connections to targets currently relaying.",
