@@ -172,8 +172,16 @@ class BrokerHandle:
 
 
 def start_broker(
-    tmp: Path, pki: PkiPaths, *extra: str, mode: str = "http-connect", tcp: bool = True
+    tmp: Path,
+    pki: PkiPaths,
+    *extra: str,
+    mode: str = "http-connect",
+    tcp: bool = True,
+    prefix: Sequence[str] = (),
 ) -> BrokerHandle:
+    """Start a broker on free loopback ports. ``prefix`` wraps the command
+    (``ip netns exec NS`` runs it in a network namespace); later ``extra``
+    flags override earlier ones, bind addresses included."""
     agent_port, server_port, health_port = free_port(), free_port(), free_port()
     uds = str(tmp / f"broker-{agent_port}.sock")
     argv = [
@@ -195,7 +203,7 @@ def start_broker(
         "--log-level=debug",
         *extra,
     ]
-    proc = Proc("broker", argv, tmp / f"broker-{agent_port}.log")
+    proc = Proc("broker", [*prefix, *argv], tmp / f"broker-{agent_port}.log")
     return BrokerHandle(proc, agent_port, server_port, health_port, uds, pki)
 
 
@@ -207,6 +215,7 @@ def start_agent(
     port: int | None = None,
     pki: PkiPaths | None = None,
     client_cert: bool = True,
+    prefix: Sequence[str] = (),
 ) -> Proc:
     """Start an agent for ``broker``; its certificate comes from ``pki``
     (default: the broker's), or none at all with ``client_cert=False``."""
@@ -227,7 +236,9 @@ def start_agent(
         "--log-level=debug",
         *extra,
     ]
-    return Proc(f"agent {agent_id}", argv, tmp / f"agent-{agent_id}-{time.monotonic_ns()}.log")
+    return Proc(
+        f"agent {agent_id}", [*prefix, *argv], tmp / f"agent-{agent_id}-{time.monotonic_ns()}.log"
+    )
 
 
 # ---------------------------------------------------------------- CONNECT client
