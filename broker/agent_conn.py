@@ -64,6 +64,7 @@ class AgentConnection:
         self.conn: TunnelConnection | None = None
         self.nursery: trio.Nursery | None = None
         self.pending: dict[int, PendingDial] = {}
+        self.refused_streams = 0  # data streams for unknown or stale dial ids
         self.registered = trio.Event()
         #: Set once the control stream was either accepted or rejected.
         self.settled = trio.Event()
@@ -255,7 +256,16 @@ class AgentConnection:
         if pending is None or pending.done.is_set():
             # A dial we gave up on (timeout, cancel) or never made.
             self.metrics.bad_input.labels("agent", "unknown_dial_id").inc()
-            log.info("agent %s: data stream for unknown dial %d refused", self.agent_id, ev.dial_id)
+            self.refused_streams += 1
+            # A few per connection are races (dial timed out, cancelled);
+            # a flood of them must not flood the log as well.
+            if self.refused_streams <= 10 or self.refused_streams % 1000 == 0:
+                log.info(
+                    "agent %s: data stream for unknown dial %d refused (%d so far)",
+                    self.agent_id,
+                    ev.dial_id,
+                    self.refused_streams,
+                )
             self.conn.session.reset_stream(ev.stream_id, h2.errors.ErrorCodes.CANCEL)
             self.conn.wake_writer()
             return

@@ -15,6 +15,7 @@ from protocol.errors import ProtocolError
 from protocol.messages import Drain
 from protocol.session import Role, SessionConfig, TunnelSession
 from tether.netio import sockopts
+from tether.netio.limits import PeerSlot, PerPeerLimiter
 from tether.netio.logs import event
 from tether.netio.tls_stream import TLSStream
 from tether.netio.tunnel import Keepalive, TunnelClosed, TunnelConnection
@@ -32,6 +33,7 @@ class AgentServer:
         session_config: SessionConfig,
         keepalive: Keepalive,
         handshake_timeout: float,
+        max_handshakes_per_ip: int = 128,
     ) -> None:
         self.registry = registry
         self.metrics = registry.metrics
@@ -41,6 +43,8 @@ class AgentServer:
         self.session_config = session_config
         self.keepalive = keepalive
         self.handshake_timeout = handshake_timeout
+        #: Connections not yet authenticated, per source address.
+        self.handshakes = PerPeerLimiter(max_handshakes_per_ip)
         self.connections: set[TunnelConnection] = set()
         self.socket_options = sockopts.TunnelSocketOptions(
             user_timeout=keepalive.interval + keepalive.timeout,
@@ -54,15 +58,27 @@ class AgentServer:
             host, port = tcp.socket.getpeername()[:2]
             remote = f"{host}:{port}"
         except OSError:
-            remote = "?"
+            host, remote = "?", "?"
+        slot = self.handshakes.acquire(host)
+        if slot is None:
+            self.metrics.bad_input.labels("agent", "too_many_handshakes").inc()
+            if self.handshakes.first_refusal(host):
+                log.warning(
+                    "agent port: %s holds %d unauthenticated connections; refusing more",
+                    host,
+                    self.handshakes.limit,
+                )
+            await trio.aclose_forcefully(tcp)
+            return
         try:
-            await self._handle(tcp, remote)
+            await self._handle(tcp, remote, slot)
         except Exception:
             log.exception("agent connection from %s: internal error", remote)
         finally:
+            slot.release()
             await trio.aclose_forcefully(tcp)
 
-    async def _handle(self, tcp: trio.SocketStream, remote: str) -> None:
+    async def _handle(self, tcp: trio.SocketStream, remote: str, slot: PeerSlot) -> None:
         if self.draining:
             return
         sockopts.apply(tcp.socket, self.socket_options)  # type: ignore[arg-type]
@@ -106,12 +122,24 @@ class AgentServer:
         conn = TunnelConnection(tls, sess, agent, keepalive=self.keepalive, name=f"agent {remote}")
         conn.set_rtt_observer(self.metrics.keepalive_rtt.observe)
         conn.set_stall_observer(self.metrics.window_stalls.inc)
+
+        def bad_stream(stream_id: int, reason: str) -> None:
+            self.metrics.bad_input.labels("agent", "bad_data_stream").inc()
+            log.info(
+                "agent %s from %s: data stream %d reset: %s",
+                agent.agent_id or "?",
+                remote,
+                stream_id,
+                reason,
+            )
+
+        conn.set_bad_stream_observer(bad_stream)
         agent.conn = conn
         self.connections.add(conn)
         try:
             async with trio.open_nursery() as nursery:
                 agent.nursery = nursery
-                nursery.start_soon(self._control_deadline, agent, conn)
+                nursery.start_soon(self._control_deadline, agent, conn, slot)
                 await conn.run()
                 nursery.cancel_scope.cancel()
         finally:
@@ -149,10 +177,13 @@ class AgentServer:
                     ),
                 )
 
-    async def _control_deadline(self, agent: AgentConnection, conn: TunnelConnection) -> None:
+    async def _control_deadline(
+        self, agent: AgentConnection, conn: TunnelConnection, slot: PeerSlot
+    ) -> None:
         with trio.move_on_after(self.handshake_timeout):
             await agent.settled.wait()
         if agent.registered.is_set():
+            slot.release()  # authenticated: no longer counts against its address
             return
         if not agent.closed:
             self.metrics.bad_input.labels("agent", "no_control_stream").inc()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import signal
@@ -22,6 +23,7 @@ from broker.registry import Registry
 from protocol.session import SessionConfig
 from tether.netio import tls
 from tether.netio.http import serve_http, text
+from tether.netio.limits import PerPeerLimiter
 from tether.netio.listeners import listener_port, open_tcp_listener, open_unix_listener
 from tether.netio.logs import event
 from tether.netio.tunnel import Keepalive
@@ -57,6 +59,7 @@ class Broker:
             SessionConfig(stream_window=cfg.stream_window, connection_window=cfg.connection_window),
             Keepalive(cfg.keepalive_time, cfg.keepalive_timeout),
             cfg.handshake_timeout,
+            cfg.max_handshakes_per_ip,
         )
         self.frontend_tls = (
             tls.ReloadableContext(
@@ -90,6 +93,8 @@ class Broker:
             if c.frontend_uds and c.frontend_mode == "grpc"
         }
         self._frontend_limit = trio.CapacityLimiter(cfg.max_frontend_connections)
+        #: TCP frontend connections still in their TLS handshake, per address.
+        self._frontend_handshakes = PerPeerLimiter(cfg.max_handshakes_per_ip)
         self._tunnels = 0
         self._tunnels_idle = trio.Event()
         self._tunnels_idle.set()
@@ -135,6 +140,9 @@ class Broker:
             return 200, "text/plain; version=0.0.4; charset=utf-8", self.metrics.render()
 
         return {"/healthz": healthz, "/readyz": readyz, "/metrics": metrics}
+
+    def _health_bad_input(self, reason: str) -> None:
+        self.metrics.bad_input.labels("health", reason).inc()
 
     # ---------------------------------------------------------- frontends
 
@@ -204,6 +212,25 @@ class Broker:
 
     async def _tls_accept(self, tcp: trio.abc.Stream) -> trio.SSLStream[trio.abc.Stream] | None:
         assert self.frontend_tls is not None
+        peer = _peer_host(tcp)
+        slot = self._frontend_handshakes.acquire(peer)
+        if slot is None:
+            self.metrics.bad_input.labels("frontend", "too_many_handshakes").inc()
+            if self._frontend_handshakes.first_refusal(peer):
+                log.warning(
+                    "TCP frontend: %s holds %d TLS handshakes; refusing more",
+                    peer,
+                    self._frontend_handshakes.limit,
+                )
+            await trio.aclose_forcefully(tcp)
+            return None
+        try:
+            return await self._tls_handshake(tcp)
+        finally:
+            slot.release()
+
+    async def _tls_handshake(self, tcp: trio.abc.Stream) -> trio.SSLStream[trio.abc.Stream] | None:
+        assert self.frontend_tls is not None
         tls_stream = trio.SSLStream(
             tcp, self.frontend_tls.current, server_side=True, https_compatible=True
         )
@@ -251,7 +278,15 @@ class Broker:
             if cfg.health_port:
                 health_l = await open_tcp_listener(cfg.health_bind_address, cfg.health_port)
                 ports["health"] = listener_port(health_l)
-                nursery.start_soon(serve_http, health_l, self.routes())
+                nursery.start_soon(
+                    functools.partial(
+                        serve_http,
+                        health_l,
+                        self.routes(),
+                        header_timeout=cfg.frontend_header_timeout,
+                        on_bad_input=self._health_bad_input,
+                    )
+                )
             log.info(
                 "broker %s up: agent port %s, frontends %s, health port %s",
                 cfg.server_id,
@@ -330,6 +365,14 @@ def _expiry_of(ctx: tls.ReloadableContext) -> Callable[[], float]:
         return info.not_after if info else float("nan")
 
     return expiry
+
+
+def _peer_host(stream: trio.abc.Stream) -> str:
+    sock = getattr(stream, "socket", None)
+    try:
+        return str(sock.getpeername()[0]) if sock is not None else "?"
+    except OSError:
+        return "?"
 
 
 async def _forbidden(stream: trio.abc.Stream) -> None:

@@ -48,6 +48,7 @@ class BrokerConfig:
     connection_window: int = 16 * 1024 * 1024
     max_frontend_connections: int = 10_000
     optimistic_connect: bool = False
+    max_handshakes_per_ip: int = 128
     max_grpc_message_size: int = 4 * 1024 * 1024
     drain_timeout: float = 10.0
     drain_retry: float = 5.0
@@ -244,9 +245,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--frontend-header-timeout",
         type=_positive,
         default=d.frontend_header_timeout,
-        help="seconds a frontend client has to send its request",
+        help="seconds a frontend (or health endpoint) client has to send its request",
     )
     ops.add_argument("--max-frontend-connections", type=int, default=d.max_frontend_connections)
+    ops.add_argument(
+        "--max-handshakes-per-ip",
+        type=int,
+        default=d.max_handshakes_per_ip,
+        help="concurrent not-yet-authenticated connections one source address may hold "
+        "on the agent port and the TCP frontend (TLS handshake and control stream); "
+        "more are closed at once",
+    )
     ops.add_argument(
         "--drain-timeout",
         type=_positive,

@@ -56,7 +56,7 @@ from broker.registry import Registry
 from protocol import konnectivity_pb2 as pb
 from protocol import packets
 from protocol.errors import InvalidMessage, ProtocolError
-from protocol.flood import FloodGuard, FloodLimits, unsent_bytes
+from protocol.flood import FloodGuard, FloodLimits, FrameSizeGuard, FrameTooLarge, unsent_bytes
 from protocol.grpc_framing import (
     DEFAULT_MAX_MESSAGE_SIZE,
     GrpcMessageDecoder,
@@ -67,7 +67,7 @@ from protocol.grpc_framing import (
     status_for_error,
 )
 from protocol.messages import split_host_port
-from tether.netio.tunnel import StreamAborted, TunnelClosed, TunnelStream
+from tether.netio.tunnel import StreamAborted, TunnelClosed, TunnelStream, linger
 
 log = logging.getLogger("tether.broker.grpc")
 
@@ -181,6 +181,7 @@ class _Connection:
         self.calls_served = 0
         self.lost = False
         self._goaway_sent = False
+        self._violation = False  # we sent GOAWAY for a protocol error or a flood
         self._raw_out: list[bytes] = []  # frames h2 must not know about (GOAWAY)
         self._want_write = trio.Event()
         self._flushed = trio.Event()
@@ -192,6 +193,7 @@ class _Connection:
         #: Rapid reset, PING and SETTINGS floods (see protocol.flood).
         self._flood = FloodGuard(self.settings.flood, trio.current_time())
         self._unread_replies = 0  # bytes h2 queued in reply since the writer took output
+        self._frame_sizes = FrameSizeGuard(self.settings.max_frame_size, preface=24)
         self._io_scope: trio.CancelScope | None = None
         self._calls_nursery: trio.Nursery | None = None
 
@@ -246,6 +248,8 @@ class _Connection:
         finally:
             with trio.CancelScope(shield=True):
                 await self._final_flush()
+                if self._violation and not self._writing:
+                    await linger(self.transport)
                 await trio.aclose_forcefully(self.transport)
 
     def abort(self) -> None:
@@ -355,9 +359,17 @@ class _Connection:
                 return
             queued_before = unsent_bytes(self.h2)
             try:
+                self._frame_sizes.check(bytes(data))
+            except FrameTooLarge as exc:
+                self.metrics.bad_input.labels(FRONTEND, "h2_protocol").inc()
+                log.warning("gRPC frontend: HTTP/2 protocol violation: %s", exc)
+                self._goaway_now(h2.errors.ErrorCodes.FRAME_SIZE_ERROR)
+                return
+            try:
                 events = self.h2.receive_data(bytes(data))
             except h2.exceptions.ProtocolError as exc:
                 # h2 queued a GOAWAY; the final flush sends it.
+                self._violation = True
                 self.metrics.bad_input.labels(FRONTEND, "h2_protocol").inc()
                 log.warning("gRPC frontend: HTTP/2 protocol violation: %s", exc)
                 return
@@ -384,6 +396,7 @@ class _Connection:
                     "gRPC frontend: client flood (%s): GOAWAY ENHANCE_YOUR_CALM",
                     self._flood.exhausted,
                 )
+                self.h2.clear_outbound_data_buffer()  # answer none of the flood
                 self._goaway_now(h2.errors.ErrorCodes.ENHANCE_YOUR_CALM, self._flood.exhausted)
                 return
 
@@ -508,6 +521,7 @@ class _Connection:
         except h2.exceptions.ProtocolError:
             pass  # h2 already closed the connection
         self._goaway_sent = True
+        self._violation = True
 
     def _reset(self, sid: int, code: int) -> None:
         self._flood.spend("resets", trio.current_time())

@@ -87,6 +87,47 @@ class FloodGuard:
             )
 
 
+class FrameSizeGuard:
+    """Rejects an oversized HTTP/2 frame as soon as its 9-byte header arrives.
+
+    h2 checks a frame's length only once the whole frame is buffered, so a
+    header claiming 16 MiB makes it buffer up to 16 MiB first. This watches
+    the byte stream ahead of h2 and raises at the header instead.
+    """
+
+    def __init__(self, max_frame_size: int, *, preface: int = 0) -> None:
+        self.max_frame_size = max_frame_size
+        self._skip = preface  # bytes before the next frame header
+        self._header = bytearray()
+
+    def check(self, data: bytes) -> None:
+        """Raise :class:`FrameTooLarge` if ``data`` starts an oversized frame."""
+        view = memoryview(data)
+        while view:
+            if self._skip:
+                n = min(self._skip, len(view))
+                self._skip -= n
+                view = view[n:]
+                continue
+            need = 9 - len(self._header)
+            self._header += view[:need]
+            view = view[need:]
+            if len(self._header) == 9:
+                length = int.from_bytes(self._header[:3], "big")
+                if length > self.max_frame_size:
+                    raise FrameTooLarge(
+                        f"Received overlong frame: length {length}, max {self.max_frame_size}"
+                    )
+                self._skip = length
+                self._header.clear()
+
+
+class FrameTooLarge(ProtocolError):
+    """A frame header announced more than our MAX_FRAME_SIZE."""
+
+    reason = "h2"
+
+
 def unsent_bytes(conn: object) -> int:
     """Bytes an ``h2.connection.H2Connection`` holds for the transport.
 

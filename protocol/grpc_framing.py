@@ -195,7 +195,10 @@ def decode_grpc_message(value: str) -> str:
     The spec says a receiver must not fail on a bad encoding: an invalid
     ``%`` sequence is kept literally, and invalid UTF-8 is replaced.
     """
-    raw = value.encode("utf-8", "surrogateescape")
+    try:
+        raw = value.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # lone surrogates beyond the escape range
+        raw = value.encode("utf-8", "surrogatepass")  # replaced below
     decoded = _PCT_ESCAPE.sub(lambda m: bytes([int(m.group(1), 16)]), raw)
     return decoded.decode("utf-8", "replace")
 

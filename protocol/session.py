@@ -38,7 +38,14 @@ import msgpack
 
 from protocol import framing, h2compat, messages
 from protocol.errors import HandshakeRejected, ProtocolError, SessionError
-from protocol.flood import FloodDetected, FloodGuard, FloodLimits, unsent_bytes
+from protocol.flood import (
+    FloodDetected,
+    FloodGuard,
+    FloodLimits,
+    FrameSizeGuard,
+    FrameTooLarge,
+    unsent_bytes,
+)
 
 del h2compat  # imported for its patch of hyperframe's DataFrame repr
 
@@ -220,6 +227,9 @@ class TunnelSession:
         self._clock = clock
         self._flood = FloodGuard(self.config.flood, clock())
         self._unread_replies = 0  # bytes h2 queued in reply since our last flush
+        self._frame_sizes = FrameSizeGuard(
+            self.config.max_frame_size, preface=24 if role is Role.BROKER else 0
+        )
         h2_config = h2.config.H2Configuration(
             client_side=role is Role.AGENT,
             header_encoding="utf-8",
@@ -486,6 +496,11 @@ class TunnelSession:
         """
         queued_before = unsent_bytes(self._h2)
         try:
+            self._frame_sizes.check(data)
+        except FrameTooLarge as exc:
+            self.close(h2.errors.ErrorCodes.FRAME_SIZE_ERROR, "frame too large")
+            raise SessionError(f"HTTP/2 protocol violation: {exc}", reason="h2") from None
+        try:
             h2_events = self._h2.receive_data(data)
         except h2.exceptions.ProtocolError as exc:
             self._closed = True
@@ -509,6 +524,8 @@ class TunnelSession:
         except HandshakeRejected:
             raise
         except FloodDetected as exc:
+            # Answer none of the flood (its ACKs and RSTs); just the GOAWAY.
+            self._h2.clear_outbound_data_buffer()
             self.close(h2.errors.ErrorCodes.ENHANCE_YOUR_CALM, exc.reason)
             raise
         except ProtocolError as exc:
@@ -664,6 +681,13 @@ class TunnelSession:
         sid = ev.stream_id
         self._flood.spend("resets", self._clock())
         if sid == self._control_id:
+            if not ev.remote_reset:
+                # h2 reset it for a violation (say, a window overflow): the
+                # connection cannot go on without its control stream.
+                raise SessionError(
+                    f"control stream violation (error code {int(ev.error_code or 0)})",
+                    reason="h2",
+                )
             self._closed = True
             out.append(ConnectionClosed(int(ev.error_code or 0), "control stream reset"))
             return

@@ -128,8 +128,12 @@ class TLSStream(trio.abc.Stream):
             except ssl.SSLError as exc:
                 self._broken = exc
                 raise trio.BrokenResourceError(f"TLS error: {exc}") from exc
-            if self._outgoing.pending:
-                await self._flush()  # e.g. a TLS 1.3 key update answer
+            if self._outgoing.pending and not self._send_lock.locked():
+                # e.g. a TLS 1.3 key update answer. Never wait for a sender:
+                # one blocked on a peer that does not read would stop us
+                # reading too, and a peer doing the same deadlocks with us.
+                # The sender takes everything queued with its own flush.
+                await self._flush()
             if chunks:
                 return b"".join(chunks)
             if self._eof:

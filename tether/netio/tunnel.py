@@ -26,6 +26,8 @@ from protocol.errors import ProtocolError
 log = logging.getLogger(__name__)
 
 READ_SIZE = 256 * 1024
+#: After a GOAWAY for a violation, how long to drain what the peer still sends.
+LINGER = 1.0
 
 
 class TunnelClosed(Exception):
@@ -214,6 +216,7 @@ class TunnelConnection:
         self._cancel: trio.CancelScope | None = None
         self._on_rtt: Callable[[float], None] | None = None
         self._on_stall: Callable[[], None] | None = None
+        self._on_bad_stream: Callable[[int, str], None] | None = None
 
     # --------------------------------------------------------------- run
 
@@ -227,11 +230,17 @@ class TunnelConnection:
                     nursery.start_soon(self._keepalive)
                     task_status.started()
                     await self._reader()
+                    # The writer may hold the last frames (a GOAWAY, an
+                    # RST_STREAM): cancelling it mid-write would lose them.
+                    with trio.move_on_after(1):
+                        await self._writer_idle()
                     nursery.cancel_scope.cancel()
         finally:
             self._shutdown(self.closed_reason or "closed")
             with trio.CancelScope(shield=True):
                 await self._final_flush()
+                if self.protocol_error is not None and not self._write_interrupted:
+                    await linger(self.transport)
                 await trio.aclose_forcefully(self.transport)
 
     def abort(self, reason: str) -> None:
@@ -264,6 +273,11 @@ class TunnelConnection:
     def forget(self, stream_id: int) -> None:
         self.streams.pop(stream_id, None)
 
+    async def _writer_idle(self) -> None:
+        while self._want_write.is_set() or self._pending_out:
+            self._flushed = trio.Event()
+            await self._flushed.wait()
+
     async def wait_flushed_below(self) -> None:
         """Backpressure from the socket: wait while too much is unsent."""
         while self._pending_out > self._write_buffer:
@@ -289,6 +303,11 @@ class TunnelConnection:
 
     def set_rtt_observer(self, fn: Callable[[float], None]) -> None:
         self._on_rtt = fn
+
+    def set_bad_stream_observer(self, fn: Callable[[int, str], None]) -> None:
+        """``fn(stream_id, reason)`` runs for each stream reset because the
+        peer sent a malformed body (the connection itself carries on)."""
+        self._on_bad_stream = fn
 
     def set_stall_observer(self, fn: Callable[[], None]) -> None:
         """``fn()`` runs each time a stream must wait for flow-control window:
@@ -340,6 +359,12 @@ class TunnelConnection:
             if (ts := self.streams.get(ev.stream_id)) is not None:
                 ts._aborted(StreamAborted(f"{ev.close.code.value}: {ev.close.msg}", ev.close))
         elif isinstance(ev, session.StreamReset):
+            if (
+                not ev.remote
+                and ev.error_code == h2.errors.ErrorCodes.PROTOCOL_ERROR
+                and self._on_bad_stream is not None
+            ):
+                self._on_bad_stream(ev.stream_id, ev.reason)
             if (ts := self.streams.pop(ev.stream_id, None)) is not None:
                 who = "peer" if ev.remote else "protocol"
                 ts._aborted(StreamAborted(f"stream reset by {who} {ev.reason}".strip()))
@@ -425,3 +450,18 @@ class TunnelConnection:
                     await self.transport.send_all(data)
                 except (trio.BrokenResourceError, trio.ClosedResourceError):
                     pass
+
+
+async def linger(transport: trio.abc.ReceiveStream, seconds: float = LINGER) -> None:
+    """Read and drop what the peer still sends, for a moment, before closing.
+
+    Closing a socket with unread input makes the kernel send RST, and an RST
+    can destroy our GOAWAY before the peer reads it: a peer that broke the
+    protocol (or flooded us) would never learn why it was cut off.
+    """
+    with trio.move_on_after(seconds):
+        try:
+            while await transport.receive_some(READ_SIZE):
+                pass
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
