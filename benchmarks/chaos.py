@@ -257,8 +257,13 @@ async def run_chaos(
                                 limiter.release()
 
                         work.start_soon(one)
-                        if progress and started % 100 == 0:
-                            print(f"  {report.summary()}", flush=True)
+                        if progress and started % 250 == 0:
+                            print(
+                                f"  {trio.current_time() - t0:5.0f} s: {report.transfers} "
+                                f"transfers, {report.ok} ok, {report.corrupted_bytes} "
+                                f"corrupted, {len(report.faults)} faults",
+                                flush=True,
+                            )
                 faults.cancel_scope.cancel()
             report.duration_s = trio.current_time() - t0
             # Faults are over: the system must come back on its own.
