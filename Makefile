@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: venv demo test lint pytest proto proto-check sysdeps clean fuzz
+.PHONY: venv demo test lint pytest proto proto-check sysdeps soak clean fuzz
 
 venv: $(STAMP)
 
@@ -68,6 +68,11 @@ WHEELHOUSE_PYTHON ?= 3.11
 wheelhouse: venv
 	$(PY) deploy/systemd/wheelhouse.py --clean --dest wheelhouse \
 	  $(foreach a,$(WHEELHOUSE_ARCH),--arch $(a)) $(foreach v,$(WHEELHOUSE_PYTHON),--python-version $(v))
+
+# Mixed traffic with faults over an emulated link: make soak DURATION=600
+DURATION ?= 600
+soak: venv
+	$(PY) -m benchmarks.soak --duration $(DURATION)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis *.egg-info
