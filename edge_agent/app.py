@@ -58,6 +58,10 @@ def cause_label(cause: str) -> str:
     return "other"
 
 
+#: Failures before any byte reached a broker process: the network's fault.
+UNREACHABLE_CAUSES = ("connect failed", "connect timed out")
+
+
 class BrokerLink:
     """Handler for one broker connection: answers dials, tracks readiness."""
 
@@ -216,6 +220,16 @@ class Agent:
             keepalive_idle=cfg.keepalive_time,
         )
         self.backoff = Backoff(cfg.sync_interval, cfg.sync_interval_cap, cfg.stable_after)
+        # While the broker cannot even be reached (link down, no route), a
+        # probe is one cheap SYN: keep probing often, so service resumes
+        # within seconds of the link coming back. A broker that answers and
+        # refuses, drops us or asks us to drain gets the full backoff above.
+        self.probe = Backoff(
+            min(cfg.sync_interval, cfg.probe_interval_cap),
+            cfg.probe_interval_cap,
+            cfg.stable_after,
+            rng=self.backoff.rng,
+        )
         #: Accepted connections by broker server id.
         self.links: dict[str, BrokerLink] = {}
         self.server_count = 1
@@ -368,6 +382,7 @@ class Agent:
                 started = trio.current_time()
                 outcome = await links_nursery.start(self._run_link)
                 if outcome == "connected":
+                    self.probe.attempt = 0
                     continue  # maybe more replicas to reach; no delay
                 if outcome == "duplicate":
                     # The balancer sent us to a replica we already hold.
@@ -376,24 +391,28 @@ class Agent:
                 await self._back_off(outcome, trio.current_time() - started)
 
     async def _back_off(self, cause: str, healthy_for: float | None) -> None:
+        unreachable = cause.startswith(UNREACHABLE_CAUSES)
+        schedule = self.probe if unreachable else self.backoff
         if healthy_for is not None:
-            self.backoff.connected_for(healthy_for)
-        ceiling = self.backoff.ceiling()
-        delay = self.backoff.next_delay()
+            schedule.connected_for(healthy_for)
+        ceiling = schedule.ceiling()
+        delay = schedule.next_delay()
         label = cause_label(cause)
         log.info(
-            "reconnecting in %.2fs (attempt %d, backoff ceiling %.1fs, cause: %s)",
+            "reconnecting in %.2fs (attempt %d, %s ceiling %.1fs, cause: %s)",
             delay,
-            self.backoff.attempt,
+            schedule.attempt,
+            "probe" if unreachable else "backoff",
             ceiling,
             cause,
             extra=event(
                 "reconnect",
                 delay_s=round(delay, 3),
-                attempt=self.backoff.attempt,
+                attempt=schedule.attempt,
                 ceiling_s=ceiling,
                 cause=label,
                 reason=cause,
+                schedule="probe" if unreachable else "backoff",
             ),
         )
         if self.metrics is not None:

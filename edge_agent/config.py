@@ -36,6 +36,7 @@ class AgentConfig:
     health_server_port: int = 8093
     sync_interval: float = 1.0
     sync_interval_cap: float = 30.0
+    probe_interval_cap: float = 3.0
     stable_after: float = 30.0
     keepalive_time: float = 15.0
     keepalive_timeout: float = 15.0
@@ -106,6 +107,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=_positive,
         default=d.sync_interval_cap,
         help="reconnect backoff cap (seconds)",
+    )
+    b.add_argument(
+        "--probe-interval-cap",
+        type=_positive,
+        default=d.probe_interval_cap,
+        help="reconnect delay cap (seconds) while the broker cannot be reached at all "
+        "(connect refused, timed out, no route): cheap probes, fast recovery",
     )
     b.add_argument(
         "--keepalive-time",
