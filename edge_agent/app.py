@@ -218,6 +218,8 @@ class Agent:
         self.socket_options = sockopts.TunnelSocketOptions(
             user_timeout=cfg.keepalive_time + cfg.keepalive_timeout,
             keepalive_idle=cfg.keepalive_time,
+            congestion=cfg.tcp_congestion or None,
+            notsent_lowat=cfg.tcp_notsent_lowat or None,
         )
         self.backoff = Backoff(cfg.sync_interval, cfg.sync_interval_cap, cfg.stable_after)
         # While the broker cannot even be reached (link down, no route), a

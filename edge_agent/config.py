@@ -40,6 +40,8 @@ class AgentConfig:
     stable_after: float = 30.0
     keepalive_time: float = 15.0
     keepalive_timeout: float = 15.0
+    tcp_congestion: str = ""
+    tcp_notsent_lowat: int = 0
     connect_timeout: float = 10.0
     drain_timeout: float = 10.0
     allow: str = ""
@@ -126,6 +128,19 @@ def build_parser() -> argparse.ArgumentParser:
         type=_positive,
         default=d.keepalive_timeout,
         help="seconds to wait for a PING ACK before reconnecting",
+    )
+    b.add_argument(
+        "--tcp-congestion",
+        default=d.tcp_congestion,
+        help="TCP congestion control for the broker connection (e.g. bbr, cubic); "
+        "empty keeps the system default",
+    )
+    b.add_argument(
+        "--tcp-notsent-lowat",
+        type=int,
+        default=d.tcp_notsent_lowat,
+        help="TCP_NOTSENT_LOWAT (bytes) on the broker connection: keeps unsent data "
+        "out of the kernel queue so interactive streams are not stuck behind bulk; 0 = off",
     )
     b.add_argument(
         "--connect-timeout",
