@@ -87,6 +87,7 @@ class Broker:
                     dial_timeout=cfg.backend_dial_timeout,
                     handshake_timeout=cfg.frontend_header_timeout,
                     max_message_size=cfg.max_grpc_message_size,
+                    max_concurrent_streams=cfg.max_grpc_streams,
                 ),
             )
             for c in self.clusters

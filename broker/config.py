@@ -50,6 +50,7 @@ class BrokerConfig:
     optimistic_connect: bool = False
     max_handshakes_per_ip: int = 128
     max_grpc_message_size: int = 4 * 1024 * 1024
+    max_grpc_streams: int = 1000
     drain_timeout: float = 10.0
     drain_retry: float = 5.0
     config: str = ""
@@ -135,6 +136,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=d.max_grpc_message_size,
         help="largest gRPC message (bytes) a --mode grpc client may send; "
         "grpc-go's default, as in konnectivity-server",
+    )
+    fe.add_argument(
+        "--max-grpc-streams",
+        type=int,
+        default=d.max_grpc_streams,
+        help="concurrent Proxy calls per --mode grpc connection (HTTP/2 "
+        "MAX_CONCURRENT_STREAMS); grpc clients queue calls beyond it",
     )
     ag = p.add_argument_group("agents")
     ag.add_argument(
@@ -344,6 +352,8 @@ def validate(cfg: BrokerConfig) -> list[str]:
         problems.append("no frontend: give --uds-name and/or a nonzero --server-port")
     if cfg.max_grpc_message_size < 1024:
         problems.append("--max-grpc-message-size must be at least 1024")
+    if cfg.max_grpc_streams < 1:
+        problems.append("--max-grpc-streams must be at least 1")
     if cfg.server_count < 1:
         problems.append("--server-count must be at least 1")
     if cfg.stream_window < 65536 or cfg.connection_window < cfg.stream_window:

@@ -99,7 +99,9 @@ class GrpcSettings:
     stream_window: int = 1024 * 1024
     connection_window: int = 16 * 1024 * 1024
     max_frame_size: int = 64 * 1024
-    max_concurrent_streams: int = 10_000
+    #: Each open call costs a task and ~10 KiB, and h2 counts open streams
+    #: in O(n) per new stream; grpc clients queue calls beyond this limit.
+    max_concurrent_streams: int = 1000
     #: After a clean close (CLOSE_REQ, client half-close), how long the tunnel
     #: may take to finish flushing before it is reset.
     linger: float = 5.0
@@ -244,6 +246,12 @@ class _Connection:
                     io.start_soon(self._writer)
                     io.start_soon(self._handshake_deadline)
                     await self._reader()
+                    # The writer may hold the last frames (a GOAWAY):
+                    # cancelling it mid-write would lose them.
+                    with trio.move_on_after(1):
+                        while self._want_write.is_set() or self._writing:
+                            self._flushed = trio.Event()
+                            await self._flushed.wait()
                     io.cancel_scope.cancel()
         finally:
             with trio.CancelScope(shield=True):
