@@ -423,7 +423,7 @@ class TunnelSession:
         n = min(len(data), self.send_capacity(stream_id))
         if n <= 0:
             return 0
-        self._send_frames(stream_id, framing.bin_header(n) + bytes(data[:n]))
+        self._send_frames(stream_id, framing.bin_header(n) + data[:n])
         return n
 
     def send_close(self, stream_id: int, close: messages.Close) -> bool:

@@ -26,6 +26,14 @@ from protocol.errors import ProtocolError
 log = logging.getLogger(__name__)
 
 READ_SIZE = 256 * 1024
+#: Payload a stream may queue for the scheduler before its writer waits.
+OUTBOX_LIMIT = 256 * 1024
+#: Bytes a stream gets per turn of the round-robin scheduler.
+QUANTUM = 16 * 1024
+#: Payload the scheduler moves into one socket write. Small enough that an
+#: interactive stream never waits behind more than this much bulk data in our
+#: process; large enough to keep per-write overhead low.
+BATCH = 256 * 1024
 #: After a GOAWAY for a violation, how long to drain what the peer still sends.
 LINGER = 1.0
 
@@ -72,6 +80,12 @@ class TunnelStream:
         self._readable = trio.Event()
         self._writable = trio.Event()
         self._accepted_event = trio.Event()
+        # Outgoing payload waiting for the connection's scheduler, and what
+        # to do once it has drained: END_STREAM, or a close map then END.
+        self._outbox = bytearray()
+        self._out_eof = False
+        self._out_close: messages.Close | None = None
+        self._queued = False  # in the scheduler's round-robin queue
 
     # -------------------------------------------------- fed by the reader
 
@@ -93,6 +107,34 @@ class TunnelStream:
 
     def _window_opened(self) -> None:
         self._writable.set()
+        if self._outbox or self._out_eof or self._out_close:
+            self.conn.schedule(self)
+
+    def _take(self, limit: int) -> int:
+        """Scheduler: move up to ``limit`` queued bytes into h2; report how
+        many. Finishes the stream (END_STREAM or close) once drained."""
+        sess = self.conn.session
+        sent = 0
+        if self._outbox:
+            n = min(limit, len(self._outbox), sess.send_capacity(self.stream_id))
+            if n > 0:
+                with memoryview(self._outbox) as view:  # released before the del
+                    sent = sess.send_data(self.stream_id, view[:n])
+                del self._outbox[:sent]
+                self._writable.set()
+        if not self._outbox:
+            if self._out_close is not None:
+                close, self._out_close, self._out_eof = self._out_close, None, False
+                if not sess.send_close(self.stream_id, close):
+                    self.reset()
+            elif self._out_eof:
+                self._out_eof = False
+                sess.end_stream(self.stream_id)
+        return sent
+
+    @property
+    def _has_output(self) -> bool:
+        return bool(self._outbox) or self._out_eof or self._out_close is not None
 
     def _accept(self) -> None:
         self._accepted = True
@@ -138,15 +180,26 @@ class TunnelStream:
         self.conn.wake_writer()
 
     async def wait_writable(self) -> int:
-        """Wait for send credit; return how many payload bytes may go now."""
+        """Wait for send credit; return how many payload bytes may go now.
+
+        Bounded by the peer's window (minus what is already queued here) and
+        by the stream's outbox, so a pump never reads more from its socket
+        than can be sent.
+        """
         stalled = False
         while True:
             if self._abort is not None:
                 raise self._abort
             self.conn.check_open()
-            cap = self.conn.session.send_capacity(self.stream_id)
+            queued = len(self._outbox)
+            window = self.conn.session.send_capacity(self.stream_id) - queued
+            cap = min(window, OUTBOX_LIMIT - queued)
             if cap > 0:
                 return cap
+            if window > 0:  # only our own outbox is full: not a stall
+                self._writable = trio.Event()
+                await self._writable.wait()
+                continue
             if not stalled:
                 # Counted once per wait, and only here, off the fast path.
                 stalled = True
@@ -156,25 +209,34 @@ class TunnelStream:
             await self._writable.wait()
 
     async def send_all(self, data: bytes | memoryview) -> None:
+        """Queue ``data`` for the scheduler, waiting for window and outbox room.
+
+        Bytes reach h2 in round-robin quanta across streams (see
+        :meth:`TunnelConnection.schedule`), so one bulk stream cannot queue
+        megabytes ahead of an interactive one.
+        """
         view = memoryview(data)
         while view:
-            await self.wait_writable()
-            n = self.conn.session.send_data(self.stream_id, view)
-            view = view[n:]
-            self.conn.wake_writer()
-        await self.conn.wait_flushed_below()
+            cap = await self.wait_writable()
+            self._outbox += view[:cap]
+            view = view[cap:]
+            self.conn.schedule(self)
 
     def send_eof(self) -> None:
-        if self.conn.session.end_stream(self.stream_id):
-            self.conn.wake_writer()
+        """Half-close our direction once everything queued has been sent."""
+        self._out_eof = True
+        self.conn.schedule(self)
 
     def send_close(self, code: CloseCode, msg: str) -> None:
-        """Error close: the reason, then END_STREAM; a reset if it can't fit."""
-        if not self.conn.session.send_close(self.stream_id, messages.Close(code, msg[:1024])):
-            self.reset()
-        self.conn.wake_writer()
+        """Error close after the queued data: the reason, then END_STREAM (a
+        reset if the window cannot take the reason)."""
+        self._out_close = messages.Close(code, msg[:1024])
+        self.conn.schedule(self)
 
     def reset(self, error_code: int = h2.errors.ErrorCodes.CANCEL) -> None:
+        self._outbox.clear()
+        self._out_eof = False
+        self._out_close = None
         self.conn.session.reset_stream(self.stream_id, error_code)
         self.conn.forget(self.stream_id)
         self._aborted(StreamAborted("reset locally"))
@@ -192,7 +254,6 @@ class TunnelConnection:
         *,
         keepalive: Keepalive | None = None,
         name: str = "tunnel",
-        write_buffer: int = 4 * 1024 * 1024,
     ) -> None:
         self.transport = transport
         self.session = sess
@@ -204,7 +265,6 @@ class TunnelConnection:
         #: Set when the peer broke the protocol at connection level.
         self.protocol_error: ProtocolError | None = None
         self.rtt: float | None = None
-        self._write_buffer = write_buffer
         self._want_write = trio.Event()
         self._flushed = trio.Event()
         self._pending_out = 0
@@ -217,6 +277,7 @@ class TunnelConnection:
         self._on_rtt: Callable[[float], None] | None = None
         self._on_stall: Callable[[], None] | None = None
         self._on_bad_stream: Callable[[int, str], None] | None = None
+        self._ready: collections.deque[TunnelStream] = collections.deque()
 
     # --------------------------------------------------------------- run
 
@@ -270,18 +331,36 @@ class TunnelConnection:
     def wake_writer(self) -> None:
         self._want_write.set()
 
+    def schedule(self, ts: TunnelStream) -> None:
+        """Queue ``ts`` for the writer's round robin (once)."""
+        if not ts._queued:
+            ts._queued = True
+            self._ready.append(ts)
+        self._want_write.set()
+
+    def _fill(self, budget: int) -> None:
+        """Move queued stream data into h2: QUANTUM per stream per turn,
+        round robin, until ``budget`` bytes or nothing more can go."""
+        ready = self._ready
+        while ready and budget > 0:
+            ts = ready.popleft()
+            if ts.aborted:
+                ts._queued = False
+                continue
+            # Alone, a stream may fill the whole batch; with company, quanta.
+            sent = ts._take(min(QUANTUM, budget) if ready else budget)
+            budget -= sent
+            if ts._has_output and sent > 0:
+                ready.append(ts)  # more to send: back of the line
+            else:
+                # Drained, or blocked on window: WindowOpened reschedules it.
+                ts._queued = False
+
     def forget(self, stream_id: int) -> None:
         self.streams.pop(stream_id, None)
 
     async def _writer_idle(self) -> None:
         while self._want_write.is_set() or self._pending_out:
-            self._flushed = trio.Event()
-            await self._flushed.wait()
-
-    async def wait_flushed_below(self) -> None:
-        """Backpressure from the socket: wait while too much is unsent."""
-        while self._pending_out > self._write_buffer:
-            self.check_open()
             self._flushed = trio.Event()
             await self._flushed.wait()
 
@@ -389,6 +468,9 @@ class TunnelConnection:
         while True:
             await self._want_write.wait()
             self._want_write = trio.Event()
+            self._fill(BATCH)
+            if self._ready:
+                self._want_write.set()  # more queued: come back after this write
             data = self.session.data_to_send()
             if not data:
                 self._flushed.set()
