@@ -21,7 +21,7 @@ from broker.grpc_frontend import GrpcFrontend, GrpcSettings
 from broker.metrics import BrokerMetrics
 from broker.registry import Registry
 from protocol.session import SessionConfig
-from tether.netio import tls
+from tether.netio import sockopts, tls
 from tether.netio.http import serve_http, text
 from tether.netio.limits import PerPeerLimiter
 from tether.netio.listeners import listener_port, open_tcp_listener, open_unix_listener
@@ -60,6 +60,12 @@ class Broker:
             Keepalive(cfg.keepalive_time, cfg.keepalive_timeout),
             cfg.handshake_timeout,
             cfg.max_handshakes_per_ip,
+        )
+        self.agent_server.socket_options = sockopts.TunnelSocketOptions(
+            user_timeout=cfg.keepalive_time + cfg.keepalive_timeout,
+            keepalive_idle=cfg.keepalive_time,
+            congestion=cfg.tcp_congestion or None,
+            notsent_lowat=cfg.tcp_notsent_lowat or None,
         )
         self.frontend_tls = (
             tls.ReloadableContext(

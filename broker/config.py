@@ -42,6 +42,8 @@ class BrokerConfig:
     backend_dial_timeout: float = 10.0
     keepalive_time: float = 15.0
     keepalive_timeout: float = 15.0
+    tcp_congestion: str = ""
+    tcp_notsent_lowat: int = 0
     handshake_timeout: float = 10.0
     frontend_header_timeout: float = 10.0
     stream_window: int = 1024 * 1024
@@ -222,6 +224,18 @@ def build_parser() -> argparse.ArgumentParser:
         type=_positive,
         default=d.keepalive_timeout,
         help="seconds to wait for a PING ACK before dropping the agent",
+    )
+    ag.add_argument(
+        "--tcp-congestion",
+        default=d.tcp_congestion,
+        help="TCP congestion control for agent connections (e.g. bbr, cubic); "
+        "empty keeps the system default",
+    )
+    ag.add_argument(
+        "--tcp-notsent-lowat",
+        type=int,
+        default=d.tcp_notsent_lowat,
+        help="TCP_NOTSENT_LOWAT (bytes) on agent connections; 0 = off",
     )
     ag.add_argument(
         "--handshake-timeout",
