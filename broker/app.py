@@ -5,7 +5,6 @@ from __future__ import annotations
 import functools
 import logging
 import os
-import signal
 import ssl
 from collections.abc import Awaitable, Callable
 
@@ -26,6 +25,7 @@ from tether.netio.http import serve_http, text
 from tether.netio.limits import PerPeerLimiter
 from tether.netio.listeners import listener_port, open_tcp_listener, open_unix_listener
 from tether.netio.logs import event
+from tether.netio.process import wait_for_stop_signal
 from tether.netio.tunnel import Keepalive
 
 log = logging.getLogger("tether.broker")
@@ -310,7 +310,7 @@ class Broker:
                 extra=event("started", server_id=cfg.server_id, ports=ports),
             )
             task_status.started(ports)
-            await self._wait_for_signal()
+            await wait_for_stop_signal(log)
             await self.shutdown()
             nursery.cancel_scope.cancel()
         for c in self.clusters:
@@ -319,13 +319,6 @@ class Broker:
                     os.unlink(c.frontend_uds)
                 except OSError:
                     pass
-
-    async def _wait_for_signal(self) -> None:
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-            async for signum in signals:
-                name = signal.Signals(signum).name
-                log.info("received %s: draining", name, extra=event("drain", initiator=name))
-                return
 
     async def shutdown(self) -> None:
         """Drain: no new frontend work, agents told to move, tunnels finish."""

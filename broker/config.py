@@ -67,20 +67,6 @@ class BrokerConfig:
     cert_reload_interval: float = 5.0
 
 
-def _positive(text: str) -> float:
-    value = float(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
-    return value
-
-
-def _non_negative(text: str) -> float:
-    value = float(text)
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
-    return value
-
-
 def _port(text: str) -> int:
     value = int(text)
     if not 0 <= value <= 65535:
@@ -209,19 +195,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ag.add_argument(
         "--backend-dial-timeout",
-        type=_positive,
+        type=settings.positive,
         default=d.backend_dial_timeout,
         help="seconds a dial may take end to end",
     )
     ag.add_argument(
         "--keepalive-time",
-        type=_positive,
+        type=settings.positive,
         default=d.keepalive_time,
         help="seconds of silence before a PING on an agent connection",
     )
     ag.add_argument(
         "--keepalive-timeout",
-        type=_positive,
+        type=settings.positive,
         default=d.keepalive_timeout,
         help="seconds to wait for a PING ACK before dropping the agent",
     )
@@ -239,7 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ag.add_argument(
         "--handshake-timeout",
-        type=_positive,
+        type=settings.positive,
         default=d.handshake_timeout,
         help="seconds for the TLS handshake and control stream",
     )
@@ -265,7 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ops.add_argument(
         "--frontend-header-timeout",
-        type=_positive,
+        type=settings.positive,
         default=d.frontend_header_timeout,
         help="seconds a frontend (or health endpoint) client has to send its request",
     )
@@ -280,13 +266,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ops.add_argument(
         "--drain-timeout",
-        type=_positive,
+        type=settings.positive,
         default=d.drain_timeout,
         help="seconds open tunnels may finish after SIGTERM",
     )
     ops.add_argument(
         "--drain-retry",
-        type=_positive,
+        type=settings.positive,
         default=d.drain_retry,
         help="window (seconds) in which drained agents reconnect",
     )
@@ -296,7 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ops.add_argument(
         "--cert-reload-interval",
-        type=_non_negative,
+        type=settings.non_negative,
         default=d.cert_reload_interval,
         help="seconds between checks of the certificate, key and CA files; changed files "
         "are reloaded for new connections (SIGHUP reloads at once); 0: SIGHUP only",

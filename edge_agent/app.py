@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import signal
 import ssl
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -23,6 +22,7 @@ from tether.netio import sockopts, tls
 from tether.netio.http import serve_http, text
 from tether.netio.listeners import listener_port, open_tcp_listener
 from tether.netio.logs import event
+from tether.netio.process import wait_for_stop_signal
 from tether.netio.relay import relay
 from tether.netio.tls_stream import TLSStream
 from tether.netio.tunnel import Keepalive, TunnelClosed, TunnelConnection
@@ -329,16 +329,9 @@ class Agent:
 
             nursery.start_soon(loop)
             task_status.started(ports)
-            await self._wait_for_signal()
+            await wait_for_stop_signal(log)
             await self.drain(loop_scope)
             nursery.cancel_scope.cancel()
-
-    async def _wait_for_signal(self) -> None:
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-            async for signum in signals:
-                name = signal.Signals(signum).name
-                log.info("received %s: draining", name, extra=event("drain", initiator=name))
-                return
 
     async def drain(self, loop_scope: trio.CancelScope) -> None:
         """Tell every broker, let open tunnels finish, then stop."""

@@ -55,20 +55,6 @@ class AgentConfig:
     metrics: bool = False
 
 
-def _positive(text: str) -> float:
-    value = float(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
-    return value
-
-
-def _non_negative(text: str) -> float:
-    value = float(text)
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     d = AgentConfig()
     p = argparse.ArgumentParser(
@@ -100,32 +86,32 @@ def build_parser() -> argparse.ArgumentParser:
     )
     b.add_argument(
         "--sync-interval",
-        type=_positive,
+        type=settings.positive,
         default=d.sync_interval,
         help="base reconnect backoff (seconds)",
     )
     b.add_argument(
         "--sync-interval-cap",
-        type=_positive,
+        type=settings.positive,
         default=d.sync_interval_cap,
         help="reconnect backoff cap (seconds)",
     )
     b.add_argument(
         "--probe-interval-cap",
-        type=_positive,
+        type=settings.positive,
         default=d.probe_interval_cap,
         help="reconnect delay cap (seconds) while the broker cannot be reached at all "
         "(connect refused, timed out, no route): cheap probes, fast recovery",
     )
     b.add_argument(
         "--keepalive-time",
-        type=_positive,
+        type=settings.positive,
         default=d.keepalive_time,
         help="seconds of silence before a PING",
     )
     b.add_argument(
         "--keepalive-timeout",
-        type=_positive,
+        type=settings.positive,
         default=d.keepalive_timeout,
         help="seconds to wait for a PING ACK before reconnecting",
     )
@@ -144,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     b.add_argument(
         "--connect-timeout",
-        type=_positive,
+        type=settings.positive,
         default=d.connect_timeout,
         help="seconds for TCP, TLS and the control stream handshake",
     )
@@ -182,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     o.add_argument(
         "--drain-timeout",
-        type=_positive,
+        type=settings.positive,
         default=d.drain_timeout,
         help="seconds open tunnels may finish after SIGTERM",
     )
@@ -198,7 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     o.add_argument(
         "--cert-reload-interval",
-        type=_non_negative,
+        type=settings.non_negative,
         default=d.cert_reload_interval,
         help="seconds between checks of --ca-cert, --agent-cert and --agent-key; changed "
         "files are used from the next connection on (SIGHUP reloads at once); 0: SIGHUP only",

@@ -35,6 +35,22 @@ from typing import Any, NoReturn
 import attrs
 
 
+def positive(text: str) -> float:
+    """argparse type: a number above zero."""
+    value = float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+    return value
+
+
+def non_negative(text: str) -> float:
+    """argparse type: zero or more (NaN is refused)."""
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
+    return value
+
+
 class SettingsError(Exception):
     """A file, environment or flag value is unusable; the message names the key."""
 

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import logging
+import signal
 from collections.abc import Awaitable, Callable
 
 import trio
+
+from tether.netio.logs import event
 
 
 def run_main(fn: Callable[[], Awaitable[object]], log: logging.Logger) -> int:
@@ -20,3 +23,12 @@ def run_main(fn: Callable[[], Awaitable[object]], log: logging.Logger) -> int:
     except* KeyboardInterrupt:
         code = 130
     return code
+
+
+async def wait_for_stop_signal(log: logging.Logger) -> None:
+    """Return at SIGTERM or SIGINT (trio turns neither into an exception)."""
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async for signum in signals:
+            name = signal.Signals(signum).name
+            log.info("received %s: draining", name, extra=event("drain", initiator=name))
+            return
