@@ -200,46 +200,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds a dial may take end to end",
     )
     ag.add_argument(
-        "--keepalive-time",
-        type=settings.positive,
-        default=d.keepalive_time,
-        help="seconds of silence before a PING on an agent connection",
-    )
-    ag.add_argument(
-        "--keepalive-timeout",
-        type=settings.positive,
-        default=d.keepalive_timeout,
-        help="seconds to wait for a PING ACK before dropping the agent",
-    )
-    ag.add_argument(
-        "--tcp-congestion",
-        default=d.tcp_congestion,
-        help="TCP congestion control for agent connections (e.g. bbr, cubic); "
-        "empty keeps the system default",
-    )
-    ag.add_argument(
-        "--tcp-notsent-lowat",
-        type=int,
-        default=d.tcp_notsent_lowat,
-        help="TCP_NOTSENT_LOWAT (bytes) on agent connections; 0 = off",
-    )
-    ag.add_argument(
         "--handshake-timeout",
         type=settings.positive,
         default=d.handshake_timeout,
         help="seconds for the TLS handshake and control stream",
-    )
-    ag.add_argument(
-        "--stream-window",
-        type=int,
-        default=d.stream_window,
-        help="HTTP/2 window per tunneled connection (bytes)",
-    )
-    ag.add_argument(
-        "--connection-window",
-        type=int,
-        default=d.connection_window,
-        help="HTTP/2 window per agent connection (bytes)",
     )
     ops = p.add_argument_group("operations")
     ops.add_argument("--health-bind-address", default=d.health_bind_address)
@@ -276,28 +240,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=d.drain_retry,
         help="window (seconds) in which drained agents reconnect",
     )
-    ops.add_argument("--log-format", choices=["text", "json"], default=d.log_format)
-    ops.add_argument(
-        "--log-level", choices=["debug", "info", "warning", "error"], default=d.log_level
-    )
-    ops.add_argument(
-        "--cert-reload-interval",
-        type=settings.non_negative,
-        default=d.cert_reload_interval,
-        help="seconds between checks of the certificate, key and CA files; changed files "
-        "are reloaded for new connections (SIGHUP reloads at once); 0: SIGHUP only",
-    )
-    ops.add_argument(
-        "--config-file",
-        default=d.config_file,
-        help="TOML file whose [broker] table sets any of these flags (key: the flag name "
-        "with underscores); precedence: flags > TETHER_BROKER_* environment > file > defaults",
-    )
-    ops.add_argument(
-        "--print-config",
-        action="store_true",
-        help="print the effective configuration as TOML and exit",
-    )
+    settings.add_tunnel_arguments(ag, d, "agent connection")
+    settings.add_common_arguments(ops, d, table="broker")
     return p
 
 

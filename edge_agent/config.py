@@ -104,47 +104,10 @@ def build_parser() -> argparse.ArgumentParser:
         "(connect refused, timed out, no route): cheap probes, fast recovery",
     )
     b.add_argument(
-        "--keepalive-time",
-        type=settings.positive,
-        default=d.keepalive_time,
-        help="seconds of silence before a PING",
-    )
-    b.add_argument(
-        "--keepalive-timeout",
-        type=settings.positive,
-        default=d.keepalive_timeout,
-        help="seconds to wait for a PING ACK before reconnecting",
-    )
-    b.add_argument(
-        "--tcp-congestion",
-        default=d.tcp_congestion,
-        help="TCP congestion control for the broker connection (e.g. bbr, cubic); "
-        "empty keeps the system default",
-    )
-    b.add_argument(
-        "--tcp-notsent-lowat",
-        type=int,
-        default=d.tcp_notsent_lowat,
-        help="TCP_NOTSENT_LOWAT (bytes) on the broker connection: keeps unsent data "
-        "out of the kernel queue so interactive streams are not stuck behind bulk; 0 = off",
-    )
-    b.add_argument(
         "--connect-timeout",
         type=settings.positive,
         default=d.connect_timeout,
         help="seconds for TCP, TLS and the control stream handshake",
-    )
-    b.add_argument(
-        "--stream-window",
-        type=int,
-        default=d.stream_window,
-        help="HTTP/2 window per tunneled connection (bytes)",
-    )
-    b.add_argument(
-        "--connection-window",
-        type=int,
-        default=d.connection_window,
-        help="HTTP/2 connection window (bytes)",
     )
     b.add_argument(
         "--service-account-token-path",
@@ -172,35 +135,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=d.drain_timeout,
         help="seconds open tunnels may finish after SIGTERM",
     )
-    o.add_argument("--log-format", choices=["text", "json"], default=d.log_format)
-    o.add_argument(
-        "--log-level", choices=["debug", "info", "warning", "error"], default=d.log_level
-    )
     o.add_argument(
         "--metrics",
         action=argparse.BooleanOptionalAction,
         default=d.metrics,
         help="serve Prometheus /metrics on the health port",
     )
-    o.add_argument(
-        "--cert-reload-interval",
-        type=settings.non_negative,
-        default=d.cert_reload_interval,
-        help="seconds between checks of --ca-cert, --agent-cert and --agent-key; changed "
-        "files are used from the next connection on (SIGHUP reloads at once); 0: SIGHUP only",
-    )
-    o.add_argument(
-        "--config-file",
-        default=d.config_file,
-        help=f"TOML file setting any of these flags (key: the flag name with underscores); "
-        f"default {DEFAULT_CONFIG_FILE} if it exists, '' for none; "
-        "precedence: flags > TETHER_AGENT_* environment > file > defaults",
-    )
-    o.add_argument(
-        "--print-config",
-        action="store_true",
-        help="print the effective configuration as TOML and exit",
-    )
+    settings.add_tunnel_arguments(b, d, "broker connection")
+    settings.add_common_arguments(o, d, default_file=DEFAULT_CONFIG_FILE)
     return p
 
 

@@ -51,6 +51,79 @@ def non_negative(text: str) -> float:
     return value
 
 
+def add_tunnel_arguments(group: Any, d: Any, peer: str) -> None:
+    """Flags for the agent-broker connection, the same on both ends.
+    ``d`` holds the defaults; ``peer`` names the connection in help texts."""
+    group.add_argument(
+        "--keepalive-time",
+        type=positive,
+        default=d.keepalive_time,
+        help=f"seconds of silence before a PING on the {peer} (also TCP keepalive)",
+    )
+    group.add_argument(
+        "--keepalive-timeout",
+        type=positive,
+        default=d.keepalive_timeout,
+        help=f"seconds to wait for a PING ACK before dropping the {peer} "
+        "(with --keepalive-time, also TCP_USER_TIMEOUT)",
+    )
+    group.add_argument(
+        "--tcp-congestion",
+        default=d.tcp_congestion,
+        help=f"TCP congestion control for the {peer} (e.g. bbr, cubic); "
+        "empty keeps the system default",
+    )
+    group.add_argument(
+        "--tcp-notsent-lowat",
+        type=int,
+        default=d.tcp_notsent_lowat,
+        help=f"TCP_NOTSENT_LOWAT (bytes) on the {peer}: keeps unsent bulk data out of the "
+        "kernel queue, where interactive bytes could not overtake it; 0 = off",
+    )
+    group.add_argument(
+        "--stream-window",
+        type=int,
+        default=d.stream_window,
+        help="HTTP/2 window per tunneled connection (bytes)",
+    )
+    group.add_argument(
+        "--connection-window",
+        type=int,
+        default=d.connection_window,
+        help=f"HTTP/2 window of the whole {peer} (bytes)",
+    )
+
+
+def add_common_arguments(
+    group: Any, d: Any, *, table: str | None = None, default_file: str | None = None
+) -> None:
+    """Logging, certificate reload and config-file flags of both commands."""
+    where = f"whose [{table}] table sets" if table else "setting"
+    default = f"; default {default_file} if it exists, '' for none" if default_file else ""
+    group.add_argument("--log-format", choices=["text", "json"], default=d.log_format)
+    group.add_argument(
+        "--log-level", choices=["debug", "info", "warning", "error"], default=d.log_level
+    )
+    group.add_argument(
+        "--cert-reload-interval",
+        type=non_negative,
+        default=d.cert_reload_interval,
+        help="seconds between checks of the certificate, key and CA files; changed files "
+        "are used from the next connection on (SIGHUP reloads at once); 0: SIGHUP only",
+    )
+    group.add_argument(
+        "--config-file",
+        default=d.config_file,
+        help=f"TOML file {where} any of these flags (key: the flag name with underscores)"
+        f"{default}; precedence: flags > TETHER_* environment > file > defaults",
+    )
+    group.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the effective configuration as TOML and exit",
+    )
+
+
 class SettingsError(Exception):
     """A file, environment or flag value is unusable; the message names the key."""
 
