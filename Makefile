@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: venv demo test lint pytest proto proto-check sysdeps soak clean fuzz
+.PHONY: venv demo test lint pytest proto proto-check sysdeps soak clean fuzz bench bench-quick
 
 venv: $(STAMP)
 
@@ -20,8 +20,10 @@ $(STAMP): pyproject.toml
 	@touch $@
 
 # System tools the end-to-end tests drive: curl (the real CONNECT client) and
-# HAProxy (the load balancer in front of broker replicas).
-SYSDEPS := curl:curl haproxy:haproxy
+# HAProxy (the load balancer in front of broker replicas); the benchmark
+# harness's ssh contender (sshd, ssh, autossh) and link emulator (ip, ss).
+SYSDEPS := curl:curl haproxy:haproxy sshd:openssh-server ssh:openssh-client autossh:autossh \
+	ip:iproute2 ss:iproute2
 
 sysdeps:
 	@missing=""; for pair in $(SYSDEPS); do \
@@ -68,6 +70,15 @@ WHEELHOUSE_PYTHON ?= 3.11
 wheelhouse: venv
 	$(PY) deploy/systemd/wheelhouse.py --clean --dest wheelhouse \
 	  $(foreach a,$(WHEELHOUSE_ARCH),--arch $(a)) $(foreach v,$(WHEELHOUSE_PYTHON),--python-version $(v))
+
+# Benchmark harness (benchmarks/README.md): every contender over emulated
+# links; results in benchmarks/results/<time>/. Needs root for the link
+# emulation (without it, loopback scenarios only).
+bench: venv sysdeps
+	$(PY) -m benchmarks run
+
+bench-quick: venv sysdeps
+	$(PY) -m benchmarks run --quick
 
 # Mixed traffic with faults over an emulated link: make soak DURATION=600
 DURATION ?= 600

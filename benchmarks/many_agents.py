@@ -1,0 +1,389 @@
+"""S9, broker scale: N agents simulated in one process against one real broker.
+
+    python -m benchmarks.many_agents [--agents 1000] [--dial-seconds 5] [--json OUT]
+
+Each simulated agent is the project's own protocol stack, not a mock: a TCP
+connection, :class:`tether.netio.tls_stream.TLSStream` (TLS 1.3, ALPN h2),
+:class:`protocol.session.TunnelSession` in the agent role and
+:class:`tether.netio.tunnel.TunnelConnection`, with the real reconnect
+schedule (:class:`protocol.backoff.Backoff`, the agent's defaults: base 1 s,
+cap 30 s, full jitter). What it does not do is dial real targets: a dial is
+answered with a data stream that echoes, so the figures are the broker's.
+
+Agents log in with one bearer token (``--agent-token-file`` with an id glob)
+rather than N client certificates, and each uses its own source address in
+127.0.0.0/8, as a fleet behind many NATs would (the broker limits concurrent
+handshakes per source address).
+
+Measured:
+
+- memory per connected agent: broker RSS (and USS) with N agents connected,
+  minus the same broker with none, divided by N;
+- dials per second: 64 concurrent CONNECT clients on the broker's Unix
+  socket, each dial carrying one echoed byte, for ``--dial-seconds``; the
+  broker's and this process's CPU use are recorded, since on a 2-core box
+  the simulator competes with the broker;
+- reconnect storm: the broker is killed (SIGKILL: a crash, no drain hint)
+  and started again on the same port; the time from the restart until all N
+  agents are connected again, while ``/healthz`` is polled every 250 ms.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import resource
+import secrets
+import signal
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from benchmarks import measure
+from protocol import messages, session
+from protocol.backoff import Backoff
+from protocol.session import Role, SessionConfig, TunnelSession
+from tether.certs import init_pki
+from tether.launch import BrokerHandle, Proc, http_get, start_broker
+from tether.netio import sockopts, tls
+from tether.netio.tls_stream import TLSStream
+from tether.netio.tunnel import Keepalive, StreamAborted, TunnelClosed, TunnelConnection
+
+CLUSTER = "default"
+#: What ``tether-agent`` sets with its default keepalive (15 s + 15 s).
+SOCKET_OPTIONS = sockopts.TunnelSocketOptions(user_timeout=30.0, keepalive_idle=15.0)
+
+
+def raise_fd_limit(want: int) -> int:
+    """Raise RLIMIT_NOFILE (children inherit it: the broker needs one fd per
+    agent). Root may raise the hard limit up to fs.nr_open."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        nr_open = int(Path("/proc/sys/fs/nr_open").read_text())
+    except OSError:
+        nr_open = hard
+    target = max(soft, min(want, nr_open))
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, max(hard, target)))
+    except (ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def source_address(i: int) -> str:
+    return f"127.{1 + i // 62500}.{(i // 250) % 250}.{i % 250 + 1}"
+
+
+class Fleet:
+    def __init__(self, n: int, port: int, token: str, ca: Path) -> None:
+        self.n = n
+        self.port = port
+        self.token = token
+        self.ctx = tls.client_context(ca, None, None, alpn=["h2"])
+        self.connected: set[int] = set()
+        self.changed = trio.Event()
+        self.handshake_failures = 0
+        self.dials_served = 0
+
+    def _changed(self) -> None:
+        self.changed.set()
+        self.changed = trio.Event()
+
+    async def wait_connected(self, count: int) -> None:
+        while len(self.connected) < count:
+            await self.changed.wait()
+
+    async def run_agent(self, i: int) -> None:
+        backoff = Backoff(1.0, 30.0, 30.0)
+        await trio.sleep(backoff.rng.uniform(0, 1.0))
+        while True:
+            started = trio.current_time()
+            accepted = await self._connection(i)
+            if accepted:
+                backoff.connected_for(trio.current_time() - started)
+            await trio.sleep(backoff.next_delay())
+
+    async def _connection(self, i: int) -> bool:
+        try:
+            with trio.fail_after(10):
+                tcp = await trio.open_tcp_stream(
+                    "127.0.0.1", self.port, local_address=source_address(i)
+                )
+                # The agent's own socket options (TCP_NODELAY above all).
+                sockopts.apply(tcp.socket, SOCKET_OPTIONS)  # type: ignore[arg-type]
+                stream = TLSStream(tcp, self.ctx, server_side=False, server_hostname="127.0.0.1")
+                try:
+                    await stream.do_handshake()
+                except BaseException:
+                    await trio.aclose_forcefully(stream)
+                    raise
+        except (OSError, trio.TooSlowError, trio.BrokenResourceError):
+            self.handshake_failures += 1
+            return False
+        sess = TunnelSession(Role.AGENT, SessionConfig())
+        sess.initiate()
+        sess.open_control(
+            {
+                "tether-agent-id": f"sim-{i}",
+                "tether-agent-identifiers": f"host=sim-{i}",
+                "tether-cluster": CLUSTER,
+                "authorization": f"Bearer {self.token}",
+            },
+            f"127.0.0.1:{self.port}",
+        )
+        agent = SimAgent(self, i)
+        conn = TunnelConnection(stream, sess, agent, keepalive=Keepalive(15, 15), name="sim")
+        agent.conn = conn
+        try:
+            async with trio.open_nursery() as nursery:
+                agent.nursery = nursery
+                await conn.run()
+                nursery.cancel_scope.cancel()
+        finally:
+            if i in self.connected:
+                self.connected.discard(i)
+                self._changed()
+        return agent.accepted
+
+
+class SimAgent:
+    """The handler of one simulated agent's connection."""
+
+    def __init__(self, fleet: Fleet, i: int) -> None:
+        self.fleet = fleet
+        self.i = i
+        self.conn: TunnelConnection | None = None
+        self.nursery: trio.Nursery | None = None
+        self.accepted = False
+
+    def on_control_requested(self, ev: session.ControlRequested) -> None:
+        raise AssertionError("agents receive no requests")
+
+    def on_data_stream_requested(self, ev: session.DataStreamRequested) -> None:
+        raise AssertionError("agents receive no requests")
+
+    def on_control_accepted(self, ev: session.ControlAccepted) -> None:
+        self.accepted = True
+        self.fleet.connected.add(self.i)
+        self.fleet._changed()
+
+    def on_message(self, msg: messages.Message) -> None:
+        if isinstance(msg, messages.Dial) and self.nursery is not None:
+            self.nursery.start_soon(self._echo, msg)
+
+    async def _echo(self, msg: messages.Dial) -> None:
+        conn = self.conn
+        assert conn is not None
+        try:
+            sid = conn.session.open_data_stream(msg.id, f"127.0.0.1:{self.fleet.port}")
+            ts = conn.add_stream(sid, msg.id)
+            conn.wake_writer()
+            self.fleet.dials_served += 1
+            while (chunk := await ts.receive()) is not None:
+                await ts.send_all(chunk.data)
+                ts.acknowledge(chunk.flow_len)
+            ts.send_eof()
+        except (StreamAborted, TunnelClosed, Exception):
+            return
+
+
+async def _connect_client(uds: str) -> None:
+    stream = await trio.open_unix_socket(uds)
+    async with stream:
+        await stream.send_all(b"CONNECT 127.0.0.1:9 HTTP/1.1\r\nHost: 127.0.0.1:9\r\n\r\n")
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = await stream.receive_some(4096)
+            if not chunk:
+                raise ConnectionError("closed")
+            data += chunk
+        if not data.startswith(b"HTTP/1.1 200"):
+            raise ConnectionError(data[:80].decode(errors="replace"))
+        rest = data.partition(b"\r\n\r\n")[2]
+        await stream.send_all(b"x")
+        if not rest:
+            rest = await stream.receive_some(16)
+        if rest != b"x":
+            raise ConnectionError("no echo")
+
+
+async def _dial_load(uds: str, seconds: float, concurrency: int = 64) -> dict[str, Any]:
+    ok = 0
+    failed = 0
+    latencies: list[float] = []
+    deadline = trio.current_time() + seconds
+
+    async def worker() -> None:
+        nonlocal ok, failed
+        while trio.current_time() < deadline:
+            t0 = trio.current_time()
+            try:
+                with trio.fail_after(10):
+                    await _connect_client(uds)
+                ok += 1
+                latencies.append(trio.current_time() - t0)
+            except (OSError, ConnectionError, trio.TooSlowError, trio.BrokenResourceError):
+                failed += 1
+
+    start = trio.current_time()
+    async with trio.open_nursery() as nursery:
+        for _ in range(concurrency):
+            nursery.start_soon(worker)
+    elapsed = trio.current_time() - start
+    return {
+        "dials_ok": ok,
+        "dials_failed": failed,
+        "seconds": elapsed,
+        "dials_per_s": ok / elapsed,
+        "latency_p50_ms": measure.pct(latencies, 0.5) * 1000,
+        "latency_p99_ms": measure.pct(latencies, 0.99) * 1000,
+        "concurrency": concurrency,
+    }
+
+
+async def _health_probe(port: int, stop: trio.Event, out: dict[str, Any]) -> None:
+    worst = 0.0
+    fails = 0
+    n = 0
+    while not stop.is_set():
+        t0 = time.monotonic()
+        try:
+            with trio.fail_after(2):
+                code, _ = await http_get(port, "/healthz")
+            if code != 200:
+                fails += 1
+        except (OSError, trio.TooSlowError, IndexError, ValueError):
+            fails += 1
+        n += 1
+        worst = max(worst, time.monotonic() - t0)
+        with trio.move_on_after(0.25):
+            await stop.wait()
+    out.update({"probes": n, "failed": fails, "worst_ms": worst * 1000})
+
+
+def _restart(broker: BrokerHandle, workdir: Path) -> BrokerHandle:
+    broker.proc.kill9()
+    broker.proc.stop()
+    proc = Proc("broker", broker.proc.argv, workdir / "broker-restarted.log")
+    return BrokerHandle(
+        proc, broker.agent_port, broker.server_port, broker.health_port, broker.uds, broker.pki
+    )
+
+
+async def run(
+    n: int, workdir: Path, dial_s: float, storm_cap_s: float, progress: Any = print
+) -> dict[str, Any]:
+    limit = raise_fd_limit(max(4 * n + 1024, 65536))
+    pki = init_pki(workdir / "pki")
+    token = secrets.token_urlsafe(32)
+    token_file = workdir / "agent-tokens"
+    token_file.write_text(f"sha256:{hashlib.sha256(token.encode()).hexdigest()} {CLUSTER} sim-*\n")
+    broker = start_broker(
+        workdir,
+        pki,
+        f"--agent-token-file={token_file}",
+        f"--cluster-name={CLUSTER}",
+        "--log-level=warning",
+        tcp=False,
+    )
+    out: dict[str, Any] = {"agents": n, "fd_limit": limit}
+    fleet = Fleet(n, broker.agent_port, token, pki.ca_cert)
+    try:
+        settle = 2.0 if n >= 100 else 0.3  # let allocations level off before reading RSS
+        await broker.up()
+        await trio.sleep(settle / 2)
+        base = measure.memory_kib(broker.proc.pid)
+        out["broker_idle_kib"] = base
+        async with trio.open_nursery() as nursery:
+            t0 = trio.current_time()
+            for i in range(n):
+                nursery.start_soon(fleet.run_agent, i)
+            with trio.move_on_after(storm_cap_s):
+                await fleet.wait_connected(n)
+            out["initial_connect_s"] = trio.current_time() - t0
+            out["initial_connected"] = len(fleet.connected)
+            progress(
+                f"    S9 {len(fleet.connected)}/{n} agents connected in {out['initial_connect_s']:.1f} s"
+            )
+            await trio.sleep(settle)
+            full = measure.memory_kib(broker.proc.pid)
+            out["broker_connected_kib"] = full
+            out["per_agent_rss_kib"] = (full["rss"] - base["rss"]) / max(1, len(fleet.connected))
+            out["per_agent_uss_kib"] = (full["uss"] - base["uss"]) / max(1, len(fleet.connected))
+            progress(f"    S9 broker memory per agent: {out['per_agent_rss_kib']:.1f} KiB RSS")
+
+            b0, s0, w0 = (
+                measure.cpu_seconds(broker.proc.pid),
+                measure.cpu_seconds(os.getpid()),
+                time.monotonic(),
+            )
+            out["dial"] = await _dial_load(broker.uds, dial_s)
+            wall = time.monotonic() - w0
+            out["dial"]["broker_cpu_pct"] = (measure.cpu_seconds(broker.proc.pid) - b0) / wall * 100
+            out["dial"]["simulator_cpu_pct"] = (measure.cpu_seconds(os.getpid()) - s0) / wall * 100
+            progress(
+                f"    S9 {out['dial']['dials_per_s']:.0f} dials/s "
+                f"(broker CPU {out['dial']['broker_cpu_pct']:.0f}%, "
+                f"simulator {out['dial']['simulator_cpu_pct']:.0f}%)"
+            )
+
+            # Reconnect storm after a crash-restart on the same port.
+            broker = _restart(broker, workdir)
+            restarted = trio.current_time()
+            await broker.up()
+            out["storm_broker_listening_s"] = trio.current_time() - restarted
+            # From the moment it listens, /healthz must keep answering.
+            health: dict[str, Any] = {}
+            stop = trio.Event()
+            nursery.start_soon(_health_probe, broker.health_port, stop, health)
+            with trio.move_on_after(storm_cap_s):
+                await fleet.wait_connected(n)
+            out["storm_settle_s"] = (
+                trio.current_time() - restarted if len(fleet.connected) >= n else None
+            )
+            out["storm_connected"] = len(fleet.connected)
+            stop.set()
+            await trio.sleep(0.3)
+            out["storm_healthz"] = health
+            out["handshake_failures"] = fleet.handshake_failures
+            progress(
+                f"    S9 reconnect storm: {len(fleet.connected)}/{n} back in "
+                f"{out['storm_settle_s'] or float('nan'):.1f} s; /healthz worst "
+                f"{health.get('worst_ms', 0):.0f} ms, {health.get('failed', 0)} failed"
+            )
+            nursery.cancel_scope.cancel()
+    finally:
+        broker.proc.stop(timeout=10)
+    return out
+
+
+def run_blocking(n: int, workdir: Path, dial_s: float, storm_cap_s: float = 120) -> dict[str, Any]:
+    return trio.run(run, n, workdir, dial_s, storm_cap_s)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--agents", type=int, default=1000)
+    parser.add_argument("--dial-seconds", type=float, default=5.0)
+    parser.add_argument("--storm-cap", type=float, default=120.0)
+    parser.add_argument("--json", type=Path, help="write the results here")
+    args = parser.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    with tempfile.TemporaryDirectory(prefix="tether-s9-") as tmp:
+        result = run_blocking(args.agents, Path(tmp), args.dial_seconds, args.storm_cap)
+    text = json.dumps(result, indent=2)
+    if args.json:
+        args.json.write_text(text)
+    else:
+        print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
