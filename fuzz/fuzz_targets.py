@@ -516,12 +516,16 @@ def fuzz_session(data: bytes) -> None:
 
         pieces = frames()
     for piece in pieces:
-        try:
-            events = sess.receive_data(piece)
-        except ProtocolError:
-            sess.data_to_send()  # the GOAWAY; must not raise either
-            return
-        broker.handle(events)
+        while True:  # as TunnelConnection does: drain a burst's backlog
+            try:
+                events = sess.receive_data(piece)
+            except ProtocolError:
+                sess.data_to_send()  # the GOAWAY; must not raise either
+                return
+            broker.handle(events)
+            if not sess.backlog:
+                break
+            piece = b""
 
 
 # ------------------------------------------------------------ CONNECT request

@@ -100,9 +100,14 @@ class FrameSizeGuard:
         self._skip = preface  # bytes before the next frame header
         self._header = bytearray()
 
-    def check(self, data: bytes) -> None:
-        """Raise :class:`FrameTooLarge` if ``data`` starts an oversized frame."""
+    def check(self, data: bytes) -> list[int]:
+        """Raise :class:`FrameTooLarge` if ``data`` starts an oversized frame.
+
+        Returns the offsets in ``data`` just past each HEADERS frame header
+        (where a new stream may open), so a burst can be fed to h2 in parts.
+        """
         view = memoryview(data)
+        headers: list[int] = []
         while view:
             if self._skip:
                 n = min(self._skip, len(view))
@@ -118,8 +123,11 @@ class FrameSizeGuard:
                     raise FrameTooLarge(
                         f"Received overlong frame: length {length}, max {self.max_frame_size}"
                     )
+                if self._header[3] == 0x1:  # HEADERS
+                    headers.append(len(data) - len(view))
                 self._skip = length
                 self._header.clear()
+        return headers
 
 
 class FrameTooLarge(ProtocolError):

@@ -75,6 +75,10 @@ class SessionConfig:
     send_chunk: int = 256 * 1024
     #: Budgets for frames that cost us work (rapid reset, PING floods, ...).
     flood: FloodLimits = attrs.field(factory=FloodLimits)
+    #: HEADERS frames fed to h2 per :meth:`TunnelSession.receive_data` call:
+    #: h2 counts open streams in O(n) for each new one, so a burst of
+    #: thousands in one read would cost O(n^2) before anyone could refuse them.
+    headers_per_call: int = 64
 
     def __attrs_post_init__(self) -> None:
         if not 64 * 1024 <= self.stream_window <= 2**31 - 1:
@@ -230,6 +234,8 @@ class TunnelSession:
         self._frame_sizes = FrameSizeGuard(
             self.config.max_frame_size, preface=24 if role is Role.BROKER else 0
         )
+        self._backlog = b""  # received and scanned, not yet fed to h2
+        self._backlog_headers: list[int] = []  # offsets past HEADERS frame headers in it
         h2_config = h2.config.H2Configuration(
             client_side=role is Role.AGENT,
             header_encoding="utf-8",
@@ -487,19 +493,42 @@ class TunnelSession:
 
     # -------------------------------------------------------------- receive
 
+    @property
+    def backlog(self) -> bool:
+        """Received bytes still to process: call :meth:`receive_data` with
+        ``b""`` (after handling the events) until this is False."""
+        return bool(self._backlog)
+
+    def _next_input(self, data: bytes) -> bytes:
+        """What to feed h2 now: at most ``headers_per_call`` new streams' worth."""
+        try:
+            opened = self._frame_sizes.check(data)
+        except FrameTooLarge as exc:
+            self.close(h2.errors.ErrorCodes.FRAME_SIZE_ERROR, "frame too large")
+            raise SessionError(f"HTTP/2 protocol violation: {exc}", reason="h2") from None
+        limit = self.config.headers_per_call
+        if not self._backlog and len(opened) <= limit:
+            return data  # the common case: no copy
+        base = len(self._backlog)
+        self._backlog += data
+        self._backlog_headers += [base + offset for offset in opened]
+        cut = len(self._backlog)
+        if len(self._backlog_headers) > limit:
+            cut = self._backlog_headers[limit - 1]
+        chunk, self._backlog = self._backlog[:cut], self._backlog[cut:]
+        self._backlog_headers = [o - cut for o in self._backlog_headers[limit:]]
+        return chunk
+
     def receive_data(self, data: bytes) -> list[Event]:
         """Feed bytes from the transport; return the resulting events.
 
         Raises :class:`ProtocolError` for a connection-level violation; a
         GOAWAY is then queued in :meth:`data_to_send`. A peer over one of its
         flood budgets gets GOAWAY(ENHANCE_YOUR_CALM) and :class:`FloodDetected`.
+        A burst of new streams is taken in parts: see :attr:`backlog`.
         """
         queued_before = unsent_bytes(self._h2)
-        try:
-            self._frame_sizes.check(data)
-        except FrameTooLarge as exc:
-            self.close(h2.errors.ErrorCodes.FRAME_SIZE_ERROR, "frame too large")
-            raise SessionError(f"HTTP/2 protocol violation: {exc}", reason="h2") from None
+        data = self._next_input(data)
         try:
             h2_events = self._h2.receive_data(data)
         except h2.exceptions.ProtocolError as exc:

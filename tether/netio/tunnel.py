@@ -406,19 +406,26 @@ class TunnelConnection:
                 self.closed_reason = self.closed_reason or "peer closed the connection"
                 return
             self._last_rx = trio.current_time()
-            try:
-                events = self.session.receive_data(bytes(data))
-            except ProtocolError as exc:
-                self.closed_reason = f"protocol error: {exc}"
-                self.protocol_error = exc
-                return
-            finally:
-                self.wake_writer()
-            for ev in events:
-                self._dispatch(ev)
-                if isinstance(ev, session.ConnectionClosed):
-                    # h2 allows no stream traffic after GOAWAY: this is the end.
+            data = bytes(data)
+            while True:
+                try:
+                    events = self.session.receive_data(data)
+                except ProtocolError as exc:
+                    self.closed_reason = f"protocol error: {exc}"
+                    self.protocol_error = exc
                     return
+                finally:
+                    self.wake_writer()
+                for ev in events:
+                    self._dispatch(ev)
+                    if isinstance(ev, session.ConnectionClosed):
+                        # h2 allows no stream traffic after GOAWAY: this is the end.
+                        return
+                if not self.session.backlog:
+                    break
+                # A burst of new streams, a part at a time: each part's
+                # refusals close its streams before h2 counts the next.
+                data = b""
 
     def _dispatch(self, ev: session.Event) -> None:
         if isinstance(ev, session.StreamData):

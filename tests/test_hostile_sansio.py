@@ -1,0 +1,323 @@
+"""The hostile-peer defences at unit level: flood budgets and the frame size
+guard on ``TunnelSession`` (a fake clock, no sockets), and the TLS stream's
+behaviour when both ends send without reading (real sockets).
+
+The end-to-end versions against the broker process are in
+``test_hostile_agent_port.py`` and ``test_hostile_frontends.py``.
+"""
+
+from __future__ import annotations
+
+import ssl
+import struct
+
+import h2.config
+import h2.connection
+import h2.errors
+import pytest
+import trio
+import trustme
+
+from protocol import session
+from protocol.errors import ProtocolError, SessionError
+from protocol.flood import (
+    Budget,
+    FloodDetected,
+    FloodGuard,
+    FloodLimits,
+    FrameSizeGuard,
+    FrameTooLarge,
+)
+from tether.netio.tls_stream import TLSStream
+
+GOAWAY = 7
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _broker(clock: Clock, limits: FloodLimits | None = None) -> session.TunnelSession:
+    config = session.SessionConfig(flood=limits or FloodLimits())
+    sess = session.TunnelSession(session.Role.BROKER, config, clock=clock)
+    sess.initiate()
+    sess.data_to_send()
+    return sess
+
+
+def _agent() -> h2.connection.H2Connection:
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    conn.initiate_connection()
+    return conn
+
+
+def _control(agent: h2.connection.H2Connection) -> None:
+    agent.send_headers(
+        1,
+        [
+            (":method", "POST"),
+            (":scheme", "https"),
+            (":authority", "b"),
+            (":path", session.CONTROL_PATH),
+            ("content-type", session.CONTENT_TYPE),
+            ("tether-agent-id", "a"),
+        ],
+    )
+
+
+def _frames(data: bytes) -> list[tuple[int, int, bytes]]:
+    out, pos = [], 0
+    while pos + 9 <= len(data):
+        length = int.from_bytes(data[pos : pos + 3], "big")
+        out.append(
+            (
+                data[pos + 3],
+                int.from_bytes(data[pos + 5 : pos + 9], "big"),
+                data[pos + 9 : pos + 9 + length],
+            )
+        )
+        pos += 9 + length
+    return out
+
+
+def _accepted(
+    clock: Clock, limits: FloodLimits | None = None
+) -> tuple[session.TunnelSession, h2.connection.H2Connection]:
+    sess, agent = _broker(clock, limits), _agent()
+    _control(agent)
+    events = sess.receive_data(agent.data_to_send())
+    assert any(isinstance(e, session.ControlRequested) for e in events)
+    sess.accept_control({})
+    agent.receive_data(sess.data_to_send())
+    return sess, agent
+
+
+def _goaway_code(sess: session.TunnelSession) -> int:
+    goaways = [p for kind, _, p in _frames(sess.data_to_send()) if kind == GOAWAY]
+    assert goaways, "no GOAWAY queued"
+    return int(struct.unpack(">I", goaways[-1][4:8])[0])
+
+
+# ----------------------------------------------------------------- budgets
+
+
+def test_budget_refills_with_time() -> None:
+    guard = FloodGuard(FloodLimits(pings=Budget(rate=10, burst=5)), now=0.0)
+    assert all(guard.spend("pings", 0.0) for _ in range(5))
+    assert not guard.spend("pings", 0.0)
+    guard = FloodGuard(FloodLimits(pings=Budget(rate=10, burst=5)), now=0.0)
+    # Ten per second for a minute, at the rate: never over budget.
+    assert all(guard.spend("pings", t / 10) for t in range(600))
+    guard.check()
+
+
+@pytest.mark.parametrize("kind", ["resets", "pings", "settings"])
+def test_legitimate_rates_never_trip(kind: str) -> None:
+    limits = FloodLimits()
+    budget: Budget = getattr(limits, kind)
+    guard = FloodGuard(limits, now=0.0)
+    steps = int(budget.rate * 30)
+    for i in range(steps):  # 30 s at 90 % of the rate
+        guard.spend(kind, i / (budget.rate * 0.9))
+    guard.check()
+
+
+def test_rapid_reset_gets_enhance_your_calm() -> None:
+    clock = Clock()
+    sess, agent = _accepted(clock, FloodLimits(resets=Budget(rate=10, burst=100)))
+    wire = b""
+    for sid in range(3, 3 + 2 * 200, 2):
+        agent.send_headers(
+            sid,
+            [
+                (":method", "POST"),
+                (":scheme", "https"),
+                (":authority", "b"),
+                (":path", session.STREAM_PATH),
+                ("content-type", session.CONTENT_TYPE),
+                (session.DIAL_ID_HEADER, "9"),
+            ],
+        )
+        agent.reset_stream(sid)
+        wire += agent.data_to_send()
+    fed = 0
+    with pytest.raises(FloodDetected) as info:
+        sess.receive_data(wire)
+        while sess.backlog:  # as TunnelConnection drains a burst
+            fed += 1
+            sess.receive_data(b"")
+    assert info.value.reason == "flood_resets"
+    assert _goaway_code(sess) == h2.errors.ErrorCodes.ENHANCE_YOUR_CALM
+    # The burst was taken 64 streams at a time; the budget ran out on the way.
+    assert 1 <= fed < 200 // 64
+
+
+def test_a_burst_of_streams_is_taken_in_parts() -> None:
+    """h2 counts open streams in O(n) per new stream: 12,000 HEADERS in one
+    read cost 12 s. The session feeds h2 64 at a time, and the owner refuses
+    each part's streams before the next part opens more."""
+    clock = Clock()
+    sess, agent = _accepted(clock, FloodLimits(resets=Budget(rate=1e9, burst=1e9)))
+    for sid in range(3, 3 + 2 * 1000, 2):
+        agent.send_headers(
+            sid,
+            [
+                (":method", "POST"),
+                (":scheme", "https"),
+                (":authority", "b"),
+                (":path", session.STREAM_PATH),
+                ("content-type", session.CONTENT_TYPE),
+                (session.DIAL_ID_HEADER, str(sid)),
+            ],
+        )
+    events = sess.receive_data(agent.data_to_send())
+    parts, requested = 1, []
+    while True:
+        for ev in events:
+            if isinstance(ev, session.DataStreamRequested):
+                requested.append(ev.dial_id)
+                sess.reset_stream(ev.stream_id)
+        if not sess.backlog:
+            break
+        events = sess.receive_data(b"")
+        parts += 1
+    assert requested == list(range(3, 3 + 2 * 1000, 2))
+    assert parts == -(-1000 // 64)
+
+
+@pytest.mark.parametrize(
+    ("frame", "reason"),
+    [
+        (b"\x00\x00\x08\x06\x00\x00\x00\x00\x00" + b"pingpong", "flood_pings"),
+        (b"\x00\x00\x00\x04\x00\x00\x00\x00\x00", "flood_settings"),
+    ],
+    ids=["ping", "settings"],
+)
+def test_ping_and_settings_floods_get_only_a_goaway(frame: bytes, reason: str) -> None:
+    clock = Clock()
+    sess, _ = _accepted(clock)
+    with pytest.raises(FloodDetected) as info:
+        sess.receive_data(frame * 5000)
+    assert info.value.reason == reason
+    frames = _frames(sess.data_to_send())
+    # None of the flood is answered: no ACK, just the GOAWAY.
+    assert [kind for kind, _, _ in frames] == [GOAWAY]
+    assert struct.unpack(">I", frames[0][2][4:8])[0] == h2.errors.ErrorCodes.ENHANCE_YOUR_CALM
+
+
+def test_pings_at_a_steady_rate_are_answered() -> None:
+    clock = Clock()
+    sess, _ = _accepted(clock)
+    ping = b"\x00\x00\x08\x06\x00\x00\x00\x00\x00" + b"pingpong"
+    for _ in range(300):  # 100 a second for 3 s: keepalive and BDP probes
+        clock.now += 0.01
+        sess.receive_data(ping)
+        sess.data_to_send()
+
+
+def test_unread_replies_are_bounded() -> None:
+    """Frames on a refused stream make h2 answer RST_STREAM each time; with
+    nothing flushed (the peer does not read), the session gives up."""
+    clock = Clock()
+    limits = FloodLimits(max_unread_replies=64 * 1024)
+    sess, agent = _accepted(clock, limits)
+    agent.send_headers(
+        3,
+        [
+            (":method", "POST"),
+            (":scheme", "https"),
+            (":authority", "b"),
+            (":path", session.STREAM_PATH),
+            ("content-type", session.CONTENT_TYPE),
+            (session.DIAL_ID_HEADER, "9"),
+        ],
+    )
+    events = sess.receive_data(agent.data_to_send())
+    sess.reset_stream(3)  # unknown dial id: refused, as the broker does
+    assert any(isinstance(e, session.DataStreamRequested) for e in events)
+    empty_data = b"\x00\x00\x00\x00\x00\x00\x00\x00\x03"
+    with pytest.raises(FloodDetected) as info:
+        for _ in range(100):
+            sess.receive_data(empty_data * 1000)  # never flushed
+    assert info.value.reason == "flood_unread_replies"
+
+
+# ------------------------------------------------------------- frame sizes
+
+
+def test_oversized_frame_refused_at_its_header() -> None:
+    clock = Clock()
+    sess, _ = _accepted(clock)
+    header = b"\xff\xff\xff\x00\x00\x00\x00\x00\x01"  # DATA, 16 MiB, stream 1
+    with pytest.raises(SessionError) as info:
+        sess.receive_data(header + b"x" * 10)
+    assert "overlong frame" in str(info.value)
+    assert _goaway_code(sess) == h2.errors.ErrorCodes.FRAME_SIZE_ERROR
+
+
+def test_frame_size_guard_follows_frame_boundaries_in_any_chunking() -> None:
+    frames = b"".join(
+        len(p).to_bytes(3, "big") + b"\x00\x00\x00\x00\x00\x01" + p
+        for p in (b"a" * 100, b"", b"b" * 65536, b"c")
+    )
+    data = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + frames
+    for size in (1, 7, 9, 1000):
+        guard = FrameSizeGuard(65536, preface=24)
+        for i in range(0, len(data), size):
+            guard.check(data[i : i + size])
+    guard = FrameSizeGuard(65536, preface=24)
+    with pytest.raises(FrameTooLarge):
+        guard.check(data + (65537).to_bytes(3, "big") + b"\x00\x00\x00\x00\x00\x01")
+
+
+def test_control_stream_window_overflow_is_a_protocol_error() -> None:
+    clock = Clock()
+    sess, _ = _accepted(clock)
+    overflow = b"\x00\x00\x04\x08\x00\x00\x00\x00\x01" + struct.pack(">I", 2**31 - 1)
+    with pytest.raises(ProtocolError):
+        sess.receive_data(overflow)
+
+
+# -------------------------------------------------------------- TLS stream
+
+
+@pytest.mark.timeout(30)
+async def test_tls_stream_both_ends_sending_without_deadlock() -> None:
+    """Both ends send 32 MiB at once while reading. The reader used to wait
+    for the send lock to flush, so with both senders blocked on full socket
+    buffers neither end read again: a deadlock."""
+    ca = trustme.CA()
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("localhost").configure_cert(server_ctx)
+    client_ctx = ssl.create_default_context()
+    ca.configure_trust(client_ctx)
+    a, b = trio.socket.socketpair()
+    server = TLSStream(trio.SocketStream(a), server_ctx, server_side=True)
+    client = TLSStream(
+        trio.SocketStream(b), client_ctx, server_side=False, server_hostname="localhost"
+    )
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(server.do_handshake)
+        nursery.start_soon(client.do_handshake)
+    total, chunk = 32 * 1024 * 1024, b"x" * (256 * 1024)
+
+    async def send(stream: TLSStream) -> None:
+        for _ in range(total // len(chunk)):
+            await stream.send_all(chunk)
+
+    async def receive(stream: TLSStream) -> None:
+        got = 0
+        while got < total:
+            got += len(await stream.receive_some(256 * 1024))
+
+    with trio.fail_after(15):
+        async with trio.open_nursery() as nursery:
+            for stream in (server, client):
+                nursery.start_soon(send, stream)
+                nursery.start_soon(receive, stream)
+    await server.aclose()
+    await client.aclose()
