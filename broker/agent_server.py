@@ -145,6 +145,9 @@ class AgentServer:
         finally:
             self.connections.discard(conn)
             agent.fail_all(conn.closed_reason or "closed")
+            if (conn.closed_reason or "").startswith("control stream unusable"):
+                # Not reading its control stream (a window that stays shut).
+                self.metrics.bad_input.labels("agent", "control_stream_stalled").inc()
             if conn.protocol_error is not None:
                 self.metrics.bad_input.labels("agent", conn.protocol_error.reason).inc()
                 log.warning(
@@ -231,6 +234,8 @@ def _cause(conn: TunnelConnection) -> str:
         return "protocol_error"
     if reason.startswith("keepalive"):
         return "keepalive_timeout"
+    if reason.startswith("control stream unusable"):
+        return "protocol_error"
     if "replaced" in reason:
         return "replaced"
     if reason.startswith("transport") or reason.startswith("peer"):

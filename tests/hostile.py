@@ -98,10 +98,32 @@ class Meter:
         finally:
             self._done.set()
 
-    async def __aenter__(self) -> Meter:
+    def _begin(self) -> None:
         self.rss_start = self.rss_peak = rss_kib(self.pid)
         self._cpu0 = cpu_seconds(self.pid)
         self._t0 = time.monotonic()
+
+    def _end(self) -> None:
+        self.rss_peak = max(self.rss_peak, rss_kib(self.pid))
+        self.cpu = cpu_seconds(self.pid) - self._cpu0
+        self.wall = time.monotonic() - self._t0
+
+    def start_in(self, nursery: trio.Nursery) -> Meter:
+        """Start measuring, sampling in ``nursery``; finish with :meth:`stop`."""
+        self._begin()
+        nursery.start_soon(self._sample)
+        return self
+
+    async def stop(self) -> Meter:
+        while self._scope is None:
+            await trio.lowlevel.checkpoint()
+        self._scope.cancel()
+        await self._done.wait()
+        self._end()
+        return self
+
+    async def __aenter__(self) -> Meter:
+        self._begin()
         self._nursery_cm = trio.open_nursery()
         nursery = await self._nursery_cm.__aenter__()
         nursery.start_soon(self._sample)
@@ -117,9 +139,7 @@ class Meter:
             await trio.lowlevel.checkpoint()
         self._scope.cancel()
         result = await self._nursery_cm.__aexit__(exc_type, exc, tb)
-        self.rss_peak = max(self.rss_peak, rss_kib(self.pid))
-        self.cpu = cpu_seconds(self.pid) - self._cpu0
-        self.wall = time.monotonic() - self._t0
+        self._end()
         return result
 
     def report(self, what: str) -> str:

@@ -107,6 +107,7 @@ async def _serving(broker: BrokerHandle, echo: int) -> None:
     await tunnel_roundtrip(broker, echo)
     await health_ok(broker)
     assert broker.proc.alive()
+    assert "Traceback" not in broker.proc.log(), "an attack raised an unhandled exception"
 
 
 async def _quiet(broker: BrokerHandle) -> None:
@@ -290,11 +291,14 @@ async def _connect_in_background(
 
 
 @pytest.mark.timeout(30)
-async def test_unknown_and_replayed_dial_ids(stack: BrokerHandle, echo: int) -> None:
+async def test_unknown_and_replayed_dial_ids(
+    stack: BrokerHandle, echo: int, nursery: trio.Nursery
+) -> None:
     """A data stream for a dial id the broker never sent, or one already
     paired, is refused with RST_STREAM(CANCEL) and counted."""
     broker = stack
     before = await bad_input(broker, "agent", "unknown_dial_id")
+    meter = Meter(broker.proc.pid).start_in(nursery)
     peer = await open_peer(broker)
     await peer.send(frame(HEADERS, END_HEADERS, 3, data_stream_block(987654321)))
     refused = await peer.wait_for(is_rst(3), 5)
@@ -323,6 +327,7 @@ async def test_unknown_and_replayed_dial_ids(stack: BrokerHandle, echo: int) -> 
     assert await wait_log(broker, "data stream for unknown dial 987654321 refused (1 so far)")
     await peer.aclose()
     await _serving(broker, echo)
+    _bounded(await meter.stop())
 
 
 # ------------------------------------------------------- flow control
@@ -336,6 +341,8 @@ async def test_peer_that_never_opens_its_window(stack: BrokerHandle, echo: int) 
     whose INITIAL_WINDOW_SIZE is 0 cannot even take a dial: that dial fails
     at once (502) instead of hanging, and the connection is dropped."""
     broker = stack
+    stalls = metric(await broker.metrics(), "tether_stream_window_stalls_total")
+    stalled_before = await bad_input(broker, "agent", "control_stream_stalled")
     peer = await open_peer(broker, settings={S_INITIAL_WINDOW_SIZE: 65535})
     async with trio.open_nursery() as nursery:
         tunnel = await _connect_in_background(nursery, broker, "evil:80")
@@ -378,16 +385,23 @@ async def test_peer_that_never_opens_its_window(stack: BrokerHandle, echo: int) 
     assert b"agent connection lost" in refused.body
     assert await zero.closed(5)
     assert await wait_log(broker, "control stream unusable")
+    assert metric(await broker.metrics(), "tether_stream_window_stalls_total") > stalls
+    assert await wait_metric(broker, "agent", "control_stream_stalled", stalled_before + 1) >= (
+        stalled_before + 1
+    )
     await _serving(broker, echo)
 
 
 @pytest.mark.timeout(30)
-async def test_window_update_overflow(stack: BrokerHandle, echo: int) -> None:
+async def test_window_update_overflow(
+    stack: BrokerHandle, echo: int, nursery: trio.Nursery
+) -> None:
     """WINDOW_UPDATE that takes a window past 2^31-1 is FLOW_CONTROL_ERROR:
     the connection ends (GOAWAY for the connection window; the control stream
     takes the connection with it)."""
     broker = stack
     before = await bad_input(broker, "agent", "h2")
+    meter = Meter(broker.proc.pid).start_in(nursery)
     peer = await open_peer(broker)
     await peer.send(window_update(0, 2**31 - 1))
     goaway = await peer.goaway(5)
@@ -400,19 +414,22 @@ async def test_window_update_overflow(stack: BrokerHandle, echo: int) -> None:
     assert ended is not None and ended.error_code == FLOW_CONTROL_ERROR, ended
     assert await peer.closed(5), "control stream gone, connection kept"
     assert await wait_metric(broker, "agent", "h2", before + 1) >= before + 1
-    assert await wait_log(broker, "protocol violation")
+    assert await wait_log(broker, "May not increment flow control window past 2147483647")
+    assert await wait_log(broker, "control stream violation (error code 3)")
     await _serving(broker, echo)
+    _bounded(await meter.stop())
 
 
 # -------------------------------------------- oversized frames, HPACK bombs
 
 
 @pytest.mark.timeout(30)
-async def test_oversized_frames(stack: BrokerHandle, echo: int) -> None:
+async def test_oversized_frames(stack: BrokerHandle, echo: int, nursery: trio.Nursery) -> None:
     """A frame over MAX_FRAME_SIZE (64 KiB) is FRAME_SIZE_ERROR at once, even
     when only its header arrived: nothing is buffered for the claimed size."""
     broker = stack
     before = await bad_input(broker, "agent", "h2")
+    whole = Meter(broker.proc.pid).start_in(nursery)
     peer = await open_peer(broker)
     await peer.send(frame(DATA, 0, 1, b"\x00" * 70_000))
     goaway = await peer.goaway(5)
@@ -426,7 +443,9 @@ async def test_oversized_frames(stack: BrokerHandle, echo: int) -> None:
     assert goaway is not None and goaway.error_code == FRAME_SIZE_ERROR
     assert meter.rss_growth_mib < 8, meter.report("16 MiB frame header")
     assert await wait_metric(broker, "agent", "h2", before + 2) >= before + 2
+    assert await wait_log(broker, "Received overlong frame: length 16777215, max 65536")
     await _serving(broker, echo)
+    _bounded(await whole.stop())
 
 
 def _table_bomb(references: int) -> bytes:
@@ -466,6 +485,8 @@ async def test_hpack_bombs_and_continuation_floods(stack: BrokerHandle, echo: in
     _bounded(meter)
     assert meter.rss_growth_mib < 16, meter.report("HPACK bombs")
     assert await wait_metric(broker, "agent", "h2", before + 3) >= before + 3
+    assert await wait_log(broker, "A header list larger than 16384 has been received")
+    assert await wait_log(broker, "Too many continuation frames received")
     await _quiet(broker)
 
 
@@ -530,11 +551,14 @@ async def test_reset_flood_without_reading(stack: BrokerHandle, echo: int) -> No
 
 
 @pytest.mark.timeout(30)
-async def test_control_message_over_64k(stack: BrokerHandle, echo: int) -> None:
+async def test_control_message_over_64k(
+    stack: BrokerHandle, echo: int, nursery: trio.Nursery
+) -> None:
     """A control message over 64 KiB is a connection error: GOAWAY
     (PROTOCOL_ERROR), the connection closed, a metric and a log line."""
     broker = stack
     before = await bad_input(broker, "agent", "too_large")
+    meter = Meter(broker.proc.pid).start_in(nursery)
     peer = await open_peer(broker)
     body = msgpack.packb({"t": "identifiers", "value": "h" * 70_000})
     await peer.send(frame(DATA, 0, 1, body[:60_000]) + frame(DATA, 0, 1, body[60_000:]))
@@ -544,6 +568,7 @@ async def test_control_message_over_64k(stack: BrokerHandle, echo: int) -> None:
     assert await wait_metric(broker, "agent", "too_large", before + 1) >= before + 1
     assert await wait_log(broker, "control message exceeds 65536 bytes")
     await _serving(broker, echo)
+    _bounded(await meter.stop())
 
 
 # ----------------------------------------------------------- stream flood
@@ -589,12 +614,15 @@ GARBAGE: dict[str, bytes] = {
 
 
 @pytest.mark.timeout(60)
-async def test_agent_that_answers_every_dial_with_garbage(stack: BrokerHandle, echo: int) -> None:
+async def test_agent_that_answers_every_dial_with_garbage(
+    stack: BrokerHandle, echo: int, nursery: trio.Nursery
+) -> None:
     """A valid agent whose data streams carry malformed bodies: each stream
     is reset (PROTOCOL_ERROR), its client is closed, the agent's other
     streams and every other agent keep working, and each one is counted."""
     broker = stack
     before = await bad_input(broker, "agent", "bad_data_stream")
+    meter = Meter(broker.proc.pid).start_in(nursery)
     peer = await open_peer(broker)
     sid = 3
     cases = [*GARBAGE.items(), ("truncated at END_STREAM", b"\xc5\x01")]
@@ -620,9 +648,10 @@ async def test_agent_that_answers_every_dial_with_garbage(stack: BrokerHandle, e
     assert await wait_metric(broker, "agent", "bad_data_stream", before + len(cases)) >= (
         before + len(cases)
     )
-    assert await wait_log(broker, "data stream")
+    assert await wait_log(broker, "data stream 3 reset: data stream object must be bin or map")
     await peer.aclose()
     await _serving(broker, echo)
+    _bounded(await meter.stop())
 
 
 async def _read_until_closed(client: Tunnel) -> bytes:

@@ -189,6 +189,7 @@ async def _grpc_serving(broker: BrokerHandle, echo: int) -> None:
     await tunnel_roundtrip(broker, echo, via="tcp")
     await health_ok(broker)
     assert broker.proc.alive()
+    assert "Traceback" not in broker.proc.log(), "an attack raised an unhandled exception"
 
 
 async def _connect_serving(broker: BrokerHandle, echo: int) -> None:
@@ -196,6 +197,7 @@ async def _connect_serving(broker: BrokerHandle, echo: int) -> None:
     await tunnel_roundtrip(broker, echo, via="tcp")
     await health_ok(broker)
     assert broker.proc.alive()
+    assert "Traceback" not in broker.proc.log(), "an attack raised an unhandled exception"
 
 
 _GRPC_CALL = header_block(
@@ -379,6 +381,7 @@ async def test_connect_request_bombs(connect_stack: BrokerHandle, echo: int) -> 
             assert b"connection: close" in reply.lower()
             assert await wait_metric(broker, "frontend", reason, before + 1) >= before + 1
         await _connect_serving(broker, echo)
+    assert await wait_log(broker, "frontend: request refused (431)")
     _bounded(meter, 16)
 
 
@@ -494,6 +497,7 @@ async def test_grpc_ping_and_settings_floods(
     assert acks <= 2000
     _bounded(meter)
     assert await wait_metric(broker, "grpc", reason, before + 1) >= before + 1
+    assert await wait_log(broker, f"client flood ({reason})")
     await _grpc_serving(broker, echo)
 
 
@@ -538,4 +542,6 @@ async def test_grpc_oversized_frames_and_header_bombs(grpc_stack: BrokerHandle, 
             assert await wait_metric(broker, "grpc", reason, before + 1) >= before + 1, name
         await _grpc_serving(broker, echo)
     _bounded(meter, 16)
+    assert await wait_log(broker, "Received overlong frame")
+    assert await wait_log(broker, "header field is not UTF-8")
     assert "Traceback" not in broker.proc.log()
