@@ -34,6 +34,8 @@ QUANTUM = 16 * 1024
 #: interactive stream never waits behind more than this much bulk data in our
 #: process; large enough to keep per-write overhead low.
 BATCH = 256 * 1024
+#: The batch while the socket is the bottleneck (see ``_writer``).
+SMALL_BATCH = 32 * 1024
 #: After a GOAWAY for a violation, how long to drain what the peer still sends.
 LINGER = 1.0
 
@@ -472,10 +474,27 @@ class TunnelConnection:
             self.closed_reason = self.closed_reason or f"peer closed: {ev.reason}"
 
     async def _writer(self) -> None:
+        batch = BATCH
         while True:
             await self._want_write.wait()
             self._want_write = trio.Event()
-            self._fill(BATCH)
+            if self._ready:
+                # Stream data waits until the socket wants more. With
+                # TCP_NOTSENT_LOWAT that means the kernel's unsent queue is
+                # nearly empty, so bulk data queues here, where the scheduler
+                # lets interactive bytes overtake it, not in the kernel. A
+                # socket that made us wait is link-bound: small batches keep
+                # what sits ahead of an interactive byte small; a socket that
+                # never waits (loopback, fast links) gets large batches.
+                started = trio.current_time()
+                try:
+                    await self.transport.wait_send_all_might_not_block()
+                except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                    self.abort(f"transport error: {exc!r}")
+                    return
+                waited = trio.current_time() - started > 0.0005
+                batch = SMALL_BATCH if waited else min(BATCH, batch * 2)
+            self._fill(batch)
             if self._ready:
                 self._want_write.set()  # more queued: come back after this write
             data = self.session.data_to_send()
