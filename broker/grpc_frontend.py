@@ -483,7 +483,8 @@ class _Connection:
             return
         try:
             self.h2.increment_flow_control_window(n, stream_id=stream_id)
-        except h2.exceptions.ProtocolError:
+        # KeyError: h2 already purged the closed stream (bare dict lookup).
+        except (h2.exceptions.ProtocolError, KeyError):
             pass  # the stream is closed; nothing to credit
         self.wake_writer()
 

@@ -746,7 +746,10 @@ class TunnelSession:
     def _credit_stream_now(self, stream_id: int, n: int) -> None:
         try:
             self._h2.increment_flow_control_window(n, stream_id=stream_id)
-        except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
+        # h2 looks the stream up with a bare dict access: a closed stream it
+        # has already purged (a new stream opened later in the same read)
+        # raises KeyError, not StreamClosedError.
+        except (h2.exceptions.ProtocolError, KeyError):
             pass
 
     def _credit_stream(self, stream: _Stream) -> None:

@@ -97,6 +97,29 @@ CRASHES: dict[str, tuple[str, str]] = {
         "3t7e3t7e3t7e3t7e3t7e3joAAADe3t7e3t7e3t7e3t7e3t7e3t7e3t7e3t7e3t7e3mIAAAAAAAAAADg4ODg4ODg4"
         "ODg4ODg4ODg4ODg4ODg4ODg4ODg4ODg4ODg4ODg4ODg4ODg4OA==",
     ),
+    # Control-stream DATA, then its reset and a new stream, in one read: h2
+    # purged the closed stream and increment_flow_control_window raised a
+    # bare KeyError (found by the 300 s run of ``make fuzz``).
+    "credit_for_a_purged_stream": (
+        "session",
+        (
+            "AAAAAQABAUD//wIAAAEAADcAAAD/IwAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAD///////+8"
+            "vLy8Aby8vLwBBPT0wcHBwcHBwcHBwcEAAAAAAAAAAAAAwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHDwcHB"
+            "wcHBwfT0/////////////8HBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwfT0////////////////"
+            "///////////////09PT09PT09PT09PT09PT09PT09PT09PT09PT09PT09PT0AAAA9PT09PQA9PT09PT09PT09PT0"
+            "9PT09PT09P////////////////////////////T09PT09PT09PT09PT09PT09PT09PT09PT09PT09PT/////////"
+            "//////////////T09PT09PT09PT09PT09PT09PT09PT09PT09PT09PT09PQAAAD09PT09PT09PT09PT09PT09PT0"
+            "9PT09PT0////////////////////////////9PQy9PT09PT09PT09PT09PT09PT09PT09PT09PT09AAAAPT09PT0"
+            "9PT09PT09PT09Cf09PT09PT09PT/////Om1ldGhvZP////T09PT09PT0AAEBQP//AgAAAQAANwDEAP8jAAD09PT0"
+            "9PT09PT09PT09PT09PT09PT09PT09AAAAPT09PT0jfT09PT09PT09PT09PT09PT09PT/////////////////////"
+            "///////09PT09PT09PT09AAAAAEAAQEA//8CAAABAAA3AAAA/yMAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA"
+            "AAAAAAAAAAAA//////////////T////09PT09PT09PT09PT09PT09PT09AAAAPT09PT09PT09PT09PT09PT09PT0"
+            "9PT09PT/////////////////9PT09PT09PT0AAAA9PT09PT09PT09PT09PT09PT09PT09PT09P//////////////"
+            "//////////////////////////////8u////////////////////////+//////////////09PT09PT09PT09PT0"
+            "9PQAAAD09PQAAAD09PT09PT09PT0//////////////////T09AUAAP//////////////////////////////////"
+            "////////9PT09PT09PQFAAD/"
+        ),
+    ),
 }
 
 
@@ -222,3 +245,13 @@ def test_sending_after_goaway() -> None:
 def test_grpc_message_with_lone_surrogates() -> None:
     decoded = decode_grpc_message("\ud800%41")
     assert decoded.endswith("A") and "\ufffd" in decoded
+
+
+def test_credit_for_a_stream_h2_already_purged() -> None:
+    sess, agent = _accepted()
+    agent.send_data(1, messages.encode(messages.Drain()))
+    agent.reset_stream(1)
+    agent.send_headers(3, _request(session.STREAM_PATH, [(session.DIAL_ID_HEADER, "1")]))
+    events = sess.receive_data(agent.data_to_send())
+    assert isinstance(events[0], session.MessageReceived)
+    assert isinstance(events[1], session.ConnectionClosed)
