@@ -56,7 +56,9 @@ def test_agent_import_path_stays_light() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=20, cwd=ROOT
     )
     assert out.returncode == 0, out.stderr
-    assert out.stdout.split() == ["False"] * len(heavy), dict(zip(heavy, out.stdout.split(), strict=False))
+    assert out.stdout.split() == ["False"] * len(heavy), dict(
+        zip(heavy, out.stdout.split(), strict=False)
+    )
 
 
 @pytest.mark.timeout(30)
