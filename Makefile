@@ -39,8 +39,8 @@ demo: venv
 	$(VENV)/bin/tether demo
 
 lint: venv proto-check
-	$(VENV)/bin/ruff check protocol broker edge_agent tether tests benchmarks scripts
-	$(VENV)/bin/ruff format --check protocol broker edge_agent tether tests benchmarks scripts
+	$(VENV)/bin/ruff check protocol broker edge_agent tether tests benchmarks scripts fuzz deploy/systemd
+	$(VENV)/bin/ruff format --check protocol broker edge_agent tether tests benchmarks scripts fuzz deploy/systemd
 	$(VENV)/bin/mypy
 
 pytest: venv sysdeps
