@@ -83,7 +83,7 @@ class Broker:
             lambda: sum(len(conn.streams) for conn in self.agent_server.connections)
         )
         for ctx in self._tls_contexts():
-            self.metrics.cert_expiry.labels(ctx.name).set_function(_expiry_of(ctx))
+            self.metrics.watch_certificate(ctx)
         self.grpc_frontends = {
             c.name: GrpcFrontend(
                 self.registry,
@@ -357,14 +357,6 @@ def clusters_from(cfg: BrokerConfig) -> list[ClusterConfig]:
             )
         )
     return clusters
-
-
-def _expiry_of(ctx: tls.ReloadableContext) -> Callable[[], float]:
-    def expiry() -> float:
-        info = ctx.cert_info()
-        return info.not_after if info else float("nan")
-
-    return expiry
 
 
 def _peer_host(stream: trio.abc.Stream) -> str:

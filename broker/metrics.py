@@ -6,14 +6,14 @@ from __future__ import annotations
 
 import prometheus_client as prom
 
-from tether.netio import introspect
+from tether.netio.metrics import TunnelMetrics
 
 NS = "konnectivity_network_proxy_server"
 
 
-class BrokerMetrics:
+class BrokerMetrics(TunnelMetrics):
     def __init__(self) -> None:
-        self.registry = prom.CollectorRegistry()
+        super().__init__("broker", "agent connections")
         r = self.registry
         self.dial_duration = prom.Histogram(
             f"{NS}_dial_duration_seconds",
@@ -67,49 +67,3 @@ class BrokerMetrics:
             ["cause"],
             registry=r,
         )
-        self.bytes_relayed = prom.Counter(
-            "tether_bytes_relayed_total",
-            "Payload bytes relayed, by direction (up: client to target).",
-            ["direction"],
-            registry=r,
-        )
-        self.keepalive_rtt = prom.Histogram(
-            "tether_keepalive_rtt_seconds",
-            "HTTP/2 PING round-trip time on agent connections.",
-            registry=r,
-            buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
-        )
-
-        self.active_streams = prom.Gauge(
-            "tether_active_streams",
-            "Tunneled connections (HTTP/2 data streams) open on agent connections.",
-            registry=r,
-        )
-        self.window_stalls = prom.Counter(
-            "tether_stream_window_stalls",
-            "Times a tunneled connection had to wait for HTTP/2 flow-control window "
-            "before sending (a slow reader at the far end, or a saturated link).",
-            registry=r,
-        )
-        self.cert_reloads = prom.Counter(
-            "tether_cert_reloads",
-            "Certificate reloads (SIGHUP or changed files), by certificate and result.",
-            ["cert", "result"],
-            registry=r,
-        )
-        self.cert_expiry = prom.Gauge(
-            "tether_certificate_expiry_timestamp_seconds",
-            "When the certificate in use expires (Unix time), by certificate.",
-            ["cert"],
-            registry=r,
-        )
-
-        prom.Gauge(
-            "tether_tasks", "Live trio tasks in the broker (leak check).", registry=r
-        ).set_function(introspect.trio_task_count)
-        prom.Gauge(
-            "tether_open_fds", "Open file descriptors of the broker (leak check).", registry=r
-        ).set_function(introspect.open_fd_count)
-
-    def render(self) -> bytes:
-        return bytes(prom.generate_latest(self.registry))

@@ -25,6 +25,7 @@ import importlib.util
 import shutil
 import sys
 import tempfile
+import threading
 import types
 from pathlib import Path
 from typing import Any
@@ -58,9 +59,21 @@ def _generate(out_dir: Path) -> Path:
     return grpc_module
 
 
-@functools.cache
+_LOAD_LOCK = threading.Lock()
+
+
 def load_grpc_module() -> types.ModuleType:
-    """Generate and import ``konnectivity_pb2_grpc`` (once per process)."""
+    """Generate and import ``konnectivity_pb2_grpc`` (once per process).
+
+    Thread-safe: client threads may ask for the stub concurrently, and the
+    import briefly swaps an entry of ``sys.modules``.
+    """
+    with _LOAD_LOCK:
+        return _load_grpc_module()
+
+
+@functools.cache
+def _load_grpc_module() -> types.ModuleType:
     out_dir = Path(tempfile.mkdtemp(prefix="tether-grpc-stubs-"))
     atexit.register(shutil.rmtree, out_dir, ignore_errors=True)
     path = _generate(out_dir)

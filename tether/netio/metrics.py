@@ -1,0 +1,83 @@
+"""The Prometheus metrics both commands have, defined once.
+
+Imported only where metrics are on: always in the broker, with
+``--metrics`` in the agent (whose import path stays free of
+prometheus_client otherwise).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import prometheus_client as prom
+
+from tether.netio import introspect
+from tether.netio.tls import ReloadableContext
+
+
+class TunnelMetrics:
+    """Metrics of the agent-broker tunnel seen from one end.
+
+    ``process`` names this end ("broker", "agent") and ``peer`` the
+    connections it holds ("agent connections", "broker connections").
+    """
+
+    def __init__(self, process: str, peer: str) -> None:
+        self.registry = prom.CollectorRegistry()
+        r = self.registry
+        self.bytes_relayed = prom.Counter(
+            "tether_bytes_relayed",
+            "Payload bytes relayed, by direction (up: client to target).",
+            ["direction"],
+            registry=r,
+        )
+        self.keepalive_rtt = prom.Histogram(
+            "tether_keepalive_rtt_seconds",
+            f"HTTP/2 PING round-trip time on {peer}.",
+            registry=r,
+            buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+        )
+        self.active_streams = prom.Gauge(
+            "tether_active_streams",
+            f"Tunneled connections (HTTP/2 data streams) open on {peer}.",
+            registry=r,
+        )
+        self.window_stalls = prom.Counter(
+            "tether_stream_window_stalls",
+            "Times a tunneled connection had to wait for HTTP/2 flow-control window "
+            "before sending (a slow reader at the far end, or a saturated link).",
+            registry=r,
+        )
+        self.cert_reloads = prom.Counter(
+            "tether_cert_reloads",
+            "Certificate reloads (SIGHUP or changed files), by certificate and result.",
+            ["cert", "result"],
+            registry=r,
+        )
+        self.cert_expiry = prom.Gauge(
+            "tether_certificate_expiry_timestamp_seconds",
+            "When the certificate in use expires (Unix time), by certificate.",
+            ["cert"],
+            registry=r,
+        )
+        prom.Gauge(
+            "tether_tasks", f"Live trio tasks in the {process} (leak check).", registry=r
+        ).set_function(introspect.trio_task_count)
+        prom.Gauge(
+            "tether_open_fds", f"Open file descriptors of the {process} (leak check).", registry=r
+        ).set_function(introspect.open_fd_count)
+
+    def watch_certificate(self, ctx: ReloadableContext) -> None:
+        """Export the expiry of whatever certificate ``ctx`` holds now."""
+        self.cert_expiry.labels(ctx.name).set_function(_expiry_of(ctx))
+
+    def render(self) -> bytes:
+        return bytes(prom.generate_latest(self.registry))
+
+
+def _expiry_of(ctx: ReloadableContext) -> Callable[[], float]:
+    def expiry() -> float:
+        info = ctx.cert_info()
+        return info.not_after if info else float("nan")
+
+    return expiry
