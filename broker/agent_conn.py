@@ -127,7 +127,7 @@ class AgentConnection:
             return
         try:
             self.conn.send_message(messages.Cancel(id=dial_id))
-        except (TunnelClosed, Exception) as exc:  # the connection may be dying
+        except Exception as exc:  # the connection may be dying: TunnelClosed and worse
             log.debug("cancel for dial %d not sent: %s", dial_id, exc)
 
     # ------------------------------------------------ ConnectionHandler

@@ -53,8 +53,8 @@ import trio
 from broker.dialing import DialError
 from broker.metrics import BrokerMetrics
 from broker.registry import Registry
+from protocol import h2compat, packets
 from protocol import konnectivity_pb2 as pb
-from protocol import packets
 from protocol.errors import InvalidMessage, ProtocolError
 from protocol.flood import FloodGuard, FloodLimits, FrameSizeGuard, FrameTooLarge, unsent_bytes
 from protocol.grpc_framing import (
@@ -225,24 +225,15 @@ class _Connection:
 
     async def _run_io(self) -> None:
         s = self.settings
-        self.h2.local_settings = h2.settings.Settings(
+        h2compat.initiate(
+            self.h2,
             client=False,
-            initial_values={
-                h2.settings.SettingCodes.ENABLE_PUSH: 0,
-                h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: s.max_concurrent_streams,
-                h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: s.stream_window,
-                h2.settings.SettingCodes.MAX_FRAME_SIZE: s.max_frame_size,
-                h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: 16 * 1024,
-            },
+            max_concurrent_streams=s.max_concurrent_streams,
+            stream_window=s.stream_window,
+            max_frame_size=s.max_frame_size,
+            max_header_list_size=16 * 1024,
+            connection_window=s.connection_window,
         )
-        # Settings given this way count as current at once (the client cannot
-        # use them before it sees our SETTINGS), so mirror them into h2's caches.
-        self.h2.max_inbound_frame_size = s.max_frame_size
-        self.h2.decoder.max_header_list_size = 16 * 1024
-        self.h2.initiate_connection()
-        extra = s.connection_window - self.h2.inbound_flow_control_window
-        if extra > 0:
-            self.h2.increment_flow_control_window(extra)
         self.wake_writer()
         try:
             with trio.CancelScope() as self._io_scope:

@@ -23,13 +23,3 @@ class CloseCode(enum.StrEnum):
     ERROR = "error"  # an I/O error on the far socket
     PROTOCOL = "protocol"  # the peer broke the data-stream rules
     SHUTDOWN = "shutdown"  # the process is going away
-
-
-# Status codes of the control-stream handshake, with their meaning.
-HANDSHAKE_STATUS = {
-    200: "accepted",
-    401: "unauthenticated",
-    403: "forbidden",
-    409: "conflict",
-    426: "upgrade required",
-}

@@ -47,8 +47,6 @@ from protocol.flood import (
     unsent_bytes,
 )
 
-del h2compat  # imported for its patch of hyperframe's DataFrame repr
-
 CONTROL_PATH = "/tether.v1/connect"
 STREAM_PATH = "/tether.v1/stream"
 CONTENT_TYPE = "application/msgpack"
@@ -255,24 +253,15 @@ class TunnelSession:
     def initiate(self) -> None:
         """Send the connection preface and our settings."""
         cfg = self.config
-        self._h2.local_settings = h2.settings.Settings(
+        h2compat.initiate(
+            self._h2,
             client=self.role is Role.AGENT,
-            initial_values={
-                h2.settings.SettingCodes.ENABLE_PUSH: 0,
-                h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: cfg.max_concurrent_streams,
-                h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: cfg.stream_window,
-                h2.settings.SettingCodes.MAX_FRAME_SIZE: cfg.max_frame_size,
-                h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: cfg.max_header_list_size,
-            },
+            max_concurrent_streams=cfg.max_concurrent_streams,
+            stream_window=cfg.stream_window,
+            max_frame_size=cfg.max_frame_size,
+            max_header_list_size=cfg.max_header_list_size,
+            connection_window=cfg.connection_window,
         )
-        # Values set this way count as current at once (the peer cannot use
-        # them before it sees our SETTINGS), so mirror them into h2's caches.
-        self._h2.max_inbound_frame_size = cfg.max_frame_size
-        self._h2.decoder.max_header_list_size = cfg.max_header_list_size
-        self._h2.initiate_connection()
-        extra = cfg.connection_window - self._h2.inbound_flow_control_window
-        if extra > 0:
-            self._h2.increment_flow_control_window(extra)
 
     @property
     def closed(self) -> bool:

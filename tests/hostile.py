@@ -25,6 +25,7 @@ from typing import Any
 
 import attrs
 import hpack
+import pytest
 import trio
 import trio.lowlevel
 
@@ -244,6 +245,18 @@ def frame(kind: int, flags: int, sid: int, payload: bytes = b"") -> bytes:
 def settings_frame(values: dict[int, int] | None = None, *, ack: bool = False) -> bytes:
     body = b"".join(struct.pack(">HI", k, v) for k, v in (values or {}).items())
     return frame(SETTINGS, ACK if ack else 0, 0, body)
+
+
+#: Frames a server must acknowledge, for the PING and SETTINGS flood tests:
+#: (frame, the tether_bad_input_total reason the broker counts them under).
+ACK_FLOODS = pytest.mark.parametrize(
+    ("unit", "reason"),
+    [
+        (frame(PING, 0, 0, b"12345678"), "flood_pings"),
+        (settings_frame({0x4: 65535}), "flood_settings"),
+    ],
+    ids=["ping", "settings"],
+)
 
 
 def window_update(sid: int, increment: int) -> bytes:

@@ -25,6 +25,7 @@ import pytest
 import trio
 import trio.lowlevel
 from hostile import (
+    ACK_FLOODS,
     CANCEL,
     CONTINUATION,
     DATA,
@@ -34,7 +35,6 @@ from hostile import (
     FLOW_CONTROL_ERROR,
     FRAME_SIZE_ERROR,
     HEADERS,
-    PING,
     PROTOCOL_ERROR,
     RST_STREAM,
     S_INITIAL_WINDOW_SIZE,
@@ -54,7 +54,6 @@ from hostile import (
     open_peer,
     request_headers,
     rst_stream,
-    settings_frame,
     tunnel_roundtrip,
     wait_log,
     wait_metric,
@@ -494,14 +493,7 @@ async def test_hpack_bombs_and_continuation_floods(stack: BrokerHandle, echo: in
 
 
 @pytest.mark.timeout(40)
-@pytest.mark.parametrize(
-    ("unit", "reason"),
-    [
-        (frame(PING, 0, 0, b"12345678"), "flood_pings"),
-        (settings_frame({0x4: 65535}), "flood_settings"),
-    ],
-    ids=["ping", "settings"],
-)
+@ACK_FLOODS
 async def test_ping_and_settings_floods(
     stack: BrokerHandle, echo: int, unit: bytes, reason: str
 ) -> None:

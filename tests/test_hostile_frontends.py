@@ -22,12 +22,12 @@ import pytest
 import trio
 from grpc_stubs import proxy_service_stub
 from hostile import (
+    ACK_FLOODS,
     DATA,
     END_HEADERS,
     ENHANCE_YOUR_CALM,
     FRAME_SIZE_ERROR,
     HEADERS,
-    PING,
     PREFACE,
     PROTOCOL_ERROR,
     S_ENABLE_PUSH,
@@ -472,14 +472,7 @@ async def test_grpc_stream_flood(grpc_stack: BrokerHandle, echo: int) -> None:
 
 
 @pytest.mark.timeout(40)
-@pytest.mark.parametrize(
-    ("unit", "reason"),
-    [
-        (frame(PING, 0, 0, b"12345678"), "flood_pings"),
-        (settings_frame({0x4: 65535}), "flood_settings"),
-    ],
-    ids=["ping", "settings"],
-)
+@ACK_FLOODS
 async def test_grpc_ping_and_settings_floods(
     grpc_stack: BrokerHandle, echo: int, unit: bytes, reason: str
 ) -> None:

@@ -78,7 +78,6 @@ class TunnelStream:
         self._buffered = 0
         self._eof = False
         self._abort: StreamAborted | None = None
-        self._accepted = False
         self._readable = trio.Event()
         self._writable = trio.Event()
         self._accepted_event = trio.Event()
@@ -139,7 +138,6 @@ class TunnelStream:
         return bool(self._outbox) or self._out_eof or self._out_close is not None
 
     def _accept(self) -> None:
-        self._accepted = True
         self._accepted_event.set()
 
     # ---------------------------------------------------------- public
