@@ -80,6 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="tether-broker",
         description="Tether broker: fronts kube-apiserver egress and routes dials to edge agents.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        allow_abbrev=False,  # --probe-interval must not mean --probe-interval-cap
     )
     fe = p.add_argument_group("frontends (kube-apiserver side)")
     fe.add_argument(

@@ -62,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Tether edge agent: keeps one outbound tunnel to the broker and "
         "dials local targets on its behalf.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        allow_abbrev=False,  # --probe-interval must not mean --probe-interval-cap
     )
     b = p.add_argument_group("broker connection")
     b.add_argument("--proxy-server-host", default=d.proxy_server_host, help="broker address")

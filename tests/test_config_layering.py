@@ -136,7 +136,8 @@ def test_agent_config_file_discovery(tmp_path: Path, monkeypatch: pytest.MonkeyP
 
 
 AGENT_FILE_ERRORS = [
-    ('keepalive_time = "soon"', "agent.toml: keepalive_time: must be a number"),
+    ('keepalive_time = "soon"', "agent.toml: keepalive_time: invalid duration 'soon'"),
+    ('keepalive_time = "5x"', "agent.toml: keepalive_time: invalid duration '5x'"),
     ("keepalive_time = -1", "agent.toml: keepalive_time: must be positive"),
     ("proxy_server_port = 1.5", "agent.toml: proxy_server_port: must be an integer"),
     ("agent_id = 7", "agent.toml: agent_id: must be a string"),
@@ -188,7 +189,10 @@ def test_broker_file_errors_name_the_key(
 @pytest.mark.parametrize(
     ("env", "message"),
     [
-        ({"TETHER_AGENT_KEEPALIVE_TIME": "soon"}, "TETHER_AGENT_KEEPALIVE_TIME: must be a number"),
+        (
+            {"TETHER_AGENT_KEEPALIVE_TIME": "soon"},
+            "TETHER_AGENT_KEEPALIVE_TIME: invalid duration 'soon'",
+        ),
         ({"TETHER_AGENT_METRICS": "maybe"}, "TETHER_AGENT_METRICS: must be true or false"),
         ({"TETHER_AGENT_CONFIG_FILE": "/nonexistent.toml"}, "cannot read config file"),
     ],
@@ -316,4 +320,4 @@ health_server_port = 0
         env=base,
     )
     assert result.returncode == 2
-    assert "bad.toml: keepalive_time: must be a number" in result.stderr
+    assert "bad.toml: keepalive_time: invalid duration 'soon'" in result.stderr

@@ -26,6 +26,7 @@ import argparse
 import difflib
 import math
 import os
+import re
 import sys
 import tomllib
 from collections.abc import Callable, Mapping, Sequence
@@ -34,18 +35,67 @@ from typing import Any, NoReturn
 
 import attrs
 
+#: Go's time.ParseDuration units, in seconds (konnectivity's flags are Go durations).
+_DURATION_UNITS = {
+    "ns": 1e-9,
+    "us": 1e-6,
+    "\u00b5s": 1e-6,  # micro sign
+    "\u03bcs": 1e-6,  # Greek mu
+    "ms": 1e-3,
+    "s": 1.0,
+    "m": 60.0,
+    "h": 3600.0,
+}
+_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|\u00b5s|\u03bcs|ms|s|m|h)")
+
+
+def duration(text: str) -> float:
+    """Seconds from a plain number (``20``, ``0.5``) or a Go duration
+    (``1h``, ``5s``, ``500ms``, ``1m30s``), as konnectivity's flags take them.
+    Raises ValueError naming the accepted forms."""
+    word = text.strip()
+    try:
+        value = float(word)
+    except ValueError:
+        pass
+    else:
+        if math.isfinite(value):
+            return value
+        raise ValueError(f"not a finite duration: {text!r}")
+    sign = 1.0
+    if word[:1] in "+-" and word:
+        sign, word = (-1.0 if word[0] == "-" else 1.0), word[1:]
+    total, pos = 0.0, 0
+    while pos < len(word):
+        match = _DURATION_PART.match(word, pos)
+        if match is None:
+            break
+        total += float(match[1]) * _DURATION_UNITS[match[2]]
+        pos = match.end()
+    if not word or pos != len(word):
+        raise ValueError(
+            f"invalid duration {text!r} (seconds, or Go syntax such as 1h, 5s, 500ms, 1m30s)"
+        )
+    return sign * total
+
 
 def positive(text: str) -> float:
-    """argparse type: a number above zero."""
-    value = float(text)
+    """argparse type: a duration above zero (seconds or Go syntax)."""
+    try:
+        value = duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be positive, got {text}")
     return value
 
 
 def non_negative(text: str) -> float:
-    """argparse type: zero or more (NaN is refused)."""
-    value = float(text)
+    """argparse type: a duration of zero or more (seconds or Go syntax)."""
+    try:
+        value = duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
     if not value >= 0:
         raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
     return value
@@ -387,6 +437,8 @@ def _from_toml(raw: object, key: str, kind: type, spec: Spec, name: str) -> str 
             raise SettingsError(f"{name}: must be an integer")
         return str(raw)
     if kind is float:
+        if isinstance(raw, str):  # a duration such as "1h"; the flag's type parses it
+            return raw
         if isinstance(raw, bool) or not isinstance(raw, int | float):
             raise SettingsError(f"{name}: must be a number")
         return repr(float(raw))
