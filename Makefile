@@ -7,17 +7,30 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: venv demo test lint pytest proto proto-check sysdeps soak clean fuzz bench bench-quick
+.PHONY: venv venv-runtime demo test lint pytest proto proto-check sysdeps soak clean fuzz bench bench-quick
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml
+# The runtime alone (what `make demo` needs): no test, lint or plot extras.
+RUNTIME_STAMP := $(VENV)/.installed-runtime
+venv-runtime: $(RUNTIME_STAMP)
+
+define make_venv
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV) || { \
 	  echo "python3 -m venv failed; installing python3-venv"; \
 	  apt-get update -qq && apt-get install -y -qq python3-venv && $(PYTHON) -m venv $(VENV); }
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test]'
+endef
+
+$(RUNTIME_STAMP): pyproject.toml
+	$(make_venv)
+	$(PY) -m pip install -q -e .
 	@touch $@
+
+$(STAMP): pyproject.toml
+	$(make_venv)
+	$(PY) -m pip install -q -e '.[test]'
+	@touch $@ $(RUNTIME_STAMP)
 
 # System tools the end-to-end tests drive: curl (the real CONNECT client) and
 # HAProxy (the load balancer in front of broker replicas); the benchmark
@@ -35,7 +48,7 @@ sysdeps:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
 	fi
 
-demo: venv
+demo: venv-runtime
 	$(VENV)/bin/tether demo
 
 lint: venv proto-check

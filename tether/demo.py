@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import functools
 import shlex
+import signal
 import statistics
 import sys
 import tempfile
@@ -108,7 +109,7 @@ def _say(text: str) -> None:
     print(text, flush=True)
 
 
-async def run_demo(workdir: Path, keep_running: bool) -> int:
+async def _run(workdir: Path, keep_running: bool) -> int:
     pki = init_pki(workdir / "pki", agents=("agent-1",))
     _say(f"certificates: {workdir / 'pki'}")
     broker = start_broker(workdir, pki, "--log-level=info")
@@ -166,6 +167,26 @@ async def run_demo(workdir: Path, keep_running: bool) -> int:
             if proc is not None:
                 codes.append(f"{proc.name} exit {proc.stop()}")
         _say("\nstopped: " + ", ".join(codes))
+
+
+async def run_demo(workdir: Path, keep_running: bool) -> int:
+    """The demo, stopped cleanly by SIGINT (Ctrl-C) or SIGTERM: the broker
+    and agent are stopped and reaped, and the caller removes the work
+    directory with the keys; exit 0 and no traceback."""
+    result = 0
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+
+            async def stop_on_signal() -> None:
+                async for signum in signals:
+                    _say(f"\n{signal.Signals(signum).name}: stopping")
+                    nursery.cancel_scope.cancel()
+                    return
+
+            nursery.start_soon(stop_on_signal)
+            result = await _run(workdir, keep_running)
+            nursery.cancel_scope.cancel()
+    return result
 
 
 def main(argv: list[str] | None = None) -> int:
