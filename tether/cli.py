@@ -70,6 +70,12 @@ def _build_parser() -> argparse.ArgumentParser:
     # Only listed for --help: main() hands everything after "demo" to tether.demo untouched,
     # since argparse would otherwise try to interpret the demo's own options.
     commands.add_parser("demo", help=_DEMO_HELP, add_help=False)
+    commands.add_parser(
+        "connect",
+        help="forward a local TCP port through the broker's Unix-socket frontend "
+        "(see tether connect --help)",
+        add_help=False,
+    )
     return parser
 
 
@@ -106,6 +112,12 @@ def _certs_init(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_connect(rest: list[str]) -> int:
+    connect = importlib.import_module("tether.connect")
+    code = connect.main(rest)
+    return code if isinstance(code, int) else 0
+
+
 def _run_demo(rest: list[str]) -> int:
     # import_module rather than a static import: the demo is optional tooling and must not be
     # loaded (nor type-checked as a hard dependency) by the other subcommands.
@@ -120,6 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args_list[:1] == ["demo"]:
             return _run_demo(args_list[1:])
+        if args_list[:1] == ["connect"]:
+            return _run_connect(args_list[1:])
         parser = _build_parser()
         try:
             args = parser.parse_args(args_list)
