@@ -9,6 +9,7 @@ bodies with ``Connection: close`` (design section 3).
 from __future__ import annotations
 
 import logging
+from http import HTTPStatus
 
 import attrs
 import h11
@@ -80,7 +81,10 @@ def render_response(conn: h11.Connection, status: int, message: str) -> bytes:
     ]
     try:
         if conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
-            data = conn.send(h11.Response(status_code=status, headers=headers)) or b""
+            data = (
+                conn.send(h11.Response(status_code=status, headers=headers, reason=_reason(status)))
+                or b""
+            )
         else:  # h11 gave up on the request: write the response by hand
             data = _raw_response(status, headers)
         data += conn.send(h11.Data(data=body)) or b"" if conn.our_state is h11.SEND_BODY else body
@@ -89,9 +93,16 @@ def render_response(conn: h11.Connection, status: int, message: str) -> bytes:
     return data
 
 
+def _reason(status: int) -> str:
+    """The standard reason phrase (``502 Bad Gateway``), never an empty one."""
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return "Error"
+
+
 def _raw_response(status: int, headers: list[tuple[str, str]]) -> bytes:
-    reason = {400: "Bad Request", 431: "Request Header Fields Too Large"}.get(status, "Error")
-    lines = [f"HTTP/1.1 {status} {reason}"] + [f"{k}: {v}" for k, v in headers]
+    lines = [f"HTTP/1.1 {status} {_reason(status)}"] + [f"{k}: {v}" for k, v in headers]
     return ("\r\n".join(lines) + "\r\n\r\n").encode()
 
 
