@@ -76,11 +76,9 @@ def _port(text: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     d = BrokerConfig(server_id="")
-    p = argparse.ArgumentParser(
+    p = settings.Parser(
         prog="tether-broker",
         description="Tether broker: fronts kube-apiserver egress and routes dials to edge agents.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        allow_abbrev=False,  # --probe-interval must not mean --probe-interval-cap
     )
     fe = p.add_argument_group("frontends (kube-apiserver side)")
     fe.add_argument(

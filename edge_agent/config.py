@@ -57,12 +57,10 @@ class AgentConfig:
 
 def build_parser() -> argparse.ArgumentParser:
     d = AgentConfig()
-    p = argparse.ArgumentParser(
+    p = settings.Parser(
         prog="tether-agent",
         description="Tether edge agent: keeps one outbound tunnel to the broker and "
         "dials local targets on its behalf.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        allow_abbrev=False,  # --probe-interval must not mean --probe-interval-cap
     )
     b = p.add_argument_group("broker connection")
     b.add_argument("--proxy-server-host", default=d.proxy_server_host, help="broker address")

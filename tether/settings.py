@@ -101,6 +101,44 @@ def non_negative(text: str) -> float:
     return value
 
 
+class HelpFormatter(argparse.HelpFormatter):
+    """``--help`` that shows a default only where there is one to show: not
+    for empty strings, None, False or empty lists, and not twice when the
+    help text already names it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if (
+            "%(default)" in text
+            or "default" in text.lower()
+            or default is None
+            or default is argparse.SUPPRESS
+            or default is False
+            or default == ""
+            or default == ()
+            or default == []
+            or not action.option_strings
+        ):
+            return text
+        return f"{text} (default: %(default)s)" if text else "(default: %(default)s)"
+
+
+class Parser(argparse.ArgumentParser):
+    """Both commands' parser: flags are never abbreviated (``--probe-interval``
+    must not silently mean ``--probe-interval-cap``), and a usage error is the
+    one line that says what is wrong, plus where to look, not the whole
+    usage banner."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\nsee {self.prog} --help\n")
+
+
 def add_tunnel_arguments(group: Any, d: Any, peer: str) -> None:
     """Flags for the agent-broker connection, the same on both ends.
     ``d`` holds the defaults; ``peer`` names the connection in help texts."""

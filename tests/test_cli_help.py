@@ -1,0 +1,40 @@
+"""``--help`` and usage errors of both commands (issue 15 row 14): real
+defaults only, never ``(default: )`` or a default shown twice, and a usage
+error is the one relevant line plus where to look."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+
+import pytest
+
+from tether.launch import BIN
+
+COMMANDS = ["tether-broker", "tether-agent"]
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("command", COMMANDS)
+def test_help_shows_only_real_defaults(command: str) -> None:
+    out = subprocess.run(
+        [str(BIN / command), "--help"], capture_output=True, text=True, timeout=20, check=True
+    ).stdout
+    text = re.sub(r"\s+", " ", out)
+    assert "(default: )" not in text
+    assert "(default: None)" not in text
+    assert "(default: False)" not in text
+    assert not re.search(r"\(default: [^)]*\) \(default:", text), text
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("command", COMMANDS)
+def test_usage_error_is_one_line_and_a_pointer(command: str) -> None:
+    result = subprocess.run(
+        [str(BIN / command), "--no-such-flag"], capture_output=True, text=True, timeout=20
+    )
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        f"{command}: error: unrecognized arguments: --no-such-flag",
+        f"see {command} --help",
+    ]
