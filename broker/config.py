@@ -67,11 +67,7 @@ class BrokerConfig:
     cert_reload_interval: float = 5.0
 
 
-def _port(text: str) -> int:
-    value = int(text)
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"port out of range: {text}")
-    return value
+_port = settings.port  # one home for the port type: tether.settings
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -65,7 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
     b = p.add_argument_group("broker connection")
     b.add_argument("--proxy-server-host", default=d.proxy_server_host, help="broker address")
     b.add_argument(
-        "--proxy-server-port", type=int, default=d.proxy_server_port, help="broker agent port"
+        "--proxy-server-port",
+        type=settings.remote_port,
+        default=d.proxy_server_port,
+        help="broker agent port",
     )
     b.add_argument("--ca-cert", default=d.ca_cert, help="CA that the broker certificate chains to")
     b.add_argument("--agent-cert", default=d.agent_cert, help="this agent's client certificate")
@@ -124,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--health-server-bind-address", default=d.health_server_bind_address)
     o.add_argument(
         "--health-server-port",
-        type=int,
+        type=settings.port,
         default=d.health_server_port,
         help="/healthz, /readyz (and /metrics with --metrics); 0 disables",
     )

@@ -38,3 +38,26 @@ def test_usage_error_is_one_line_and_a_pointer(command: str) -> None:
         f"{command}: error: unrecognized arguments: --no-such-flag",
         f"see {command} --help",
     ]
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["tether-agent", "--proxy-server-port=99999"], "port out of range (1-65535): 99999"),
+        (["tether-agent", "--proxy-server-port=0"], "port out of range (1-65535): 0"),
+        (["tether-agent", "--health-server-port=70000"], "port out of range (0-65535): 70000"),
+        (["tether-broker", "--agent-port=65536"], "port out of range (0-65535): 65536"),
+    ],
+)
+def test_ports_are_range_checked_on_both_commands(args: list[str], message: str) -> None:
+    """``tether-agent --proxy-server-port 99999`` was accepted and retried
+    forever (issue 15 row 8)."""
+    result = subprocess.run(
+        [str(BIN / args[0]), *args[1:], "--print-config"],
+        capture_output=True,
+        text=True,
+        timeout=20,
+    )
+    assert result.returncode == 2
+    assert message in result.stderr.splitlines()[0]

@@ -101,6 +101,29 @@ def non_negative(text: str) -> float:
     return value
 
 
+def port(text: str) -> int:
+    """argparse type: a port to listen on, 0-65535 (0: off, or any free port
+    where the flag says so)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"port out of range (0-65535): {text}")
+    return value
+
+
+def remote_port(text: str) -> int:
+    """argparse type: a port to connect to, 1-65535."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"port out of range (1-65535): {text}")
+    return value
+
+
 class HelpFormatter(argparse.HelpFormatter):
     """``--help`` that shows a default only where there is one to show: not
     for empty strings, None, False or empty lists, and not twice when the
