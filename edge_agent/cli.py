@@ -16,6 +16,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = from_args(argv)
     setup_logging(cfg.log_format, cfg.log_level)
     log = logging.getLogger("tether.agent")
+    log.info("agent id %s (from %s)", cfg.agent_id, cfg.agent_id_source)
     try:
         agent = Agent(cfg)
     except TLSConfigError as exc:

@@ -10,12 +10,16 @@ so a device's settings live in one file the systemd unit need not name.
 from __future__ import annotations
 
 import argparse
+import os
+import socket
+import uuid
 from collections.abc import Mapping
+from pathlib import Path
 
 import attrs
 
 from edge_agent.policy import Policy
-from protocol.identifiers import AgentIdentifiers
+from protocol.identifiers import AgentIdentifiers, valid_name
 from tether import settings
 
 #: Read when neither --config-file nor TETHER_AGENT_CONFIG_FILE names a file.
@@ -29,7 +33,7 @@ class AgentConfig:
     ca_cert: str = ""
     agent_cert: str = ""
     agent_key: str = ""
-    agent_id: str = "agent-1"
+    agent_id: str = ""
     cluster: str = ""
     agent_identifiers: str = ""
     health_server_bind_address: str = "127.0.0.1"
@@ -53,6 +57,9 @@ class AgentConfig:
     config_file: str = ""
     cert_reload_interval: float = 5.0
     metrics: bool = False
+    state_dir: str = "/var/lib/tether-agent"
+    #: How agent_id was chosen ("flag", "NODE_NAME", "host name", "state file ..."); not a setting.
+    agent_id_source: str = "setting"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -74,7 +81,16 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--agent-cert", default=d.agent_cert, help="this agent's client certificate")
     b.add_argument("--agent-key", default=d.agent_key, help="this agent's client key")
     b.add_argument(
-        "--agent-id", default=d.agent_id, help="agent id; must match the certificate's CN"
+        "--agent-id",
+        default=d.agent_id,
+        help="agent id; must match the certificate's CN. Default: $NODE_NAME (the DaemonSet "
+        "sets it), else the host name, else a UUID kept in --state-dir",
+    )
+    b.add_argument(
+        "--state-dir",
+        default=d.state_dir,
+        help="where the agent keeps the UUID it made up as its id when neither --agent-id, "
+        "$NODE_NAME nor the host name gives one",
     )
     b.add_argument(
         "--cluster",
@@ -157,12 +173,55 @@ SPEC = settings.Spec(
 )
 
 
+def default_agent_id(environ: Mapping[str, str] | None, state_dir: str) -> tuple[str, str]:
+    """An agent id when none is configured, stable across restarts: the node
+    name the DaemonSet passes in ``NODE_NAME``, else the host name, else a
+    UUID made up once and kept in ``state_dir``. Returns (id, where from)."""
+    env = os.environ if environ is None else environ
+    node = env.get("NODE_NAME", "").strip()
+    if valid_name(node):
+        return node, "NODE_NAME"
+    host = socket.gethostname().split(".", 1)[0].lower()
+    if valid_name(host) and host not in ("localhost", "localhost6"):
+        return host, "host name"
+    path = Path(state_dir) / "agent-id"
+    try:
+        kept = path.read_text(encoding="ascii").strip()
+    except (FileNotFoundError, UnicodeDecodeError):
+        kept = ""
+    if valid_name(kept):
+        return kept, f"state file {path}"
+    made = f"agent-{uuid.uuid4()}"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".agent-id.{os.getpid()}")
+    tmp.write_text(made + "\n", encoding="ascii")
+    os.replace(tmp, path)
+    return made, f"new UUID, kept in {path}"
+
+
 def from_args(argv: list[str] | None, environ: Mapping[str, str] | None = None) -> AgentConfig:
     """Flags, then ``TETHER_AGENT_*`` variables, then the config file, then defaults."""
     parser = build_parser()
     resolved = settings.resolve(parser, build_parser, argv, SPEC, environ)
     cfg = AgentConfig(config_file=resolved.config_file, **resolved.values)
     problems = []
+    if cfg.agent_id:
+        cfg = attrs.evolve(cfg, agent_id_source=resolved.sources.get("agent_id", "setting"))
+    else:
+        try:
+            agent_id, source = default_agent_id(environ, cfg.state_dir)
+        except OSError as exc:
+            problems.append(
+                f"--agent-id: not given, and no id could be kept in --state-dir "
+                f"{cfg.state_dir}: {exc.strerror or exc}"
+            )
+        else:
+            cfg = attrs.evolve(cfg, agent_id=agent_id, agent_id_source=source)
+    if cfg.agent_id and not valid_name(cfg.agent_id):
+        problems.append(
+            f"--agent-id: {cfg.agent_id!r} is not a valid id "
+            "(letters, digits, '.', '_', '-'; at most 63; starts with a letter or digit)"
+        )
     if not cfg.ca_cert:
         problems.append("--ca-cert is required")
     if bool(cfg.agent_cert) != bool(cfg.agent_key):

@@ -94,8 +94,14 @@ def test_broker_precedence_and_broker_table(tmp_path: Path, pki: PkiPaths) -> No
 
 @pytest.mark.timeout(10)
 def test_defaults_and_flags_unchanged_without_file_or_env(pki: PkiPaths) -> None:
-    agent = agent_config.from_args(AGENT_CREDS, {})
-    expected = agent_config.AgentConfig(ca_cert="ca.crt", agent_cert="a.crt", agent_key="a.key")
+    agent = agent_config.from_args([*AGENT_CREDS, "--agent-id=agent-1"], {})
+    expected = agent_config.AgentConfig(
+        ca_cert="ca.crt",
+        agent_cert="a.crt",
+        agent_key="a.key",
+        agent_id="agent-1",
+        agent_id_source="flag --agent-id",
+    )
     assert agent == expected
     broker = broker_config.from_args([*broker_creds(pki), "--server-id=b1"], {})
     assert attrs.evolve(broker, cluster_cert="", cluster_key="", cluster_ca_cert="") == (
@@ -127,7 +133,10 @@ def test_agent_config_file_discovery(tmp_path: Path, monkeypatch: pytest.MonkeyP
     env = {"TETHER_AGENT_CONFIG_FILE": other}
     assert agent_config.from_args(AGENT_CREDS, env).agent_id == "from-env-file"
     # An empty --config-file turns the default off.
-    assert agent_config.from_args(["--config-file=", *AGENT_CREDS], {}).agent_id == "agent-1"
+    assert agent_config.from_args(["--config-file=", *AGENT_CREDS], {}).agent_id not in (
+        "from-default",
+        "from-env-file",
+    )
     monkeypatch.setattr(agent_config, "SPEC", attrs.evolve(spec, default_file=str(tmp_path / "no")))
     assert agent_config.from_args(AGENT_CREDS, {}).config_file == ""
 
@@ -231,7 +240,7 @@ def test_print_config_round_trips_and_shows_sources(
     # The output is itself a config file that reproduces the same settings.
     again = write(tmp_path / "printed.toml", out)
     assert agent_config.from_args([f"--config-file={again}"], {}) == attrs.evolve(
-        cfg, config_file=again
+        cfg, config_file=again, agent_id_source="file"
     )
 
 
@@ -288,6 +297,7 @@ proxy_server_port = {agent_port}
 ca_cert = "{pki.ca_cert}"
 agent_cert = "{cert}"
 agent_key = "{key}"
+agent_id = "agent-1"
 health_server_port = 0
 """,
     )
