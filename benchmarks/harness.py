@@ -94,6 +94,8 @@ class Run:
                 "profiles": profiles,
                 "durations": attrs.asdict(self.d),
                 "environment": environment(),
+                "run_id": out.name,
+                "commit": git_commit(),
             },
             "contenders": {},
             "selfcheck": {},
@@ -359,6 +361,19 @@ class Run:
         self.save()
 
 
+def git_commit() -> str:
+    """The commit the run measured (``git describe --always --dirty``)."""
+    try:
+        return subprocess.run(
+            ["git", "-C", str(REPO), "describe", "--always", "--dirty"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
 def environment() -> dict[str, Any]:
     def version(pkg: str) -> str | None:
         try:
@@ -372,11 +387,7 @@ def environment() -> dict[str, Any]:
         except OSError:
             return None
 
-    git = subprocess.run(
-        ["git", "-C", str(REPO), "describe", "--always", "--dirty"],
-        capture_output=True,
-        text=True,
-    ).stdout.strip()
+    git = git_commit()
     cpu = next(
         (
             line.split(":", 1)[1].strip()

@@ -13,6 +13,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import attrs
+
 MAIN = ("direct", "ssh", "tether-connect", "tether-grpc")
 SHORT = {
     "direct": "direct",
@@ -44,6 +46,40 @@ def _ratio(a: Any, b: Any) -> str:
     return f"{a / b:.2f}"
 
 
+@attrs.frozen
+class Stat:
+    """A table cell: the value shown, how many samples it stands on, and
+    their spread (min and max for repeated runs; None where the value is a
+    percentile of its own samples, which are the spread)."""
+
+    value: float
+    n: int
+    low: float | None = None
+    high: float | None = None
+
+
+def _stat(value: Any, samples: Any = None, *, n: int | None = None) -> Stat | None:
+    """``value`` with the ``samples`` it came from (their count, min, max)."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    xs = [x for x in samples or [] if isinstance(x, int | float)]
+    if len(xs) > 1:
+        return Stat(float(value), len(xs), min(xs), max(xs))
+    return Stat(float(value), n if n is not None else max(1, len(xs)))
+
+
+def _cell(x: Any) -> str:
+    if isinstance(x, Stat):
+        if x.low is not None and x.high is not None:
+            return f"{_num(x.value)} (n={x.n}, {_num(x.low)}-{_num(x.high)})"
+        return f"{_num(x.value)} (n={x.n:,})"
+    return _num(x)
+
+
+def _value(x: Any) -> Any:
+    return x.value if isinstance(x, Stat) else x
+
+
 def _get(d: Any, *path: Any) -> Any:
     for p in path:
         if not isinstance(d, dict) or p not in d:
@@ -66,41 +102,61 @@ def _rows(res: dict[str, Any]) -> list[tuple[str, dict[str, Any], str]]:
             rows.append((label, values, better))
 
     s1 = _get(sc, "S1", "loopback", "contenders") or {}
-    add("S1 bulk, loopback, MB/s (best of reps)", lambda c: _get(s1, c, "best_MBps"), "higher")
+    add(
+        "S1 bulk, loopback, MB/s (best of reps)",
+        lambda c: _stat(_get(s1, c, "best_MBps"), _get(s1, c, "MBps")),
+        "higher",
+    )
     add(
         "S1 CPU s/GB, both tunnel ends (broker+agent, sshd+ssh)",
-        lambda c: _get(s1, c, "total_cpu_per_GB"),
+        lambda c: _stat(_get(s1, c, "total_cpu_per_GB"), _get(s1, c, "cloud_cpu_s_per_GB")),
         "lower",
     )
     add(
         "S1 CPU s/GB, edge end (agent, ssh client)",
-        lambda c: _get(s1, c, "edge_cpu_per_GB"),
+        lambda c: _stat(_get(s1, c, "edge_cpu_per_GB"), _get(s1, c, "edge_cpu_s_per_GB")),
         "lower",
     )
     for prof, data in (sc.get("S2") or {}).items():
         cs = data.get("contenders", {})
-        add(f"S2 echo p50 ms, {prof}", lambda c, cs=cs: _get(cs, c, "p50_ms"), "lower")
-        add(f"S2 echo p99 ms, {prof}", lambda c, cs=cs: _get(cs, c, "p99_ms"), "lower")
+        add(f"S2 echo p50 ms, {prof}", lambda c, cs=cs: _latency(cs, c, "p50_ms"), "lower")
+        add(f"S2 echo p99 ms, {prof}", lambda c, cs=cs: _latency(cs, c, "p99_ms"), "lower")
     for prof, data in (sc.get("S3") or {}).items():
         cs = data.get("contenders", {})
         add(
-            f"S3 dial to first byte p50 ms, {prof}", lambda c, cs=cs: _get(cs, c, "p50_ms"), "lower"
+            f"S3 dial to first byte p50 ms, {prof}",
+            lambda c, cs=cs: _latency(cs, c, "p50_ms"),
+            "lower",
         )
         if data.get("rtt_ms"):
             add(f"S3 same, in link RTTs, {prof}", lambda c, cs=cs: _get(cs, c, "p50_rtts"), "lower")
     for prof, data in (sc.get("S4") or {}).items():
         cs = data.get("contenders", {})
-        add(f"S4 goodput Mbit/s, {prof}", lambda c, cs=cs: _get(cs, c, "mbps"), "higher")
+        add(
+            f"S4 goodput Mbit/s, {prof}",
+            lambda c, cs=cs: _stat(_get(cs, c, "mbps"), _get(cs, c, "mbps_samples")),
+            "higher",
+        )
     for prof, data in (sc.get("S5") or {}).items():
         cs = data.get("contenders", {})
-        add(f"S5 echo p50 ms under bulk, {prof}", lambda c, cs=cs: _get(cs, c, "p50_ms"), "lower")
-        add(f"S5 echo p99 ms under bulk, {prof}", lambda c, cs=cs: _get(cs, c, "p99_ms"), "lower")
+        add(
+            f"S5 echo p50 ms under bulk, {prof}",
+            lambda c, cs=cs: _latency(cs, c, "p50_ms"),
+            "lower",
+        )
+        add(
+            f"S5 echo p99 ms under bulk, {prof}",
+            lambda c, cs=cs: _latency(cs, c, "p99_ms"),
+            "lower",
+        )
         add(f"S5 the bulk's Mbit/s, {prof}", lambda c, cs=cs: _get(cs, c, "bulk_mbps"), "higher")
     for prof, data in (sc.get("S6") or {}).items():
         cs = data.get("contenders", {})
         add(
             f"S6 stream B with A stalled / B alone, {prof}",
-            lambda c, cs=cs: _get(cs, c, "fraction"),
+            lambda c, cs=cs: _stat(
+                _get(cs, c, "fraction"), n=len(_get(cs, c, "solo_mbps_samples") or []) or None
+            ),
             "higher",
         )
     for prof, data in (sc.get("S7") or {}).items():
@@ -138,6 +194,11 @@ def _rows(res: dict[str, Any]) -> list[tuple[str, dict[str, Any], str]]:
     return rows
 
 
+def _latency(cs: Any, contender: str, key: str) -> Stat | None:
+    """A latency percentile with the number of rounds it is taken over."""
+    return _stat(_get(cs, contender, key), n=_get(cs, contender, "n"))
+
+
 def main_table(res: dict[str, Any]) -> str:
     head = [
         "metric",
@@ -152,9 +213,12 @@ def main_table(res: dict[str, Any]) -> str:
     ]
     lines = ["| " + " | ".join(head) + " |", "|---" + "|---:" * (len(head) - 1) + "|"]
     for label, v, _better in _rows(res):
-        cells = [label, *(_num(v[c]) for c in MAIN)]
+        cells = [label, *(_cell(v[c]) for c in MAIN)]
         for c in ("tether-connect", "tether-grpc"):
-            cells += [_ratio(v[c], v["direct"]), _ratio(v[c], v["ssh"])]
+            cells += [
+                _ratio(_value(v[c]), _value(v["direct"])),
+                _ratio(_value(v[c]), _value(v["ssh"])),
+            ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -373,6 +437,9 @@ def summary(res: dict[str, Any], plots: list[str]) -> str:
     lines = [
         f"# Benchmark summary ({meta.get('mode')} run, {meta.get('started')})",
         "",
+        f"Run {meta.get('run_id') or '-'}, commit {_commit(meta)}. Each cell: the value, "
+        "then n (runs or rounds it stands on) and, for repeated runs, their min-max.",
+        "",
         f"Machine: {env.get('cpus')} CPUs ({env.get('cpu_model')}), kernel {env.get('kernel')}, "
         f"Python {env.get('python')}; load average at start {env.get('loadavg_at_start')}. "
         f"Run took {meta.get('elapsed_s', 0):.0f} s. Versions: "
@@ -433,6 +500,24 @@ COLORS = {
 }
 
 
+def _commit(meta: dict[str, Any]) -> str:
+    return str(meta.get("commit") or _get(meta, "environment", "versions", "tether") or "-")
+
+
+def _stamp(fig: Any, res: dict[str, Any]) -> None:
+    """Every plot names the run and the commit it shows."""
+    meta = res.get("meta", {})
+    fig.text(
+        0.995,
+        0.005,
+        f"run {meta.get('run_id') or '-'} | commit {_commit(meta)} | {meta.get('started', '')}",
+        ha="right",
+        va="bottom",
+        fontsize=6,
+        color="#666",
+    )
+
+
 def plots(res: dict[str, Any], out: Path) -> list[str]:
     """PNG files written (none if matplotlib is not installed)."""
     try:
@@ -465,6 +550,7 @@ def plots(res: dict[str, Any], out: Path) -> list[str]:
             ax.set_ylabel("goodput, Mbit/s")
         fig.suptitle("S4 goodput per profile (download, edge to cloud)")
         fig.tight_layout()
+        _stamp(fig, res)
         fig.savefig(out / "goodput.png", dpi=110)
         plt.close(fig)
         written.append("goodput.png")
@@ -487,6 +573,7 @@ def plots(res: dict[str, Any], out: Path) -> list[str]:
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
         fig.tight_layout()
+        _stamp(fig, res)
         fig.savefig(out / "latency_cdf.png", dpi=110)
         plt.close(fig)
         written.append("latency_cdf.png")
@@ -518,6 +605,7 @@ def plots(res: dict[str, Any], out: Path) -> list[str]:
             )
             ax.set_xlabel("seconds since the link went down (x: dead link detected)", fontsize=8)
         fig.tight_layout()
+        _stamp(fig, res)
         fig.savefig(out / "recovery.png", dpi=110)
         plt.close(fig)
         written.append("recovery.png")

@@ -78,6 +78,8 @@ def _run_and_check(out: Path, scratch: Path) -> None:
         assert (out / png).stat().st_size > 1000, png
         assert f"]({png})" in summary
     assert "## Issue-6 targets" in summary
+    assert res["meta"]["run_id"] == out.name and res["meta"]["commit"]
+    assert f"Run {out.name}, commit {res['meta']['commit']}" in summary
 
     emulated = _emulation_available()
     sc = res["scenarios"]
