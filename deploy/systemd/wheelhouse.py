@@ -5,8 +5,9 @@ architecture, plus ``pip`` (install.sh bootstraps the venv with it) and the
 installer, unit and example settings, so it can be copied to a device that
 has no internet and installed with ``sudo ./install.sh``.
 
-Targets are glibc Linux, manylinux up to glibc 2.31 (Debian 11, Ubuntu
-20.04, Raspberry Pi OS 11 and newer):
+Targets are glibc Linux (manylinux) whose python3 is 3.11 or newer: Debian
+12 and 13, Raspberry Pi OS 12, Ubuntu 24.04 (docs/operations.md lists them;
+Debian 11 and Ubuntu 20.04/22.04 ship an older python3 and are not covered):
 
 - ``x86_64`` and ``aarch64``: binary wheels for everything.
 - ``armv7l``: PyPI has binary wheels for cryptography and pure ones for the
