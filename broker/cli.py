@@ -18,6 +18,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg = from_args(argv)
     setup_logging(cfg.log_format, cfg.log_level)
     log = logging.getLogger("tether.broker")
+    for warning in cfg.compat_warnings:
+        log.warning("%s", warning)
     try:
         broker = Broker(cfg)
     except (TLSConfigError, ConfigError, TokenReviewError) as exc:

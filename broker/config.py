@@ -16,7 +16,7 @@ from collections.abc import Mapping
 import attrs
 
 from broker.registry import parse_strategies
-from tether import settings
+from tether import compat, settings
 
 
 @attrs.frozen
@@ -65,6 +65,8 @@ class BrokerConfig:
     log_level: str = "info"
     config_file: str = ""
     cert_reload_interval: float = 5.0
+    #: konnectivity flags accepted without a meaning here (logged at start); not a setting.
+    compat_warnings: tuple[str, ...] = ()
 
 
 _port = settings.port  # one home for the port type: tether.settings
@@ -245,6 +247,7 @@ SPEC = settings.Spec(
     env_prefix="TETHER_BROKER_",
     table="broker",
     checks={"proxy_strategies": parse_strategies},
+    compat=compat.SERVER,
 )
 
 
@@ -261,6 +264,7 @@ def from_args(argv: list[str] | None, environ: Mapping[str, str] | None = None) 
     cfg = BrokerConfig(
         proxy_strategies=strategies,
         config_file=resolved.config_file,
+        compat_warnings=resolved.compat_warnings,
         **({"server_id": server_id} if server_id else {}),
         **values,
     )

@@ -16,6 +16,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg = from_args(argv)
     setup_logging(cfg.log_format, cfg.log_level)
     log = logging.getLogger("tether.agent")
+    for warning in cfg.compat_warnings:
+        log.warning("%s", warning)
     log.info("agent id %s (from %s)", cfg.agent_id, cfg.agent_id_source)
     try:
         agent = Agent(cfg)

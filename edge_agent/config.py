@@ -20,7 +20,7 @@ import attrs
 
 from edge_agent.policy import Policy
 from protocol.identifiers import AgentIdentifiers, valid_name
-from tether import settings
+from tether import compat, settings
 
 #: Read when neither --config-file nor TETHER_AGENT_CONFIG_FILE names a file.
 DEFAULT_CONFIG_FILE = "/etc/tether/agent.toml"
@@ -60,6 +60,8 @@ class AgentConfig:
     state_dir: str = "/var/lib/tether-agent"
     #: How agent_id was chosen ("flag", "NODE_NAME", "host name", "state file ..."); not a setting.
     agent_id_source: str = "setting"
+    #: konnectivity flags accepted without a meaning here (logged at start); not a setting.
+    compat_warnings: tuple[str, ...] = ()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -170,6 +172,7 @@ SPEC = settings.Spec(
     default_file=DEFAULT_CONFIG_FILE,
     list_keys=frozenset({"allow"}),
     checks={"allow": Policy.parse, "agent_identifiers": AgentIdentifiers.parse},
+    compat=compat.AGENT,
 )
 
 
@@ -203,7 +206,11 @@ def from_args(argv: list[str] | None, environ: Mapping[str, str] | None = None) 
     """Flags, then ``TETHER_AGENT_*`` variables, then the config file, then defaults."""
     parser = build_parser()
     resolved = settings.resolve(parser, build_parser, argv, SPEC, environ)
-    cfg = AgentConfig(config_file=resolved.config_file, **resolved.values)
+    cfg = AgentConfig(
+        config_file=resolved.config_file,
+        compat_warnings=resolved.compat_warnings,
+        **resolved.values,
+    )
     problems = []
     if cfg.agent_id:
         cfg = attrs.evolve(cfg, agent_id_source=resolved.sources.get("agent_id", "setting"))

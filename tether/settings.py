@@ -35,6 +35,8 @@ from typing import Any, NoReturn
 
 import attrs
 
+from tether import compat
+
 #: Go's time.ParseDuration units, in seconds (konnectivity's flags are Go durations).
 _DURATION_UNITS = {
     "ns": 1e-9,
@@ -265,6 +267,8 @@ class Spec:
     #: Extra checks of a file or environment value (raise ValueError), so an
     #: error names the key there rather than a flag the user never typed.
     checks: Mapping[str, Callable[[Any], object]] = attrs.field(factory=dict)
+    #: konnectivity's flags of this command (tether.compat), rewritten before parsing.
+    compat: Sequence[compat.Flag] = ()
 
 
 @attrs.frozen
@@ -280,6 +284,8 @@ class Resolved:
     #: because Kubernetes injects look-alikes (service links), but shown by
     #: ``--print-config`` to expose typos.
     ignored_env: tuple[str, ...]
+    #: konnectivity flags accepted without a meaning here, one line each.
+    compat_warnings: tuple[str, ...] = ()
 
 
 def fail(parser: argparse.ArgumentParser, message: str) -> NoReturn:
@@ -303,6 +309,11 @@ def resolve(
     environment value exits 2 naming the key.
     """
     env = os.environ if environ is None else environ
+    try:
+        translated = compat.translate(sys.argv[1:] if argv is None else argv, spec.compat)
+    except compat.CompatError as exc:
+        fail(parser, str(exc))
+    argv = translated.argv
     ns = parser.parse_args(argv)
     typed = _typed_flags(build_parser(), argv)
     actions = {a.dest: a for a in parser._actions if a.dest not in CONTROL_KEYS}
@@ -331,7 +342,14 @@ def resolve(
     for key in typed & set(actions):
         values[key] = getattr(ns, key)
         sources[key] = f"flag {actions[key].option_strings[-1]}"
-    return Resolved(values, sources, path, bool(getattr(ns, "print_config", False)), tuple(ignored))
+    return Resolved(
+        values,
+        sources,
+        path,
+        bool(getattr(ns, "print_config", False)),
+        tuple(ignored),
+        tuple(translated.warnings),
+    )
 
 
 def where(resolved: Resolved, key: str) -> str:
