@@ -235,6 +235,13 @@ class Agent:
         #: Accepted connections by broker server id.
         self.links: dict[str, BrokerLink] = {}
         self.server_count = 1
+        #: Live broker Leases (--count-server-leases); 0: use the brokers' own count.
+        self.lease_count = 0
+        self._lease_api = None
+        if cfg.count_server_leases:
+            from tether.netio import kubeapi  # lazy: PyYAML and the client
+
+            self._lease_api = kubeapi.load(cfg.kubeconfig)  # KubeApiError: a start-up error
         self.stopping = False
         self.active_streams = 0
         self._idle = trio.Event()
@@ -302,6 +309,30 @@ class Agent:
 
     # ---------------------------------------------------------------- run
 
+    async def _count_leases(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        from edge_agent.leases import LeaseCounter  # lazy: PyYAML and the client
+        from protocol import leases
+        from tether.netio import kubeapi
+
+        assert self._lease_api is not None
+        counter = LeaseCounter(
+            kubeapi.KubeClient(self._lease_api),
+            self.cfg.lease_namespace,
+            leases.parse_labels(self.cfg.lease_label),
+            self._lease_count_changed,
+            interval_s=min(leases.RENEW_S, self.cfg.sync_interval_cap),
+        )
+        await counter.run(task_status=task_status)
+
+    def _lease_count_changed(self, count: int) -> None:
+        self.lease_count = count
+        if count != self.server_count:
+            log.info("broker leases say %d replica(s) (was %d)", count, self.server_count)
+            self.server_count = count
+            self._changed()
+
     async def run(
         self, *, task_status: trio.TaskStatus[dict[str, int]] = trio.TASK_STATUS_IGNORED
     ) -> None:
@@ -313,6 +344,8 @@ class Agent:
                 self._cert_reloaded,
             )
             nursery.start_soon(sdnotify.run_watchdog, self.notifier)
+            if self.cfg.count_server_leases:
+                await nursery.start(self._count_leases)
             self.notifier.status(self.readiness()[1])
             ports: dict[str, int] = {}
             if self.cfg.health_server_port:
@@ -534,7 +567,7 @@ class Agent:
         if link.server_id in self.links:
             log.info("already connected to broker %s; closing the duplicate", link.server_id)
             return "duplicate"
-        if link.server_count != self.server_count:
+        if not self.lease_count and link.server_count != self.server_count:
             log.info("broker reports %d replica(s) (was %d)", link.server_count, self.server_count)
             self.server_count = link.server_count
         self.links[link.server_id] = link

@@ -7,6 +7,7 @@ import sys
 
 from edge_agent.app import Agent
 from edge_agent.config import from_args
+from tether.netio.kubeapi import KubeApiError
 from tether.netio.logs import setup_logging
 from tether.netio.process import run_main
 from tether.netio.tls import TLSConfigError
@@ -21,7 +22,7 @@ def main(argv: list[str] | None = None) -> int:
     log.info("agent id %s (from %s)", cfg.agent_id, cfg.agent_id_source)
     try:
         agent = Agent(cfg)
-    except TLSConfigError as exc:
+    except (TLSConfigError, KubeApiError) as exc:
         log.error("%s", exc)
         return 2
     return run_main(agent.run, log)

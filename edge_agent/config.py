@@ -19,6 +19,7 @@ from pathlib import Path
 import attrs
 
 from edge_agent.policy import Policy
+from protocol import leases
 from protocol.identifiers import AgentIdentifiers, valid_name
 from tether import compat, settings
 
@@ -58,6 +59,10 @@ class AgentConfig:
     cert_reload_interval: float = 5.0
     metrics: bool = False
     state_dir: str = "/var/lib/tether-agent"
+    count_server_leases: bool = False
+    kubeconfig: str = ""
+    lease_namespace: str = "kube-system"
+    lease_label: str = "k8s-app=konnectivity-server"
     #: How agent_id was chosen ("flag", "NODE_NAME", "host name", "state file ..."); not a setting.
     agent_id_source: str = "setting"
     #: konnectivity flags accepted without a meaning here (logged at start); not a setting.
@@ -87,6 +92,26 @@ def build_parser() -> argparse.ArgumentParser:
         default=d.agent_id,
         help="agent id; must match the certificate's CN. Default: $NODE_NAME (the DaemonSet "
         "sets it), else the host name, else a UUID kept in --state-dir",
+    )
+    b.add_argument(
+        "--count-server-leases",
+        action=argparse.BooleanOptionalAction,
+        default=d.count_server_leases,
+        help="learn the number of broker replicas from their live coordination.k8s.io Leases "
+        "(brokers with --enable-lease-controller), as konnectivity's agent does",
+    )
+    b.add_argument(
+        "--kubeconfig",
+        default=d.kubeconfig,
+        help="kubeconfig for --count-server-leases; empty: the pod's ServiceAccount",
+    )
+    b.add_argument(
+        "--lease-namespace", default=d.lease_namespace, help="namespace of the brokers' Leases"
+    )
+    b.add_argument(
+        "--lease-label",
+        default=d.lease_label,
+        help="label selector of the brokers' Leases (key=value[,key=value])",
     )
     b.add_argument(
         "--state-dir",
@@ -245,6 +270,11 @@ def from_args(argv: list[str] | None, environ: Mapping[str, str] | None = None) 
         AgentIdentifiers.parse(cfg.agent_identifiers)
     except ValueError as exc:
         problems.append(f"--agent-identifiers: {exc}")
+    if cfg.count_server_leases:
+        try:
+            leases.parse_labels(cfg.lease_label)
+        except ValueError as exc:
+            problems.append(f"--lease-label: {exc}")
     if resolved.print_config:
         settings.print_config(parser, resolved, SPEC, problems)
     if problems:

@@ -37,6 +37,11 @@ EVENTS = frozenset(
         "reconnect",  # agent: waiting to reconnect, with delay and cause
         "cert_reloaded",  # new certificate/key/CA in use for new connections
         "cert_reload_failed",  # reload refused; the previous certificate stays in use
+        "lease_created",  # broker: its coordination.k8s.io Lease exists now
+        "lease_failed",  # broker: its Lease could not be renewed (logged once per episode)
+        "lease_collected",  # broker: an expired Lease of another replica was deleted
+        "lease_count",  # agent: the number of live broker Leases changed
+        "lease_count_failed",  # agent: the Leases could not be listed (once per episode)
     }
 )
 

@@ -1,0 +1,86 @@
+"""``--count-server-leases``: the agent learns how many broker replicas there
+are from their live Leases (see protocol/leases.py), as a konnectivity agent
+does, instead of from the count each broker reports.
+
+Imported only with the flag, so agents without it never load PyYAML or the
+Kubernetes client.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping
+
+import trio
+
+from protocol import leases
+from tether.netio.kubeapi import KubeApiError, KubeClient
+from tether.netio.logs import event
+
+log = logging.getLogger("tether.agent")
+
+
+class LeaseCounter:
+    def __init__(
+        self,
+        client: KubeClient,
+        namespace: str,
+        labels: Mapping[str, str],
+        on_count: Callable[[int], None],
+        *,
+        clock: Callable[[], float] = time.time,
+        interval_s: float = leases.RENEW_S,
+    ) -> None:
+        self.client = client
+        self.namespace = namespace
+        self.labels = dict(labels)
+        self.on_count = on_count
+        self.clock = clock
+        self.interval_s = interval_s
+        #: Live Leases at the last successful count; 0 until one succeeded.
+        self.count = 0
+        self._failing = False
+
+    async def poll_once(self) -> int:
+        status, answer = await self.client.request(
+            "GET", leases.collection_path(self.namespace, self.labels)
+        )
+        if status != 200:
+            raise KubeApiError(f"listing leases: {status} {answer.get('message', '')}", status)
+        items = answer.get("items")
+        found = leases.read_leases(items if isinstance(items, list) else [])
+        return len(leases.live(found, self.clock()))
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        try:
+            while True:
+                try:
+                    count = await self.poll_once()
+                except KubeApiError as exc:
+                    if not self._failing:
+                        log.warning(
+                            "cannot count broker leases in %s: %s (keeping %d)",
+                            self.namespace,
+                            exc,
+                            self.count,
+                            extra=event("lease_count_failed", error=str(exc)),
+                        )
+                    self._failing = True
+                else:
+                    self._failing = False
+                    if count != self.count:
+                        log.info(
+                            "broker leases: %d live (was %d)",
+                            count,
+                            self.count,
+                            extra=event("lease_count", count=count, previous=self.count),
+                        )
+                        self.count = count
+                        if count > 0:
+                            self.on_count(count)
+                await trio.sleep(self.interval_s)
+        finally:
+            with trio.CancelScope(shield=True):
+                await self.client.aclose()
