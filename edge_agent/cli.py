@@ -9,11 +9,12 @@ from edge_agent.app import Agent
 from edge_agent.config import from_args
 from tether.netio.kubeapi import KubeApiError
 from tether.netio.logs import setup_logging
-from tether.netio.process import run_main
+from tether.netio.process import catch_stop_signals_early, run_main
 from tether.netio.tls import TLSConfigError
 
 
 def main(argv: list[str] | None = None) -> int:
+    catch_stop_signals_early()
     cfg = from_args(argv)
     setup_logging(cfg.log_format, cfg.log_level)
     log = logging.getLogger("tether.agent")
