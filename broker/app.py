@@ -397,7 +397,9 @@ def _peer_host(stream: trio.abc.Stream) -> str:
         return "?"
 
 
-def _frontend_sources(cfg: BrokerConfig, clusters: list[ClusterConfig]) -> list[roles.FrontendSource]:
+def _frontend_sources(
+    cfg: BrokerConfig, clusters: list[ClusterConfig]
+) -> list[roles.FrontendSource]:
     """Each cluster's frontend CA, in cluster order (the config file's first,
     so the implicit cluster of --server-ca-cert never shadows one of them).
 

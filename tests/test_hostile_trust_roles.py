@@ -176,9 +176,7 @@ async def serve_named(nursery: trio.Nursery, name: bytes) -> int:
 
 
 async def rejected_count(broker: BrokerHandle, reason: str) -> float:
-    return metric(
-        await broker.metrics(), "tether_agent_connections_rejected_total", reason=reason
-    )
+    return metric(await broker.metrics(), "tether_agent_connections_rejected_total", reason=reason)
 
 
 async def agent_rejected(proc: Proc) -> bool:

@@ -361,7 +361,9 @@ def _existing_agent_ids(agents_dir: Path) -> list[str]:
 
 def _load_ca(paths: PkiPaths, *, frontend: bool = False) -> _Ca:
     cert_path, key_path = (
-        (paths.frontend_ca_cert, paths.frontend_ca_key) if frontend else (paths.ca_cert, paths.ca_key)
+        (paths.frontend_ca_cert, paths.frontend_ca_key)
+        if frontend
+        else (paths.ca_cert, paths.ca_key)
     )
     try:
         cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
@@ -417,9 +419,7 @@ def _new_key() -> ec.EllipticCurvePrivateKey:
     return ec.generate_private_key(ec.SECP256R1())
 
 
-def _new_ca(
-    cluster: str, now: datetime.datetime, days: int, *, prefix: str = CA_CN_PREFIX
-) -> _Ca:
+def _new_ca(cluster: str, now: datetime.datetime, days: int, *, prefix: str = CA_CN_PREFIX) -> _Ca:
     key = _new_key()
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"{prefix}{cluster}")])
     cert = (
