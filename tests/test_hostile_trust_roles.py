@@ -489,6 +489,17 @@ async def test_old_pki_keeps_working_with_a_warning_then_migrates(
     code, body = await curl_connect(broker, target, cert, key)
     assert code == "403" and b"beside" not in body, (code, body)
     assert await bad_input(broker, "frontend", "wrong_role") >= 1
+    # ... and the old frontend certificate cannot register as an agent.
+    impostor = agent_factory(
+        broker,
+        f"--agent-cert={old.frontend_cert}",
+        f"--agent-key={old.frontend_key}",
+        pki=old,
+        agent_id="tether-frontend",
+    )
+    await wait_for(lambda: agent_rejected(impostor), 20, "old frontend.crt rejected as agent")
+    assert await rejected_count(broker, "wrong_role") >= 1
+    assert await wait_log(broker, "rejected (403): wrong_role")
     broker.proc.stop()
 
     # The command the warning names: agents and ca.crt stay as they are.
