@@ -173,8 +173,9 @@ class FrontendTrust:
             )
             lines.append(
                 f"{where}: frontend and agent certificates are told apart by their subjects "
-                "only; this PKI predates the frontend CA and is accepted for one more "
-                "release. Run `tether certs add-frontend-ca <pki dir>` and point "
-                "--server-ca-cert (or frontend_ca) at <pki dir>/frontend-ca.crt"
+                "only (a PKI from before the frontend CA, accepted for one more release, or "
+                "an agent CA bundled into the frontend's). Run `tether certs add-frontend-ca "
+                "<pki dir>` and point --server-ca-cert (or frontend_ca) at "
+                "<pki dir>/frontend-ca.crt alone"
             )
         return lines

@@ -22,7 +22,6 @@ import signal
 import ssl
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
 
 import attrs
 import trio
@@ -102,30 +101,6 @@ def client_context(
     if alpn:
         ctx.set_alpn_protocols(alpn)
     return ctx
-
-
-@attrs.frozen
-class PeerIdentity:
-    """Who a verified client certificate names: ``O=<cluster>, CN=<name>``."""
-
-    common_name: str
-    organization: str | None
-
-
-def peer_identity(peercert: dict[str, Any] | None) -> PeerIdentity | None:
-    if not peercert:
-        return None
-    cn: str | None = None
-    org: str | None = None
-    for rdn in peercert.get("subject", ()):
-        for key, value in rdn:
-            if key == "commonName":
-                cn = value
-            elif key == "organizationName":
-                org = value
-    if cn is None:
-        return None
-    return PeerIdentity(cn, org)
 
 
 # ------------------------------------------------------------------ rotation
