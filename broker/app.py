@@ -10,6 +10,7 @@ from collections.abc import Awaitable, Callable
 
 import trio
 
+from broker import roles
 from broker.agent_conn import ServerInfo
 from broker.agent_server import AgentServer
 from broker.auth import Authenticator, TokenStore
@@ -40,8 +41,11 @@ class Broker:
         self.registry = Registry(self.metrics, cfg.proxy_strategies)
         self.server = ServerInfo(cfg.server_id, cfg.server_count)
         self.clusters = clusters_from(cfg)
+        frontend_subjects = roles.parse_subjects(cfg.frontend_allowed_subjects)
         self.authenticator = Authenticator(
-            self.clusters, TokenStore(cfg.agent_token_file) if cfg.agent_token_file else None
+            self.clusters,
+            TokenStore(cfg.agent_token_file) if cfg.agent_token_file else None,
+            frontend_subjects=frontend_subjects,
         )
         # Certificates are reloaded on SIGHUP or file change (see _cert_reloaded):
         # every new connection takes the context current at that moment.
@@ -67,18 +71,23 @@ class Broker:
             congestion=cfg.tcp_congestion or None,
             notsent_lowat=cfg.tcp_notsent_lowat or None,
         )
-        self.frontend_tls = (
-            tls.ReloadableContext(
+        self.frontend_trust: roles.FrontendTrust | None = None
+        self.frontend_tls: tls.ReloadableContext | None = None
+        if cfg.server_port:
+            try:
+                self.frontend_trust = roles.FrontendTrust(
+                    _frontend_sources(cfg, self.clusters), frontend_subjects
+                )
+            except (OSError, ValueError) as exc:
+                raise tls.TLSConfigError(f"cannot load frontend CA bundle: {exc}") from None
+            self.frontend_tls = tls.ReloadableContext(
                 "server",
-                lambda: tls.server_context(
-                    cfg.server_cert, cfg.server_key, cfg.server_ca_cert, alpn=["http/1.1"]
-                ),
-                [cfg.server_cert, cfg.server_key, cfg.server_ca_cert],
+                self._frontend_context,
+                [cfg.server_cert, cfg.server_key, *self._frontend_ca_files()],
                 cert_file=cfg.server_cert,
             )
-            if cfg.server_port
-            else None
-        )
+            for line in self.frontend_trust.migration_warnings(self.authenticator.ca_files):
+                log.warning(line, extra=event("pki_migration_needed"))
         self.metrics.active_streams.set_function(
             lambda: sum(len(conn.streams) for conn in self.agent_server.connections)
         )
@@ -116,11 +125,30 @@ class Broker:
             self.authenticator.ca_files,
             alpn=["h2"],
             optional=self.authenticator.allows_tokens,
+            min_version=self.cfg.agent_tls_min_version,
         )
         try:
             self.authenticator.load_cas()
         except (OSError, ValueError) as exc:
             raise tls.TLSConfigError(f"cannot load agent CA bundle: {exc}") from None
+        return ctx
+
+    def _frontend_ca_files(self) -> list[str]:
+        assert self.frontend_trust is not None
+        return list(dict.fromkeys([self.cfg.server_ca_cert, *self.frontend_trust.ca_files]))
+
+    def _frontend_context(self) -> ssl.SSLContext:
+        assert self.frontend_trust is not None
+        ctx = tls.server_context(
+            self.cfg.server_cert,
+            self.cfg.server_key,
+            self._frontend_ca_files(),
+            alpn=["http/1.1"],
+        )
+        try:
+            self.frontend_trust.load()
+        except (OSError, ValueError) as exc:
+            raise tls.TLSConfigError(f"cannot load frontend CA bundle: {exc}") from None
         return ctx
 
     def _tls_contexts(self) -> list[tls.ReloadableContext]:
@@ -162,17 +190,12 @@ class Broker:
             optimistic=self.cfg.optimistic_connect,
         )
 
-    def _tcp_frontend_cluster(self, tls_stream: trio.SSLStream[trio.abc.Stream]) -> str | None:
-        """The TCP frontend serves every cluster: the client certificate's
-        ``O`` names which one (single-cluster brokers accept any)."""
-        peer = tls.peer_identity(tls_stream.getpeercert())
-        org = peer.organization if peer else None
-        names = {c.name for c in self.clusters}
-        if org in names:
-            return org
-        if not self.cfg.config and len(names) == 1:
-            return next(iter(names))
-        return None
+    def _tcp_frontend_cluster(self, tls_stream: trio.SSLStream[trio.abc.Stream]) -> str:
+        """The TCP frontend serves every cluster: the frontend CA that issued
+        the client certificate names which one, and the certificate must be a
+        frontend's (broker/roles.py); RoleError otherwise."""
+        assert self.frontend_trust is not None
+        return self.frontend_trust.identify(tls_stream.getpeercert(binary_form=True))
 
     def _frontend_handler(self, frontend: str, cluster: str = "") -> Handler:
 
@@ -195,13 +218,19 @@ class Broker:
                     if tls_stream is None:
                         return
                     stream = tls_stream
-                    found = self._tcp_frontend_cluster(tls_stream)
-                    if found is None:
-                        self.metrics.bad_input.labels("frontend", "unknown_cluster").inc()
-                        log.warning("frontend client certificate names no served cluster")
-                        await _forbidden(stream)
+                    try:
+                        target_cluster = self._tcp_frontend_cluster(tls_stream)
+                    except roles.RoleError as exc:
+                        self.metrics.bad_input.labels("frontend", exc.reason).inc()
+                        remote = _peer_host(tls_stream.transport_stream)
+                        log.warning(
+                            "frontend client certificate refused (403) from %s: %s",
+                            remote,
+                            exc,
+                            extra=event("frontend_rejected", remote=remote, reason=exc.reason),
+                        )
+                        await _forbidden(stream, f"{exc.reason}: client certificate refused")
                         return
-                    target_cluster = found
                 if frontend == "grpc":
                     await self.grpc_frontends[target_cluster].handle(stream)
                 else:
@@ -345,6 +374,7 @@ def clusters_from(cfg: BrokerConfig) -> list[ClusterConfig]:
                 name=cfg.cluster_name,
                 agent_ca=cfg.cluster_ca_cert,
                 token_agents=bool(cfg.agent_token_file),
+                frontend_ca=cfg.server_ca_cert,
                 frontend_uds=cfg.uds_name,
                 frontend_mode=cfg.mode,
                 tokenreview_kubeconfig=cfg.kubeconfig,
@@ -367,8 +397,29 @@ def _peer_host(stream: trio.abc.Stream) -> str:
         return "?"
 
 
-async def _forbidden(stream: trio.abc.Stream) -> None:
-    body = b"client certificate names no cluster served here\n"
+def _frontend_sources(
+    cfg: BrokerConfig, clusters: list[ClusterConfig]
+) -> list[roles.FrontendSource]:
+    """Each cluster's frontend CA, in cluster order (the config file's first,
+    so the implicit cluster of --server-ca-cert never shadows one of them).
+
+    A cluster without ``frontend_ca`` whose agent CA the operator bundled
+    into --server-ca-cert (what a PKI from before the frontend CA needed) is
+    mapped by that agent CA, for one release, with a startup warning."""
+    bundled = {ca.fingerprint(roles.SHA256) for ca in roles.load_pem_bundle(cfg.server_ca_cert)}
+    sources = []
+    for c in clusters:
+        if c.frontend_ca:
+            sources.append(roles.FrontendSource(c.name, c.frontend_ca))
+        elif c.agent_ca and any(
+            ca.fingerprint(roles.SHA256) in bundled for ca in roles.load_pem_bundle(c.agent_ca)
+        ):
+            sources.append(roles.FrontendSource(c.name, c.agent_ca, legacy=True))
+    return sources
+
+
+async def _forbidden(stream: trio.abc.Stream, message: str) -> None:
+    body = message.encode() + b"\n"
     head = (
         b"HTTP/1.1 403 Forbidden\r\ncontent-type: text/plain; charset=utf-8\r\n"
         b"connection: close\r\ncontent-length: %d\r\n\r\n" % len(body)

@@ -3,6 +3,8 @@
 - **mTLS.** The certificate's issuer decides the cluster (each cluster has
   its own CA); its subject names the agent (``CN``) and may name the cluster
   (``O``). Headers that disagree are refused with 403: no impersonation.
+  A frontend certificate (see :mod:`broker.roles`) is refused with 403
+  ``wrong_role``, whichever CA file it got past.
 - **Tokens.** ``Authorization: Bearer <token>``, checked against a token file
   of sha256 entries, each scoped to a cluster and an agent-id pattern. The
   file is re-read when it changes, so removing a line revokes a token on the
@@ -26,6 +28,7 @@ import attrs
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 
+from broker import roles
 from broker.clusters import ClusterConfig
 from broker.tokenreview import TokenReviewer, TokenReviewError, load_kubeconfig
 from protocol.identifiers import valid_name
@@ -103,8 +106,16 @@ def _name_attr(name: x509.Name, oid: x509.ObjectIdentifier) -> str | None:
 
 
 class Authenticator:
-    def __init__(self, clusters: list[ClusterConfig], tokens: TokenStore | None) -> None:
+    def __init__(
+        self,
+        clusters: list[ClusterConfig],
+        tokens: TokenStore | None,
+        *,
+        frontend_subjects: frozenset[str] = frozenset(roles.DEFAULT_FRONTEND_SUBJECTS),
+    ) -> None:
         self.clusters = {c.name: c for c in clusters}
+        #: Common names only a frontend may carry (--frontend-allowed-subjects).
+        self.frontend_subjects = frontend_subjects
         self.tokens = tokens
         self.reviewers: dict[str, tuple[TokenReviewer, frozenset[str]]] = {}
         for cluster in clusters:
@@ -161,6 +172,9 @@ class Authenticator:
         cluster = self._issuing_cluster(cert)
         if cluster is None:
             raise AuthError(403, "unknown_issuer", "certificate issuer matches no cluster CA")
+        wrong_role = roles.agent_role_of(cert, self.frontend_subjects)
+        if wrong_role is not None:
+            raise AuthError(403, "wrong_role", f"{wrong_role}: not an agent credential")
         cn = _name_attr(cert.subject, NameOID.COMMON_NAME)
         org = _name_attr(cert.subject, NameOID.ORGANIZATION_NAME)
         if cn != agent_id:

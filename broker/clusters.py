@@ -7,6 +7,7 @@ only ever reaches agents of its frontend's cluster. Example::
     [[clusters]]
     name = "tenant-a"
     agent_ca = "/etc/tether/tenant-a/ca.crt"     # agents: mTLS against this CA
+    frontend_ca = "/etc/tether/tenant-a/frontend-ca.crt"  # TCP frontend clients of tenant-a
     frontend_uds = "/run/tether/tenant-a.sock"   # kube-apiserver of tenant-a
     frontend_mode = "http-connect"               # or "grpc"
 
@@ -15,8 +16,11 @@ only ever reaches agents of its frontend's cluster. Example::
     token_agents = true                          # agents: bearer tokens (--agent-token-file)
     frontend_uds = "/run/tether/tenant-b.sock"
 
-On the TCP mTLS CONNECT frontend the client certificate's ``O`` names the
-cluster.
+On the TCP mTLS CONNECT frontend the CA that issued the client certificate
+names the cluster (``frontend_ca``; the single-cluster ``--server-ca-cert``
+for the implicit cluster); a subject ``O`` naming another cluster is refused.
+A cluster without ``frontend_ca`` falls back to its ``agent_ca`` (a PKI from
+before the frontend CA), with a startup warning (see broker/roles.py).
 """
 
 from __future__ import annotations
@@ -38,6 +42,8 @@ class ConfigError(Exception):
 class ClusterConfig:
     name: str
     agent_ca: str = ""
+    #: CA(s) issuing this cluster's TCP frontend client certificates.
+    frontend_ca: str = ""
     token_agents: bool = False
     frontend_uds: str = ""
     frontend_mode: str = "http-connect"
@@ -81,6 +87,7 @@ def _cluster(where: str, entry: Any) -> ClusterConfig:
     for key, kind in (
         ("name", str),
         ("agent_ca", str),
+        ("frontend_ca", str),
         ("frontend_uds", str),
         ("frontend_mode", str),
         ("token_agents", bool),
@@ -109,4 +116,6 @@ def _cluster(where: str, entry: Any) -> ClusterConfig:
         raise ConfigError(f"{where}.allowed_service_accounts: needed with tokenreview_kubeconfig")
     if cluster.agent_ca and not Path(cluster.agent_ca).is_file():
         raise ConfigError(f"{where}.agent_ca: no such file {cluster.agent_ca}")
+    if cluster.frontend_ca and not Path(cluster.frontend_ca).is_file():
+        raise ConfigError(f"{where}.frontend_ca: no such file {cluster.frontend_ca}")
     return cluster

@@ -28,11 +28,13 @@ class BrokerConfig:
     server_cert: str = ""
     server_key: str = ""
     server_ca_cert: str = ""
+    frontend_allowed_subjects: str = "tether-frontend"
     agent_bind_address: str = ""
     agent_port: int = 8091
     cluster_cert: str = ""
     cluster_key: str = ""
     cluster_ca_cert: str = ""
+    agent_tls_min_version: str = "1.3"
     cluster_name: str = "default"
     health_bind_address: str = ""
     health_port: int = 8092
@@ -106,7 +108,14 @@ def build_parser() -> argparse.ArgumentParser:
     fe.add_argument(
         "--server-ca-cert",
         default=d.server_ca_cert,
-        help="CA that frontend client certificates must chain to",
+        help="frontend CA (frontend-ca.crt of `tether certs init`) that TCP frontend client "
+        "certificates must be issued by; it decides their cluster (the implicit one)",
+    )
+    fe.add_argument(
+        "--frontend-allowed-subjects",
+        default=d.frontend_allowed_subjects,
+        help="comma-separated common names a TCP frontend client certificate without the "
+        "OU=tether-frontend role marker may carry; an agent may never use one",
     )
     fe.add_argument(
         "--optimistic-connect",
@@ -142,6 +151,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--cluster-ca-cert",
         default=d.cluster_ca_cert,
         help="CA that agent client certificates must chain to",
+    )
+    ag.add_argument(
+        "--agent-tls-min-version",
+        choices=["1.2", "1.3"],
+        default=d.agent_tls_min_version,
+        help="lowest TLS version on the agent port; 1.2 (AEAD suites only) for old agents",
     )
     ag.add_argument(
         "--cluster-name", default=d.cluster_name, help="cluster served by the single-cluster flags"

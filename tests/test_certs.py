@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import ipaddress
 import ssl
 import stat
@@ -15,7 +16,7 @@ import trio
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from tether import cli
+from tether import certs, cli
 from tether.certs import CertError, PkiPaths, init_pki
 
 pytestmark = pytest.mark.timeout(30)
@@ -54,6 +55,7 @@ def test_default_layout_and_modes(tmp_path: Path) -> None:
     assert agent_key == directory / "agents" / "agent-1.key"
     for cert, key in [
         (paths.ca_cert, paths.ca_key),
+        (paths.frontend_ca_cert, paths.frontend_ca_key),
         (paths.broker_cert, paths.broker_key),
         (paths.frontend_cert, paths.frontend_key),
         (agent_cert, agent_key),
@@ -67,6 +69,8 @@ def test_default_layout_and_modes(tmp_path: Path) -> None:
         "broker.key",
         "ca.crt",
         "ca.key",
+        "frontend-ca.crt",
+        "frontend-ca.key",
         "frontend.crt",
         "frontend.key",
     ]
@@ -97,12 +101,21 @@ def test_leaf_subjects_and_usages(tmp_path: Path) -> None:
         cert = _load(paths.agent(agent_id)[0])
         cert.verify_directly_issued_by(ca)
         assert _attr(cert.subject, NameOID.ORGANIZATION_NAME) == "prod"
+        assert _attr(cert.subject, NameOID.ORGANIZATIONAL_UNIT_NAME) == "tether-agent"
         assert _attr(cert.subject, NameOID.COMMON_NAME) == agent_id
         assert _eku(cert) == {ExtendedKeyUsageOID.CLIENT_AUTH}
 
+    # The frontend has a CA of its own: it never chains to the agents' CA, nor they to it.
+    frontend_ca = _load(paths.frontend_ca_cert)
+    assert _attr(frontend_ca.subject, NameOID.COMMON_NAME) == "tether-frontend-ca prod"
+    assert frontend_ca.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    assert frontend_ca.public_key() != ca.public_key()
     frontend = _load(paths.frontend_cert)
-    frontend.verify_directly_issued_by(ca)
+    frontend.verify_directly_issued_by(frontend_ca)
+    with pytest.raises(ValueError):
+        frontend.verify_directly_issued_by(ca)
     assert _attr(frontend.subject, NameOID.ORGANIZATION_NAME) == "prod"
+    assert _attr(frontend.subject, NameOID.ORGANIZATIONAL_UNIT_NAME) == "tether-frontend"
     assert _attr(frontend.subject, NameOID.COMMON_NAME) == "tether-frontend"
     assert _eku(frontend) == {ExtendedKeyUsageOID.CLIENT_AUTH}
 
@@ -186,7 +199,7 @@ def test_rerun_reissues_missing_or_foreign_leaves(tmp_path: Path, other_pki: Pki
 
     assert set(written) == {paths.frontend_cert, paths.frontend_key, agent_cert, agent_key}
     ca = _load(paths.ca_cert)
-    _load(paths.frontend_cert).verify_directly_issued_by(ca)
+    _load(paths.frontend_cert).verify_directly_issued_by(_load(paths.frontend_ca_cert))
     _load(agent_cert).verify_directly_issued_by(ca)
     assert _mode(agent_key) == 0o600
 
@@ -207,16 +220,95 @@ def test_force_regenerates_everything(tmp_path: Path) -> None:
     paths = init_pki(tmp_path)
     init_pki(tmp_path, agents=["agent-2"])
     old_ca = paths.ca_cert.read_bytes()
+    old_frontend_ca = paths.frontend_ca_cert.read_bytes()
 
     init_pki(tmp_path, agents=["agent-3"], force=True)
 
     assert paths.ca_cert.read_bytes() != old_ca
+    assert paths.frontend_ca_cert.read_bytes() != old_frontend_ca
     ca = _load(paths.ca_cert)
     # Agents issued before are reissued too: the replaced CA no longer vouches for them.
     for agent_id in ["agent-1", "agent-2", "agent-3"]:
         _load(paths.agent(agent_id)[0]).verify_directly_issued_by(ca)
     _load(paths.broker_cert).verify_directly_issued_by(ca)
-    _load(paths.frontend_cert).verify_directly_issued_by(ca)
+    _load(paths.frontend_cert).verify_directly_issued_by(_load(paths.frontend_ca_cert))
+
+
+def test_frontend_name_is_reserved_for_the_frontend(tmp_path: Path) -> None:
+    with pytest.raises(CertError, match="reserved for the frontend"):
+        init_pki(tmp_path, agents=["tether-frontend"])
+
+
+def _legacy(directory: Path) -> PkiPaths:
+    """A PKI as `tether certs init` wrote it before the frontend CA existed."""
+    paths = init_pki(directory, cluster="old", agents=["agent-1"])
+    ca = certs._load_ca(paths)
+    issuer = certs._Issuer(ca, datetime.datetime.now(datetime.UTC), 30)
+    subject = x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "old"),
+            x509.NameAttribute(NameOID.COMMON_NAME, "tether-frontend"),
+        ]
+    )
+    issuer.issue(
+        paths.frontend_cert,
+        paths.frontend_key,
+        subject=subject,
+        usage=ExtendedKeyUsageOID.CLIENT_AUTH,
+        sans=[],
+        emit=lambda _p: None,
+    )
+    paths.frontend_ca_cert.unlink()
+    paths.frontend_ca_key.unlink()
+    return paths
+
+
+def test_add_frontend_ca_migrates_an_old_pki(tmp_path: Path) -> None:
+    paths = _legacy(tmp_path)
+    untouched = [paths.ca_cert, paths.ca_key, paths.broker_cert, paths.broker_key]
+    untouched += list(paths.agent("agent-1"))
+    before = {p: p.read_bytes() for p in untouched}
+
+    written: list[Path] = []
+    assert certs.add_frontend_ca(tmp_path, report=written.append) == paths
+
+    assert set(written) == {
+        paths.frontend_ca_cert,
+        paths.frontend_ca_key,
+        paths.frontend_cert,
+        paths.frontend_key,
+    }
+    assert {p: p.read_bytes() for p in untouched} == before
+    assert _mode(paths.frontend_ca_key) == 0o600
+    frontend_ca = _load(paths.frontend_ca_cert)
+    assert _attr(frontend_ca.subject, NameOID.COMMON_NAME) == "tether-frontend-ca old"
+    frontend = _load(paths.frontend_cert)
+    frontend.verify_directly_issued_by(frontend_ca)
+    assert _attr(frontend.subject, NameOID.ORGANIZATIONAL_UNIT_NAME) == "tether-frontend"
+    assert _attr(frontend.subject, NameOID.ORGANIZATION_NAME) == "old"
+
+    # Running it again changes nothing; init afterwards keeps the frontend CA too.
+    written.clear()
+    certs.add_frontend_ca(tmp_path, report=written.append)
+    init_pki(tmp_path, report=written.append)
+    assert written == []
+
+
+def test_add_frontend_ca_needs_an_existing_pki(tmp_path: Path) -> None:
+    with pytest.raises(CertError, match="tether certs init"):
+        certs.add_frontend_ca(tmp_path / "nothing")
+
+
+def test_cli_add_frontend_ca(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    paths = _legacy(tmp_path / "pki")
+    assert cli.main(["certs", "add-frontend-ca", str(tmp_path / "pki")]) == 0
+    out = capsys.readouterr().out
+    assert "frontend-ca.crt" in out and "frontend.crt" in out
+    assert f"--server-ca-cert={paths.frontend_ca_cert}" in out
+    assert cli.main(["certs", "add-frontend-ca", str(tmp_path / "pki")]) == 0
+    assert "nothing to do" in capsys.readouterr().out
+    assert cli.main(["certs", "add-frontend-ca", str(tmp_path / "none")]) == 2
+    assert "error" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("bad", ["", "-x", "a/b", "..", "a b", "ü", "x" * 64])
@@ -248,11 +340,11 @@ def other_pki(tmp_path: Path) -> PkiPaths:
     return init_pki(tmp_path / "other", agents=["agent-1"])
 
 
-def _server_context(paths: PkiPaths) -> ssl.SSLContext:
+def _server_context(paths: PkiPaths, client_ca: Path | None = None) -> ssl.SSLContext:
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.load_cert_chain(paths.broker_cert, paths.broker_key)
-    ctx.load_verify_locations(cafile=paths.ca_cert)
+    ctx.load_verify_locations(cafile=client_ca or paths.ca_cert)
     ctx.verify_mode = ssl.CERT_REQUIRED
     ctx.set_alpn_protocols(["h2"])
     return ctx
@@ -331,12 +423,17 @@ async def test_agent_mutual_tls_with_h2(pki: PkiPaths, server_hostname: str) -> 
     assert server.selected_alpn_protocol() == "h2"
     peercert = server.getpeercert()
     assert peercert is not None
-    assert _subject_of(peercert) == {"organizationName": "default", "commonName": "agent-1"}
+    assert _subject_of(peercert) == {
+        "organizationName": "default",
+        "organizationalUnitName": "tether-agent",
+        "commonName": "agent-1",
+    }
 
 
 async def test_frontend_mutual_tls(pki: PkiPaths) -> None:
+    frontend_port = _server_context(pki, client_ca=pki.frontend_ca_cert)
     server, client_error = await _handshake(
-        _server_context(pki), _client_context(pki.ca_cert, pki.frontend_cert, pki.frontend_key)
+        frontend_port, _client_context(pki.ca_cert, pki.frontend_cert, pki.frontend_key)
     )
 
     assert client_error is None
@@ -344,6 +441,24 @@ async def test_frontend_mutual_tls(pki: PkiPaths) -> None:
     peercert = server.getpeercert()
     assert peercert is not None
     assert _subject_of(peercert)["commonName"] == "tether-frontend"
+
+
+@pytest.mark.parametrize("port", ["agent", "frontend"])
+async def test_certificate_of_the_other_role_does_not_verify(pki: PkiPaths, port: str) -> None:
+    # The agent port trusts ca.crt, the frontend port frontend-ca.crt: each
+    # role's certificate fails the other's TLS verification.
+    agent_cert, agent_key = pki.agent("agent-1")
+    if port == "agent":
+        server_ctx = _server_context(pki)
+        client_ctx = _client_context(pki.ca_cert, pki.frontend_cert, pki.frontend_key)
+    else:
+        server_ctx = _server_context(pki, client_ca=pki.frontend_ca_cert)
+        client_ctx = _client_context(pki.ca_cert, agent_cert, agent_key)
+    server, client_error = await _handshake(server_ctx, client_ctx)
+
+    assert isinstance(server, trio.BrokenResourceError)
+    assert "certificate verify failed" in str(server.__cause__)
+    assert client_error is not None
 
 
 async def test_client_cert_from_other_ca_is_rejected(pki: PkiPaths, other_pki: PkiPaths) -> None:

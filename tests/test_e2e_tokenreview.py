@@ -41,6 +41,7 @@ async def serve_tokenreview(
 ) -> int:
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(pki.ca_cert))
     ctx.load_cert_chain(str(pki.broker_cert), str(pki.broker_key))
+    ctx.load_verify_locations(cafile=str(pki.frontend_ca_cert))  # the broker's client cert
     ctx.verify_mode = ssl.CERT_REQUIRED  # like kube-apiserver with client-cert auth
 
     async def handler(stream: trio.SSLStream[trio.SocketStream]) -> None:

@@ -1,9 +1,13 @@
-"""A small private PKI for one Tether cluster: a CA, the broker, the frontend and the agents.
+"""A small private PKI for one Tether cluster: two CAs, the broker, the frontend and the agents.
 
 The broker learns who an agent is (cluster and agent id) from the certificate the agent
-presents, so the subjects written here are part of the protocol: ``O=<cluster>`` and
-``CN=<agent id>``. The frontend (kube-apiserver) is identified the same way, with the fixed
-common name ``tether-frontend``.
+presents, so the subjects written here are part of the protocol: ``O=<cluster>``,
+``OU=tether-agent`` and ``CN=<agent id>``. The frontend (kube-apiserver) has a CA of its own
+(``frontend-ca.crt``, the one ``--server-ca-cert`` names), so an agent certificate never
+chains to what the frontend port trusts and a frontend certificate never chains to what the
+agent port trusts; its subject is ``O=<cluster>, OU=tether-frontend, CN=tether-frontend``.
+The ``OU`` is the role marker: each port also checks it, so a CA file bundled into the wrong
+flag still cannot turn one role into the other.
 
 A directory holds the PKI of exactly one cluster. Running :func:`init_pki` again on the same
 directory is safe: the existing CA is kept and only missing or unusable leaf files are
@@ -33,9 +37,13 @@ __all__ = [
     "CA_CN_PREFIX",
     "DEFAULT_AGENT",
     "DEFAULT_CLUSTER",
+    "FRONTEND_CA_CN_PREFIX",
     "FRONTEND_CN",
+    "ROLE_AGENT",
+    "ROLE_FRONTEND",
     "CertError",
     "PkiPaths",
+    "add_frontend_ca",
     "init_pki",
     "validate_name",
 ]
@@ -45,6 +53,10 @@ DEFAULT_AGENT = "agent-1"
 CA_CN_PREFIX = "tether-ca "
 BROKER_CN = "tether-broker"
 FRONTEND_CN = "tether-frontend"
+FRONTEND_CA_CN_PREFIX = "tether-frontend-ca "
+#: Role markers, written as the subject's organizationalUnitName (OU).
+ROLE_AGENT = "tether-agent"
+ROLE_FRONTEND = "tether-frontend"
 
 # Names end up in file names and in certificate subjects that the broker parses, so the
 # alphabet is kept small enough that neither can be abused (no "/", no "..", no spaces).
@@ -84,6 +96,8 @@ class PkiPaths:
 
     ca_cert: Path
     ca_key: Path
+    frontend_ca_cert: Path
+    frontend_ca_key: Path
     broker_cert: Path
     broker_key: Path
     frontend_cert: Path
@@ -97,6 +111,8 @@ class PkiPaths:
         return cls(
             ca_cert=directory / "ca.crt",
             ca_key=directory / "ca.key",
+            frontend_ca_cert=directory / "frontend-ca.crt",
+            frontend_ca_key=directory / "frontend-ca.key",
             broker_cert=directory / "broker.crt",
             broker_key=directory / "broker.key",
             frontend_cert=directory / "frontend.crt",
@@ -136,7 +152,7 @@ def init_pki(
     """
     if cluster is not None:
         validate_name(cluster, what="cluster name")
-    agent_ids = list(dict.fromkeys(validate_name(a, what="agent id") for a in agents))
+    agent_ids = list(dict.fromkeys(_agent_id(a) for a in agents))
     wanted_sans = _parse_sans([*_DEFAULT_BROKER_SANS, *extra_sans])
     if days < 1:
         raise CertError(f"invalid validity {days} days: must be at least 1")
@@ -187,15 +203,7 @@ def init_pki(
             emit=emit,
         )
 
-    if fresh_ca or _usable_leaf(paths.frontend_cert, paths.frontend_key, ca) is None:
-        issuer.issue(
-            paths.frontend_cert,
-            paths.frontend_key,
-            subject=_client_subject(cluster, FRONTEND_CN),
-            usage=ExtendedKeyUsageOID.CLIENT_AUTH,
-            sans=[],
-            emit=emit,
-        )
+    _ensure_frontend(paths, cluster, now, days, emit, fresh=fresh_ca)
 
     for agent_id in agent_ids:
         cert_path, key_path = paths.agent(agent_id)
@@ -203,7 +211,7 @@ def init_pki(
             issuer.issue(
                 cert_path,
                 key_path,
-                subject=_client_subject(cluster, agent_id),
+                subject=_client_subject(cluster, agent_id, ROLE_AGENT),
                 usage=ExtendedKeyUsageOID.CLIENT_AUTH,
                 sans=[],
                 emit=emit,
@@ -212,14 +220,82 @@ def init_pki(
     return paths
 
 
+def add_frontend_ca(
+    directory: Path,
+    *,
+    days: int = 365,
+    report: Callable[[Path], None] | None = None,
+) -> PkiPaths:
+    """Give an existing PKI (from before the frontend CA) its frontend CA.
+
+    Writes ``frontend-ca.crt``/``frontend-ca.key`` (kept if already there and usable) and
+    reissues ``frontend.crt``/``frontend.key`` from it; ``ca.crt``, the broker certificate
+    and every agent certificate stay as they are, so no edge device needs touching. The
+    broker's ``--server-ca-cert`` then names ``frontend-ca.crt``.
+    """
+    if days < 1:
+        raise CertError(f"invalid validity {days} days: must be at least 1")
+    paths = PkiPaths.in_dir(Path(directory))
+    if not paths.ca_cert.exists():
+        raise CertError(f"{paths.ca_cert} does not exist: run `tether certs init` instead")
+    ca = _load_ca(paths)
+    cluster = _cluster_of_ca(ca.cert) or DEFAULT_CLUSTER
+    emit = report if report is not None else _ignore
+    _ensure_frontend(paths, cluster, datetime.datetime.now(datetime.UTC), days, emit, fresh=False)
+    return paths
+
+
+def _ensure_frontend(
+    paths: PkiPaths,
+    cluster: str,
+    now: datetime.datetime,
+    days: int,
+    emit: Callable[[Path], None],
+    *,
+    fresh: bool,
+) -> None:
+    """The frontend CA (made if missing, unusable or of another cluster, or if ``fresh``)
+    and a frontend certificate it issued."""
+    fca: _Ca | None = None
+    if not fresh and paths.frontend_ca_cert.exists():
+        try:
+            fca = _load_ca(paths, frontend=True)
+        except CertError:
+            fca = None
+        if fca is not None and _cluster_of_ca(fca.cert, FRONTEND_CA_CN_PREFIX) != cluster:
+            fca = None
+    new_fca = fca is None
+    if fca is None:
+        fca = _new_ca(cluster, now, days, prefix=FRONTEND_CA_CN_PREFIX)
+        _write_key(paths.frontend_ca_key, fca.key, emit)
+        _write_cert(paths.frontend_ca_cert, fca.cert, emit)
+    if new_fca or _usable_leaf(paths.frontend_cert, paths.frontend_key, fca) is None:
+        _Issuer(fca, now, days).issue(
+            paths.frontend_cert,
+            paths.frontend_key,
+            subject=_client_subject(cluster, FRONTEND_CN, ROLE_FRONTEND),
+            usage=ExtendedKeyUsageOID.CLIENT_AUTH,
+            sans=[],
+            emit=emit,
+        )
+
+
+def _agent_id(value: str) -> str:
+    validate_name(value, what="agent id")
+    if value == FRONTEND_CN:
+        raise CertError(f"invalid agent id {value!r}: reserved for the frontend certificate")
+    return value
+
+
 def _ignore(_path: Path) -> None:
     """Stand-in report callback so the issuing code needs no None checks."""
 
 
-def _client_subject(cluster: str, common_name: str) -> x509.Name:
+def _client_subject(cluster: str, common_name: str, role: str) -> x509.Name:
     return x509.Name(
         [
             x509.NameAttribute(NameOID.ORGANIZATION_NAME, cluster),
+            x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, role),
             x509.NameAttribute(NameOID.COMMON_NAME, common_name),
         ]
     )
@@ -261,12 +337,12 @@ def _sans_of(cert: x509.Certificate) -> frozenset[x509.GeneralName]:
     return frozenset(ext.value)
 
 
-def _cluster_of_ca(cert: x509.Certificate) -> str | None:
+def _cluster_of_ca(cert: x509.Certificate, prefix: str = CA_CN_PREFIX) -> str | None:
     """None for a CA not made by this module (an operator may bring their own)."""
     for attr in cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME):
         value = attr.value if isinstance(attr.value, str) else attr.value.decode()
-        if value.startswith(CA_CN_PREFIX):
-            return value[len(CA_CN_PREFIX) :]
+        if value.startswith(prefix):
+            return value[len(prefix) :]
     return None
 
 
@@ -283,27 +359,32 @@ def _existing_agent_ids(agents_dir: Path) -> list[str]:
     return sorted(a for a in found if _NAME_RE.fullmatch(a))
 
 
-def _load_ca(paths: PkiPaths) -> _Ca:
+def _load_ca(paths: PkiPaths, *, frontend: bool = False) -> _Ca:
+    cert_path, key_path = (
+        (paths.frontend_ca_cert, paths.frontend_ca_key)
+        if frontend
+        else (paths.ca_cert, paths.ca_key)
+    )
     try:
-        cert = x509.load_pem_x509_certificate(paths.ca_cert.read_bytes())
+        cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
     except ValueError as exc:
-        raise CertError(f"{paths.ca_cert} is not a PEM certificate: {exc}") from exc
+        raise CertError(f"{cert_path} is not a PEM certificate: {exc}") from exc
     try:
-        key = serialization.load_pem_private_key(paths.ca_key.read_bytes(), password=None)
+        key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
     except FileNotFoundError as exc:
         raise CertError(
-            f"{paths.ca_cert} exists but {paths.ca_key} does not; use --force to make a new CA"
+            f"{cert_path} exists but {key_path} does not; use --force to make a new CA"
         ) from exc
     except (ValueError, TypeError) as exc:
-        raise CertError(f"{paths.ca_key} is not an unencrypted PEM private key: {exc}") from exc
+        raise CertError(f"{key_path} is not an unencrypted PEM private key: {exc}") from exc
     if not isinstance(key, ec.EllipticCurvePrivateKey) or not _same_public_key(key, cert):
-        raise CertError(f"{paths.ca_key} is not the EC private key of {paths.ca_cert}")
+        raise CertError(f"{key_path} is not the EC private key of {cert_path}")
     try:
         constraints = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
     except x509.ExtensionNotFound:
         constraints = None
     if constraints is None or not constraints.ca:
-        raise CertError(f"{paths.ca_cert} is not a CA certificate")
+        raise CertError(f"{cert_path} is not a CA certificate")
     return _Ca(cert=cert, key=key)
 
 
@@ -338,9 +419,9 @@ def _new_key() -> ec.EllipticCurvePrivateKey:
     return ec.generate_private_key(ec.SECP256R1())
 
 
-def _new_ca(cluster: str, now: datetime.datetime, days: int) -> _Ca:
+def _new_ca(cluster: str, now: datetime.datetime, days: int, *, prefix: str = CA_CN_PREFIX) -> _Ca:
     key = _new_key()
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"{CA_CN_PREFIX}{cluster}")])
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"{prefix}{cluster}")])
     cert = (
         x509.CertificateBuilder()
         .subject_name(name)

@@ -66,6 +66,19 @@ def _build_parser() -> argparse.ArgumentParser:
         "--days", type=_positive_int, default=365, help="leaf validity in days (default: 365)"
     )
     init.add_argument("--force", action="store_true", help="replace the CA and every leaf")
+    add_fca = certs_commands.add_parser(
+        "add-frontend-ca",
+        help="give an existing PKI its own frontend CA and reissue frontend.crt from it",
+        description=(
+            "Migrate a PKI made before the frontend CA existed: write frontend-ca.crt/.key in "
+            "DIR and reissue frontend.crt/.key from it. ca.crt, the broker and every agent "
+            "certificate stay untouched; point the broker's --server-ca-cert at frontend-ca.crt."
+        ),
+    )
+    add_fca.add_argument("dir", type=Path, metavar="DIR", help="the PKI directory")
+    add_fca.add_argument(
+        "--days", type=_positive_int, default=365, help="leaf validity in days (default: 365)"
+    )
 
     # Only listed for --help: main() hands everything after "demo" to tether.demo untouched,
     # since argparse would otherwise try to interpret the demo's own options.
@@ -118,6 +131,29 @@ def _run_connect(rest: list[str]) -> int:
     return code if isinstance(code, int) else 0
 
 
+def _certs_add_frontend_ca(args: argparse.Namespace) -> int:
+    from tether import certs
+
+    directory: Path = args.dir
+    written: list[Path] = []
+    try:
+        paths = certs.add_frontend_ca(directory, days=args.days, report=written.append)
+    except certs.CertError as exc:
+        print(f"{_PROG} certs add-frontend-ca: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"{_PROG} certs add-frontend-ca: error: {exc}", file=sys.stderr)
+        return 1
+    if not written:
+        print(f"nothing to do: {paths.frontend_cert} is already issued by {paths.frontend_ca_cert}")
+    else:
+        print(f"wrote {len(written)} files in {directory}:")
+        for path in written:
+            print(f"  {path.relative_to(directory)}")
+        print(f"now start the broker with --server-ca-cert={paths.frontend_ca_cert}")
+    return 0
+
+
 def _run_demo(rest: list[str]) -> int:
     # import_module rather than a static import: the demo is optional tooling and must not be
     # loaded (nor type-checked as a hard dependency) by the other subcommands.
@@ -145,6 +181,8 @@ def main(argv: list[str] | None = None) -> int:
             return exc.code if isinstance(exc.code, int) else 2
         if args.command == "certs" and args.certs_command == "init":
             return _certs_init(args)
+        if args.command == "certs" and args.certs_command == "add-frontend-ca":
+            return _certs_add_frontend_ca(args)
     except KeyboardInterrupt:
         return 130
     # Unreachable while every subcommand is dispatched above; kept as a loud failure for a

@@ -171,6 +171,12 @@ class BrokerHandle:
         return body.decode()
 
 
+def frontend_ca(pki: PkiPaths) -> Path:
+    """The CA of the frontend's client certificate: ``frontend-ca.crt``, or
+    ``ca.crt`` for a PKI made before the frontend CA existed."""
+    return pki.frontend_ca_cert if pki.frontend_ca_cert.exists() else pki.ca_cert
+
+
 def start_broker(
     tmp: Path,
     pki: PkiPaths,
@@ -199,7 +205,7 @@ def start_broker(
         f"--cluster-ca-cert={pki.ca_cert}",
         f"--server-cert={pki.broker_cert}",
         f"--server-key={pki.broker_key}",
-        f"--server-ca-cert={pki.ca_cert}",
+        f"--server-ca-cert={frontend_ca(pki)}",
         "--log-level=debug",
         *extra,
     ]

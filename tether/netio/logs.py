@@ -28,6 +28,8 @@ EVENTS = frozenset(
         "agent_connected",  # broker: agent registered; agent: broker accepted us
         "agent_disconnected",  # an agent connection that had been accepted ended
         "auth_rejected",  # broker refused an agent at the control stream
+        "frontend_rejected",  # broker refused a TCP frontend client certificate (role/cluster)
+        "pki_migration_needed",  # startup: frontend and agent share a CA (an old PKI)
         "tls_handshake_failed",  # a TLS handshake failed or timed out
         "protocol_violation",  # the peer broke the wire protocol; connection closed
         "dial_ok",  # a dial reached its target (debug level)

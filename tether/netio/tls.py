@@ -1,8 +1,12 @@
 """TLS contexts for every listener and dialer, built in one place.
 
-TLS 1.2 is the floor (1.3 preferred by OpenSSL's negotiation). The agent
-tunnel speaks only HTTP/2 (ALPN ``h2``); the CONNECT frontend speaks
-HTTP/1.1. Every server here requires a client certificate.
+TLS 1.2 is the floor (1.3 preferred by OpenSSL's negotiation); the broker's
+agent port asks for 1.3 by default (``--agent-tls-min-version``). Wherever
+1.2 is allowed only ECDHE key exchange with AEAD ciphers (AES-GCM,
+ChaCha20-Poly1305) is offered or accepted: no CBC, no static RSA key
+exchange (every TLS 1.3 suite is AEAD already). The agent tunnel speaks only
+HTTP/2 (ALPN ``h2``); the CONNECT frontend speaks HTTP/1.1. Every server
+here requires a client certificate.
 
 Certificates rotate without a restart: each listener or dialer holds a
 :class:`ReloadableContext` and takes :attr:`ReloadableContext.current` for
@@ -18,7 +22,6 @@ import signal
 import ssl
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
 
 import attrs
 import trio
@@ -46,6 +49,21 @@ def _load_ca(ctx: ssl.SSLContext, ca: str | Path) -> None:
         raise TLSConfigError(f"cannot load CA bundle {ca}: {exc}") from None
 
 
+#: TLS 1.2 suites allowed anywhere: forward secret (ECDHE) and AEAD only.
+AEAD_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20:!aNULL:!eNULL"
+
+#: ``--agent-tls-min-version`` values.
+TLS_VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
+
+
+def _harden(ctx: ssl.SSLContext, min_version: str) -> None:
+    try:
+        ctx.minimum_version = TLS_VERSIONS[min_version]
+    except KeyError:
+        raise TLSConfigError(f"unknown TLS version {min_version!r}: use 1.2 or 1.3") from None
+    ctx.set_ciphers(AEAD_CIPHERS)
+
+
 def server_context(
     cert: str | Path,
     key: str | Path,
@@ -53,13 +71,14 @@ def server_context(
     *,
     alpn: list[str] | None,
     optional: bool = False,
+    min_version: str = "1.2",
 ) -> ssl.SSLContext:
     """A server context that verifies client certificates against ``client_ca``
     (one CA file or several). With ``optional`` a client may present none
     (token login); one that is presented must still verify."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
+    _harden(ctx, min_version)
+    ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION | ssl.OP_CIPHER_SERVER_PREFERENCE
     _load_chain(ctx, cert, key)
     for ca in [client_ca] if isinstance(client_ca, str | Path) else client_ca:
         _load_ca(ctx, ca)
@@ -74,7 +93,7 @@ def client_context(
 ) -> ssl.SSLContext:
     """A client context verifying the server against ``ca``."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    _harden(ctx, "1.2")
     ctx.options |= ssl.OP_NO_COMPRESSION
     _load_ca(ctx, ca)
     if cert is not None and key is not None:
@@ -82,30 +101,6 @@ def client_context(
     if alpn:
         ctx.set_alpn_protocols(alpn)
     return ctx
-
-
-@attrs.frozen
-class PeerIdentity:
-    """Who a verified client certificate names: ``O=<cluster>, CN=<name>``."""
-
-    common_name: str
-    organization: str | None
-
-
-def peer_identity(peercert: dict[str, Any] | None) -> PeerIdentity | None:
-    if not peercert:
-        return None
-    cn: str | None = None
-    org: str | None = None
-    for rdn in peercert.get("subject", ()):
-        for key, value in rdn:
-            if key == "commonName":
-                cn = value
-            elif key == "organizationName":
-                org = value
-    if cn is None:
-        return None
-    return PeerIdentity(cn, org)
 
 
 # ------------------------------------------------------------------ rotation
