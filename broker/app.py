@@ -13,7 +13,7 @@ import trio
 from broker.agent_conn import ServerInfo
 from broker.agent_server import AgentServer
 from broker.auth import Authenticator, TokenStore
-from broker.clusters import ClusterConfig, load_clusters
+from broker.clusters import ClusterConfig, load_clusters, parse_allowed_identifiers
 from broker.config import BrokerConfig
 from broker.connect_frontend import ConnectSettings, handle_connect
 from broker.grpc_frontend import GrpcFrontend, GrpcSettings
@@ -41,7 +41,13 @@ class Broker:
         self.server = ServerInfo(cfg.server_id, cfg.server_count)
         self.clusters = clusters_from(cfg)
         self.authenticator = Authenticator(
-            self.clusters, TokenStore(cfg.agent_token_file) if cfg.agent_token_file else None
+            self.clusters,
+            TokenStore(
+                cfg.agent_token_file,
+                lambda reason: self.metrics.bad_input.labels("token_file", reason).inc(),
+            )
+            if cfg.agent_token_file
+            else None,
         )
         # Certificates are reloaded on SIGHUP or file change (see _cert_reloaded):
         # every new connection takes the context current at that moment.
@@ -354,6 +360,11 @@ def clusters_from(cfg: BrokerConfig) -> list[ClusterConfig]:
                     if cfg.kubeconfig
                     else ()
                 ),
+                tokenreview_bind_node_name=cfg.tokenreview_bind_node_name,
+                tokenreview_source_rate=cfg.tokenreview_source_rate,
+                tokenreview_source_burst=cfg.tokenreview_source_burst,
+                agent_identifiers=cfg.agent_identifiers_policy,
+                allowed_identifiers=parse_allowed_identifiers(cfg.agent_allowed_identifiers),
             )
         )
     return clusters

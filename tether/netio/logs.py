@@ -37,6 +37,8 @@ EVENTS = frozenset(
         "reconnect",  # agent: waiting to reconnect, with delay and cause
         "cert_reloaded",  # new certificate/key/CA in use for new connections
         "cert_reload_failed",  # reload refused; the previous certificate stays in use
+        "identifiers_changed",  # broker: an agent's identifiers were set or changed
+        "identifier_not_allowed",  # broker: claims beyond the agent's credential, dropped
     }
 )
 
