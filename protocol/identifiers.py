@@ -113,8 +113,11 @@ def match_rank(idents: AgentIdentifiers, host: str) -> int | None:
 @attrs.frozen
 class Allowance:
     """Which identifiers one credential may declare. ``hosts`` are
-    case-insensitive glob patterns; an address or CIDR claim must lie within
-    an allowed address or CIDR; ``default-route`` must be allowed itself."""
+    case-insensitive glob patterns; an ``ipv4=``/``ipv6=`` claim must be an
+    allowed address (an exact claim needs an exact permission, since it
+    outranks every CIDR); a ``cidr=`` claim must lie within an allowed CIDR
+    (or be the /32 or /128 of an allowed address); ``default-route`` must be
+    allowed itself."""
 
     hosts: frozenset[str] = frozenset()
     addresses: frozenset[ipaddress.IPv4Address | ipaddress.IPv6Address] = frozenset()
@@ -141,9 +144,7 @@ class Allowance:
         )
 
     def _address_ok(self, addr: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
-        return addr in self.addresses or any(
-            addr.version == net.version and addr in net for net in self.cidrs
-        )
+        return addr in self.addresses
 
     def _network_ok(self, net: ipaddress.IPv4Network | ipaddress.IPv6Network) -> bool:
         if net.num_addresses == 1 and self._address_ok(net.network_address):

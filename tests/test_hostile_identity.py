@@ -354,7 +354,7 @@ async def test_identifier_claims_cannot_capture_other_nodes(
     peer = await open_peer(broker, agent_id="agent-3", identifiers="ipv4=127.0.0.13")
     update = messages.Identifiers(value="ipv4=127.0.0.14&ipv4=127.0.0.11")
     await peer.send(frame(DATA, 0, 1, messages.encode(update)))
-    assert await wait_log(broker, "identifiers_changed")
+    assert await wait_log(broker, "identifiers_changed (update)")
     changed = [ln for ln in broker.proc.log().splitlines() if "identifiers_changed" in ln]
     assert any("127.0.0.13" in ln and "127.0.0.14" in ln for ln in changed), changed
     metrics = await broker.metrics()
