@@ -49,6 +49,20 @@ class Broker:
             if cfg.agent_token_file
             else None,
         )
+        routes_by_claims = {"destHost", "defaultRoute"} & set(cfg.proxy_strategies)
+        for c in self.clusters:
+            if (
+                routes_by_claims
+                and c.agent_identifiers == "credential"
+                and not c.allowed_identifiers
+            ):
+                log.warning(
+                    "cluster %s: agents may declare only the identifiers their credential "
+                    "allows (certificate SANs, token entry identifiers=); claims beyond are "
+                    "dropped. List them with --agent-allowed-identifiers / allowed_identifiers, "
+                    "or keep trusting every claim with --agent-identifiers-policy=any",
+                    c.name,
+                )
         # Certificates are reloaded on SIGHUP or file change (see _cert_reloaded):
         # every new connection takes the context current at that moment.
         self.agent_tls = tls.ReloadableContext(

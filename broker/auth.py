@@ -195,11 +195,13 @@ class Authenticator:
                 self.reviewers[cluster.name] = (reviewer, allowed)
         #: Failed reviews, by (cluster, token digest), answered without asking again.
         self.review_failures = FailureCache()
-        #: TokenReviews per source address (and in all), so junk cannot flood the apiserver.
-        self.review_limiter = RateLimiter(
-            rate=min((c.tokenreview_source_rate for c in clusters), default=5.0),
-            burst=min((c.tokenreview_source_burst for c in clusters), default=20),
-        )
+        #: TokenReviews per source address (and in all), per cluster, so junk
+        #: cannot flood an apiserver.
+        self.review_limiters = {
+            c.name: RateLimiter(rate=c.tokenreview_source_rate, burst=c.tokenreview_source_burst)
+            for c in clusters
+            if c.name in self.reviewers
+        }
         self._cas: list[tuple[str, x509.Certificate]] = []
         self.load_cas()
 
@@ -356,7 +358,7 @@ class Authenticator:
         failed = self.review_failures.get(key, now)
         if failed is not None:
             raise AuthError(*failed)
-        if not self.review_limiter.take(source, now):
+        if not self.review_limiters[cluster].take(source, now):
             raise AuthError(
                 429,
                 "tokenreview_rate_limited",

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import shutil
 import ssl
 from collections.abc import Callable
 from pathlib import Path
@@ -37,7 +38,7 @@ from test_e2e_tokenreview import ReviewStats, kubeconfig, serve_tokenreview
 
 from broker import tokenreview
 from protocol import messages, session
-from tether.certs import PkiPaths
+from tether.certs import PkiPaths, init_pki
 from tether.netio import tls
 
 pytestmark = [pytest.mark.e2e]
@@ -51,15 +52,16 @@ def token_line(token: str, pattern: str, *options: str, cluster: str = "default"
 async def control_status(
     broker: BrokerHandle,
     agent_id: str,
-    token: str,
+    token: str | None,
     identifiers: str = "",
     source: str = "127.0.0.1",
     hold: list[trio.abc.Stream] | None = None,
+    cert: tuple[Path, Path] | None = None,
 ) -> tuple[str, str]:
-    """Open the control stream with a bearer token and no certificate, as
-    an attacker's script would; the broker's answer (status, error text).
+    """Open the control stream with a bearer token (or a client ``cert``),
+    as an attacker's script would; the broker's answer (status, error text).
     An accepted connection is kept open in ``hold`` when given."""
-    ctx = tls.client_context(broker.pki.ca_cert, None, None, alpn=["h2"])
+    ctx = tls.client_context(broker.pki.ca_cert, *(cert if cert else (None, None)), alpn=["h2"])
     with trio.fail_after(20):
         tcp = await trio.open_tcp_stream("127.0.0.1", broker.agent_port, local_address=source)
         stream = trio.SSLStream(tcp, ctx, server_hostname="localhost")
@@ -70,7 +72,7 @@ async def control_status(
                 [
                     ("tether-agent-id", agent_id),
                     ("tether-agent-identifiers", identifiers),
-                    ("authorization", f"Bearer {token}"),
+                    *([("authorization", f"Bearer {token}")] if token else []),
                 ],
             )
             await stream.send_all(
@@ -135,7 +137,7 @@ async def test_glob_token_cannot_evict_a_live_agent_nor_multiply(
         return agent_factory(
             broker,
             f"--service-account-token-path={tok}",
-            f"--agent-identifiers=ipv4={ip}",
+            f"--agent-identifiers=cidr={ip}/32",  # within the entry's allowed CIDR
             agent_id=agent_id,
             client_cert=False,
         )
@@ -203,6 +205,50 @@ async def test_glob_without_cap_is_refused_at_load(tmp_path: Path, pki: PkiPaths
         assert lines and "max=" in lines[0], handle.proc.log()[-1500:]
     finally:
         handle.proc.stop(timeout=5)
+
+
+@pytest.mark.timeout(120)
+async def test_other_certificate_for_a_live_id_is_refused(
+    tmp_path: Path,
+    pki: PkiPaths,
+    broker_factory: Callable[..., BrokerHandle],
+    agent_factory: Callable[..., Proc],
+    nursery: trio.Nursery,
+) -> None:
+    """Row 5, mTLS. A second certificate issued for agent-1 (another
+    fingerprint, same CA and CN) cannot evict the live agent-1 (409
+    ``identity_in_use``, logged on both sides, counted); the live agent's own
+    certificate reconnecting still replaces its connection at once."""
+    copy = tmp_path / "pki-copy"
+    shutil.copytree(pki.ca_cert.parent, copy)
+    for suffix in ("crt", "key"):
+        (copy / "agents" / f"agent-1.{suffix}").unlink()
+    second = init_pki(copy, agents=("agent-1",)).agent("agent-1")
+    assert second[0].read_bytes() != pki.agent("agent-1")[0].read_bytes()
+
+    broker = broker_factory()
+    real = agent_factory(broker)
+    await broker.ready(agents=1)
+    impostor = agent_factory(
+        broker, f"--agent-cert={second[0]}", f"--agent-key={second[1]}", agent_id="agent-1"
+    )
+    await wait_for(
+        lambda: _logged(impostor, "broker rejected this agent (409)"), 20, "impostor refused"
+    )
+    assert "identity_in_use" in impostor.log()
+    port = await serve_whoami(nursery, "127.0.0.1")
+    for _ in range(20):
+        assert await whoami(broker, f"127.0.0.1:{port}") == (200, b"127.0.0.1")
+    assert len(dials_by(real)) == 20 and dials_by(impostor) == []
+    assert re.search(r"WARNING.*rejected \(409\): identity_in_use", broker.proc.log())
+    assert rejected_total(await broker.metrics(), "identity_in_use") >= 1
+    impostor.stop()
+    # The live agent's own certificate (a reconnect after a stale link) replaces it.
+    status, error = await control_status(broker, "agent-1", None, cert=pki.agent("agent-1"))
+    assert status == "200", error
+    assert await wait_log(broker, "reconnected; closing its old connection")
+    await broker.ready(agents=1)
+    await _serving(broker, nursery)
 
 
 # --------------------------------------------------------------- row 6
