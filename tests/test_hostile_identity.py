@@ -39,6 +39,7 @@ from test_e2e_tokenreview import ReviewStats, kubeconfig, serve_tokenreview
 from broker import tokenreview
 from protocol import messages, session
 from tether.certs import PkiPaths, init_pki
+from tether.launch import start_broker
 from tether.netio import tls
 
 pytestmark = [pytest.mark.e2e]
@@ -190,14 +191,19 @@ async def test_glob_token_cannot_evict_a_live_agent_nor_multiply(
 
 
 @pytest.mark.timeout(60)
-async def test_glob_without_cap_is_refused_at_load(tmp_path: Path, pki: PkiPaths) -> None:
+async def test_glob_without_cap_is_refused_at_load(
+    tmp_path: Path,
+    pki: PkiPaths,
+    broker_factory: Callable[..., BrokerHandle],
+    nursery: trio.Nursery,
+) -> None:
     """Row 5. A glob entry without ``max=`` stops the broker at start with
-    one line naming the file and line; on a reload such a line is skipped."""
+    one line naming the file and line; when the file is re-read such a line
+    is skipped (logged, counted) and the other entries keep working."""
     tokens = tmp_path / "tokens"
     tokens.write_text("# fleet\n" + token_line("t0k3n", "edge-*"))
-    from tether.launch import start_broker
-
-    handle = start_broker(tmp_path, pki, f"--agent-token-file={tokens}")
+    (tmp_path / "refused").mkdir()
+    handle = start_broker(tmp_path / "refused", pki, f"--agent-token-file={tokens}")
     try:
         await wait_for(lambda: _exited(handle.proc), 20, "broker refuses to start")
         assert handle.proc.popen.returncode not in (0, None)
@@ -205,6 +211,20 @@ async def test_glob_without_cap_is_refused_at_load(tmp_path: Path, pki: PkiPaths
         assert lines and "max=" in lines[0], handle.proc.log()[-1500:]
     finally:
         handle.proc.stop(timeout=5)
+
+    tokens.write_text(token_line("exact-token", "edge-01"))
+    broker = broker_factory(f"--agent-token-file={tokens}")
+    await broker.up()
+    tokens.write_text(token_line("t0k3n", "edge-*") + token_line("exact-token", "edge-01"))
+    assert (await control_status(broker, "edge-01", "exact-token"))[0] == "200"
+    assert (await control_status(broker, "edge-02", "t0k3n"))[0] == "401"
+    assert await wait_log(broker, f"{tokens}:1: token entry skipped")
+    metrics = await broker.metrics()
+    assert (
+        metric(metrics, "tether_bad_input_total", source="token_file", reason="glob_without_max")
+        == 1
+    )
+    await broker.up()  # still serving
 
 
 @pytest.mark.timeout(120)
