@@ -64,6 +64,7 @@ class AgentConnection:
         #: What this agent's credential (and the cluster) let it declare; None: any.
         self.allowed: Allowance | None = None
         self.identity: Identity | None = None
+        self._claimed = AgentIdentifiers()  # as declared at connect, before the check
         self.conn: TunnelConnection | None = None
         self.nursery: trio.Nursery | None = None
         self.pending: dict[int, PendingDial] = {}
@@ -166,6 +167,9 @@ class AgentConnection:
                 replaced = self.registry.add(self, membership)
             except RegistryRefused as exc:
                 status, error = exc.status, str(exc)
+            else:
+                # Before any checkpoint, so no dial is routed by unchecked claims.
+                self.identifiers = self._restrict(self._claimed)
         if status != 200:
             reason = error.split(":", 1)[0]
             self.metrics.agent_rejected.labels(reason).inc()
@@ -240,7 +244,7 @@ class AgentConnection:
         self.cluster = identity.cluster
         self.auth_method = identity.method
         self.allowed = identity.allowed
-        self.identifiers = self._restrict(claimed)
+        self._claimed = claimed
         return 200, ""
 
     def _restrict(self, claimed: AgentIdentifiers) -> AgentIdentifiers:

@@ -158,7 +158,7 @@ class Registry:
             self._forget(agent)
             if not agents:
                 del self._clusters[agent.cluster]
-        self._update()
+            self._update()
 
     def _update(self) -> None:
         self.metrics.ready_backends.set(self.count())
