@@ -69,6 +69,7 @@ class AgentConnection:
         self.nursery: trio.Nursery | None = None
         self.pending: dict[int, PendingDial] = {}
         self.refused_streams = 0  # data streams for unknown or stale dial ids
+        self.refused_claims = 0  # identifiers messages with claims beyond the credential
         self.registered = trio.Event()
         #: Set once the control stream was either accepted or rejected.
         self.settled = trio.Event()
@@ -255,6 +256,10 @@ class AgentConnection:
         kept, refused = self.allowed.restrict(claimed)
         if refused:
             self.metrics.bad_input.labels("agent", "identifier_not_allowed").inc()
+            self.refused_claims += 1
+            # Every refusal is counted; a flood of them must not flood the log.
+            if self.refused_claims > 10 and self.refused_claims % 1000:
+                return kept
             log.warning(
                 "agent %s/%s declared identifiers its credential does not allow; dropped: %s",
                 self.cluster,
