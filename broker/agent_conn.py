@@ -11,10 +11,10 @@ import h2.errors
 import trio
 from cryptography import x509
 
-from broker.auth import Authenticator, AuthError
+from broker.auth import Authenticator, AuthError, Identity
 from broker.dialing import DialError, DialOutcome
 from protocol import messages, session
-from protocol.identifiers import AgentIdentifiers
+from protocol.identifiers import AgentIdentifiers, Allowance
 from tether.netio.logs import event
 from tether.netio.tunnel import TunnelClosed, TunnelConnection, TunnelStream
 
@@ -61,10 +61,15 @@ class AgentConnection:
         self.cluster = ""
         self.auth_method = ""
         self.identifiers = AgentIdentifiers()
+        #: What this agent's credential (and the cluster) let it declare; None: any.
+        self.allowed: Allowance | None = None
+        self.identity: Identity | None = None
+        self._claimed = AgentIdentifiers()  # as declared at connect, before the check
         self.conn: TunnelConnection | None = None
         self.nursery: trio.Nursery | None = None
         self.pending: dict[int, PendingDial] = {}
         self.refused_streams = 0  # data streams for unknown or stale dial ids
+        self.refused_claims = 0  # identifiers messages with claims beyond the credential
         self.registered = trio.Event()
         #: Set once the control stream was either accepted or rejected.
         self.settled = trio.Event()
@@ -151,10 +156,27 @@ class AgentConnection:
                 409,
                 (f"duplicate: agent already holds a connection to server {self.server.server_id}"),
             )
+        replaced: AgentConnection | None = None
+        if status == 200:
+            from broker.registry import Membership, RegistryRefused
+
+            assert self.identity is not None
+            membership = Membership(
+                self.identity.credential, self.identity.cap_key, self.identity.cap
+            )
+            try:
+                replaced = self.registry.add(self, membership)
+            except RegistryRefused as exc:
+                status, error = exc.status, str(exc)
+            else:
+                # Before any checkpoint, so no dial is routed by unchecked claims.
+                self.identifiers = self._restrict(self._claimed)
         if status != 200:
-            self.metrics.agent_rejected.labels(error.split(":", 1)[0]).inc()
-            # A 409 duplicate is routine with several replicas behind a balancer.
-            level = logging.INFO if status == 409 else logging.WARNING
+            reason = error.split(":", 1)[0]
+            self.metrics.agent_rejected.labels(reason).inc()
+            # A 409 duplicate is routine with several replicas behind a balancer;
+            # a live agent defending its id against another credential is not.
+            level = logging.INFO if reason == "duplicate" else logging.WARNING
             log.log(
                 level,
                 "agent connection from %s rejected (%d): %s",
@@ -165,7 +187,8 @@ class AgentConnection:
                     "auth_rejected",
                     remote=self.remote,
                     status=status,
-                    reason=error.split(":", 1)[0],
+                    reason=reason,
+                    agent_id=self.agent_id or None,
                     cert_serial=_serial(self.peer_der),
                 ),
             )
@@ -181,7 +204,6 @@ class AgentConnection:
             }
         )
         self.conn.wake_writer()
-        replaced = self.registry.add(self)
         if replaced is not None:
             log.info(
                 "agent %s/%s reconnected; closing its old connection", self.cluster, self.agent_id
@@ -189,6 +211,7 @@ class AgentConnection:
             replaced.fail_all("replaced by a new connection")
             if replaced.conn is not None:
                 replaced.conn.abort("replaced by a new connection from the same agent")
+        self._identifiers_changed(AgentIdentifiers(), self.identifiers, "register")
         log.info(
             "agent connected: id=%s cluster=%s from=%s identifiers=%s",
             self.agent_id,
@@ -209,17 +232,69 @@ class AgentConnection:
         self.settled.set()
 
     async def _authenticate(self, headers: dict[str, str]) -> tuple[int, str]:
+        source = self.remote.rsplit(":", 1)[0] if ":" in self.remote else self.remote
         try:
-            identity = await self.authenticator.authenticate(self.peer_der, headers)
-            self.identifiers = AgentIdentifiers.parse(headers.get("tether-agent-identifiers", ""))
+            identity = await self.authenticator.authenticate(self.peer_der, headers, source)
+            claimed = AgentIdentifiers.parse(headers.get("tether-agent-identifiers", ""))
         except AuthError as exc:
             return exc.status, str(exc)
         except ValueError as exc:
             return 403, f"bad_identifiers: {exc}"
+        self.identity = identity
         self.agent_id = identity.agent_id
         self.cluster = identity.cluster
         self.auth_method = identity.method
+        self.allowed = identity.allowed
+        self._claimed = claimed
         return 200, ""
+
+    def _restrict(self, claimed: AgentIdentifiers) -> AgentIdentifiers:
+        """The part of ``claimed`` this agent's credential allows; the rest
+        is dropped with a WARNING naming it (the agent keeps serving)."""
+        if self.allowed is None:
+            return claimed
+        kept, refused = self.allowed.restrict(claimed)
+        if refused:
+            self.metrics.bad_input.labels("agent", "identifier_not_allowed").inc()
+            self.refused_claims += 1
+            # Every refusal is counted; a flood of them must not flood the log.
+            if self.refused_claims > 10 and self.refused_claims % 1000:
+                return kept
+            log.warning(
+                "agent %s/%s declared identifiers its credential does not allow; dropped: %s",
+                self.cluster,
+                self.agent_id,
+                "&".join(refused),
+                extra=event(
+                    "identifier_not_allowed",
+                    agent_id=self.agent_id,
+                    cluster=self.cluster,
+                    remote=self.remote,
+                    refused="&".join(refused),
+                ),
+            )
+        return kept
+
+    def _identifiers_changed(self, old: AgentIdentifiers, new: AgentIdentifiers, when: str) -> None:
+        if old == new and when != "register":
+            return
+        self.metrics.identifier_changes.labels(when).inc()
+        log.info(
+            "agent %s/%s identifiers_changed (%s): %r -> %r",
+            self.cluster,
+            self.agent_id,
+            when,
+            old.render(),
+            new.render(),
+            extra=event(
+                "identifiers_changed",
+                agent_id=self.agent_id,
+                cluster=self.cluster,
+                when=when,
+                old=old.render(),
+                new=new.render(),
+            ),
+        )
 
     def on_control_accepted(self, ev: session.ControlAccepted) -> None:
         raise AssertionError("brokers do not receive responses")
@@ -242,10 +317,13 @@ class AgentConnection:
             self.draining = True
         elif isinstance(msg, messages.Identifiers):
             try:
-                self.identifiers = AgentIdentifiers.parse(msg.value)
+                claimed = AgentIdentifiers.parse(msg.value)
             except ValueError as exc:
                 self.metrics.bad_input.labels("agent", "identifiers").inc()
                 log.warning("agent %s sent bad identifiers: %s", self.agent_id, exc)
+            else:
+                old, self.identifiers = self.identifiers, self._restrict(claimed)
+                self._identifiers_changed(old, self.identifiers, "update")
         else:
             self.metrics.bad_input.labels("agent", "unexpected_message").inc()
             log.warning("agent %s sent unexpected %s", self.agent_id, type(msg).__name__)
@@ -280,8 +358,7 @@ class AgentConnection:
     def fail_all(self, reason: str) -> None:
         """The connection died: every pending dial fails at once."""
         self.closed = True
-        if self.registered.is_set():
-            self.registry.remove(self)
+        self.registry.remove(self)  # a no-op unless this connection is the registered one
         for pending in self.pending.values():
             if not pending.done.is_set():
                 pending.error = DialError(

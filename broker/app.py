@@ -14,7 +14,7 @@ from broker import roles
 from broker.agent_conn import ServerInfo
 from broker.agent_server import AgentServer
 from broker.auth import Authenticator, TokenStore
-from broker.clusters import ClusterConfig, load_clusters
+from broker.clusters import ClusterConfig, load_clusters, parse_allowed_identifiers
 from broker.config import BrokerConfig
 from broker.connect_frontend import ConnectSettings, handle_connect
 from broker.grpc_frontend import GrpcFrontend, GrpcSettings
@@ -44,9 +44,28 @@ class Broker:
         frontend_subjects = roles.parse_subjects(cfg.frontend_allowed_subjects)
         self.authenticator = Authenticator(
             self.clusters,
-            TokenStore(cfg.agent_token_file) if cfg.agent_token_file else None,
+            TokenStore(
+                cfg.agent_token_file,
+                lambda reason: self.metrics.bad_input.labels("token_file", reason).inc(),
+            )
+            if cfg.agent_token_file
+            else None,
             frontend_subjects=frontend_subjects,
         )
+        routes_by_claims = {"destHost", "defaultRoute"} & set(cfg.proxy_strategies)
+        for c in self.clusters:
+            if (
+                routes_by_claims
+                and c.agent_identifiers == "credential"
+                and not c.allowed_identifiers
+            ):
+                log.warning(
+                    "cluster %s: agents may declare only the identifiers their credential "
+                    "allows (certificate SANs, token entry identifiers=); claims beyond are "
+                    "dropped. List them with --agent-allowed-identifiers / allowed_identifiers, "
+                    "or keep trusting every claim with --agent-identifiers-policy=any",
+                    c.name,
+                )
         # Certificates are reloaded on SIGHUP or file change (see _cert_reloaded):
         # every new connection takes the context current at that moment.
         self.agent_tls = tls.ReloadableContext(
@@ -384,6 +403,11 @@ def clusters_from(cfg: BrokerConfig) -> list[ClusterConfig]:
                     if cfg.kubeconfig
                     else ()
                 ),
+                tokenreview_bind_node_name=cfg.tokenreview_bind_node_name,
+                tokenreview_source_rate=cfg.tokenreview_source_rate,
+                tokenreview_source_burst=cfg.tokenreview_source_burst,
+                agent_identifiers=cfg.agent_identifiers_policy,
+                allowed_identifiers=parse_allowed_identifiers(cfg.agent_allowed_identifiers),
             )
         )
     return clusters

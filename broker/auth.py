@@ -12,7 +12,18 @@
 
 Token file format, one entry per line (``#`` starts a comment)::
 
-    sha256:<64 hex digits>  <cluster>  <agent-id glob>
+    sha256:<64 hex digits>  <cluster>  <agent-id or glob>  [max=N]  [identifiers=...]
+
+An entry names one exact agent id, or an id glob (``*``, ``?``, ``[``) with
+``max=N``: the most ids the token may hold connected at once. A glob
+without ``max=`` stops the broker at start (and is skipped, with an error,
+when the file is re-read). ``identifiers=`` (konnectivity's form, host
+patterns may be globs) lists the identifiers an agent holding the token may
+declare.
+
+Who may replace a live connection of the same id: only a connection of the
+same credential (``Identity.credential``). A glob entry is shared by many
+devices, so its connections never replace each other: the live one wins.
 """
 
 from __future__ import annotations
@@ -20,29 +31,49 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import hmac
+import ipaddress
 import logging
 import os
 import re
+from collections.abc import Callable
 
 import attrs
+import trio
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 
 from broker import roles
-from broker.clusters import ClusterConfig
-from broker.tokenreview import TokenReviewer, TokenReviewError, load_kubeconfig
-from protocol.identifiers import valid_name
+from broker.clusters import ClusterConfig, ConfigError
+from broker.tokenreview import (
+    FailureCache,
+    RateLimiter,
+    TokenReviewer,
+    TokenReviewError,
+    load_kubeconfig,
+)
+from protocol.identifiers import Allowance, valid_name
 
 log = logging.getLogger("tether.broker")
 
-_ENTRY = re.compile(r"^sha256:([0-9a-fA-F]{64})\s+(\S+)\s+(\S+)$")
+_ENTRY = re.compile(r"^sha256:([0-9a-fA-F]{64})\s+(\S+)\s+(\S+)((?:\s+\S+)*)$")
+_GLOB_CHARS = frozenset("*?[")
+#: The node a bound ServiceAccount token was issued for (TokenReview extra).
+NODE_NAME_KEY = "authentication.kubernetes.io/node-name"
 
 
 @attrs.frozen
 class Identity:
     cluster: str
     agent_id: str
-    method: str  # "mtls" or "token"
+    method: str  # "mtls", "token" or "tokenreview"
+    #: The credential behind the connection; only the same credential may
+    #: replace a live connection of this id. None: never replaces.
+    credential: str | None = None
+    #: Capped credentials (token id globs) count their live connections.
+    cap_key: str | None = None
+    cap: int = 0
+    #: Identifiers this agent may declare; None: any (policy "any").
+    allowed: Allowance | None = None
 
 
 class AuthError(Exception):
@@ -59,16 +90,55 @@ class TokenEntry:
     digest: bytes
     cluster: str
     agent_pattern: str
+    #: The most ids a glob entry may hold at once (0 for an exact id).
+    max_ids: int = 0
+    identifiers: Allowance = attrs.Factory(Allowance)
+    line: int = 0
+
+    @property
+    def is_glob(self) -> bool:
+        return bool(_GLOB_CHARS & set(self.agent_pattern))
+
+
+def parse_entry(line: str, number: int = 0) -> TokenEntry:
+    """One token file line (comment already stripped); ValueError says why."""
+    m = _ENTRY.match(line)
+    if m is None:
+        raise ValueError(
+            "want 'sha256:<64 hex> <cluster> <agent-id or glob> [max=N] [identifiers=...]'"
+        )
+    max_ids, allowance = 0, Allowance()
+    for option in m[4].split():
+        key, _, value = option.partition("=")
+        if key == "max" and value.isdigit() and int(value) > 0:
+            max_ids = int(value)
+        elif key == "identifiers" and value:
+            allowance = Allowance.parse(value)
+        else:
+            raise ValueError(f"unknown or bad option {option!r} (known: max=N, identifiers=...)")
+    entry = TokenEntry(bytes.fromhex(m[1]), m[2], m[3], max_ids, allowance, number)
+    if entry.is_glob and not max_ids:
+        raise ValueError(
+            f"agent-id glob {entry.agent_pattern!r} needs max=N (how many ids it may hold at once)"
+        )
+    return entry
 
 
 class TokenStore:
-    """sha256 token entries from a file, reloaded when the file changes."""
+    """sha256 token entries from a file, reloaded when the file changes.
 
-    def __init__(self, path: str) -> None:
+    The first load is strict (a bad line raises ConfigError naming it, so
+    the broker does not start); later reloads skip bad lines with an error.
+    """
+
+    def __init__(self, path: str, on_bad_line: Callable[[str], None] | None = None) -> None:
         self.path = path
         self._stamp: tuple[int, int, int] | None = None
         self._entries: list[TokenEntry] = []
+        self.on_bad_line = on_bad_line
+        self._strict = True
         self.reload_if_changed()
+        self._strict = False
 
     def reload_if_changed(self) -> None:
         try:
@@ -86,11 +156,18 @@ class TokenStore:
                 line = raw.split("#", 1)[0].strip()
                 if not line:
                     continue
-                m = _ENTRY.match(line)
-                if m is None:
-                    log.error("token file %s line %d is malformed; skipped", self.path, number)
-                    continue
-                entries.append(TokenEntry(bytes.fromhex(m[1]), m[2], m[3]))
+                try:
+                    entries.append(parse_entry(line, number))
+                except ValueError as exc:
+                    if self._strict:
+                        raise ConfigError(
+                            f"{self.path}:{number}: token entry refused: {exc}"
+                        ) from None
+                    log.error("%s:%d: token entry skipped: %s", self.path, number, exc)
+                    if self.on_bad_line is not None:
+                        self.on_bad_line(
+                            "glob_without_max" if "needs max=" in str(exc) else "malformed"
+                        )
         self._entries, self._stamp = entries, stamp
         log.info("token file %s loaded: %d entr(ies)", self.path, len(entries))
 
@@ -127,6 +204,15 @@ class Authenticator:
                     "system:serviceaccount:" + sa for sa in cluster.allowed_service_accounts
                 )
                 self.reviewers[cluster.name] = (reviewer, allowed)
+        #: Failed reviews, by (cluster, token digest), answered without asking again.
+        self.review_failures = FailureCache()
+        #: TokenReviews per source address (and in all), per cluster, so junk
+        #: cannot flood an apiserver.
+        self.review_limiters = {
+            c.name: RateLimiter(rate=c.tokenreview_source_rate, burst=c.tokenreview_source_burst)
+            for c in clusters
+            if c.name in self.reviewers
+        }
         self._cas: list[tuple[str, x509.Certificate]] = []
         self.load_cas()
 
@@ -153,7 +239,35 @@ class Authenticator:
         )
         return file_tokens or bool(self.reviewers)
 
-    async def authenticate(self, peer_der: bytes | None, headers: dict[str, str]) -> Identity:
+    async def authenticate(
+        self, peer_der: bytes | None, headers: dict[str, str], source: str = ""
+    ) -> Identity:
+        """Who the connection is (raises AuthError), with the credential it
+        used and the identifiers that credential and the cluster allow."""
+        identity = await self._authenticate(peer_der, headers, source)
+        if peer_der and identity.credential is None:
+            identity = attrs.evolve(
+                identity,
+                credential="cert:" + hashlib.sha256(peer_der).hexdigest(),
+                allowed=_san_allowance(peer_der),
+            )
+        return attrs.evolve(identity, allowed=self._allowance(identity))
+
+    def _allowance(self, identity: Identity) -> Allowance | None:
+        """The identifiers ``identity`` may declare: its credential's, plus
+        the cluster's ``allowed_identifiers`` for its id; None: any."""
+        cluster = self.clusters.get(identity.cluster)
+        if cluster is None or cluster.agent_identifiers == "any":
+            return None
+        allowed = identity.allowed or Allowance()
+        for pattern, text in cluster.allowed_identifiers:
+            if fnmatch.fnmatchcase(identity.agent_id, pattern):
+                allowed = allowed.union(Allowance.parse(text))
+        return allowed
+
+    async def _authenticate(
+        self, peer_der: bytes | None, headers: dict[str, str], source: str
+    ) -> Identity:
         agent_id = headers.get("tether-agent-id", "")
         claimed_cluster = headers.get("tether-cluster", "")
         if not valid_name(agent_id):
@@ -164,7 +278,7 @@ class Authenticator:
             return self._by_certificate(peer_der, agent_id, claimed_cluster)
         auth = headers.get("authorization", "")
         if auth.lower().startswith("bearer ") and len(auth) > 7:
-            return await self._by_token(auth[7:].strip(), agent_id, claimed_cluster)
+            return await self._by_token(auth[7:].strip(), agent_id, claimed_cluster, source)
         raise AuthError(401, "unauthenticated", "no client certificate and no bearer token")
 
     def _by_certificate(self, der: bytes, agent_id: str, claimed: str) -> Identity:
@@ -204,11 +318,11 @@ class Authenticator:
             return cluster
         return None
 
-    async def _by_token(self, token: str, agent_id: str, claimed: str) -> Identity:
+    async def _by_token(self, token: str, agent_id: str, claimed: str, source: str) -> Identity:
         entries = self.tokens.match(token) if self.tokens is not None else []
         if not entries:
             if self.reviewers:
-                return await self._by_token_review(token, agent_id, claimed)
+                return await self._by_token_review(token, agent_id, claimed, source)
             if self.tokens is None:
                 raise AuthError(401, "unauthenticated", "token login is not enabled here")
             raise AuthError(401, "bad_token", "unknown or revoked token")
@@ -219,7 +333,21 @@ class Authenticator:
             if claimed and claimed != entry.cluster:
                 continue
             if fnmatch.fnmatchcase(agent_id, entry.agent_pattern):
-                return Identity(entry.cluster, agent_id, "token")
+                key = f"token:{entry.digest.hex()}:{entry.line}"
+                if entry.is_glob:
+                    # Shared by many devices: no connection replaces another.
+                    return Identity(
+                        entry.cluster,
+                        agent_id,
+                        "token",
+                        credential=None,
+                        cap_key=key,
+                        cap=entry.max_ids,
+                        allowed=entry.identifiers,
+                    )
+                return Identity(
+                    entry.cluster, agent_id, "token", credential=key, allowed=entry.identifiers
+                )
         raise AuthError(
             403,
             "token_scope",
@@ -227,7 +355,9 @@ class Authenticator:
             + (f" in cluster {claimed!r}" if claimed else ""),
         )
 
-    async def _by_token_review(self, token: str, agent_id: str, claimed: str) -> Identity:
+    async def _by_token_review(
+        self, token: str, agent_id: str, claimed: str, source: str
+    ) -> Identity:
         if claimed:
             if claimed not in self.reviewers:
                 raise AuthError(403, "token_scope", f"cluster {claimed!r} takes no reviewed tokens")
@@ -237,17 +367,57 @@ class Authenticator:
         else:
             raise AuthError(403, "bad_cluster", "several clusters: send tether-cluster")
         reviewer, allowed = self.reviewers[cluster]
+        key = (cluster, hashlib.sha256(token.encode()).digest())
+        now = trio.current_time()
+        failed = self.review_failures.get(key, now)
+        if failed is not None:
+            raise AuthError(*failed)
+        if not self.review_limiters[cluster].take(source, now):
+            raise AuthError(
+                429,
+                "tokenreview_rate_limited",
+                f"too many token reviews from {source or '?'}; retry later",
+            )
         try:
             result = await reviewer.review(token)
         except TokenReviewError as exc:
             log.error("TokenReview for cluster %s failed: %s", cluster, exc)
             raise AuthError(503, "tokenreview_unavailable", str(exc)) from None
+        refusal: tuple[int, str, str] | None = None
         if not result.authenticated:
-            raise AuthError(401, "bad_token", result.error or "TokenReview: not authenticated")
-        if reviewer.audience and reviewer.audience not in result.audiences:
-            raise AuthError(401, "bad_token", f"token is not for audience {reviewer.audience!r}")
-        if result.username not in allowed:
+            refusal = (401, "bad_token", result.error or "TokenReview: not authenticated")
+        elif reviewer.audience and reviewer.audience not in result.audiences:
+            refusal = (401, "bad_token", f"token is not for audience {reviewer.audience!r}")
+        elif result.username not in allowed:
+            refusal = (403, "token_scope", f"service account {result.username!r} may not register")
+        if refusal is not None:
+            self.review_failures.put(key, refusal, now)
+            raise AuthError(*refusal)
+        node = result.node_name
+        if node and self.clusters[cluster].tokenreview_bind_node_name and node != agent_id:
             raise AuthError(
-                403, "token_scope", f"service account {result.username!r} may not register"
+                403,
+                "node_mismatch",
+                f"token was issued for node {node!r}, the agent claims id {agent_id!r}",
             )
-        return Identity(cluster, agent_id, "tokenreview")
+        # A token bound to a node names one identity; an unbound ServiceAccount
+        # token is shared by every agent, so it never replaces a live one.
+        credential = f"sa:{result.username}:{node}" if node else None
+        return Identity(cluster, agent_id, "tokenreview", credential=credential)
+
+
+def _san_allowance(der: bytes) -> Allowance:
+    """What a certificate's subject alternative names allow: DNS names as
+    ``host=``, IP addresses as ``ipv4=``/``ipv6=``."""
+    try:
+        cert = x509.load_der_x509_certificate(der)
+        sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except (ValueError, x509.ExtensionNotFound):
+        return Allowance()
+    hosts = frozenset(name.lower() for name in sans.get_values_for_type(x509.DNSName))
+    addresses = frozenset(
+        a
+        for a in sans.get_values_for_type(x509.IPAddress)
+        if isinstance(a, ipaddress.IPv4Address | ipaddress.IPv6Address)
+    )
+    return Allowance(hosts=hosts, addresses=addresses)

@@ -16,6 +16,13 @@ only ever reaches agents of its frontend's cluster. Example::
     token_agents = true                          # agents: bearer tokens (--agent-token-file)
     frontend_uds = "/run/tether/tenant-b.sock"
 
+Which identifiers an agent may declare (``agent_identifiers``): with
+``"credential"`` (the default) only what its credential allows (its
+certificate's DNS and IP SANs, its token entry's ``identifiers=``) plus the
+cluster's ``allowed_identifiers``, a table of agent-id glob to identifiers
+(``allowed_identifiers = { "edge-*" = "cidr=10.20.0.0/16" }``); a claim
+beyond that is dropped with a WARNING. ``"any"`` trusts every claim.
+
 On the TCP mTLS CONNECT frontend the CA that issued the client certificate
 names the cluster (``frontend_ca``; the single-cluster ``--server-ca-cert``
 for the implicit cluster); a subject ``O`` naming another cluster is refused.
@@ -52,6 +59,15 @@ class ClusterConfig:
     tokenreview_audience: str = ""
     #: ServiceAccounts allowed to register, as ``namespace:name``.
     allowed_service_accounts: tuple[str, ...] = ()
+    #: The agent id must equal a node-bound token's node name (TokenReview).
+    tokenreview_bind_node_name: bool = True
+    #: TokenReviews per second (and burst) one source address may cause.
+    tokenreview_source_rate: float = 5.0
+    tokenreview_source_burst: int = 20
+    #: "credential": identifiers must be allowed; "any": every claim is trusted.
+    agent_identifiers: str = "credential"
+    #: (agent-id glob, identifiers) pairs the cluster allows on top of credentials.
+    allowed_identifiers: tuple[tuple[str, str], ...] = ()
 
 
 _KEYS = {f.name for f in attrs.fields(ClusterConfig)}
@@ -94,18 +110,36 @@ def _cluster(where: str, entry: Any) -> ClusterConfig:
         ("tokenreview_kubeconfig", str),
         ("tokenreview_audience", str),
         ("allowed_service_accounts", list),
+        ("tokenreview_bind_node_name", bool),
+        ("tokenreview_source_rate", (int, float)),
+        ("tokenreview_source_burst", int),
+        ("agent_identifiers", str),
+        ("allowed_identifiers", dict),
     ):
         if key in entry and not isinstance(entry[key], kind):
-            raise ConfigError(f"{where}.{key}: must be a {kind.__name__}")
+            name = kind.__name__ if isinstance(kind, type) else "number"
+            raise ConfigError(f"{where}.{key}: must be a {name}")
     for sa in entry.get("allowed_service_accounts", []):
         if not isinstance(sa, str) or sa.count(":") != 1:
             raise ConfigError(f"{where}.allowed_service_accounts: want 'namespace:name' entries")
     name = entry.get("name", "")
     if not valid_name(name):
         raise ConfigError(f"{where}.name: {name!r} is not a valid cluster name")
+    try:
+        allowed_identifiers = parse_allowed_identifiers(entry.get("allowed_identifiers", {}))
+    except ValueError as exc:
+        raise ConfigError(f"{where}.allowed_identifiers: {exc}") from None
     cluster = ClusterConfig(
-        **{**entry, "allowed_service_accounts": tuple(entry.get("allowed_service_accounts", ()))}
+        **{
+            **entry,
+            "allowed_service_accounts": tuple(entry.get("allowed_service_accounts", ())),
+            "allowed_identifiers": allowed_identifiers,
+        }
     )
+    if cluster.agent_identifiers not in ("credential", "any"):
+        raise ConfigError(f"{where}.agent_identifiers: must be credential or any")
+    if cluster.tokenreview_source_rate <= 0 or cluster.tokenreview_source_burst < 1:
+        raise ConfigError(f"{where}.tokenreview_source_rate/burst: must be positive")
     if cluster.frontend_mode not in ("http-connect", "grpc"):
         raise ConfigError(f"{where}.frontend_mode: must be http-connect or grpc")
     if not cluster.agent_ca and not cluster.token_agents and not cluster.tokenreview_kubeconfig:
@@ -119,3 +153,31 @@ def _cluster(where: str, entry: Any) -> ClusterConfig:
     if cluster.frontend_ca and not Path(cluster.frontend_ca).is_file():
         raise ConfigError(f"{where}.frontend_ca: no such file {cluster.frontend_ca}")
     return cluster
+
+
+def parse_allowed_identifiers(
+    raw: dict[str, Any] | str,
+) -> tuple[tuple[str, str], ...]:
+    """``{glob: identifiers}`` (TOML) or ``glob:identifiers,glob:...`` (flag)
+    as checked pairs; ValueError names the bad entry."""
+    from protocol.identifiers import Allowance
+
+    if isinstance(raw, str):
+        items = []
+        for part in filter(None, (p.strip() for p in raw.split(","))):
+            glob, sep, text = part.partition(":")
+            if not sep:
+                raise ValueError(f"{part!r}: want AGENT-ID-GLOB:IDENTIFIERS")
+            items.append((glob, text))
+    else:
+        items = list(raw.items())
+    pairs = []
+    for glob, text in items:
+        if not isinstance(text, str) or not glob:
+            raise ValueError(f"{glob!r}: want an identifiers string")
+        try:
+            Allowance.parse(text)
+        except ValueError as exc:
+            raise ValueError(f"{glob!r}: {exc}") from None
+        pairs.append((glob, text))
+    return tuple(pairs)

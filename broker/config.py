@@ -15,6 +15,7 @@ from collections.abc import Mapping
 
 import attrs
 
+from broker.clusters import parse_allowed_identifiers
 from broker.registry import parse_strategies
 from tether import compat, settings
 
@@ -63,6 +64,11 @@ class BrokerConfig:
     authentication_audience: str = ""
     agent_namespace: str = ""
     agent_service_account: str = ""
+    tokenreview_bind_node_name: bool = True
+    tokenreview_source_rate: float = 5.0
+    tokenreview_source_burst: int = 20
+    agent_identifiers_policy: str = "credential"
+    agent_allowed_identifiers: str = ""
     log_format: str = "text"
     log_level: str = "info"
     config_file: str = ""
@@ -188,10 +194,44 @@ def build_parser() -> argparse.ArgumentParser:
         help="ServiceAccount agents authenticate as (TokenReview)",
     )
     ag.add_argument(
+        "--tokenreview-bind-node-name",
+        action=argparse.BooleanOptionalAction,
+        default=d.tokenreview_bind_node_name,
+        help="with TokenReview, a node-bound token (node-name in the review's extra) "
+        "registers only as the agent id equal to that node name",
+    )
+    ag.add_argument(
+        "--tokenreview-source-rate",
+        type=settings.positive,
+        default=d.tokenreview_source_rate,
+        help="TokenReviews per second one source address may cause (failed ones are "
+        "also cached for 10 s)",
+    )
+    ag.add_argument(
+        "--tokenreview-source-burst",
+        type=int,
+        default=d.tokenreview_source_burst,
+        help="burst of TokenReviews one source address may cause",
+    )
+    ag.add_argument(
+        "--agent-identifiers-policy",
+        choices=["credential", "any"],
+        default=d.agent_identifiers_policy,
+        help="credential: agents may declare only identifiers their credential (certificate "
+        "SANs, token entry) or --agent-allowed-identifiers allow, others are dropped; "
+        "any: trust every claim",
+    )
+    ag.add_argument(
+        "--agent-allowed-identifiers",
+        default=d.agent_allowed_identifiers,
+        help="identifiers agents may declare, as AGENT-ID-GLOB:IDENTIFIERS entries separated "
+        "by commas, e.g. 'edge-*:cidr=10.20.0.0/16,gw-1:default-route=true'",
+    )
+    ag.add_argument(
         "--agent-token-file",
         default=d.agent_token_file,
-        help="bearer tokens for agents: lines of 'sha256:<hex> <cluster> <agent-id glob>', "
-        "re-read when the file changes",
+        help="bearer tokens for agents: lines of 'sha256:<hex> <cluster> <agent-id or glob> "
+        "[max=N] [identifiers=...]' (a glob needs max=N), re-read when the file changes",
     )
     ag.add_argument("--server-id", default="", help="this replica's id (default: random)")
     ag.add_argument(
@@ -261,7 +301,11 @@ SPEC = settings.Spec(
     config_class=BrokerConfig,
     env_prefix="TETHER_BROKER_",
     table="broker",
-    checks={"proxy_strategies": parse_strategies},
+    list_keys=frozenset({"agent_allowed_identifiers"}),
+    checks={
+        "proxy_strategies": parse_strategies,
+        "agent_allowed_identifiers": parse_allowed_identifiers,
+    },
     compat=compat.SERVER,
 )
 
@@ -308,6 +352,12 @@ def validate(cfg: BrokerConfig) -> list[str]:
         )
     if not cfg.uds_name and not cfg.server_port and not cfg.config:
         problems.append("no frontend: give --uds-name and/or a nonzero --server-port")
+    try:
+        parse_allowed_identifiers(cfg.agent_allowed_identifiers)
+    except ValueError as exc:
+        problems.append(f"--agent-allowed-identifiers: {exc}")
+    if cfg.tokenreview_source_burst < 1:
+        problems.append("--tokenreview-source-burst must be at least 1")
     if cfg.max_grpc_message_size < 1024:
         problems.append("--max-grpc-message-size must be at least 1024")
     if cfg.max_grpc_streams < 1:

@@ -67,3 +67,9 @@ class BrokerMetrics(TunnelMetrics):
             ["cause"],
             registry=r,
         )
+        self.identifier_changes = prom.Counter(
+            "tether_agent_identifiers_changes_total",
+            "Changes of an agent's identifiers (at registration and on update).",
+            ["when"],
+            registry=r,
+        )

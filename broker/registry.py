@@ -3,8 +3,16 @@
 Strategies are konnectivity's names, tried in order (design section 4):
 ``destHost`` (identifiers name the host, or a ``cidr`` contains it),
 ``defaultRoute`` (agents that declared ``default-route=true``) and
-``default`` (any agent of the cluster). Among candidates the least-loaded
-agent wins and ties break at random.
+``default`` (any agent of the cluster). Within ``destHost`` the most
+specific match wins: an exact ``host=``/``ipv4=``/``ipv6=`` over the longest
+containing ``cidr=`` over shorter ones. Among the candidates of the winning
+tier the least-loaded agent wins and ties break at random.
+
+Membership: one live connection per (cluster, agent id). A newcomer replaces
+it only when both were authenticated by the same credential (a reconnect
+after a stale link); otherwise the live one wins and the newcomer is refused
+(``identity_in_use``). Token entries with an id glob cap how many ids they
+hold at once (``token_cap``).
 """
 
 from __future__ import annotations
@@ -14,11 +22,13 @@ import logging
 import random
 from collections.abc import Sequence
 
+import attrs
 import trio
 
 from broker.agent_conn import AgentConnection
 from broker.dialing import DialError, DialOutcome
 from broker.metrics import BrokerMetrics
+from protocol.identifiers import match_rank
 from protocol.messages import split_host_port
 from tether.netio.logs import event
 from tether.netio.tunnel import TunnelStream
@@ -38,6 +48,31 @@ def parse_strategies(text: str) -> tuple[str, ...]:
     return names
 
 
+@attrs.frozen
+class Membership:
+    """What the registry needs to know about an agent's credential.
+
+    ``credential`` names the credential that authenticated the connection
+    (certificate fingerprint, token entry, reviewed ServiceAccount and node);
+    a connection may replace a live one of the same id only when both name
+    the same, non-None credential. ``cap_key``/``cap``: connections sharing
+    one capped credential (a token entry with an id glob) are counted.
+    """
+
+    credential: str | None
+    cap_key: str | None = None
+    cap: int = 0
+
+
+class RegistryRefused(Exception):
+    """The registry refused a connection; ``reason`` is a stable token."""
+
+    def __init__(self, status: int, reason: str, message: str) -> None:
+        super().__init__(f"{reason}: {message}")
+        self.status = status
+        self.reason = reason
+
+
 class Registry:
     def __init__(
         self,
@@ -48,31 +83,82 @@ class Registry:
         self.metrics = metrics
         self.strategies = tuple(strategies)
         self._clusters: dict[str, dict[str, AgentConnection]] = {}
+        self._members: dict[AgentConnection, Membership] = {}
+        self._capped: dict[str, int] = {}  # live connections per capped credential
         self._dial_ids = itertools.count(1)
         self._rng = rng or random.Random()
         self.changed = trio.Event()  # set on every add/remove (tests, HA)
 
     # -------------------------------------------------------- membership
 
-    def add(self, agent: AgentConnection) -> AgentConnection | None:
+    def add(
+        self, agent: AgentConnection, membership: Membership | None = None
+    ) -> AgentConnection | None:
         """Register ``agent``; return the connection it replaces, if any.
 
         A reconnecting agent replaces its stale connection at once rather than
-        waiting for keepalive to notice that the old one is dead.
+        waiting for keepalive to notice that the old one is dead, but only
+        when the same credential authenticated both. Raise
+        :class:`RegistryRefused` when the live connection was authenticated
+        by another credential, or a capped credential holds its cap.
         """
+        if membership is None:
+            membership = Membership(None)
         agents = self._clusters.setdefault(agent.cluster, {})
         old = agents.get(agent.agent_id)
+        old_member = self._members.get(old) if old is not None else None
+        if old is not None and (
+            membership.credential is None
+            or old_member is None
+            or old_member.credential != membership.credential
+        ):
+            if not agents:
+                del self._clusters[agent.cluster]
+            raise RegistryRefused(
+                409,
+                "identity_in_use",
+                f"agent {agent.cluster}/{agent.agent_id} is connected with another credential; "
+                "the live connection stays",
+            )
+        if membership.cap_key is not None:
+            held = self._capped.get(membership.cap_key, 0)
+            if old_member is not None and old_member.cap_key == membership.cap_key:
+                held -= 1
+            if held >= membership.cap:
+                if not agents:
+                    del self._clusters[agent.cluster]
+                raise RegistryRefused(
+                    403,
+                    "token_cap",
+                    f"this credential already holds {held} agent id(s), its cap is "
+                    f"{membership.cap}",
+                )
+        if old is not None:
+            self._forget(old)
         agents[agent.agent_id] = agent
+        self._members[agent] = membership
+        if membership.cap_key is not None:
+            self._capped[membership.cap_key] = self._capped.get(membership.cap_key, 0) + 1
         self._update()
         return old
+
+    def _forget(self, agent: AgentConnection) -> None:
+        member = self._members.pop(agent, None)
+        if member is not None and member.cap_key is not None:
+            left = self._capped.get(member.cap_key, 0) - 1
+            if left > 0:
+                self._capped[member.cap_key] = left
+            else:
+                self._capped.pop(member.cap_key, None)
 
     def remove(self, agent: AgentConnection) -> None:
         agents = self._clusters.get(agent.cluster, {})
         if agents.get(agent.agent_id) is agent:
             del agents[agent.agent_id]
+            self._forget(agent)
             if not agents:
                 del self._clusters[agent.cluster]
-        self._update()
+            self._update()
 
     def _update(self) -> None:
         self.metrics.ready_backends.set(self.count())
@@ -95,7 +181,7 @@ class Registry:
         usable = [a for a in self._clusters.get(cluster, {}).values() if a.usable]
         for strategy in self.strategies:
             if strategy == "destHost":
-                candidates = [a for a in usable if a.identifiers.matches_host(host)]
+                candidates = most_specific(usable, host)
             elif strategy == "defaultRoute":
                 candidates = [a for a in usable if a.identifiers.default_route]
             else:
@@ -146,3 +232,17 @@ class Registry:
             ),
         )
         return stream, agent
+
+
+def most_specific(agents: Sequence[AgentConnection], host: str) -> list[AgentConnection]:
+    """The agents whose identifiers name ``host`` most specifically."""
+    best: int | None = None
+    found: list[AgentConnection] = []
+    for agent in agents:
+        rank = match_rank(agent.identifiers, host)
+        if rank is None or (best is not None and rank < best):
+            continue
+        if best is None or rank > best:
+            best, found = rank, []
+        found.append(agent)
+    return found

@@ -6,6 +6,14 @@ cluster's apiserver (``POST /apis/authentication.k8s.io/v1/tokenreviews``)
 whether it is valid for the expected audience and which ServiceAccount it
 belongs to. The apiserver is reached with the credentials of a kubeconfig
 (server URL, CA, client certificate or bearer token).
+
+The apiserver is protected from floods of junk tokens: failed reviews are
+remembered for :data:`FAILURE_TTL` seconds (by token digest, at most
+:data:`FAILURE_CACHE_SIZE` entries), reviews are rate-limited per source
+address (token bucket, :data:`SOURCE_RATE`/s with bursts of
+:data:`SOURCE_BURST`, at most :data:`MAX_SOURCES` addresses tracked) and in
+all (:data:`GLOBAL_RATE`), and reviews reuse at most :data:`POOL_SIZE`
+keep-alive HTTPS connections instead of a TLS handshake each.
 """
 
 from __future__ import annotations
@@ -28,6 +36,96 @@ import yaml
 log = logging.getLogger("tether.broker")
 
 MAX_RESPONSE = 1024 * 1024
+#: Seconds a failed review is answered from memory.
+FAILURE_TTL = 10.0
+FAILURE_CACHE_SIZE = 10_000
+#: Reviews per second (and burst) one source address may cause.
+SOURCE_RATE = 5.0
+SOURCE_BURST = 20
+#: Reviews per second (and burst) all sources together may cause.
+GLOBAL_RATE = 50.0
+GLOBAL_BURST = 100
+MAX_SOURCES = 4096
+#: Concurrent (kept-alive) HTTPS connections to the apiserver.
+POOL_SIZE = 4
+
+
+class FailureCache:
+    """Recent failed reviews: key -> (status, reason, message), with a TTL
+    and a size bound (the oldest entry goes first). Clock-free: callers
+    pass ``now``."""
+
+    def __init__(self, ttl: float = FAILURE_TTL, size: int = FAILURE_CACHE_SIZE) -> None:
+        self.ttl = ttl
+        self.size = size
+        self._entries: dict[object, tuple[float, tuple[int, str, str]]] = {}
+
+    def get(self, key: object, now: float) -> tuple[int, str, str] | None:
+        found = self._entries.get(key)
+        if found is None:
+            return None
+        if now - found[0] >= self.ttl:
+            del self._entries[key]
+            return None
+        return found[1]
+
+    def put(self, key: object, refusal: tuple[int, str, str], now: float) -> None:
+        self._entries.pop(key, None)
+        while len(self._entries) >= self.size:
+            del self._entries[next(iter(self._entries))]  # oldest first
+        self._entries[key] = (now, refusal)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+class RateLimiter:
+    """Token buckets per source address plus one for all sources; the
+    table is bounded (full buckets are forgotten first, then the oldest)."""
+
+    def __init__(
+        self,
+        rate: float = SOURCE_RATE,
+        burst: int = SOURCE_BURST,
+        global_rate: float = GLOBAL_RATE,
+        global_burst: int = GLOBAL_BURST,
+        max_sources: int = MAX_SOURCES,
+    ) -> None:
+        self.rate, self.burst = rate, float(burst)
+        self.global_rate, self.global_burst = global_rate, float(global_burst)
+        self.max_sources = max_sources
+        self._buckets: dict[str, tuple[float, float]] = {}  # source -> (tokens, stamp)
+        self._global: tuple[float, float] | None = None
+
+    @staticmethod
+    def _refill(bucket: tuple[float, float] | None, rate: float, burst: float, now: float) -> float:
+        if bucket is None:
+            return burst
+        tokens, stamp = bucket
+        return min(burst, tokens + max(0.0, now - stamp) * rate)
+
+    def take(self, source: str, now: float) -> bool:
+        """Spend one review for ``source``; False if over its budget."""
+        tokens = self._refill(self._buckets.get(source), self.rate, self.burst, now)
+        shared = self._refill(self._global, self.global_rate, self.global_burst, now)
+        if tokens < 1 or shared < 1:
+            self._buckets[source] = (tokens, now)
+            return False
+        if source not in self._buckets and len(self._buckets) >= self.max_sources:
+            self._evict(now)
+        self._buckets[source] = (tokens - 1, now)
+        self._global = (shared - 1, now)
+        return True
+
+    def _evict(self, now: float) -> None:
+        for key, bucket in list(self._buckets.items()):
+            if self._refill(bucket, self.rate, self.burst, now) >= self.burst:
+                del self._buckets[key]
+        while len(self._buckets) >= self.max_sources:
+            del self._buckets[next(iter(self._buckets))]
+
+    def __len__(self) -> int:
+        return len(self._buckets)
 
 
 class TokenReviewError(Exception):
@@ -40,6 +138,8 @@ class ReviewResult:
     username: str = ""
     audiences: tuple[str, ...] = ()
     error: str = ""
+    #: ``authentication.kubernetes.io/node-name`` of a node-bound token.
+    node_name: str = ""
 
 
 @attrs.frozen
@@ -98,11 +198,33 @@ def load_kubeconfig(path: str) -> ApiServer:
     )
 
 
+@attrs.define(eq=False)
+class _Link:
+    """One kept-alive HTTPS connection to the apiserver."""
+
+    stream: trio.SSLStream[trio.SocketStream]
+    http: h11.Connection
+
+
+class _Stale(Exception):
+    """A kept-alive connection turned out closed before answering."""
+
+
 class TokenReviewer:
-    def __init__(self, apiserver: ApiServer, audience: str, timeout: float = 5.0) -> None:
+    def __init__(
+        self,
+        apiserver: ApiServer,
+        audience: str,
+        timeout: float = 5.0,
+        pool_size: int = POOL_SIZE,
+    ) -> None:
         self.apiserver = apiserver
         self.audience = audience
         self.timeout = timeout
+        self._idle: list[_Link] = []
+        self._slots = trio.Semaphore(pool_size)
+        #: TLS connections opened so far (a metric's worth; tests read it too).
+        self.connections_opened = 0
 
     async def review(self, token: str) -> ReviewResult:
         body = json.dumps(
@@ -121,11 +243,14 @@ class TokenReviewer:
         try:
             st = json.loads(data).get("status", {})
             user = st.get("user") or {}
+            extra = user.get("extra") or {}
+            nodes = extra.get("authentication.kubernetes.io/node-name") or []
             return ReviewResult(
                 authenticated=bool(st.get("authenticated")),
                 username=str(user.get("username", "")),
                 audiences=tuple(str(a) for a in st.get("audiences") or ()),
                 error=str(st.get("error", "")),
+                node_name=str(nodes[0]) if isinstance(nodes, list) and nodes else "",
             )
         except (ValueError, AttributeError) as exc:
             raise TokenReviewError(f"unreadable TokenReview answer: {exc}") from None
@@ -137,34 +262,81 @@ class TokenReviewer:
             ("content-type", "application/json"),
             ("accept", "application/json"),
             ("content-length", str(len(body))),
-            ("connection", "close"),
         ]
         if api.bearer:
             headers.append(("authorization", f"Bearer {api.bearer}"))
-        conn = h11.Connection(h11.CLIENT)
-        try:
-            with trio.fail_after(self.timeout):
-                tcp = await trio.open_tcp_stream(api.host, api.port)
-                stream = trio.SSLStream(tcp, api.ssl_context, server_hostname=api.server_hostname)
-                async with stream:
-                    out = conn.send(h11.Request(method="POST", target=path, headers=headers))
-                    out = (out or b"") + (conn.send(h11.Data(data=body)) or b"")
-                    out += conn.send(h11.EndOfMessage()) or b""
-                    await stream.send_all(out)
-                    status, data = 0, b""
+        async with self._slots:
+            try:
+                with trio.fail_after(self.timeout):
                     while True:
-                        event = conn.next_event()
-                        if event is h11.NEED_DATA:
-                            conn.receive_data(bytes(await stream.receive_some(65536)))
-                        elif isinstance(event, h11.Response):
-                            status = event.status_code
-                        elif isinstance(event, h11.Data):
-                            data += bytes(event.data)
-                            if len(data) > MAX_RESPONSE:
-                                raise TokenReviewError("TokenReview answer too large")
-                        elif isinstance(event, h11.EndOfMessage | h11.ConnectionClosed):
-                            return status, data
-        except trio.TooSlowError:
-            raise TokenReviewError(f"apiserver did not answer within {self.timeout:g}s") from None
-        except (OSError, trio.BrokenResourceError, h11.ProtocolError) as exc:
-            raise TokenReviewError(f"apiserver unreachable: {exc!r}") from None
+                        link = self._idle.pop() if self._idle else None
+                        fresh = link is None
+                        if link is None:
+                            link = await self._open()
+                        try:
+                            status, data = await self._exchange(link, path, headers, body)
+                        except (_Stale, trio.BrokenResourceError, trio.ClosedResourceError):
+                            await trio.aclose_forcefully(link.stream)
+                            if fresh:
+                                raise TokenReviewError("apiserver closed the connection") from None
+                            continue  # an idle connection the apiserver closed: try another
+                        except BaseException:
+                            await trio.aclose_forcefully(link.stream)
+                            raise
+                        if link.http.our_state is h11.DONE and link.http.their_state is h11.DONE:
+                            link.http.start_next_cycle()
+                            self._idle.append(link)
+                        else:
+                            await trio.aclose_forcefully(link.stream)
+                        return status, data
+            except trio.TooSlowError:
+                raise TokenReviewError(
+                    f"apiserver did not answer within {self.timeout:g}s"
+                ) from None
+            except (OSError, trio.BrokenResourceError, h11.ProtocolError) as exc:
+                raise TokenReviewError(f"apiserver unreachable: {exc!r}") from None
+
+    async def _open(self) -> _Link:
+        api = self.apiserver
+        tcp = await trio.open_tcp_stream(api.host, api.port)
+        stream = trio.SSLStream(tcp, api.ssl_context, server_hostname=api.server_hostname)
+        try:
+            await stream.do_handshake()
+        except BaseException:
+            await trio.aclose_forcefully(stream)
+            raise
+        self.connections_opened += 1
+        return _Link(stream, h11.Connection(h11.CLIENT))
+
+    @staticmethod
+    async def _exchange(
+        link: _Link, path: str, headers: list[tuple[str, str]], body: bytes
+    ) -> tuple[int, bytes]:
+        conn, stream = link.http, link.stream
+        out = conn.send(h11.Request(method="POST", target=path, headers=headers))
+        out = (out or b"") + (conn.send(h11.Data(data=body)) or b"")
+        out += conn.send(h11.EndOfMessage()) or b""
+        await stream.send_all(out)
+        status, data = 0, b""
+        while True:
+            event = conn.next_event()
+            if event is h11.NEED_DATA:
+                conn.receive_data(bytes(await stream.receive_some(65536)))
+            elif isinstance(event, h11.Response):
+                status = event.status_code
+            elif isinstance(event, h11.Data):
+                data += bytes(event.data)
+                if len(data) > MAX_RESPONSE:
+                    raise TokenReviewError("TokenReview answer too large")
+            elif isinstance(event, h11.EndOfMessage):
+                return status, data
+            elif isinstance(event, h11.ConnectionClosed):
+                if status == 0:
+                    raise _Stale()
+                return status, data
+
+    async def aclose(self) -> None:
+        """Close the kept-alive connections."""
+        idle, self._idle = self._idle, []
+        for link in idle:
+            await trio.aclose_forcefully(link.stream)

@@ -52,7 +52,12 @@ async def test_routing_by_host_ip_cidr_and_fallbacks(
     agent_factory: Callable[..., Proc],
     nursery: trio.Nursery,
 ) -> None:
-    broker = broker_factory("--proxy-strategies=destHost,defaultRoute,default")
+    broker = broker_factory(
+        "--proxy-strategies=destHost,defaultRoute,default",
+        # What each agent may claim (the default policy trusts only allowed claims).
+        "--agent-allowed-identifiers=agent-1:host=localhost&ipv4=127.0.0.11,"
+        "agent-2:ipv4=127.0.0.12&cidr=127.0.1.0/24,agent-3:default-route=true",
+    )
     a1 = agent_factory(broker, "--agent-identifiers=host=localhost&ipv4=127.0.0.11")
     a2 = agent_factory(
         broker, "--agent-identifiers=ipv4=127.0.0.12&cidr=127.0.1.0/24", agent_id="agent-2"
@@ -134,7 +139,8 @@ def write_config(path: Path, body: str) -> str:
 
 
 def token_line(token: str, cluster: str, pattern: str) -> str:
-    return f"sha256:{hashlib.sha256(token.encode()).hexdigest()} {cluster} {pattern}\n"
+    cap = " max=10" if "*" in pattern else ""  # a glob entry caps the ids it holds
+    return f"sha256:{hashlib.sha256(token.encode()).hexdigest()} {cluster} {pattern}{cap}\n"
 
 
 @pytest.mark.timeout(120)

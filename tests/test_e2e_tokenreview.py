@@ -15,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import attrs
 import h11
 import pytest
 import trio
@@ -36,45 +37,75 @@ TOKENS = {
 }
 
 
+@attrs.define
+class ReviewStats:
+    """What the stand-in apiserver saw: TLS connections and reviews."""
+
+    connections: int = 0
+    reviews: int = 0
+
+
 async def serve_tokenreview(
-    nursery: trio.Nursery, pki: PkiPaths, seen: list[dict[str, Any]]
+    nursery: trio.Nursery,
+    pki: PkiPaths,
+    seen: list[dict[str, Any]],
+    *,
+    tokens: dict[str, dict[str, Any]] | None = None,
+    stats: ReviewStats | None = None,
 ) -> int:
+    """A TokenReview endpoint over HTTPS with client-certificate auth; it
+    keeps connections alive (HTTP/1.1) like kube-apiserver does and counts
+    every TLS connection and every review in ``stats``."""
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(pki.ca_cert))
     ctx.load_cert_chain(str(pki.broker_cert), str(pki.broker_key))
     ctx.load_verify_locations(cafile=str(pki.frontend_ca_cert))  # the broker's client cert
     ctx.verify_mode = ssl.CERT_REQUIRED  # like kube-apiserver with client-cert auth
+    table = TOKENS if tokens is None else tokens
+    counts = stats if stats is not None else ReviewStats()
 
     async def handler(stream: trio.SSLStream[trio.SocketStream]) -> None:
         conn = h11.Connection(h11.SERVER)
-        body = b""
+        counts.connections += 1
         try:
             while True:
-                event = conn.next_event()
-                if event is h11.NEED_DATA:
-                    conn.receive_data(bytes(await stream.receive_some(65536)))
-                elif isinstance(event, h11.Request):
-                    path = event.target.decode()
-                elif isinstance(event, h11.Data):
-                    body += bytes(event.data)
-                elif isinstance(event, h11.EndOfMessage):
-                    break
-            review = json.loads(body)
-            seen.append({"path": path, "review": review, "client": stream.getpeercert()["subject"]})
-            token = review["spec"]["token"]
-            status = TOKENS.get(token, {"authenticated": False, "error": "invalid bearer token"})
-            answer = json.dumps({**review, "status": status}).encode()
-            out = conn.send(
-                h11.Response(
-                    status_code=201,
-                    headers=[
-                        ("content-type", "application/json"),
-                        ("content-length", str(len(answer))),
-                    ],
+                body = b""
+                path = ""
+                while True:
+                    event = conn.next_event()
+                    if event is h11.NEED_DATA:
+                        data = bytes(await stream.receive_some(65536))
+                        conn.receive_data(data)
+                    elif isinstance(event, h11.Request):
+                        path = event.target.decode()
+                    elif isinstance(event, h11.Data):
+                        body += bytes(event.data)
+                    elif isinstance(event, h11.EndOfMessage):
+                        break
+                    elif isinstance(event, h11.ConnectionClosed):
+                        return
+                review = json.loads(body)
+                counts.reviews += 1
+                seen.append(
+                    {"path": path, "review": review, "client": stream.getpeercert()["subject"]}
                 )
-            )
-            out = (out or b"") + (conn.send(h11.Data(data=answer)) or b"")
-            out += conn.send(h11.EndOfMessage()) or b""
-            await stream.send_all(out)
+                token = review["spec"]["token"]
+                status = table.get(token, {"authenticated": False, "error": "invalid bearer token"})
+                answer = json.dumps({**review, "status": status}).encode()
+                out = conn.send(
+                    h11.Response(
+                        status_code=201,
+                        headers=[
+                            ("content-type", "application/json"),
+                            ("content-length", str(len(answer))),
+                        ],
+                    )
+                )
+                out = (out or b"") + (conn.send(h11.Data(data=answer)) or b"")
+                out += conn.send(h11.EndOfMessage()) or b""
+                await stream.send_all(out)
+                if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
+                    return  # the client asked to close
+                conn.start_next_cycle()
         except (trio.BrokenResourceError, trio.ClosedResourceError, h11.ProtocolError):
             pass
         finally:

@@ -82,6 +82,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory, pki: PkiPaths) -> Iterator[B
         f"--handshake-timeout={HANDSHAKE_TIMEOUT}",
         "--frontend-header-timeout=1.5",
         "--proxy-strategies=destHost",
+        "--agent-identifiers-policy=any",  # raw peers claim hosts; not what is tested here
         f"--max-handshakes-per-ip={PER_IP}",
         "--backend-dial-timeout=3",
     )

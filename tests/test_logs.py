@@ -132,7 +132,7 @@ async def test_event_vocabulary_and_no_secrets_in_any_output(
 ) -> None:
     digest = hashlib.sha256(GOOD_TOKEN.encode()).hexdigest()
     tokens = tmp_path / "tokens"
-    tokens.write_text(f"sha256:{digest} default edge-*\n")
+    tokens.write_text(f"sha256:{digest} default edge-* max=4\n")
     good_file, wrong_file = tmp_path / "good", tmp_path / "wrong"
     good_file.write_text(GOOD_TOKEN + "\n")
     wrong_file.write_text(WRONG_TOKEN + "\n")

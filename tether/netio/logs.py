@@ -44,6 +44,8 @@ EVENTS = frozenset(
         "lease_collected",  # broker: an expired Lease of another replica was deleted
         "lease_count",  # agent: the number of live broker Leases changed
         "lease_count_failed",  # agent: the Leases could not be listed (once per episode)
+        "identifiers_changed",  # broker: an agent's identifiers were set or changed
+        "identifier_not_allowed",  # broker: claims beyond the agent's credential, dropped
     }
 )
 
