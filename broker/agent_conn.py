@@ -61,6 +61,7 @@ class AgentConnection:
         self.cluster = ""
         self.auth_method = ""
         self.identifiers = AgentIdentifiers()
+        self._identifiers_value: str | None = None  # of the last identifiers message
         self.conn: TunnelConnection | None = None
         self.nursery: trio.Nursery | None = None
         self.pending: dict[int, PendingDial] = {}
@@ -241,6 +242,11 @@ class AgentConnection:
             )
             self.draining = True
         elif isinstance(msg, messages.Identifiers):
+            # The session's budget bounds how often and how large (entries);
+            # an unchanged set is not even parsed again.
+            if msg.value == self._identifiers_value:
+                return
+            self._identifiers_value = msg.value
             try:
                 self.identifiers = AgentIdentifiers.parse(msg.value)
             except ValueError as exc:
