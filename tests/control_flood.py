@@ -5,11 +5,12 @@ Used in-process by the flood tests, and as a separate process by the
 fairness measurement (``python tests/control_flood.py ...``), so that the
 flooder's own CPU does not run in the measuring test's event loop::
 
-    control_flood.py AGENT_PORT PKI_DIR AGENT_ID SECONDS [KIND ...]
+    control_flood.py AGENT_PORT PKI_DIR AGENT_ID [KIND ...]
 
 It connects with the agent certificate from ``PKI_DIR``, floods until the
-broker closes the connection, reconnects at once, and so on for ``SECONDS``;
-then prints one line ``control_flood connections=N goaways=M calm=K``.
+broker's GOAWAY, reconnects at once, and so on, while switched on (SIGUSR1
+on, SIGUSR2 off); at SIGTERM it prints one line
+``control_flood connections=N goaways=M calm=K refused=R``.
 """
 
 from __future__ import annotations
@@ -82,9 +83,12 @@ def flood_block(kinds: tuple[str, ...], frame_size: int = 16 * 1024) -> bytes:
     return b"".join(frames)
 
 
-async def flood_until_closed(peer: RawPeer, block: bytes, timeout: float) -> int | None:
-    """Send ``block`` over and over until the broker closes the connection;
-    return the GOAWAY error code it sent (None: no GOAWAY within ``timeout``).
+async def flood_until_closed(
+    peer: RawPeer, block: bytes, timeout: float, *, linger: bool = True
+) -> int | None:
+    """Send ``block`` over and over until the broker closes the connection
+    (without ``linger``: until its GOAWAY arrives); return the GOAWAY error
+    code it sent (None: no GOAWAY within ``timeout``).
 
     The reader never writes (RawPeer's reader would send WINDOW_UPDATEs), so
     the two tasks never share the stream's send side.
@@ -105,6 +109,8 @@ async def flood_until_closed(peer: RawPeer, block: bytes, timeout: float) -> int
             for f in reader.feed(bytes(data)):
                 if f.kind == GOAWAY and code is None:
                     code = f.error_code
+            if code is not None and not linger:
+                break  # an attacker does not wait for the close: reconnect now
         nursery.cancel_scope.cancel()
 
     with trio.move_on_after(timeout):
@@ -138,7 +144,7 @@ async def flood_for(
                 continue
             stats["connections"] += 1
             try:
-                code = await flood_until_closed(peer, block, timeout=seconds)
+                code = await flood_until_closed(peer, block, timeout=seconds, linger=False)
             finally:
                 await peer.aclose()
             if code is not None:
@@ -148,7 +154,9 @@ async def flood_for(
 
 
 async def _main(argv: list[str]) -> None:
-    port, pki_dir, agent_id, seconds, *kinds = argv
+    """Flood while switched on: SIGUSR1 starts, SIGUSR2 stops (the
+    connection is dropped), SIGTERM prints the counts and exits."""
+    port, pki_dir, agent_id, *kinds = argv
     broker = BrokerHandle(
         None,  # type: ignore[arg-type]  # only the port and the PKI are used
         int(port),
@@ -158,18 +166,32 @@ async def _main(argv: list[str]) -> None:
         PkiPaths.in_dir(Path(pki_dir)),
     )
     stats: dict[str, int] = {}
+    totals: dict[str, int] = {}
+    scope: trio.CancelScope | None = None
 
-    async def run() -> None:
-        await flood_for(broker, agent_id, float(seconds), tuple(kinds) or KINDS, stats)
-        nursery.cancel_scope.cancel()
+    async def run(task_status: trio.TaskStatus[trio.CancelScope]) -> None:
+        with trio.CancelScope() as cancel:
+            task_status.started(cancel)
+            try:
+                await flood_for(broker, agent_id, float("inf"), tuple(kinds) or KINDS, stats)
+            finally:
+                for k, v in stats.items():
+                    totals[k] = totals.get(k, 0) + v
+                stats.clear()
 
-    # Stopped with SIGTERM by the test: still say what was done.
-    with trio.open_signal_receiver(signal.SIGTERM) as signals:
+    signals_wanted = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
+    with trio.open_signal_receiver(*signals_wanted) as signals:
+        print("control_flood ready", flush=True)
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(run)
-            async for _ in signals:
-                nursery.cancel_scope.cancel()
-    print("control_flood " + " ".join(f"{k}={v}" for k, v in stats.items()), flush=True)
+            async for sig in signals:
+                if sig == signal.SIGUSR1 and scope is None:
+                    scope = await nursery.start(run)
+                elif sig != signal.SIGUSR1 and scope is not None:
+                    scope.cancel()
+                    scope = None
+                if sig == signal.SIGTERM:
+                    break
+    print("control_flood " + " ".join(f"{k}={v}" for k, v in totals.items()), flush=True)
 
 
 if __name__ == "__main__":
