@@ -188,10 +188,10 @@ class ControlGuard:
         budget: ControlBudget = getattr(self.limits, kind)
         if size > budget.max_size:
             return self.flood.exhaust(f"flood_control_{kind}_size")
-        if isinstance(msg, messages.Identifiers):
-            # Counted before anyone parses it: "&" separates the entries.
-            if msg.value.count("&") >= self.limits.identifier_entries:
-                return self.flood.exhaust("flood_control_identifiers_entries")
+        # Entries are counted before anyone parses them: "&" separates them.
+        entries = msg.value.count("&") + 1 if isinstance(msg, messages.Identifiers) else 0
+        if entries > self.limits.identifier_entries:
+            return self.flood.exhaust("flood_control_identifiers_entries")
         if isinstance(msg, messages.DialFail) and self.dial_answered(msg.id):
             return True  # the answer to a dial we sent: budgeted by the dial
         return self.flood.spend(f"control_{kind}", now)

@@ -29,7 +29,7 @@ from protocol.codes import DialFailCode
 if __name__ == "__main__":  # run as a script: tests/ is sys.path[0]
     sys.path.insert(1, str(Path(__file__).resolve().parent.parent))
 
-from hostile import (  # noqa: E402
+from hostile import (
     DATA,
     ENHANCE_YOUR_CALM,
     GOAWAY,
@@ -39,8 +39,8 @@ from hostile import (  # noqa: E402
     open_peer,
 )
 
-from tether.certs import PkiPaths  # noqa: E402
-from tether.launch import BrokerHandle  # noqa: E402
+from tether.certs import PkiPaths
+from tether.launch import BrokerHandle
 
 #: About 200 CIDRs in 4 KB: what the issue's attacker sent.
 CIDRS = "&".join(f"cidr=10.{i // 250}.{i % 250}.0/24" for i in range(200))

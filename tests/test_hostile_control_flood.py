@@ -23,11 +23,11 @@ import pytest
 import trio
 from control_flood import KINDS, flood_block, flood_for, flood_until_closed
 from hostile import (
+    _LABEL,
+    _SAMPLE,
     ENHANCE_YOUR_CALM,
     Meter,
-    _LABEL,
     cpu_seconds,
-    _SAMPLE,
     health_ok,
     idle_cpu,
     open_peer,
@@ -236,7 +236,10 @@ def _flooder(tmp: Path, broker: BrokerHandle, pki_dir: Path) -> Proc:
 @pytest.mark.slow
 @pytest.mark.timeout(180)
 async def test_a_flooding_tenant_does_not_slow_another(
-    tmp_path: Path, agent_factory: Callable[..., Proc], procs_started: list[Proc], nursery: trio.Nursery
+    tmp_path: Path,
+    agent_factory: Callable[..., Proc],
+    procs_started: list[Proc],
+    nursery: trio.Nursery,
 ) -> None:
     pki_a = init_pki(tmp_path / "a", cluster="a", agents=("agent-1",))
     pki_b = init_pki(tmp_path / "b", cluster="b", agents=("agent-1",))

@@ -15,11 +15,10 @@ import h2.config
 import h2.connection
 import h2.errors
 import h2.events
+import msgpack
 import pytest
 import trio
 import trustme
-
-import msgpack
 
 from protocol import messages, session
 from protocol.codes import DialFailCode
@@ -309,7 +308,9 @@ _LARGEST = {
         "&".join(f"cidr=10.0.{i}.0/24" for i in range(MAX_IDENTIFIER_ENTRIES))
     ),
     "drain": messages.Drain(),
-    "dial_fail": messages.DialFail(id=12345, code=DialFailCode.REFUSED, msg="\U0001f600" * messages.MAX_TEXT_LEN),
+    "dial_fail": messages.DialFail(
+        id=12345, code=DialFailCode.REFUSED, msg="\U0001f600" * messages.MAX_TEXT_LEN
+    ),
     "other": msgpack.packb({"t": "tether.future", "pad": "x" * 1000}),
 }
 
