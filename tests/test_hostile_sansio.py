@@ -19,6 +19,8 @@ import msgpack
 import pytest
 import trio
 import trustme
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from protocol import messages, session
 from protocol.codes import DialFailCode
@@ -428,9 +430,46 @@ def test_oversized_control_messages_get_enhance_your_calm(msg: object, reason: s
 
 def test_the_agent_side_does_not_budget_the_broker() -> None:
     """Dials from the broker come at the rate of the clients: the agent's
-    session hands out every one (the broker is the party being protected)."""
-    sess = session.TunnelSession(session.Role.AGENT, clock=Clock())
-    assert sess._control is None
+    session hands out every message (the broker is the party protected)."""
+    clock = Clock()
+    agent = session.TunnelSession(session.Role.AGENT, clock=clock)
+    broker = session.TunnelSession(session.Role.BROKER, clock=clock)
+    agent.initiate()
+    broker.initiate()
+    agent.open_control({"tether-agent-id": "a"}, "b")
+    broker.receive_data(agent.data_to_send())
+    broker.accept_control({})
+    agent.receive_data(broker.data_to_send())
+    for i in range(1000):
+        broker.send_message(messages.Dial(id=i, addr="10.0.0.1:80", timeout_ms=1000))
+        broker.send_message(messages.Drain(retry_ms=1000))  # 1,000 drains: over any budget
+    events = agent.receive_data(broker.data_to_send())
+    assert len([e for e in events if isinstance(e, session.MessageReceived)]) == 2000
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.booleans(), st.integers(0, 10**6), st.floats(0, 0.01)), max_size=3000))
+def test_answers_to_sent_dials_never_trip(steps: list[tuple[bool, int, float]]) -> None:
+    """Any interleaving of dials sent and their answers (each dial answered
+    at most once, by a dial_fail or a data stream, at any time) is admitted,
+    however fast: only unsolicited answers spend tokens."""
+    guard = ControlGuard(FloodGuard(FloodLimits(), 0.0))
+    owed: list[int] = []
+    now, next_id = 0.0, 0
+    for send, pick, dt in steps:
+        now += dt
+        if send or not owed:
+            guard.dial_sent(next_id)
+            owed.append(next_id)
+            next_id += 1
+            continue
+        dial_id = owed.pop(pick % len(owed))
+        if pick % 3 == 0:
+            assert guard.dial_answered(dial_id)  # a data stream
+        else:
+            answer = messages.DialFail(id=dial_id, code=DialFailCode.REFUSED, msg="x" * 100)
+            assert guard.admit(answer, len(messages.encode(answer)), now)
+    assert guard.flood.exhausted is None
 
 
 # ------------------------------------------------------------- frame sizes
