@@ -21,21 +21,33 @@ from pathlib import Path
 
 import pytest
 import trio
-from control_flood import KINDS, flood_block, flood_for, flood_until_closed
+from control_flood import CIDRS, KINDS, flood_block, flood_for, flood_until_closed
 from hostile import (
     _LABEL,
     _SAMPLE,
+    END_HEADERS,
     ENHANCE_YOUR_CALM,
+    HEADERS,
+    PREFACE,
+    FrameReader,
     Meter,
+    RawPeer,
     cpu_seconds,
+    frame,
+    header_block,
     health_ok,
     idle_cpu,
+    metric,
     open_peer,
+    request_headers,
+    settings_frame,
+    tls_to_agent_port,
     tunnel_roundtrip,
     wait_log,
 )
 from procs import BrokerHandle, Proc, connect_tunnel, serve_echo, status_of, wait_for
 
+from protocol import session
 from tether.certs import init_pki
 from tether.launch import start_broker
 
@@ -99,6 +111,42 @@ async def test_control_message_flood_gets_enhance_your_calm(
     await tunnel_roundtrip(broker, echo)
     await health_ok(broker)
     assert "Traceback" not in broker.proc.log()
+
+
+@pytest.mark.timeout(60)
+async def test_identifiers_header_over_the_entry_cap_is_refused(
+    broker_factory: Callable[..., BrokerHandle],
+    agent_factory: Callable[..., Proc],
+    nursery: trio.Nursery,
+) -> None:
+    """The same 200-CIDR set in the connect header (parsed once per
+    connection, so once per reconnect): 403 ``bad_identifiers`` before any
+    parsing, a log line, a metric; the broker keeps serving."""
+    broker = broker_factory("--proxy-strategies=destHost")
+    agent_factory(broker, "--agent-identifiers=ipv4=127.0.0.1")
+    await broker.ready(agents=1)
+    echo = await serve_echo(nursery)
+    with trio.fail_after(10):
+        peer = RawPeer(await tls_to_agent_port(broker, "agent-2"))
+        await peer.send(PREFACE + settings_frame({}))
+        headers = request_headers(
+            session.CONTROL_PATH,
+            [("tether-agent-id", "agent-2"), ("tether-agent-identifiers", CIDRS)],
+        )
+        await peer.send(frame(HEADERS, END_HEADERS, 1, header_block(headers)))
+        reader, reply = FrameReader(), None  # the 403's body is not a control message
+        while reply is None and (data := await peer.stream.receive_some(1 << 16)):
+            replies = [f for f in reader.feed(bytes(data)) if f.kind == HEADERS and f.sid == 1]
+            reply = replies[0] if replies else None
+    await peer.aclose()
+    assert reply is not None and reply.status == "403", reply
+    assert await wait_log(broker, "more than 64 identifiers"), broker.proc.log()[-2000:]
+    text = await broker.metrics()
+    assert metric(text, "tether_agent_connections_rejected_total", reason="bad_identifiers") >= 1, (
+        text
+    )
+    await tunnel_roundtrip(broker, echo)
+    await health_ok(broker)
 
 
 # ------------------------------------------------------- reconnect loop
