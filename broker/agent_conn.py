@@ -65,6 +65,7 @@ class AgentConnection:
         self.allowed: Allowance | None = None
         self.identity: Identity | None = None
         self._claimed = AgentIdentifiers()  # as declared at connect, before the check
+        self._identifiers_value: str | None = None  # of the last identifiers message
         self.conn: TunnelConnection | None = None
         self.nursery: trio.Nursery | None = None
         self.pending: dict[int, PendingDial] = {}
@@ -316,6 +317,11 @@ class AgentConnection:
             )
             self.draining = True
         elif isinstance(msg, messages.Identifiers):
+            # The session's budget bounds how often and how large (entries);
+            # an unchanged set is not even parsed again.
+            if msg.value == self._identifiers_value:
+                return
+            self._identifiers_value = msg.value
             try:
                 claimed = AgentIdentifiers.parse(msg.value)
             except ValueError as exc:

@@ -83,7 +83,12 @@ class ControlDecoder:
         return self._fed - self._start
 
     def feed(self, data: bytes) -> list[messages.Message]:
-        out: list[messages.Message] = []
+        return [msg for msg, _size in self.feed_sized(data) if msg is not None]
+
+    def feed_sized(self, data: bytes) -> list[tuple[messages.Message | None, int]]:
+        """Like :meth:`feed`, with each message's encoded size; an unknown
+        type is ``None`` here (so that its size and rate can be budgeted)."""
+        out: list[tuple[messages.Message | None, int]] = []
         view = memoryview(data)
         while view:
             # Never hand the unpacker more than one message's worth, so that a
@@ -99,14 +104,14 @@ class ControlDecoder:
                 if not ok:
                     break
                 end = int(self._unpacker.tell())
-                if end - self._start > self._max:
+                size = end - self._start
+                if size > self._max:
                     raise MessageTooLarge(f"control message exceeds {self._max} bytes")
                 self._start = end
                 msg = messages.decode(obj)
                 if isinstance(msg, messages.Close):
                     raise SessionError("close map is not valid on the control stream")
-                if msg is not None:
-                    out.append(msg)
+                out.append((msg, size))
             if self.buffered >= self._max:
                 raise MessageTooLarge(f"control message exceeds {self._max} bytes")
         return out

@@ -10,6 +10,8 @@ from urllib.parse import parse_qsl, urlencode
 
 import attrs
 
+from protocol.flood import MAX_IDENTIFIER_ENTRIES
+
 MAX_IDENTIFIERS_LEN = 4096
 _NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
 
@@ -35,6 +37,8 @@ class AgentIdentifiers:
         """Parse the query-string form; raise ValueError naming the bad part."""
         if len(text) > MAX_IDENTIFIERS_LEN:
             raise ValueError(f"identifiers longer than {MAX_IDENTIFIERS_LEN}")
+        if text.count("&") >= MAX_IDENTIFIER_ENTRIES:  # before any parsing
+            raise ValueError(f"more than {MAX_IDENTIFIER_ENTRIES} identifiers")
         hosts: set[str] = set()
         v4: set[ipaddress.IPv4Address] = set()
         v6: set[ipaddress.IPv6Address] = set()

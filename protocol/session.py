@@ -39,6 +39,7 @@ import msgpack
 from protocol import framing, h2compat, messages
 from protocol.errors import HandshakeRejected, ProtocolError, SessionError
 from protocol.flood import (
+    ControlGuard,
     FloodDetected,
     FloodGuard,
     FloodLimits,
@@ -228,6 +229,8 @@ class TunnelSession:
         #: Only the flood budgets read it (the session does no I/O).
         self._clock = clock
         self._flood = FloodGuard(self.config.flood, clock())
+        #: Per-type budgets for the agent's control messages (broker only).
+        self._control = ControlGuard(self._flood) if role is Role.BROKER else None
         self._unread_replies = 0  # bytes h2 queued in reply since our last flush
         self._frame_sizes = FrameSizeGuard(
             self.config.max_frame_size, preface=24 if role is Role.BROKER else 0
@@ -361,6 +364,8 @@ class TunnelSession:
             self._send_frames(self._control_id, data)
         except h2.exceptions.ProtocolError as exc:
             raise SessionError(f"control stream is closed: {exc!r}") from None
+        if self._control is not None and isinstance(msg, messages.Dial):
+            self._control.dial_sent(msg.id)  # owed an answer: not a flood
 
     # --------------------------------------------------------- data streams
 
@@ -608,6 +613,8 @@ class TunnelSession:
             self._refuse(sid, h2.errors.ErrorCodes.CANCEL)
             return
         self._streams[sid] = _Stream(sid, int(raw_id), framing.DataStreamDecoder())
+        if self._control is not None:
+            self._control.dial_answered(int(raw_id))
         out.append(DataStreamRequested(sid, int(raw_id)))
 
     def _on_response(self, ev: h2.events.ResponseReceived, out: list[Event]) -> None:
@@ -664,8 +671,12 @@ class TunnelSession:
             return
         if flow:
             self._credit_stream_now(sid, flow)
-        msgs = self._control_decoder.feed(data)  # ProtocolError closes the connection
-        out.extend(MessageReceived(m) for m in msgs)
+        # A ProtocolError closes the connection; so does a spent budget.
+        for msg, size in self._control_decoder.feed_sized(data):
+            if self._control is not None and not self._control.admit(msg, size, self._clock()):
+                return  # receive_data raises FloodDetected: none of it is handed out
+            if msg is not None:
+                out.append(MessageReceived(msg))
 
     def _on_rejection_body(self, data: bytes, out: list[Event]) -> None:
         status = self._rejected_status

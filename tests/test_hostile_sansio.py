@@ -14,14 +14,23 @@ import struct
 import h2.config
 import h2.connection
 import h2.errors
+import h2.events
+import msgpack
 import pytest
 import trio
 import trustme
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from protocol import session
+from protocol import messages, session
+from protocol.codes import DialFailCode
 from protocol.errors import ProtocolError, SessionError
 from protocol.flood import (
+    MAX_IDENTIFIER_ENTRIES,
     Budget,
+    ControlBudget,
+    ControlGuard,
+    ControlLimits,
     FloodDetected,
     FloodGuard,
     FloodLimits,
@@ -244,6 +253,223 @@ def test_unread_replies_are_bounded() -> None:
         for _ in range(100):
             sess.receive_data(empty_data * 1000)  # never flushed
     assert info.value.reason == "flood_unread_replies"
+
+
+# ------------------------------------------------- control-message budgets
+
+
+def _opened(
+    clock: Clock, limits: FloodLimits | None = None
+) -> tuple[session.TunnelSession, h2.connection.H2Connection]:
+    """Like :func:`_accepted`, with the broker's settings and window
+    updates delivered, so the agent may send megabytes of control messages."""
+    config = session.SessionConfig(flood=limits or FloodLimits())
+    sess = session.TunnelSession(session.Role.BROKER, config, clock=clock)
+    sess.initiate()
+    agent = _agent()
+    agent.receive_data(sess.data_to_send())
+    _control(agent)
+    events = sess.receive_data(agent.data_to_send())
+    assert any(isinstance(e, session.ControlRequested) for e in events)
+    sess.accept_control({})
+    _roundtrip(sess, agent, b"")
+    return sess, agent
+
+
+def _roundtrip(
+    sess: session.TunnelSession, agent: h2.connection.H2Connection, wire: bytes
+) -> list[session.Event]:
+    """Feed the broker; hand its answer (credit, dials) back to the agent."""
+    events = sess.receive_data(wire)
+    for ev in agent.receive_data(sess.data_to_send()):
+        if isinstance(ev, h2.events.DataReceived):
+            agent.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
+    return events
+
+
+def _send(
+    sess: session.TunnelSession, agent: h2.connection.H2Connection, *msgs: object
+) -> list[messages.Message]:
+    """Control messages from the agent (encoded, or already msgpack bytes),
+    16 KB at a time; returns the messages the broker handed out."""
+    body = b"".join(
+        m if isinstance(m, bytes) else messages.encode(m)  # type: ignore[arg-type]
+        for m in msgs
+    )
+    out: list[messages.Message] = []
+    for i in range(0, len(body), 16 * 1024):
+        agent.send_data(1, body[i : i + 16 * 1024])
+        events = _roundtrip(sess, agent, agent.data_to_send())
+        out += [e.message for e in events if isinstance(e, session.MessageReceived)]
+    return out
+
+
+#: One message of each budgeted kind, as large as its budget allows.
+_LARGEST = {
+    "identifiers": messages.Identifiers(
+        "&".join(f"cidr=10.0.{i}.0/24" for i in range(MAX_IDENTIFIER_ENTRIES))
+    ),
+    "drain": messages.Drain(),
+    "dial_fail": messages.DialFail(
+        id=12345, code=DialFailCode.REFUSED, msg="\U0001f600" * messages.MAX_TEXT_LEN
+    ),
+    "other": msgpack.packb({"t": "tether.future", "pad": "x" * 1000}),
+}
+
+
+@pytest.mark.parametrize("kind", ControlGuard.TYPES)
+def test_legitimate_control_rates_never_trip(kind: str) -> None:
+    """30 s at 90 % of each control budget's refill rate, after its whole
+    burst at once, each message as large as allowed: handed out, no flood."""
+    budget: ControlBudget = getattr(FloodLimits().control, kind)
+    clock = Clock()
+    sess, agent = _opened(clock)
+    msg = _LARGEST[kind]
+    known = kind != "other"  # unknown types are dropped once budgeted
+    burst = int(budget.burst)
+    assert len(_send(sess, agent, *[msg] * burst)) == burst * known
+    steps = int(budget.rate * 30)
+    for _ in range(steps):
+        clock.now += 1 / (budget.rate * 0.9)
+        assert len(_send(sess, agent, msg)) == known
+
+
+@pytest.mark.parametrize("kind", ControlGuard.TYPES)
+def test_control_flood_gets_enhance_your_calm(kind: str) -> None:
+    clock = Clock()
+    sess, agent = _opened(clock)
+    budget: ControlBudget = getattr(FloodLimits().control, kind)
+    with pytest.raises(FloodDetected) as info:
+        _send(sess, agent, *[_LARGEST[kind]] * (int(budget.burst) + 1))
+    assert info.value.reason == f"flood_control_{kind}"
+    assert _goaway_code(sess) == h2.errors.ErrorCodes.ENHANCE_YOUR_CALM
+
+
+def test_dial_answers_are_budgeted_by_the_dials_sent() -> None:
+    """The broker sent 4,000 dials in one second: 4,000 dial_fail answers
+    are fine (far above the unsolicited budget); one more is unsolicited,
+    and a burst of unsolicited ones is a flood."""
+    clock = Clock()
+    sess, agent = _opened(clock)
+    for i in range(4000):
+        sess.send_message(messages.Dial(id=i, addr="10.0.0.1:80", timeout_ms=1000))
+        if i % 500 == 499:  # the agent reads them, then returns the credit
+            _roundtrip(sess, agent, b"")
+            _roundtrip(sess, agent, agent.data_to_send())
+    answers = [messages.DialFail(id=i, code=DialFailCode.TIMEOUT) for i in range(4000)]
+    for i in range(0, 4000, 250):
+        assert len(_send(sess, agent, *answers[i : i + 250])) == 250
+    # Each dial is answered once: the same answers again are unsolicited.
+    burst = int(FloodLimits().control.dial_fail.burst)
+    with pytest.raises(FloodDetected) as info:
+        _send(sess, agent, *answers[: burst + 1])
+    assert info.value.reason == "flood_control_dial_fail"
+
+
+def test_a_data_stream_answers_its_dial() -> None:
+    """A dial answered by a data stream is no longer owed a dial_fail."""
+    clock = Clock()
+    limits = FloodLimits(control=ControlLimits(dial_fail=ControlBudget(1, 1, 1024)))
+    sess, agent = _opened(clock, limits)
+    sess.send_message(messages.Dial(id=7, addr="10.0.0.1:80", timeout_ms=1000))
+    sess.send_message(messages.Dial(id=8, addr="10.0.0.1:80", timeout_ms=1000))
+    _roundtrip(sess, agent, b"")
+    agent.send_headers(
+        3,
+        [
+            (":method", "POST"),
+            (":scheme", "https"),
+            (":authority", "b"),
+            (":path", session.STREAM_PATH),
+            ("content-type", session.CONTENT_TYPE),
+            (session.DIAL_ID_HEADER, "7"),
+        ],
+    )
+    _roundtrip(sess, agent, agent.data_to_send())
+    fail_8 = messages.DialFail(id=8, code=DialFailCode.REFUSED)
+    fail_7 = messages.DialFail(id=7, code=DialFailCode.REFUSED)
+    assert _send(sess, agent, fail_8) == [fail_8]
+    assert _send(sess, agent, fail_7) == [fail_7]  # burst 1
+    with pytest.raises(FloodDetected):
+        _send(sess, agent, fail_7)
+
+
+def test_remembered_dials_are_bounded() -> None:
+    guard = ControlGuard(FloodGuard(FloodLimits(control=ControlLimits(remembered_dials=10)), 0.0))
+    for i in range(1000):
+        guard.dial_sent(i)
+    assert guard.open_dials == 10
+    assert guard.dial_answered(999) and not guard.dial_answered(0)
+
+
+@pytest.mark.parametrize(
+    ("msg", "reason"),
+    [
+        (
+            messages.Identifiers(
+                "&".join(f"ipv4=10.0.0.{i}" for i in range(MAX_IDENTIFIER_ENTRIES + 1))
+            ),
+            "flood_control_identifiers_entries",
+        ),
+        # Within the 4,096-character field limit, but not 4 KiB of ASCII.
+        (messages.Identifiers("host=" + "\u00e9" * 3000), "flood_control_identifiers_size"),
+        (msgpack.packb({"t": "drain", "pad": "x" * 1000}), "flood_control_drain_size"),
+        (msgpack.packb({"t": "tether.future", "pad": b"x" * 60000}), "flood_control_other_size"),
+    ],
+    ids=["entries", "identifiers-size", "drain-size", "other-size"],
+)
+def test_oversized_control_messages_get_enhance_your_calm(msg: object, reason: str) -> None:
+    """One message over its type's size (or entry) cap is enough."""
+    clock = Clock()
+    sess, agent = _opened(clock)
+    with pytest.raises(FloodDetected) as info:
+        _send(sess, agent, msg)
+    assert info.value.reason == reason
+    assert _goaway_code(sess) == h2.errors.ErrorCodes.ENHANCE_YOUR_CALM
+
+
+def test_the_agent_side_does_not_budget_the_broker() -> None:
+    """Dials from the broker come at the rate of the clients: the agent's
+    session hands out every message (the broker is the party protected)."""
+    clock = Clock()
+    agent = session.TunnelSession(session.Role.AGENT, clock=clock)
+    broker = session.TunnelSession(session.Role.BROKER, clock=clock)
+    agent.initiate()
+    broker.initiate()
+    agent.open_control({"tether-agent-id": "a"}, "b")
+    broker.receive_data(agent.data_to_send())
+    broker.accept_control({})
+    agent.receive_data(broker.data_to_send())
+    for i in range(1000):
+        broker.send_message(messages.Dial(id=i, addr="10.0.0.1:80", timeout_ms=1000))
+        broker.send_message(messages.Drain(retry_ms=1000))  # 1,000 drains: over any budget
+    events = agent.receive_data(broker.data_to_send())
+    assert len([e for e in events if isinstance(e, session.MessageReceived)]) == 2000
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.booleans(), st.integers(0, 10**6), st.floats(0, 0.01)), max_size=3000))
+def test_answers_to_sent_dials_never_trip(steps: list[tuple[bool, int, float]]) -> None:
+    """Any interleaving of dials sent and their answers (each dial answered
+    at most once, by a dial_fail or a data stream, at any time) is admitted,
+    however fast: only unsolicited answers spend tokens."""
+    guard = ControlGuard(FloodGuard(FloodLimits(), 0.0))
+    owed: list[int] = []
+    now, next_id = 0.0, 0
+    for send, pick, dt in steps:
+        now += dt
+        if send or not owed:
+            guard.dial_sent(next_id)
+            owed.append(next_id)
+            next_id += 1
+            continue
+        dial_id = owed.pop(pick % len(owed))
+        if pick % 3 == 0:
+            assert guard.dial_answered(dial_id)  # a data stream
+        else:
+            answer = messages.DialFail(id=dial_id, code=DialFailCode.REFUSED, msg="x" * 100)
+            assert guard.admit(answer, len(messages.encode(answer)), now)
+    assert guard.flood.exhausted is None
 
 
 # ------------------------------------------------------------- frame sizes

@@ -8,6 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from protocol.flood import MAX_IDENTIFIER_ENTRIES
 from protocol.identifiers import MAX_IDENTIFIERS_LEN, AgentIdentifiers
 
 EXAMPLE = "host=n1&ipv4=10.0.0.5&ipv6=fd00::5&cidr=10.1.0.0/16&default-route=true"
@@ -203,3 +204,12 @@ def test_parse_raises_only_value_error(text: str) -> None:
     except ValueError:
         return
     assert AgentIdentifiers.parse(ids.render()) == ids
+
+
+def test_entry_cap_is_checked_before_parsing() -> None:
+    """At most 64 entries (protocol.flood.MAX_IDENTIFIER_ENTRIES), in the
+    connect header as in an identifiers message: the parse cost is bounded."""
+    at_cap = "&".join(f"cidr=10.0.{i}.0/24" for i in range(MAX_IDENTIFIER_ENTRIES))
+    assert len(AgentIdentifiers.parse(at_cap).cidrs) == MAX_IDENTIFIER_ENTRIES
+    with pytest.raises(ValueError, match="more than 64 identifiers"):
+        AgentIdentifiers.parse(at_cap + "&ipv4=10.0.0.1")
