@@ -85,7 +85,9 @@ async def test_control_message_flood_gets_enhance_your_calm(
     """identifiers (4 KB, 200 CIDRs, two sets in turn), unsolicited
     dial_fail, drain, and types an agent may not send (cancel, unknown):
     each flood ends in GOAWAY(ENHANCE_YOUR_CALM) within seconds."""
-    broker = broker_factory("--proxy-strategies=destHost")
+    broker = broker_factory(
+        "--proxy-strategies=destHost", "--agent-allowed-identifiers=agent-1:ipv4=127.0.0.1"
+    )
     agent_factory(broker, "--agent-identifiers=ipv4=127.0.0.1")
     await broker.ready(agents=1)
     echo = await serve_echo(nursery)
@@ -122,7 +124,9 @@ async def test_identifiers_header_over_the_entry_cap_is_refused(
     """The same 200-CIDR set in the connect header (parsed once per
     connection, so once per reconnect): 403 ``bad_identifiers`` before any
     parsing, a log line, a metric; the broker keeps serving."""
-    broker = broker_factory("--proxy-strategies=destHost")
+    broker = broker_factory(
+        "--proxy-strategies=destHost", "--agent-allowed-identifiers=agent-1:ipv4=127.0.0.1"
+    )
     agent_factory(broker, "--agent-identifiers=ipv4=127.0.0.1")
     await broker.ready(agents=1)
     echo = await serve_echo(nursery)
@@ -183,7 +187,9 @@ async def test_a_reconnecting_flooder_costs_what_reconnecting_costs(
     only a few messages through per connection. What bounds the reconnects
     themselves is --max-handshakes-per-ip (concurrent handshakes per address)
     and the TLS cost every client pays; see docs/security.md."""
-    broker = broker_factory("--proxy-strategies=destHost")
+    broker = broker_factory(
+        "--proxy-strategies=destHost", "--agent-allowed-identifiers=agent-1:ipv4=127.0.0.1"
+    )
     agent_factory(broker, "--agent-identifiers=ipv4=127.0.0.1")
     await broker.ready(agents=1)
     echo = await serve_echo(nursery)
