@@ -24,7 +24,7 @@ from tether.netio import sockopts, tls
 from tether.netio.http import serve_http, text
 from tether.netio.limits import PerPeerLimiter
 from tether.netio.listeners import listener_port, open_tcp_listener, open_unix_listener
-from tether.netio.logs import event
+from tether.netio.logs import event, limited, run_suppressed_reporter
 from tether.netio.process import wait_for_stop_signal
 from tether.netio.tunnel import Keepalive
 
@@ -191,6 +191,7 @@ class Broker:
             try:
                 target_cluster = cluster
                 if self.frontend_tls is not None and frontend == "tcp":
+                    peer = _peer_host(stream)
                     tls_stream = await self._tls_accept(stream)
                     if tls_stream is None:
                         return
@@ -198,7 +199,12 @@ class Broker:
                     found = self._tcp_frontend_cluster(tls_stream)
                     if found is None:
                         self.metrics.bad_input.labels("frontend", "unknown_cluster").inc()
-                        log.warning("frontend client certificate names no served cluster")
+                        limited(
+                            log,
+                            logging.WARNING,
+                            peer,
+                            "frontend client certificate names no served cluster",
+                        )
                         await _forbidden(stream)
                         return
                     target_cluster = found
@@ -247,10 +253,17 @@ class Broker:
         except (trio.TooSlowError, trio.BrokenResourceError) as exc:
             reason = "tls_handshake_timeout" if isinstance(exc, trio.TooSlowError) else "tls"
             self.metrics.bad_input.labels("frontend", reason).inc()
-            log.warning(
-                "frontend TLS handshake failed: %s",
+            peer = _peer_host(tcp)
+            limited(
+                log,
+                logging.WARNING,
+                peer,
+                "frontend TLS handshake from %s failed: %s",
+                peer,
                 exc.__cause__ or exc,
-                extra=event("tls_handshake_failed", listener="frontend", reason=reason),
+                extra=event(
+                    "tls_handshake_failed", listener="frontend", remote=peer, reason=reason
+                ),
             )
             await trio.aclose_forcefully(tcp)
             return None
@@ -269,6 +282,7 @@ class Broker:
                 cfg.cert_reload_interval,
                 self._cert_reloaded,
             )
+            nursery.start_soon(run_suppressed_reporter)
             ports: dict[str, int] = {}
             agent_l = await open_tcp_listener(cfg.agent_bind_address, cfg.agent_port)
             ports["agent"] = listener_port(agent_l)
