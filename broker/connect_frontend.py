@@ -186,10 +186,10 @@ async def _serve(
             log,
             logging.INFO,
             source,
-            "frontend: request from %s refused (%d): %s",
-            source,
+            "frontend: request refused (%d): %s (from %s)",
             parsed.status,
             parsed.message,
+            source,
             extra=event("bad_input", source="frontend", remote=source, reason=parsed.reason),
         )
         await _respond(stream, conn, metrics, settings, parsed.status, parsed.message)

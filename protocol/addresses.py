@@ -131,7 +131,7 @@ def parse_address(addr: str) -> Address:
     """Validate ``host:port`` or ``[v6]:port``; raise :class:`BadAddress`."""
     if not isinstance(addr, str) or not addr or len(addr) > MAX_ADDR_LEN:
         size = len(addr) if isinstance(addr, str) else 0
-        raise BadAddress(f"address length out of range: {size}", reason="addr_length")
+        raise BadAddress(f"bad address: length {size} out of range", reason="addr_length")
     if addr.startswith("["):
         end = addr.find("]")
         if end < 0 or addr[end + 1 : end + 2] != ":":
