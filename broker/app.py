@@ -258,9 +258,9 @@ class Broker:
                 log,
                 logging.WARNING,
                 peer,
-                "frontend TLS handshake from %s failed: %s",
-                peer,
+                "frontend TLS handshake failed: %s (from %s)",
                 exc.__cause__ or exc,
+                peer,
                 extra=event(
                     "tls_handshake_failed", listener="frontend", remote=peer, reason=reason
                 ),
