@@ -94,6 +94,7 @@ class AgentServer:
                 _host(remote),
                 "agent connection from %s: TLS handshake timed out",
                 remote,
+                key="tls_handshake_failed/agent",
                 extra=event(
                     "tls_handshake_failed", listener="agent", remote=remote, reason="timeout"
                 ),
@@ -109,6 +110,7 @@ class AgentServer:
                 remote,
                 exc.__cause__ or exc,
                 extra=event("tls_handshake_failed", listener="agent", remote=remote, reason="tls"),
+                key="tls_handshake_failed/agent",
             )
             return
         if tls.selected_alpn_protocol() != "h2":

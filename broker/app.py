@@ -264,6 +264,7 @@ class Broker:
                 extra=event(
                     "tls_handshake_failed", listener="frontend", remote=peer, reason=reason
                 ),
+                key="tls_handshake_failed/frontend",
             )
             await trio.aclose_forcefully(tcp)
             return None
