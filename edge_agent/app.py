@@ -21,7 +21,7 @@ from protocol.session import Role, SessionConfig, TunnelSession
 from tether.netio import sockopts, tls
 from tether.netio.http import serve_http, text
 from tether.netio.listeners import listener_port, open_tcp_listener
-from tether.netio.logs import event
+from tether.netio.logs import event, run_suppressed_reporter
 from tether.netio.process import wait_for_stop_signal
 from tether.netio.relay import relay
 from tether.netio.tls_stream import TLSStream
@@ -337,6 +337,7 @@ class Agent:
                 self._cert_reloaded,
             )
             nursery.start_soon(sdnotify.run_watchdog, self.notifier)
+            nursery.start_soon(run_suppressed_reporter)
             self.notifier.status(self.readiness()[1])
             ports: dict[str, int] = {}
             if self.cfg.health_server_port:

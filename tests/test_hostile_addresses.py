@@ -260,6 +260,11 @@ async def test_after_the_property_test_the_agent_still_serves(stack: Stack) -> N
     each refusal was counted under its reason."""
     assert stack.agent.alive()
     await stack.broker.ready(agents=1)
+    # One malformed address more on each frontend, so this test stands alone too.
+    assert (await trio.to_thread.run_sync(connect_once, stack.broker, "..:80", stack.ctx))[0] == 400
+    rsp = await trio.to_thread.run_sync(grpc_dial_once, stack.channel, "..:80", 99)
+    assert rsp.error.startswith("bad address")
+    assert stack.agent.alive()
     await tunnel_roundtrip(stack.broker, stack.echo, via="tcp")
     await trio.to_thread.run_sync(grpc_echo, stack.channel, stack.echo)
     text = await stack.broker.metrics()
