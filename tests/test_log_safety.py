@@ -16,12 +16,20 @@ import pytest
 import trio
 from hostile import (
     DATA,
+    END_HEADERS,
+    HEADERS,
+    PREFACE,
+    FrameReader,
     RawPeer,
     bad_input,
     dial_id_from,
     frame,
+    header_block,
     metric,
     open_peer,
+    request_headers,
+    settings_frame,
+    tls_to_agent_port,
     tunnel_roundtrip,
     wait_log,
 )
@@ -29,7 +37,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from procs import BrokerHandle, Proc, Tunnel, connect_tunnel, serve_echo
 
-from protocol import messages
+from protocol import messages, session
 from protocol.codes import DialFailCode
 from tether.netio import logs
 
@@ -306,4 +314,57 @@ async def test_tls_garbage_flood_from_one_address_is_rate_limited_in_the_log(
     assert 0 < len(fe_lines) <= windows * logs.PER_SOURCE, len(fe_lines)
     assert len(warnings) <= 2 * windows * logs.PER_SOURCE
     assert suppressed + len(warnings) == got_agent + got_fe, (suppressed, len(warnings))
+    await tunnel_roundtrip(broker, echo, via="uds")
+
+
+@pytest.mark.timeout(90)
+async def test_rejected_credentials_in_a_loop_are_rate_limited_in_the_log(
+    broker_factory: Callable[..., BrokerHandle],
+    agent_factory: Callable[..., Proc],
+    nursery: trio.Nursery,
+) -> None:
+    """One address presents agent-2's certificate as agent-1 (403) 40 times
+    in a row: every rejection is counted, the log keeps at most PER_SOURCE
+    ``auth_rejected`` lines for that address in the window and then a
+    ``log_suppressed`` line, and a real agent keeps serving."""
+    broker = broker_factory()
+    agent_factory(broker)
+    await broker.ready(agents=1)
+    echo = await serve_echo(nursery)
+    n = 40
+    reason = "identity_mismatch"
+    before = metric(
+        await broker.metrics(), "tether_agent_connections_rejected_total", reason=reason
+    )
+    headers = request_headers(
+        session.CONTROL_PATH,
+        [("tether-agent-id", "agent-1"), ("tether-agent-identifiers", "")],
+    )
+    for _ in range(n):
+        with trio.fail_after(10):
+            stream = await tls_to_agent_port(broker, "agent-2", source="127.0.0.9")
+            await stream.send_all(
+                PREFACE + settings_frame({}) + frame(HEADERS, END_HEADERS, 1, header_block(headers))
+            )
+            reader, status = FrameReader(), None
+            while status is None:
+                data = await stream.receive_some(65536)
+                assert data, "closed before the control stream's answer"
+                for f in reader.feed(bytes(data)):
+                    if f.kind == HEADERS and f.sid == 1:
+                        status = f.status
+            assert status == "403", status
+            await trio.aclose_forcefully(stream)
+    after = metric(await broker.metrics(), "tether_agent_connections_rejected_total", reason=reason)
+    assert after - before == n
+    assert await wait_log(broker, "similar messages from 127.0.0.9", timeout=logs.INTERVAL + 5)
+    log_text = broker.proc.log()
+    lines = [
+        line
+        for line in log_text.splitlines()
+        if "rejected (403)" in line and "from 127.0.0.9:" in line
+    ]
+    assert 0 < len(lines) <= 2 * logs.PER_SOURCE, len(lines)
+    summaries = _lines_with(log_text, "similar messages from 127.0.0.9")
+    assert sum(int(s.split("suppressed ", 1)[1].split()[0]) for s in summaries) == n - len(lines)
     await tunnel_roundtrip(broker, echo, via="uds")
