@@ -25,7 +25,7 @@ from tether.netio.logs import event, run_suppressed_reporter
 from tether.netio.process import wait_for_stop_signal
 from tether.netio.relay import relay
 from tether.netio.tls_stream import TLSStream
-from tether.netio.tunnel import Keepalive, TunnelClosed, TunnelConnection, TunnelStream
+from tether.netio.tunnel import Keepalive, TunnelClosed, TunnelConnection
 
 if TYPE_CHECKING:
     from edge_agent.metrics import AgentMetrics
@@ -95,7 +95,7 @@ class BrokerLink:
                 return
             scope = trio.CancelScope()
             self.dials[msg.id] = scope
-            self.nursery.start_soon(self._serve_dial, msg, scope)
+            self.nursery.start_soon(self._guarded_dial, msg, scope)
         elif isinstance(msg, messages.Cancel):
             pending = self.dials.get(msg.id)
             if pending is not None:
@@ -133,13 +133,12 @@ class BrokerLink:
         except (TunnelClosed, ProtocolError) as exc:
             log.debug("dial_fail %d not sent: %s", dial_id, exc)
 
-    async def _serve_dial(self, msg: messages.Dial, scope: trio.CancelScope) -> None:
+    async def _guarded_dial(self, msg: messages.Dial, scope: trio.CancelScope) -> None:
         """The dial-task boundary: whatever one dial raises ends that dial
-        (a ``dial_fail`` if its stream was not opened yet, a log line, a
+        (a ``dial_fail``, or a reset if its stream was open; a log line; a
         metric), never the link's nursery and with it the agent process."""
-        opened: list[TunnelStream] = []
         try:
-            await self._dial_and_relay(msg, scope, opened)
+            await self._serve_dial(msg, scope)
         except Exception as exc:
             log.error(
                 "dial %d to %s ended by an unexpected error: %s: %s",
@@ -151,66 +150,74 @@ class BrokerLink:
                     "dial_failed", dial_id=msg.id, addr=msg.addr, code="error", reason="internal"
                 ),
             )
-            if opened:
-                opened[0].reset()
-                if self.agent.metrics is not None:
-                    self.agent.metrics.dial_failures.labels("error").inc()
-            else:
+            conn = self.conn
+            opened = (
+                [] if conn is None else [ts for ts in conn.streams.values() if ts.dial_id == msg.id]
+            )
+            for ts in opened:
+                ts.reset()
+            if not opened:
                 detail = f"agent error: {type(exc).__name__}: {exc}"
                 self._fail(msg.id, DialFailCode.ERROR, detail, msg.addr)
+            elif self.agent.metrics is not None:
+                self.agent.metrics.dial_failures.labels("error").inc()
         finally:
             self.dials.pop(msg.id, None)
 
-    async def _dial_and_relay(
-        self, msg: messages.Dial, scope: trio.CancelScope, opened: list[TunnelStream]
-    ) -> None:
+    async def _serve_dial(self, msg: messages.Dial, scope: trio.CancelScope) -> None:
         conn = self.conn
         assert conn is not None
-        with scope:
-            if msg.proto != "tcp":
-                self._fail(
-                    msg.id, DialFailCode.ERROR, f"unsupported protocol {msg.proto!r}", msg.addr
+        try:
+            with scope:
+                if msg.proto != "tcp":
+                    self._fail(
+                        msg.id, DialFailCode.ERROR, f"unsupported protocol {msg.proto!r}", msg.addr
+                    )
+                    return
+                started = trio.current_time()
+                try:
+                    target = await dial_target(msg.addr, msg.timeout_ms / 1000, self.agent.policy)
+                except DialFailed as exc:
+                    self._fail(msg.id, exc.code, exc.msg, msg.addr)
+                    return
+                elapsed = trio.current_time() - started
+                try:
+                    if msg.early:
+                        await target.send_all(msg.early)
+                    sid = conn.session.open_data_stream(msg.id, self.agent.authority)
+                except (trio.BrokenResourceError, ProtocolError, Exception) as exc:
+                    await trio.aclose_forcefully(target)
+                    self._fail(
+                        msg.id, DialFailCode.ERROR, f"cannot start the tunnel: {exc}", msg.addr
+                    )
+                    return
+                ts = conn.add_stream(sid, msg.id)
+                conn.wake_writer()
+                log.debug(
+                    "dial %d to %s ok (stream %d, %d early bytes)",
+                    msg.id,
+                    msg.addr,
+                    sid,
+                    len(msg.early or b""),
+                    extra=event(
+                        "dial_ok", dial_id=msg.id, addr=msg.addr, duration_s=round(elapsed, 6)
+                    ),
                 )
-                return
-            started = trio.current_time()
-            try:
-                target = await dial_target(msg.addr, msg.timeout_ms / 1000, self.agent.policy)
-            except DialFailed as exc:
-                self._fail(msg.id, exc.code, exc.msg, msg.addr)
-                return
-            elapsed = trio.current_time() - started
-            try:
-                if msg.early:
-                    await target.send_all(msg.early)
-                sid = conn.session.open_data_stream(msg.id, self.agent.authority)
-            except (trio.BrokenResourceError, ProtocolError, Exception) as exc:
-                await trio.aclose_forcefully(target)
-                self._fail(msg.id, DialFailCode.ERROR, f"cannot start the tunnel: {exc}", msg.addr)
-                return
-            ts = conn.add_stream(sid, msg.id)
-            opened.append(ts)
-            conn.wake_writer()
-            log.debug(
-                "dial %d to %s ok (stream %d, %d early bytes)",
-                msg.id,
-                msg.addr,
-                sid,
-                len(msg.early or b""),
-                extra=event("dial_ok", dial_id=msg.id, addr=msg.addr, duration_s=round(elapsed, 6)),
-            )
-            metrics = self.agent.metrics
-            if metrics is not None:
-                metrics.dial_duration.observe(elapsed)
-            self.agent.active_streams += 1
-            try:
-                await relay(
-                    target, ts, count=metrics.count_relayed if metrics is not None else None
-                )
-            finally:
-                self.agent.active_streams -= 1
-                self.agent.streams_changed()
-        if scope.cancelled_caught:
-            log.debug("dial %d aborted", msg.id)
+                metrics = self.agent.metrics
+                if metrics is not None:
+                    metrics.dial_duration.observe(elapsed)
+                self.agent.active_streams += 1
+                try:
+                    await relay(
+                        target, ts, count=metrics.count_relayed if metrics is not None else None
+                    )
+                finally:
+                    self.agent.active_streams -= 1
+                    self.agent.streams_changed()
+            if scope.cancelled_caught:
+                log.debug("dial %d aborted", msg.id)
+        finally:
+            self.dials.pop(msg.id, None)
 
 
 class Agent:

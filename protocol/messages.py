@@ -13,6 +13,7 @@ from typing import Any
 import attrs
 import msgpack
 
+from protocol.addresses import MAX_ADDR_LEN as MAX_ADDR_LEN  # re-exported
 from protocol.addresses import parse_address
 from protocol.codes import CloseCode, DialFailCode
 from protocol.errors import InvalidMessage, MessageTooLarge
