@@ -73,6 +73,7 @@ class _Conn:
 
     def __init__(self) -> None:
         self.sent: list[messages.Message] = []
+        self.streams: dict[int, Any] = {}  # no data stream was opened
 
     def send_message(self, msg: messages.Message) -> None:
         self.sent.append(msg)
