@@ -23,10 +23,10 @@ import grpc
 import pytest
 import trio
 from grpc_client import Call, close_req, data_pkt
-from hostile import bad_input, metric, tunnel_roundtrip
+from hostile import DATA, bad_input, frame, metric, open_peer, tunnel_roundtrip
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from procs import BrokerHandle, Proc, connect_tunnel, free_port, http_get, serve_echo
+from procs import BrokerHandle, Proc, Tunnel, connect_tunnel, free_port, http_get, serve_echo
 
 from protocol import konnectivity_pb2 as pb
 from protocol import messages
@@ -470,3 +470,37 @@ async def test_agent_answers_malformed_dials_from_a_hostile_broker(
     assert "FORGED:80" in log and "\nFORGED" not in log
     assert "Traceback" not in log
     assert agent.alive()
+
+
+@pytest.mark.timeout(60)
+async def test_agent_bad_address_verdict_is_a_400_on_connect(
+    broker_factory: Callable[..., BrokerHandle], nursery: trio.Nursery
+) -> None:
+    """An agent that answers ``dial_fail`` ``bad_address`` (a newer agent
+    stricter than its broker, say): the CONNECT client gets 400, not 502,
+    and the failure is counted under ``bad_address``."""
+    broker = broker_factory("--proxy-strategies=destHost")
+    await broker.up()
+    peer = await open_peer(broker, agent_id="agent-2", identifiers="host=evil.example")
+    await broker.ready(agents=1)
+    results: list[Tunnel] = []
+
+    async def client() -> None:
+        with trio.fail_after(15):
+            results.append(await connect_tunnel(broker, "evil.example:443", via="uds"))
+
+    nursery.start_soon(client)
+    dial = await peer.wait_message(messages.Dial, timeout=10)
+    assert dial is not None
+    reply = messages.DialFail(id=dial.id, code=DialFailCode.BAD_ADDRESS, msg="addr_char: nope")
+    await peer.send(frame(DATA, 0, 1, messages.encode(reply)))
+    with trio.fail_after(15):
+        while not results:
+            await trio.sleep(0.05)
+    assert results[0].status == 400, (results[0].status, results[0].body)
+    assert results[0].body == b"bad address: addr_char: nope\n"
+    await results[0].aclose()
+    text = await broker.metrics()
+    name = "konnectivity_network_proxy_server_dial_failure_count_total"
+    assert metric(text, name, reason="bad_address") == 1
+    await peer.aclose()
