@@ -15,7 +15,7 @@ from broker.auth import Authenticator, AuthError, Identity
 from broker.dialing import DialError, DialOutcome
 from protocol import messages, session
 from protocol.identifiers import AgentIdentifiers, Allowance
-from tether.netio.logs import event
+from tether.netio.logs import event, limited
 from tether.netio.tunnel import TunnelClosed, TunnelConnection, TunnelStream
 
 if TYPE_CHECKING:
@@ -178,21 +178,19 @@ class AgentConnection:
             # A 409 duplicate is routine with several replicas behind a balancer;
             # a live agent defending its id against another credential is not.
             level = logging.INFO if reason == "duplicate" else logging.WARNING
-            log.log(
-                level,
-                "agent connection from %s rejected (%d): %s",
-                self.remote,
-                status,
-                error,
-                extra=event(
-                    "auth_rejected",
-                    remote=self.remote,
-                    status=status,
-                    reason=reason,
-                    agent_id=self.agent_id or None,
-                    cert_serial=_serial(self.peer_der),
-                ),
+            fields = event(
+                "auth_rejected",
+                remote=self.remote,
+                status=status,
+                reason=reason,
+                agent_id=self.agent_id or None,
+                cert_serial=_serial(self.peer_der),
             )
+            line = ("agent connection from %s rejected (%d): %s", self.remote, status, error)
+            if reason == "duplicate":
+                log.log(level, *line, extra=fields)
+            else:  # junk credentials in a loop: a budget per source address
+                limited(log, level, self.remote.rpartition(":")[0] or "?", *line, extra=fields)
             self.conn.session.reject_control(status, error)
             self.conn.wake_writer()
             self.closed = True

@@ -16,7 +16,7 @@ from protocol.messages import Drain
 from protocol.session import Role, SessionConfig, TunnelSession
 from tether.netio import sockopts
 from tether.netio.limits import PeerSlot, PerPeerLimiter
-from tether.netio.logs import event
+from tether.netio.logs import event, limited
 from tether.netio.tls_stream import TLSStream
 from tether.netio.tunnel import Keepalive, TunnelClosed, TunnelConnection
 
@@ -88,9 +88,13 @@ class AgentServer:
                 await tls.do_handshake()
         except trio.TooSlowError:
             self.metrics.bad_input.labels("agent", "tls_handshake_timeout").inc()
-            log.warning(
+            limited(
+                log,
+                logging.WARNING,
+                _host(remote),
                 "agent connection from %s: TLS handshake timed out",
                 remote,
+                key="tls_handshake_failed/agent",
                 extra=event(
                     "tls_handshake_failed", listener="agent", remote=remote, reason="timeout"
                 ),
@@ -98,16 +102,27 @@ class AgentServer:
             return
         except trio.BrokenResourceError as exc:
             self.metrics.bad_input.labels("agent", "tls_handshake").inc()
-            log.warning(
+            limited(
+                log,
+                logging.WARNING,
+                _host(remote),
                 "agent connection from %s: TLS handshake failed: %s",
                 remote,
                 exc.__cause__ or exc,
                 extra=event("tls_handshake_failed", listener="agent", remote=remote, reason="tls"),
+                key="tls_handshake_failed/agent",
             )
             return
         if tls.selected_alpn_protocol() != "h2":
             self.metrics.bad_input.labels("agent", "alpn").inc()
-            log.warning("agent connection from %s: no h2 ALPN; closing", remote)
+            limited(
+                log,
+                logging.WARNING,
+                _host(remote),
+                "agent connection from %s: no h2 ALPN; closing",
+                remote,
+                key="agent_no_alpn",
+            )
             await trio.aclose_forcefully(tls)
             return
         agent = AgentConnection(
@@ -150,7 +165,10 @@ class AgentServer:
                 self.metrics.bad_input.labels("agent", "control_stream_stalled").inc()
             if conn.protocol_error is not None:
                 self.metrics.bad_input.labels("agent", conn.protocol_error.reason).inc()
-                log.warning(
+                limited(
+                    log,
+                    logging.WARNING,
+                    _host(remote),
                     "agent %s from %s: protocol violation: %s",
                     agent.agent_id or "?",
                     remote,
@@ -190,8 +208,14 @@ class AgentServer:
             return
         if not agent.closed:
             self.metrics.bad_input.labels("agent", "no_control_stream").inc()
-            log.warning(
-                "%s: no control stream within %gs; closing", conn.name, self.handshake_timeout
+            limited(
+                log,
+                logging.WARNING,
+                _host(agent.remote),
+                "%s: no control stream within %gs; closing",
+                conn.name,
+                self.handshake_timeout,
+                key="agent_no_control_stream",
             )
         else:
             await trio.sleep(0.5)  # let the rejection body reach the agent
@@ -226,6 +250,11 @@ class AgentServer:
         async with trio.open_nursery() as nursery:
             for conn in conns:
                 nursery.start_soon(conn.flush)
+
+
+def _host(remote: str) -> str:
+    """The address part of ``host:port``: the source a log budget is kept for."""
+    return remote.rpartition(":")[0] or remote
 
 
 def _cause(conn: TunnelConnection) -> str:

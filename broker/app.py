@@ -25,7 +25,7 @@ from tether.netio import sockopts, tls
 from tether.netio.http import serve_http, text
 from tether.netio.limits import PerPeerLimiter
 from tether.netio.listeners import listener_port, open_tcp_listener, open_unix_listener
-from tether.netio.logs import event
+from tether.netio.logs import event, limited, run_suppressed_reporter
 from tether.netio.process import wait_for_stop_signal
 from tether.netio.tunnel import Keepalive
 
@@ -233,6 +233,7 @@ class Broker:
             try:
                 target_cluster = cluster
                 if self.frontend_tls is not None and frontend == "tcp":
+                    peer = _peer_host(stream)
                     tls_stream = await self._tls_accept(stream)
                     if tls_stream is None:
                         return
@@ -241,12 +242,14 @@ class Broker:
                         target_cluster = self._tcp_frontend_cluster(tls_stream)
                     except roles.RoleError as exc:
                         self.metrics.bad_input.labels("frontend", exc.reason).inc()
-                        remote = _peer_host(tls_stream.transport_stream)
-                        log.warning(
+                        limited(
+                            log,
+                            logging.WARNING,
+                            peer,
                             "frontend client certificate refused (403) from %s: %s",
-                            remote,
+                            peer,
                             exc,
-                            extra=event("frontend_rejected", remote=remote, reason=exc.reason),
+                            extra=event("frontend_rejected", remote=peer, reason=exc.reason),
                         )
                         await _forbidden(stream, f"{exc.reason}: client certificate refused")
                         return
@@ -295,10 +298,18 @@ class Broker:
         except (trio.TooSlowError, trio.BrokenResourceError) as exc:
             reason = "tls_handshake_timeout" if isinstance(exc, trio.TooSlowError) else "tls"
             self.metrics.bad_input.labels("frontend", reason).inc()
-            log.warning(
-                "frontend TLS handshake failed: %s",
+            peer = _peer_host(tcp)
+            limited(
+                log,
+                logging.WARNING,
+                peer,
+                "frontend TLS handshake failed: %s (from %s)",
                 exc.__cause__ or exc,
-                extra=event("tls_handshake_failed", listener="frontend", reason=reason),
+                peer,
+                extra=event(
+                    "tls_handshake_failed", listener="frontend", remote=peer, reason=reason
+                ),
+                key="tls_handshake_failed/frontend",
             )
             await trio.aclose_forcefully(tcp)
             return None
@@ -317,6 +328,7 @@ class Broker:
                 cfg.cert_reload_interval,
                 self._cert_reloaded,
             )
+            nursery.start_soon(run_suppressed_reporter)
             ports: dict[str, int] = {}
             agent_l = await open_tcp_listener(cfg.agent_bind_address, cfg.agent_port)
             ports["agent"] = listener_port(agent_l)

@@ -20,6 +20,7 @@ from broker.metrics import BrokerMetrics
 from broker.registry import Registry
 from protocol.errors import InvalidMessage
 from protocol.messages import MAX_EARLY_DATA, split_host_port
+from tether.netio.logs import event, limited
 from tether.netio.relay import relay, set_linger_zero
 from tether.netio.tunnel import TunnelStream
 
@@ -150,9 +151,9 @@ class ConnectRequestParser:
         if method != "CONNECT":
             return ConnectRefusal(405, "not_connect", f"only CONNECT is served, not {method}")
         try:
-            split_host_port(target)
+            split_host_port(target)  # validated before routing: never reaches an agent
         except InvalidMessage as exc:
-            return ConnectRefusal(400, "bad_target", f"bad CONNECT target: {exc}")
+            return ConnectRefusal(400, exc.reason, f"bad CONNECT target: {exc}")
         return ConnectTarget(target, bytes(conn.trailing_data[0]))
 
 
@@ -179,13 +180,29 @@ async def _serve(
             parsed = parser.feed(bytes(await stream.receive_some(16384)))
     if parsed is None:
         metrics.bad_input.labels("frontend", "header_timeout").inc()
-        log.info("frontend: no request within %gs; closing", settings.header_timeout)
+        limited(
+            log,
+            logging.INFO,
+            _source(stream),
+            "frontend: no request within %gs; closing",
+            settings.header_timeout,
+        )
         return
     if isinstance(parsed, ConnectRefusal):
         if parsed.status == 0:
             return  # closed before a request
         metrics.bad_input.labels("frontend", parsed.reason).inc()
-        log.info("frontend: request refused (%d): %s", parsed.status, parsed.message)
+        source = _source(stream)
+        limited(
+            log,
+            logging.INFO,
+            source,
+            "frontend: request refused (%d): %s (from %s)",
+            parsed.status,
+            parsed.message,
+            source,
+            extra=event("bad_input", source="frontend", remote=source, reason=parsed.reason),
+        )
         await _respond(stream, conn, metrics, settings, parsed.status, parsed.message)
         return
     target = parsed.target
@@ -304,6 +321,20 @@ async def _dial_watching_client(
     if error is not None:
         raise error
     return result[0]
+
+
+def _source(stream: trio.abc.Stream) -> str:
+    """The client's address (a log budget's key): IP for TCP, else the socket kind."""
+    while isinstance(stream, trio.SSLStream):
+        stream = stream.transport_stream
+    sock = getattr(stream, "socket", None)
+    try:
+        peer = sock.getpeername() if sock is not None else None
+    except OSError:
+        peer = None
+    if isinstance(peer, tuple):
+        return str(peer[0])
+    return "unix socket" if sock is not None else "?"
 
 
 def _counter(metrics: BrokerMetrics):  # type: ignore[no-untyped-def]

@@ -17,6 +17,7 @@ class DialOutcome(enum.Enum):
     FAILED = "failed"
     TIMEOUT = "timeout"
     AGENT_LOST = "agent_lost"
+    BAD_ADDRESS = "bad_address"
 
 
 #: HTTP status a CONNECT client sees for each outcome (design section 3).
@@ -26,6 +27,7 @@ HTTP_STATUS = {
     DialOutcome.FAILED: 502,
     DialOutcome.TIMEOUT: 504,
     DialOutcome.AGENT_LOST: 502,
+    DialOutcome.BAD_ADDRESS: 400,
 }
 
 
@@ -47,4 +49,6 @@ class DialError(Exception):
             return cls(DialOutcome.TIMEOUT, f"dial timed out at the agent: {msg}", code=code.value)
         if code is DialFailCode.FORBIDDEN:
             return cls(DialOutcome.FORBIDDEN, f"destination forbidden: {msg}", code=code.value)
+        if code is DialFailCode.BAD_ADDRESS:
+            return cls(DialOutcome.BAD_ADDRESS, f"bad address: {msg}", code=code.value)
         return cls(DialOutcome.FAILED, f"dial failed ({code.value}): {msg}", code=code.value)

@@ -67,6 +67,7 @@ from protocol.grpc_framing import (
     status_for_error,
 )
 from protocol.messages import split_host_port
+from tether.netio.logs import event, limited
 from tether.netio.tunnel import StreamAborted, TunnelClosed, TunnelStream, linger
 
 log = logging.getLogger("tether.broker.grpc")
@@ -798,8 +799,18 @@ class _ProxyCall:
             try:
                 split_host_port(req.address)
                 error = ""
-            except InvalidMessage as exc:
+            except InvalidMessage as exc:  # validated before routing: never reaches an agent
                 error = str(exc)
+                self.metrics.bad_input.labels(FRONTEND, exc.reason).inc()
+                limited(
+                    log,
+                    logging.INFO,
+                    FRONTEND,
+                    "Proxy call %d: DIAL_REQ refused: %s",
+                    self.stream_id,
+                    error,
+                    extra=event("bad_input", source=FRONTEND, reason=exc.reason),
+                )
         if error:
             self.metrics.frontend_requests.labels(FRONTEND, "400").inc()
             await self._send_final(packets.dial_response(req.random, error=error), _Ending("400"))

@@ -21,7 +21,7 @@ from protocol.session import Role, SessionConfig, TunnelSession
 from tether.netio import sockopts, tls
 from tether.netio.http import serve_http, text
 from tether.netio.listeners import listener_port, open_tcp_listener
-from tether.netio.logs import event
+from tether.netio.logs import event, run_suppressed_reporter
 from tether.netio.process import wait_for_stop_signal
 from tether.netio.relay import relay
 from tether.netio.tls_stream import TLSStream
@@ -95,7 +95,7 @@ class BrokerLink:
                 return
             scope = trio.CancelScope()
             self.dials[msg.id] = scope
-            self.nursery.start_soon(self._serve_dial, msg, scope)
+            self.nursery.start_soon(self._guarded_dial, msg, scope)
         elif isinstance(msg, messages.Cancel):
             pending = self.dials.get(msg.id)
             if pending is not None:
@@ -132,6 +132,37 @@ class BrokerLink:
             self.conn.send_message(messages.DialFail(id=dial_id, code=code, msg=msg[:1024]))
         except (TunnelClosed, ProtocolError) as exc:
             log.debug("dial_fail %d not sent: %s", dial_id, exc)
+
+    async def _guarded_dial(self, msg: messages.Dial, scope: trio.CancelScope) -> None:
+        """The dial-task boundary: whatever one dial raises ends that dial
+        (a ``dial_fail``, or a reset if its stream was open; a log line; a
+        metric), never the link's nursery and with it the agent process."""
+        try:
+            await self._serve_dial(msg, scope)
+        except Exception as exc:
+            log.error(
+                "dial %d to %s ended by an unexpected error: %s: %s",
+                msg.id,
+                msg.addr,
+                type(exc).__name__,
+                exc,
+                extra=event(
+                    "dial_failed", dial_id=msg.id, addr=msg.addr, code="error", reason="internal"
+                ),
+            )
+            conn = self.conn
+            opened = (
+                [] if conn is None else [ts for ts in conn.streams.values() if ts.dial_id == msg.id]
+            )
+            for ts in opened:
+                ts.reset()
+            if not opened:
+                detail = f"agent error: {type(exc).__name__}: {exc}"
+                self._fail(msg.id, DialFailCode.ERROR, detail, msg.addr)
+            elif self.agent.metrics is not None:
+                self.agent.metrics.dial_failures.labels("error").inc()
+        finally:
+            self.dials.pop(msg.id, None)
 
     async def _serve_dial(self, msg: messages.Dial, scope: trio.CancelScope) -> None:
         conn = self.conn
@@ -346,6 +377,7 @@ class Agent:
             nursery.start_soon(sdnotify.run_watchdog, self.notifier)
             if self.cfg.count_server_leases:
                 await nursery.start(self._count_leases)
+            nursery.start_soon(run_suppressed_reporter)
             self.notifier.status(self.readiness()[1])
             ports: dict[str, int] = {}
             if self.cfg.health_server_port:

@@ -1,4 +1,11 @@
-"""Dialing a target next to the agent, with failures mapped to wire codes."""
+"""Dialing a target next to the agent, with failures mapped to wire codes.
+
+Every way a dial can fail ends in :class:`DialFailed` with a wire code: the
+address is validated first (``bad_address``), and whatever the resolver or a
+codec raises (``socket.gaierror``, ``UnicodeError`` from IDNA, ``ValueError``
+for an embedded NUL, any other ``OSError`` or exception) is mapped, so no
+address can make a dial task raise.
+"""
 
 from __future__ import annotations
 
@@ -9,8 +16,8 @@ import socket
 import trio
 
 from edge_agent.policy import Policy
+from protocol.addresses import BadAddress, parse_address
 from protocol.codes import DialFailCode
-from protocol.messages import split_host_port
 
 
 class DialFailed(Exception):
@@ -69,8 +76,13 @@ async def _allowed_address(host: str, port: int, policy: Policy) -> str:
 
 
 async def dial_target(addr: str, timeout: float, policy: Policy | None = None) -> trio.SocketStream:
-    """Open a TCP connection to ``host:port`` within ``timeout`` seconds."""
-    host, port = split_host_port(addr)
+    """Open a TCP connection to ``host:port`` within ``timeout`` seconds;
+    raise :class:`DialFailed` and nothing else (cancellation aside)."""
+    try:
+        parsed = parse_address(addr)
+    except BadAddress as exc:
+        raise DialFailed(DialFailCode.BAD_ADDRESS, f"{exc.reason}: {exc}") from None
+    host, port = parsed.host, parsed.port
     try:
         with trio.fail_after(timeout):
             if policy is not None and not policy.open:
@@ -82,3 +94,10 @@ async def dial_target(addr: str, timeout: float, policy: Policy | None = None) -
         ) from None
     except OSError as exc:
         raise classify(exc) from None
+    except DialFailed:
+        raise
+    except (UnicodeError, ValueError) as exc:
+        # The resolver's codecs (IDNA) refused the name.
+        raise DialFailed(DialFailCode.DNS, f"name cannot be resolved: {exc}") from None
+    except Exception as exc:  # anything else is still one failed dial
+        raise DialFailed(DialFailCode.ERROR, f"{type(exc).__name__}: {exc}") from None

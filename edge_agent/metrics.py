@@ -35,7 +35,8 @@ class AgentMetrics(TunnelMetrics):
         )
         self.dial_failures = prom.Counter(
             f"{NS}_endpoint_dial_failure",
-            "Failed target dials, by reason (refused, timeout, unreachable, dns, forbidden, error).",
+            "Failed target dials, by reason (refused, timeout, unreachable, dns, forbidden, "
+            "bad_address, error).",
             ["reason"],
             registry=r,
         )

@@ -13,6 +13,9 @@ class DialFailCode(enum.StrEnum):
     UNREACHABLE = "unreachable"
     DNS = "dns"
     FORBIDDEN = "forbidden"
+    #: The address is malformed (protocol.addresses): a bug or a hostile
+    #: sender upstream, never a property of the target.
+    BAD_ADDRESS = "bad_address"
     ERROR = "error"
 
 

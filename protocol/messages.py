@@ -13,6 +13,8 @@ from typing import Any
 import attrs
 import msgpack
 
+from protocol.addresses import MAX_ADDR_LEN as MAX_ADDR_LEN  # re-exported
+from protocol.addresses import parse_address
 from protocol.codes import CloseCode, DialFailCode
 from protocol.errors import InvalidMessage, MessageTooLarge
 
@@ -20,18 +22,24 @@ from protocol.errors import InvalidMessage, MessageTooLarge
 MAX_MESSAGE_SIZE = 64 * 1024
 #: Largest ``early`` payload that rides inside a ``dial`` message.
 MAX_EARLY_DATA = 32 * 1024
-MAX_ADDR_LEN = 1024
 MAX_TEXT_LEN = 4096
 MAX_U64 = 2**64 - 1
 MAX_TIMEOUT_MS = 3_600_000
 
 
 def _check_addr(_inst: object, _attr: object, value: str) -> None:
-    split_host_port(value)
+    if not isinstance(value, str) or len(value) > MAX_TEXT_LEN:
+        raise InvalidMessage("dial address must be a string of at most 4096 characters")
 
 
 @attrs.frozen
 class Dial:
+    """``addr`` is only checked for type and size here, so a malformed one
+    reaches the agent as a dial it answers with ``dial_fail`` ``bad_address``
+    rather than as a connection-level error that would end every tunnel of
+    the link. Both ends validate it with :func:`protocol.addresses.parse_address`
+    (the broker before routing, the agent before resolving)."""
+
     id: int
     addr: str = attrs.field(validator=_check_addr)
     timeout_ms: int
@@ -75,26 +83,13 @@ Message = Dial | Cancel | Drain | DialFail | Identifiers
 
 
 def split_host_port(addr: str) -> tuple[str, int]:
-    """Split ``host:port`` or ``[v6]:port``; raise InvalidMessage if malformed."""
-    if not addr or len(addr) > MAX_ADDR_LEN:
-        raise InvalidMessage(f"address length out of range: {len(addr)}")
-    if addr.startswith("["):
-        end = addr.find("]")
-        if end < 0 or addr[end + 1 : end + 2] != ":":
-            raise InvalidMessage(f"malformed address {addr!r}")
-        host, port_text = addr[1:end], addr[end + 2 :]
-    else:
-        host, sep, port_text = addr.rpartition(":")
-        if not sep or ":" in host:
-            raise InvalidMessage(f"malformed address {addr!r} (want host:port)")
-    # isdigit() alone admits non-ASCII digits ('²' crashes int(), '١٢' parses).
-    if not host or not (port_text.isascii() and port_text.isdigit()):
-        raise InvalidMessage(f"malformed address {addr!r} (want host:port)")
-    if not 0 < int(port_text) < 65536:
-        raise InvalidMessage(f"malformed address {addr!r} (want host:port)")
-    if any(c.isspace() or c in "/?#@" for c in host):
-        raise InvalidMessage(f"malformed host in {addr!r}")
-    return host, int(port_text)
+    """Split and validate ``host:port`` or ``[v6]:port``.
+
+    Raises :class:`protocol.addresses.BadAddress` (an InvalidMessage) if
+    malformed; see :func:`protocol.addresses.parse_address` for the rules.
+    """
+    parsed = parse_address(addr)
+    return parsed.host, parsed.port
 
 
 def encode(msg: Message | Close) -> bytes:

@@ -297,18 +297,26 @@ BAD_ADDRESSES = [
 
 @pytest.mark.parametrize("addr", BAD_ADDRESSES)
 def test_bad_addresses(addr: str) -> None:
+    """Malformed addresses are refused by split_host_port (the frontends'
+    check), but a dial carrying one still decodes: the agent answers it with
+    ``dial_fail`` ``bad_address`` instead of closing the whole connection."""
     with pytest.raises(InvalidMessage):
         split_host_port(addr)
-    with pytest.raises(InvalidMessage):
-        decode(_with(DIAL, addr=addr))
-    with pytest.raises(InvalidMessage):
-        Dial(id=1, addr=addr, timeout_ms=1)
+    assert decode(_with(DIAL, addr=addr)) == Dial(id=1, addr=addr, timeout_ms=1000)
 
 
-def test_non_ascii_port_in_control_stream_is_a_protocol_error() -> None:
-    """Regression: a '²' port used to escape as a bare ValueError."""
+def test_non_ascii_port_in_control_stream_decodes_as_a_dial() -> None:
+    """Regression: a '²' port used to escape as a bare ValueError; now the
+    message decodes and only the address check refuses it."""
+    (msg,) = ControlDecoder().feed(packed(_with(DIAL, addr="h:²")))
+    assert isinstance(msg, Dial) and msg.addr == "h:²"
     with pytest.raises(InvalidMessage):
-        ControlDecoder().feed(packed(_with(DIAL, addr="h:²")))
+        split_host_port(msg.addr)
+
+
+def test_oversized_dial_address_is_still_a_message_error() -> None:
+    with pytest.raises(InvalidMessage):
+        decode(_with(DIAL, addr="x" * (MAX_TEXT_LEN + 1)))
 
 
 @given(st.text(max_size=40) | st.text(alphabet=":[]0123456789a ²١\uff18%/", max_size=12))

@@ -15,6 +15,7 @@ import h11
 import trio
 
 from tether.netio.limits import PerPeerLimiter
+from tether.netio.logs import limited
 
 log = logging.getLogger(__name__)
 
@@ -66,11 +67,17 @@ async def serve_http(
             if slot is not None:
                 slot.release()
             elif per_peer.first_refusal(peer):
-                log.warning("health endpoint: %s holds too many connections; refusing", peer)
+                limited(
+                    log,
+                    logging.WARNING,
+                    peer,
+                    "health endpoint: %s holds too many connections; refusing",
+                    peer,
+                )
             await trio.aclose_forcefully(stream)
             return
         try:
-            await _handle(stream, routes, header_timeout, bad)
+            await _handle(stream, routes, header_timeout, bad, peer)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass  # the client went away
         except Exception:  # a bad client must never kill the listener
@@ -89,6 +96,7 @@ async def _handle(
     routes: dict[str, Route],
     header_timeout: float,
     bad: Callable[[str], None],
+    peer: str = "?",
 ) -> None:
     conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST_BYTES)
     while True:
@@ -113,7 +121,13 @@ async def _handle(
             if conn.their_state is not h11.IDLE or conn.trailing_data[0]:
                 # Idle keep-alive connections just end; a started request is slowloris.
                 bad("header_timeout")
-                log.info("health endpoint: no complete request within %gs; closing", header_timeout)
+                limited(
+                    log,
+                    logging.INFO,
+                    peer,
+                    "health endpoint: no complete request within %gs; closing",
+                    header_timeout,
+                )
             return
         path = request.target.decode("ascii", "replace").split("?", 1)[0]
         method = request.method.decode("ascii", "replace")

@@ -10,6 +10,18 @@ format appends ``event=<name>`` so grep works the same way.
 Secrets are kept out at the call sites (tokens and keys are never passed to
 a logger); as a second line of defence both formats redact anything that
 looks like a bearer token or a PEM private key before the line is written.
+
+Log lines cannot be forged: peers put text into messages (a target name, an
+agent's ``dial_fail`` text, a TLS error), so the text format escapes control
+characters, line and paragraph separators, bidi and zero-width format
+characters and lone surrogates (``\\n``, ``\\x1b``, ``\\u2028``) in the
+whole line, traceback included: one record is always one line. JSON escapes
+C0 controls itself; the same other characters are written as ``\\uXXXX``.
+
+Nor flooded: warnings that one unauthenticated peer can cause go through
+:func:`limited` (a :class:`LogLimiter` per process), at most
+:data:`PER_SOURCE` lines per :data:`INTERVAL` seconds per (event, source),
+then one ``log_suppressed`` line with the count.
 """
 
 from __future__ import annotations
@@ -19,6 +31,9 @@ import logging
 import re
 import sys
 import time
+
+import attrs
+import trio
 
 #: The stable event vocabulary (documented in docs/operations.md).
 EVENTS = frozenset(
@@ -46,6 +61,8 @@ EVENTS = frozenset(
         "lease_count_failed",  # agent: the Leases could not be listed (once per episode)
         "identifiers_changed",  # broker: an agent's identifiers were set or changed
         "identifier_not_allowed",  # broker: claims beyond the agent's credential, dropped
+        "bad_input",  # a frontend or health request refused as malformed
+        "log_suppressed",  # similar lines from one source were dropped; with the count
     }
 )
 
@@ -71,6 +88,32 @@ def redact(text: str) -> str:
     return _BEARER.sub(r"\1 <redacted>", text)
 
 
+# Characters a log line must not carry raw: C0 and C1 controls and DEL; line
+# and paragraph separators (U+2028/9, which splitlines() honours); soft
+# hyphen, zero-width and bidi format characters (they reorder or hide text on
+# a terminal); BOM and interlinear annotations; lone surrogates (unencodable).
+_UNSAFE = re.compile(
+    "[\x00-\x1f\x7f-\x9f\xad\u061c\u180e\u200b-\u200f\u2028-\u202e"
+    "\u2060-\u206f\ufeff\ufff9-\ufffb\ud800-\udfff]"
+)
+_NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _escape_one(match: re.Match[str]) -> str:
+    char = match.group()
+    code = ord(char)
+    return _NAMED.get(char) or (f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}")
+
+
+def escape_controls(text: str) -> str:
+    """``text`` with every unsafe character written as a backslash escape."""
+    return _UNSAFE.sub(_escape_one, text) if _UNSAFE.search(text) else text
+
+
+def _json_escape(match: re.Match[str]) -> str:
+    return f"\\u{ord(match.group()):04x}"
+
+
 # Attributes every LogRecord has; anything else came in through ``extra``.
 _STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {
     "message",
@@ -93,7 +136,9 @@ class JsonFormatter(logging.Formatter):
                 out[key] = value
         if record.exc_info:
             out["exc"] = self.formatException(record.exc_info)
-        return redact(json.dumps(out, ensure_ascii=False, default=str))
+        line = json.dumps(out, ensure_ascii=False, default=str)
+        # json escaped C0 already; what is left can only sit inside strings.
+        return redact(_UNSAFE.sub(_json_escape, line))
 
 
 class TextFormatter(logging.Formatter):
@@ -106,7 +151,7 @@ class TextFormatter(logging.Formatter):
         return f"{line}  event={name}" if name else line
 
     def format(self, record: logging.LogRecord) -> str:
-        return redact(super().format(record))
+        return escape_controls(redact(super().format(record)))
 
 
 def setup_logging(fmt: str, level: str) -> None:
@@ -119,3 +164,171 @@ def setup_logging(fmt: str, level: str) -> None:
     # and headers include the agent's Authorization.
     for noisy in ("h2", "hpack"):
         logging.getLogger(noisy).setLevel(max(logging.INFO, root.level))
+
+
+# ------------------------------------------------------------- rate limiting
+
+#: Lines per (event, source) per interval before suppression starts.
+PER_SOURCE = 10
+#: Lines per event, all sources together, per interval.
+PER_EVENT = 100
+#: Seconds of one counting window.
+INTERVAL = 10.0
+#: (event, source) keys tracked at once; further sources share one key.
+MAX_KEYS = 1024
+OTHER_SOURCES = "other addresses"
+
+
+@attrs.define
+class _Window:
+    started: float
+    logger: str
+    lines: int = 0
+    suppressed: int = 0
+
+
+@attrs.frozen
+class Suppressed:
+    """What one window dropped, for the ``log_suppressed`` line."""
+
+    event: str
+    source: str
+    count: int
+    seconds: float
+    logger: str
+
+    def message(self) -> str:
+        return (
+            f"suppressed {self.count} similar messages from {self.source} "
+            f"in the last {self.seconds:.0f}s ({self.event})"
+        )
+
+
+class LogLimiter:
+    """Counts log lines per (event, source) in fixed windows, sans-IO.
+
+    :meth:`admit` says whether one more line may be written now; lines over
+    ``per_source`` per key, or ``per_event`` per event, in one window are
+    counted instead. A window that dropped lines yields one
+    :class:`Suppressed` when it ends, from :meth:`admit` for the same key or
+    from :meth:`expired` (called periodically). Memory is bounded: at most
+    ``max_keys`` keys, then new sources share the key ``OTHER_SOURCES``.
+    The clock is passed in.
+    """
+
+    def __init__(
+        self,
+        per_source: int = PER_SOURCE,
+        interval: float = INTERVAL,
+        *,
+        per_event: int = PER_EVENT,
+        max_keys: int = MAX_KEYS,
+    ) -> None:
+        self.per_source = per_source
+        self.per_event = per_event
+        self.interval = interval
+        self.max_keys = max_keys
+        self._windows: dict[tuple[str, str], _Window] = {}
+        self._events: dict[str, _Window] = {}
+
+    def __len__(self) -> int:
+        return len(self._windows)
+
+    def admit(
+        self, event_name: str, source: str, now: float, logger: str = ""
+    ) -> tuple[bool, Suppressed | None]:
+        """(write this line?, the summary of this key's window that ended)."""
+        ended: Suppressed | None = None
+        key = (event_name, source)
+        window = self._windows.get(key)
+        if window is not None and now - window.started >= self.interval:
+            ended = self._close(key, window, now)
+            window = None
+        if window is None:
+            if len(self._windows) >= self.max_keys:
+                self._sweep(now)
+            if len(self._windows) >= self.max_keys:
+                key = (event_name, OTHER_SOURCES)
+                window = self._windows.get(key)
+            if window is None:
+                window = self._windows[key] = _Window(now, logger)
+        total = self._events.get(event_name)
+        if total is None or now - total.started >= self.interval:
+            total = self._events[event_name] = _Window(now, logger)
+        if window.lines < self.per_source and total.lines < self.per_event:
+            window.lines += 1
+            total.lines += 1
+            return True, ended
+        window.suppressed += 1
+        return False, ended
+
+    def expired(self, now: float) -> list[Suppressed]:
+        """Summaries of every window that ended; forgets those keys."""
+        return self._sweep(now)
+
+    def _sweep(self, now: float) -> list[Suppressed]:
+        out: list[Suppressed] = []
+        for key, window in list(self._windows.items()):
+            if now - window.started >= self.interval:
+                summary = self._close(key, window, now)
+                if summary is not None:
+                    out.append(summary)
+        for name, total in list(self._events.items()):
+            if now - total.started >= self.interval:
+                del self._events[name]
+        return out
+
+    def _close(self, key: tuple[str, str], window: _Window, now: float) -> Suppressed | None:
+        del self._windows[key]
+        if not window.suppressed:
+            return None
+        return Suppressed(key[0], key[1], window.suppressed, now - window.started, window.logger)
+
+
+#: The process's limiter (the broker flushes it with :func:`run_suppressed_reporter`).
+LIMITER = LogLimiter()
+
+
+def _report(summary: Suppressed) -> None:
+    logging.getLogger(summary.logger or "tether").warning(
+        "%s",
+        summary.message(),
+        extra=event(
+            "log_suppressed",
+            suppressed_event=summary.event,
+            source=summary.source,
+            count=summary.count,
+            seconds=round(summary.seconds, 1),
+        ),
+    )
+
+
+def limited(
+    logger: logging.Logger,
+    level: int,
+    source: str,
+    msg: str,
+    *args: object,
+    extra: dict[str, object] | None = None,
+    key: str | None = None,
+) -> bool:
+    """Log one line that a peer at ``source`` caused, within the budget.
+
+    ``key`` (default: the ``event`` in ``extra``, else ``msg``) groups similar
+    lines. Returns whether the line was written.
+    """
+    name = key or str((extra or {}).get("event") or msg)
+    ok, ended = LIMITER.admit(name, source, time.monotonic(), logger.name)
+    if ended is not None:
+        _report(ended)
+    if ok:
+        logger.log(level, msg, *args, extra=extra)
+    return ok
+
+
+async def run_suppressed_reporter(period: float = 1.0) -> None:
+    """Write the ``log_suppressed`` lines of windows that ended, every ``period`` s."""
+    while True:
+        await trio.sleep(period)
+        for summary in LIMITER.expired(time.monotonic()):
+            _report(summary)
