@@ -37,6 +37,9 @@ EVENTS = frozenset(
         "reconnect",  # agent: waiting to reconnect, with delay and cause
         "cert_reloaded",  # new certificate/key/CA in use for new connections
         "cert_reload_failed",  # reload refused; the previous certificate stays in use
+        "frontend_socket",  # broker: a frontend Unix socket created (owner, group, mode)
+        "stale_socket_replaced",  # broker: a dead socket at the path was replaced
+        "frontend_socket_lost",  # broker: its socket path was removed or replaced
     }
 )
 
