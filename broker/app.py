@@ -172,7 +172,11 @@ class Broker:
                 bound.gid,
                 mode,
                 extra=event(
-                    "frontend_socket", cluster=name, path=path, uid=bound.uid, gid=bound.gid,
+                    "frontend_socket",
+                    cluster=name,
+                    path=path,
+                    uid=bound.uid,
+                    gid=bound.gid,
                     mode=mode,
                 ),
             )
@@ -180,7 +184,7 @@ class Broker:
                 name, path, str(bound.uid), str(bound.gid), mode
             ).set(1)
             self.metrics.frontend_socket_owned.labels(name).set_function(
-                lambda b=bound: 1.0 if b.owned() else 0.0
+                functools.partial(_owned, bound)
             )
 
     def remove_sockets(self) -> None:
@@ -474,6 +478,10 @@ def clusters_from(cfg: BrokerConfig) -> list[ClusterConfig]:
             )
         )
     return clusters
+
+
+def _owned(bound: BoundUnixSocket) -> float:
+    return 1.0 if bound.owned() else 0.0
 
 
 def _socket_keys(cfg: BrokerConfig, cluster: ClusterConfig) -> dict[str, str]:

@@ -148,9 +148,7 @@ async def whoami_port(nursery: trio.Nursery) -> int:
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
 
-    listeners = await nursery.start(
-        functools.partial(trio.serve_tcp, handler, 0, host="127.0.0.1")
-    )
+    listeners = await nursery.start(functools.partial(trio.serve_tcp, handler, 0, host="127.0.0.1"))
     return int(listeners[0].socket.getsockname()[1])
 
 
@@ -232,8 +230,12 @@ frontend_uds_mode = 0o600
     assert await connect_as(STRANGER, STRANGER, a_sock, target) == "EACCES"
 
     # Logged and exported at start-up, per socket.
-    assert await wait_log(broker, f"frontend socket {a_sock} owner {os.getuid()} group {TENANT_A_GID} mode 0660")
-    assert await wait_log(broker, f"frontend socket {b_sock} owner {TENANT_B_UID} group {named.gr_gid} mode 0600")
+    assert await wait_log(
+        broker, f"frontend socket {a_sock} owner {os.getuid()} group {TENANT_A_GID} mode 0660"
+    )
+    assert await wait_log(
+        broker, f"frontend socket {b_sock} owner {TENANT_B_UID} group {named.gr_gid} mode 0600"
+    )
     text = await broker.metrics()
     for cluster, path, owner, group, mode in (
         ("a", a_sock, os.getuid(), TENANT_A_GID, "0660"),

@@ -44,13 +44,13 @@ def resolve_group(spec: str | int) -> int:
 def parse_mode(spec: str | int) -> int:
     """A file mode from octal text (``"0660"``, ``"660"``) or a number (TOML ``0o660``)."""
     if isinstance(spec, bool):
-        raise ValueError("must be an octal mode such as \"0660\"")
+        raise ValueError('must be an octal mode such as "0660"')
     if isinstance(spec, int):
         value = spec
     else:
         text = spec.strip().lower().removeprefix("0o")
         if not text or any(ch not in "01234567" for ch in text):
-            raise ValueError(f"must be an octal mode such as \"0660\", got {spec!r}")
+            raise ValueError(f'must be an octal mode such as "0660", got {spec!r}')
         value = int(text, 8)
     if not 0 <= value <= 0o777:
         raise ValueError(f"must be 0 to 0777 (permission bits only), got {value:#o}")
