@@ -306,7 +306,7 @@ def from_args(argv: list[str] | None, environ: Mapping[str, str] | None = None) 
     server_id = values.pop("server_id")
     if values["uds_name"] and resolved.sources.get("server_port") == "default":
         # A Unix socket is the frontend in use: TCP only when asked for.
-        values["server_port"] = 0
+        values["server_port"] = resolved.values["server_port"] = 0
         resolved.sources["server_port"] = "default: off, --uds-name is set"
     cfg = BrokerConfig(
         proxy_strategies=strategies,

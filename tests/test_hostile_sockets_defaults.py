@@ -512,3 +512,27 @@ async def test_agent_metrics_on_its_loopback_admin_port(
     assert metric(body.decode(), "konnectivity_network_proxy_agent_open_server_connections") == 1
     ports = listening(agent.pid)
     assert {a for a, p in ports if p == admin} == {"127.0.0.1"}, ports
+
+
+@pytest.mark.timeout(30)
+def test_tcp_frontend_default_follows_uds_name(tmp_path: Path, pki: PkiPaths) -> None:
+    from broker.config import from_args
+
+    creds = [
+        f"--cluster-cert={pki.broker_cert}",
+        f"--cluster-key={pki.broker_key}",
+        f"--cluster-ca-cert={pki.ca_cert}",
+        f"--server-cert={pki.broker_cert}",
+        f"--server-key={pki.broker_key}",
+        f"--server-ca-cert={pki.ca_cert}",
+    ]
+    uds = f"--uds-name={tmp_path / 'x.sock'}"
+    assert from_args([*creds, uds], {}).server_port == 0
+    assert from_args([*creds, uds, "--server-port=8090"], {}).server_port == 8090
+    assert from_args([*creds, uds], {"TETHER_BROKER_SERVER_PORT": "9443"}).server_port == 9443
+    cfg = from_args(creds, {})
+    assert (cfg.server_port, cfg.server_bind_address) == (8090, "")
+    assert (cfg.admin_port, cfg.admin_bind_address) == (8095, "127.0.0.1")
+    assert (cfg.health_port, cfg.health_bind_address, cfg.agent_bind_address) == (8092, "", "")
+    # A socket-only broker needs no TCP frontend certificates at all.
+    assert from_args([*creds[:3], uds], {}).server_port == 0
