@@ -536,3 +536,36 @@ def test_tcp_frontend_default_follows_uds_name(tmp_path: Path, pki: PkiPaths) ->
     assert (cfg.health_port, cfg.health_bind_address, cfg.agent_bind_address) == (8092, "", "")
     # A socket-only broker needs no TCP frontend certificates at all.
     assert from_args([*creds[:3], uds], {}).server_port == 0
+
+
+@pytest.mark.timeout(60)
+def test_brokers_starting_together_never_take_each_others_socket(tmp_path: Path) -> None:
+    """Many binds at once on one stale path: exactly one wins, every other
+    one is refused as "in use", and the winner's socket is still its own."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tether.netio.listeners import UnixSocketError, UnixSocketSpec, bind_unix_socket
+
+    path = str(tmp_path / "race.sock")
+    for _ in range(300):  # without the directory lock, a double win shows within 300
+        stale = socket.socket(socket.AF_UNIX)
+        stale.bind(path)
+        stale.close()  # a stale socket file: nobody listens
+
+        def attempt(_: int) -> object:
+            try:
+                return bind_unix_socket(UnixSocketSpec(path))
+            except UnixSocketError as exc:
+                return str(exc)
+
+        with ThreadPoolExecutor(8) as pool:
+            results = list(pool.map(attempt, range(8)))
+        won = [r for r in results if not isinstance(r, str)]
+        assert len(won) == 1, results
+        assert all(
+            r == f"socket {path} in use by another process" for r in results if isinstance(r, str)
+        )
+        (winner,) = won
+        assert winner.owned()  # type: ignore[attr-defined]
+        assert winner.remove_if_owned()  # type: ignore[attr-defined]
+        winner.sock.close()  # type: ignore[attr-defined]

@@ -120,11 +120,17 @@ def bind_unix_socket(spec: UnixSocketSpec, *, backlog: int = 512) -> BoundUnixSo
     parent = os.path.dirname(path) or "."
     try:
         os.makedirs(parent, exist_ok=True)
-        dir_fd = os.open(parent, os.O_RDONLY | os.O_DIRECTORY)
     except OSError as exc:
         raise UnixSocketError(f"socket {path}: directory: {exc.strerror or exc}") from None
     try:
-        fcntl.flock(dir_fd, fcntl.LOCK_EX)
+        dir_fd = os.open(parent, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        dir_fd = -1  # a directory we may not read: no lock, the probe still runs
+    try:
+        # Held until listen(): a socket bound but not yet listening refuses
+        # connections, and another broker's probe must not take it for stale.
+        if dir_fd >= 0:
+            fcntl.flock(dir_fd, fcntl.LOCK_EX)
         stale = _clear_stale(path)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         old_umask = os.umask(0o177)
@@ -135,23 +141,24 @@ def bind_unix_socket(spec: UnixSocketSpec, *, backlog: int = 512) -> BoundUnixSo
             raise UnixSocketError(f"socket {path}: cannot bind: {exc.strerror or exc}") from None
         finally:
             os.umask(old_umask)
+        try:
+            if spec.uid != -1 or spec.gid != -1:
+                os.chown(path, spec.uid, spec.gid)
+            os.chmod(path, spec.mode)
+            st = os.lstat(path)
+            sock.listen(backlog)
+            sock.setblocking(False)
+        except OSError as exc:
+            sock.close()
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+            raise UnixSocketError(
+                f"socket {path}: cannot set owner {spec.uid} group {spec.gid} "
+                f"mode {spec.mode:04o}: {exc.strerror or exc}"
+            ) from None
     finally:
-        os.close(dir_fd)  # closing the descriptor drops the lock
-    try:
-        if spec.uid != -1 or spec.gid != -1:
-            os.chown(path, spec.uid, spec.gid)
-        os.chmod(path, spec.mode)
-        st = os.lstat(path)
-        sock.listen(backlog)
-        sock.setblocking(False)
-    except OSError as exc:
-        sock.close()
-        with contextlib.suppress(OSError):
-            os.unlink(path)
-        raise UnixSocketError(
-            f"socket {path}: cannot set owner {spec.uid} group {spec.gid} "
-            f"mode {spec.mode:04o}: {exc.strerror or exc}"
-        ) from None
+        if dir_fd >= 0:
+            os.close(dir_fd)  # closing the descriptor drops the lock
     return BoundUnixSocket(spec, sock, (st.st_dev, st.st_ino), st.st_uid, st.st_gid, stale)
 
 
