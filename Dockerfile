@@ -47,6 +47,8 @@ ENV PATH=/opt/tether/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1
 USER 65532:65532
-# 8091 agents, 8092 broker health and metrics, 8093 agent health
+# 8091 agents, 8092 broker health, 8093 agent health. Metrics are on the
+# admin ports (broker 8095, agent 8094 with --metrics), bound to 127.0.0.1
+# unless --admin-bind-address says otherwise, so they are not exposed here.
 EXPOSE 8091 8092 8093
 CMD ["tether-agent", "--help"]

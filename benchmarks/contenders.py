@@ -459,6 +459,7 @@ def _start_broker(
             "--server-port=0",
             "--health-bind-address=127.0.0.1",
             f"--health-port={health_port}",
+            "--admin-port=0",
             f"--cluster-cert={pki.broker_cert}",
             f"--cluster-key={pki.broker_key}",
             f"--cluster-ca-cert={pki.ca_cert}",

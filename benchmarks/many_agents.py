@@ -272,7 +272,13 @@ def _restart(broker: BrokerHandle, workdir: Path) -> BrokerHandle:
     broker.proc.stop()
     proc = Proc("broker", broker.proc.argv, workdir / "broker-restarted.log")
     return BrokerHandle(
-        proc, broker.agent_port, broker.server_port, broker.health_port, broker.uds, broker.pki
+        proc,
+        broker.agent_port,
+        broker.server_port,
+        broker.health_port,
+        broker.uds,
+        broker.pki,
+        broker.admin_port,
     )
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 import ssl
 from collections.abc import Awaitable, Callable
 
@@ -14,7 +13,7 @@ from broker import roles
 from broker.agent_conn import ServerInfo
 from broker.agent_server import AgentServer
 from broker.auth import Authenticator, TokenStore
-from broker.clusters import ClusterConfig, load_clusters, parse_allowed_identifiers
+from broker.clusters import ClusterConfig, load_clusters, parse_allowed_identifiers, socket_spec
 from broker.config import BrokerConfig
 from broker.connect_frontend import ConnectSettings, handle_connect
 from broker.grpc_frontend import GrpcFrontend, GrpcSettings
@@ -24,7 +23,13 @@ from protocol.session import SessionConfig
 from tether.netio import sockopts, tls
 from tether.netio.http import serve_http, text
 from tether.netio.limits import PerPeerLimiter
-from tether.netio.listeners import listener_port, open_tcp_listener, open_unix_listener
+from tether.netio.listeners import (
+    BoundUnixSocket,
+    UnixSocketError,
+    bind_unix_socket,
+    listener_port,
+    open_tcp_listener,
+)
 from tether.netio.logs import event, limited, run_suppressed_reporter
 from tether.netio.process import wait_for_stop_signal
 from tether.netio.tunnel import Keepalive
@@ -134,6 +139,12 @@ class Broker:
         self._tunnels_idle = trio.Event()
         self._tunnels_idle.set()
         self.stopping = False
+        #: Frontend Unix sockets per cluster: what to create, then what was.
+        self.socket_specs = {
+            c.name: socket_spec(c, _socket_keys(cfg, c)) for c in self.clusters if c.frontend_uds
+        }
+        self.sockets: dict[str, BoundUnixSocket] = {}
+        self._sockets_lost: set[str] = set()
 
     # --------------------------------------------------------- certificates
 
@@ -178,6 +189,78 @@ class Broker:
         if ctx is self.agent_tls:
             self.agent_server.ssl_context = ctx.current
 
+    # ------------------------------------------------------- unix sockets
+
+    def bind_sockets(self) -> None:
+        """Create every frontend socket (before trio starts, so that a socket
+        in use is a start-up error); on failure none is left behind."""
+        if self.sockets:
+            return
+        try:
+            for name, spec in self.socket_specs.items():
+                self.sockets[name] = bind_unix_socket(spec)
+        except UnixSocketError:
+            self.remove_sockets()
+            raise
+        for name, bound in self.sockets.items():
+            path = bound.spec.path
+            if bound.replaced_stale:
+                log.warning(
+                    "replacing stale socket %s (nobody listened on it)",
+                    path,
+                    extra=event("stale_socket_replaced", cluster=name, path=path),
+                )
+            mode = f"{bound.spec.mode:04o}"
+            log.info(
+                "cluster %s: frontend socket %s owner %d group %d mode %s",
+                name,
+                path,
+                bound.uid,
+                bound.gid,
+                mode,
+                extra=event(
+                    "frontend_socket",
+                    cluster=name,
+                    path=path,
+                    uid=bound.uid,
+                    gid=bound.gid,
+                    mode=mode,
+                ),
+            )
+            self.metrics.frontend_socket_info.labels(
+                name, path, str(bound.uid), str(bound.gid), mode
+            ).set(1)
+            self.metrics.frontend_socket_owned.labels(name).set_function(
+                functools.partial(_owned, bound)
+            )
+
+    def remove_sockets(self) -> None:
+        """Unlink the frontend sockets that are still this broker's, then close them."""
+        for bound in self.sockets.values():
+            bound.remove_if_owned()
+            bound.sock.close()
+        self.sockets.clear()
+
+    def _lost_sockets(self) -> list[str]:
+        """Clusters whose socket path no longer leads to our socket; logs changes."""
+        lost = [name for name, bound in self.sockets.items() if not bound.owned()]
+        for name in set(lost) - self._sockets_lost:
+            path = self.sockets[name].spec.path
+            log.warning(
+                "frontend socket %s of cluster %s is gone or replaced by another file; "
+                "not ready (restart the broker to create it again)",
+                path,
+                name,
+                extra=event("frontend_socket_lost", cluster=name, path=path),
+            )
+        self._sockets_lost = set(lost)
+        return lost
+
+    async def _watch_sockets(self, interval: float = 1.0) -> None:
+        while True:
+            self._lost_sockets()
+            await trio.sleep(interval)
+
     # ------------------------------------------------------------- health
 
     def routes(self) -> dict[str, Callable[[], tuple[int, str, bytes]]]:
@@ -187,13 +270,24 @@ class Broker:
         def readyz() -> tuple[int, str, bytes]:
             if self.stopping:
                 return text(503, "shutting down")
+            lost = self._lost_sockets()
+            if lost:
+                return text(503, f"frontend socket lost: {', '.join(sorted(lost))}")
             n = self.registry.count()
             return text(200, f"ready: {n} agent(s)") if n else text(503, "no agent connected")
+
+        return {"/healthz": healthz, "/readyz": readyz}
+
+    def admin_routes(self) -> dict[str, Callable[[], tuple[int, str, bytes]]]:
+        """The admin port (konnectivity's ``--admin-port``): ``/metrics``."""
 
         def metrics() -> tuple[int, str, bytes]:
             return 200, "text/plain; version=0.0.4; charset=utf-8", self.metrics.render()
 
-        return {"/healthz": healthz, "/readyz": readyz, "/metrics": metrics}
+        return {"/metrics": metrics}
+
+    def _admin_bad_input(self, reason: str) -> None:
+        self.metrics.bad_input.labels("admin", reason).inc()
 
     def _health_bad_input(self, reason: str) -> None:
         self.metrics.bad_input.labels("health", reason).inc()
@@ -317,9 +411,7 @@ class Broker:
 
     # ---------------------------------------------------------------- run
 
-    async def run(
-        self, *, task_status: trio.TaskStatus[dict[str, int]] = trio.TASK_STATUS_IGNORED
-    ) -> None:
+    async def _run(self, *, task_status: trio.TaskStatus[dict[str, int]]) -> None:
         cfg = self.cfg
         async with trio.open_nursery() as nursery:
             await nursery.start(
@@ -333,11 +425,13 @@ class Broker:
             agent_l = await open_tcp_listener(cfg.agent_bind_address, cfg.agent_port)
             ports["agent"] = listener_port(agent_l)
             nursery.start_soon(_serve, agent_l, self.agent_server.handle)
+            self.bind_sockets()
             for c in self.clusters:
-                if c.frontend_uds:
-                    uds_l = open_unix_listener(c.frontend_uds)
+                if c.name in self.sockets:
+                    uds_l = self.sockets[c.name].listener()
                     frontend = "grpc" if c.frontend_mode == "grpc" else "uds"
                     nursery.start_soon(_serve, uds_l, self._frontend_handler(frontend, c.name))
+            nursery.start_soon(self._watch_sockets)
             if cfg.server_port:
                 tcp_l = await open_tcp_listener(cfg.server_bind_address, cfg.server_port)
                 ports["server"] = listener_port(tcp_l)
@@ -354,8 +448,22 @@ class Broker:
                         on_bad_input=self._health_bad_input,
                     )
                 )
+            admin = "off"
+            if cfg.admin_port:
+                admin_l = await open_tcp_listener(cfg.admin_bind_address, cfg.admin_port)
+                ports["admin"] = listener_port(admin_l)
+                admin = f"{cfg.admin_bind_address or '*'}:{ports['admin']}"
+                nursery.start_soon(
+                    functools.partial(
+                        serve_http,
+                        admin_l,
+                        self.admin_routes(),
+                        header_timeout=cfg.frontend_header_timeout,
+                        on_bad_input=self._admin_bad_input,
+                    )
+                )
             log.info(
-                "broker %s up: agent port %s, frontends %s, health port %s",
+                "broker %s up: agent port %s, frontends %s, health port %s, admin port %s",
                 cfg.server_id,
                 ports.get("agent"),
                 ", ".join(
@@ -364,21 +472,31 @@ class Broker:
                         for c in self.clusters
                         if c.frontend_uds
                     ]
-                    + ([f"CONNECT+mTLS on :{ports['server']}"] if "server" in ports else [])
+                    + [
+                        f"CONNECT+mTLS on :{ports['server']}"
+                        if "server" in ports
+                        else "TCP CONNECT frontend off"
+                    ]
                 ),
                 ports.get("health"),
+                admin,
                 extra=event("started", server_id=cfg.server_id, ports=ports),
             )
             task_status.started(ports)
             await wait_for_stop_signal(log)
             await self.shutdown()
             nursery.cancel_scope.cancel()
-        for c in self.clusters:
-            if c.frontend_uds:
-                try:
-                    os.unlink(c.frontend_uds)
-                except OSError:
-                    pass
+
+    async def run(
+        self, *, task_status: trio.TaskStatus[dict[str, int]] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        try:
+            await self._run(task_status=task_status)
+        finally:
+            # self.sockets still holds the listening sockets, so their inodes
+            # cannot be reused yet and "still ours" is exact: a socket another
+            # process put at the path stays.
+            self.remove_sockets()
 
     async def shutdown(self) -> None:
         """Drain: no new frontend work, agents told to move, tunnels finish."""
@@ -408,6 +526,9 @@ def clusters_from(cfg: BrokerConfig) -> list[ClusterConfig]:
                 frontend_ca=cfg.server_ca_cert,
                 frontend_uds=cfg.uds_name,
                 frontend_mode=cfg.mode,
+                frontend_uds_owner=cfg.uds_owner,
+                frontend_uds_group=cfg.uds_group,
+                frontend_uds_mode=int(cfg.uds_mode, 8),
                 tokenreview_kubeconfig=cfg.kubeconfig,
                 tokenreview_audience=cfg.authentication_audience,
                 allowed_service_accounts=(
@@ -423,6 +544,25 @@ def clusters_from(cfg: BrokerConfig) -> list[ClusterConfig]:
             )
         )
     return clusters
+
+
+def _owned(bound: BoundUnixSocket) -> float:
+    return 1.0 if bound.owned() else 0.0
+
+
+def _socket_keys(cfg: BrokerConfig, cluster: ClusterConfig) -> dict[str, str]:
+    """How errors name a cluster's socket settings: flags for the implicit
+    cluster, the config file's keys for the others."""
+    if cluster.frontend_uds == cfg.uds_name and cluster.name == cfg.cluster_name:
+        return {
+            "frontend_uds_owner": "--uds-owner",
+            "frontend_uds_group": "--uds-group",
+            "frontend_uds_mode": "--uds-mode",
+        }
+    return {
+        key: f"{cfg.config}: cluster {cluster.name}: {key}"
+        for key in ("frontend_uds_owner", "frontend_uds_group", "frontend_uds_mode")
+    }
 
 
 def _peer_host(stream: trio.abc.Stream) -> str:

@@ -10,6 +10,8 @@ only ever reaches agents of its frontend's cluster. Example::
     frontend_ca = "/etc/tether/tenant-a/frontend-ca.crt"  # TCP frontend clients of tenant-a
     frontend_uds = "/run/tether/tenant-a.sock"   # kube-apiserver of tenant-a
     frontend_mode = "http-connect"               # or "grpc"
+    frontend_uds_group = "tenant-a-apiserver"    # who may open the socket:
+    frontend_uds_mode = "0660"                   #   owner and group (names or ids)
 
     [[clusters]]
     name = "tenant-b"
@@ -28,17 +30,24 @@ names the cluster (``frontend_ca``; the single-cluster ``--server-ca-cert``
 for the implicit cluster); a subject ``O`` naming another cluster is refused.
 A cluster without ``frontend_ca`` falls back to its ``agent_ca`` (a PKI from
 before the frontend CA), with a startup warning (see broker/roles.py).
+
+Each frontend socket has its own ``frontend_uds_owner``,
+``frontend_uds_group`` (names or numbers; default: the broker's) and
+``frontend_uds_mode`` (default ``"0660"``), so one tenant's apiserver group
+cannot open another tenant's socket.
 """
 
 from __future__ import annotations
 
 import tomllib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import attrs
 
 from protocol.identifiers import valid_name
+from tether.netio.listeners import UnixSocketSpec, parse_mode, resolve_group, resolve_user
 
 
 class ConfigError(Exception):
@@ -68,6 +77,28 @@ class ClusterConfig:
     agent_identifiers: str = "credential"
     #: (agent-id glob, identifiers) pairs the cluster allows on top of credentials.
     allowed_identifiers: tuple[tuple[str, str], ...] = ()
+    #: Owner and group (name or number; empty: the broker's own) and mode
+    #: of the frontend socket.
+    frontend_uds_owner: str = ""
+    frontend_uds_group: str = ""
+    frontend_uds_mode: int = 0o660
+
+
+def socket_spec(cluster: ClusterConfig, where: Mapping[str, str]) -> UnixSocketSpec:
+    """The frontend socket of ``cluster``, owner and group resolved; errors
+    name the key through ``where`` (key -> how to name it in a message)."""
+    try:
+        uid = resolve_user(cluster.frontend_uds_owner) if cluster.frontend_uds_owner else -1
+    except KeyError as exc:
+        raise ConfigError(f"{where['frontend_uds_owner']}: {exc.args[0]}") from None
+    try:
+        gid = resolve_group(cluster.frontend_uds_group) if cluster.frontend_uds_group else -1
+    except KeyError as exc:
+        raise ConfigError(f"{where['frontend_uds_group']}: {exc.args[0]}") from None
+    return UnixSocketSpec(cluster.frontend_uds, cluster.frontend_uds_mode, uid, gid)
+
+
+_SOCKET_KEYS = ("frontend_uds_owner", "frontend_uds_group", "frontend_uds_mode")
 
 
 _KEYS = {f.name for f in attrs.fields(ClusterConfig)}
@@ -129,6 +160,16 @@ def _cluster(where: str, entry: Any) -> ClusterConfig:
         allowed_identifiers = parse_allowed_identifiers(entry.get("allowed_identifiers", {}))
     except ValueError as exc:
         raise ConfigError(f"{where}.allowed_identifiers: {exc}") from None
+    for key in ("frontend_uds_owner", "frontend_uds_group"):
+        if key in entry:
+            if isinstance(entry[key], bool) or not isinstance(entry[key], str | int):
+                raise ConfigError(f"{where}.{key}: must be a name or a number")
+            entry = {**entry, key: str(entry[key])}
+    if "frontend_uds_mode" in entry:
+        try:
+            entry = {**entry, "frontend_uds_mode": parse_mode(entry["frontend_uds_mode"])}
+        except ValueError as exc:
+            raise ConfigError(f"{where}.frontend_uds_mode: {exc}") from None
     cluster = ClusterConfig(
         **{
             **entry,
@@ -140,6 +181,7 @@ def _cluster(where: str, entry: Any) -> ClusterConfig:
         raise ConfigError(f"{where}.agent_identifiers: must be credential or any")
     if cluster.tokenreview_source_rate <= 0 or cluster.tokenreview_source_burst < 1:
         raise ConfigError(f"{where}.tokenreview_source_rate/burst: must be positive")
+    socket_spec(cluster, {key: f"{where}.{key}" for key in _SOCKET_KEYS})
     if cluster.frontend_mode not in ("http-connect", "grpc"):
         raise ConfigError(f"{where}.frontend_mode: must be http-connect or grpc")
     if not cluster.agent_ca and not cluster.token_agents and not cluster.tokenreview_kubeconfig:

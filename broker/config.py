@@ -18,12 +18,16 @@ import attrs
 from broker.clusters import parse_allowed_identifiers
 from broker.registry import parse_strategies
 from tether import compat, settings
+from tether.netio.listeners import parse_mode
 
 
 @attrs.frozen
 class BrokerConfig:
     mode: str = "http-connect"
     uds_name: str = ""
+    uds_owner: str = ""
+    uds_group: str = ""
+    uds_mode: str = "0660"
     server_bind_address: str = ""
     server_port: int = 8090
     server_cert: str = ""
@@ -39,6 +43,8 @@ class BrokerConfig:
     cluster_name: str = "default"
     health_bind_address: str = ""
     health_port: int = 8092
+    admin_bind_address: str = "127.0.0.1"
+    admin_port: int = 8095
     server_id: str = attrs.Factory(lambda: uuid.uuid4().hex[:12])
     server_count: int = 1
     proxy_strategies: tuple[str, ...] = ("default",)
@@ -80,6 +86,13 @@ class BrokerConfig:
 _port = settings.port  # one home for the port type: tether.settings
 
 
+def _mode(text: str) -> str:
+    try:
+        return f"{parse_mode(text):04o}"
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     d = BrokerConfig(server_id="")
     p = settings.Parser(
@@ -96,8 +109,21 @@ def build_parser() -> argparse.ArgumentParser:
     fe.add_argument(
         "--uds-name",
         default=d.uds_name,
-        help="Unix socket for the egress frontend (mode 0660); empty disables it",
+        help="Unix socket for the egress frontend; empty disables it. A live socket at "
+        "the path (another broker's) is never replaced: the broker refuses to start",
     )
+    fe.add_argument(
+        "--uds-owner",
+        default=d.uds_owner,
+        help="owner of --uds-name, a user name or uid (empty: the broker's user)",
+    )
+    fe.add_argument(
+        "--uds-group",
+        default=d.uds_group,
+        help="group of --uds-name, a group name or gid (empty: the broker's group); "
+        "kube-apiserver must run as the owner or in this group",
+    )
+    fe.add_argument("--uds-mode", type=_mode, default=d.uds_mode, help="mode of --uds-name, octal")
     fe.add_argument(
         "--server-bind-address",
         default=d.server_bind_address,
@@ -107,7 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--server-port",
         type=_port,
         default=d.server_port,
-        help="port of the TCP mTLS CONNECT frontend; 0 disables it",
+        help="port of the TCP mTLS CONNECT frontend; 0 disables it. With --uds-name "
+        "the TCP frontend is off unless this is given",
     )
     fe.add_argument("--server-cert", default=d.server_cert, help="frontend TLS certificate")
     fe.add_argument("--server-key", default=d.server_key, help="frontend TLS key")
@@ -258,12 +285,26 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds for the TLS handshake and control stream",
     )
     ops = p.add_argument_group("operations")
-    ops.add_argument("--health-bind-address", default=d.health_bind_address)
+    ops.add_argument(
+        "--health-bind-address", default=d.health_bind_address, help="(empty: all addresses)"
+    )
     ops.add_argument(
         "--health-port",
         type=_port,
         default=d.health_port,
-        help="/healthz, /readyz and /metrics; 0 disables",
+        help="/healthz and /readyz; 0 disables",
+    )
+    ops.add_argument(
+        "--admin-bind-address",
+        default=d.admin_bind_address,
+        help="address of the admin port (Prometheus /metrics, unauthenticated: keep it "
+        "on loopback or a trusted network)",
+    )
+    ops.add_argument(
+        "--admin-port",
+        type=_port,
+        default=d.admin_port,
+        help="/metrics, as konnectivity-server's admin port; 0 disables",
     )
     ops.add_argument(
         "--frontend-header-timeout",
@@ -305,6 +346,7 @@ SPEC = settings.Spec(
     checks={
         "proxy_strategies": parse_strategies,
         "agent_allowed_identifiers": parse_allowed_identifiers,
+        "uds_mode": parse_mode,
     },
     compat=compat.SERVER,
 )
@@ -320,6 +362,10 @@ def from_args(argv: list[str] | None, environ: Mapping[str, str] | None = None) 
     except ValueError as exc:
         settings.fail(parser, f"{settings.where(resolved, 'proxy_strategies')}: {exc}")
     server_id = values.pop("server_id")
+    if values["uds_name"] and resolved.sources.get("server_port") == "default":
+        # A Unix socket is the frontend in use: TCP only when asked for.
+        values["server_port"] = resolved.values["server_port"] = 0
+        resolved.sources["server_port"] = "default: off, --uds-name is set"
     cfg = BrokerConfig(
         proxy_strategies=strategies,
         config_file=resolved.config_file,

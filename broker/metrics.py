@@ -73,3 +73,16 @@ class BrokerMetrics(TunnelMetrics):
             ["when"],
             registry=r,
         )
+        self.frontend_socket_info = prom.Gauge(
+            "tether_frontend_socket_info",
+            "Frontend Unix sockets this broker created, with their owner, group and mode.",
+            ["cluster", "path", "owner", "group", "mode"],
+            registry=r,
+        )
+        self.frontend_socket_owned = prom.Gauge(
+            "tether_frontend_socket_owned",
+            "1 while a cluster's frontend socket path still leads to this broker's socket "
+            "(0: removed or replaced; /readyz then fails).",
+            ["cluster"],
+            registry=r,
+        )

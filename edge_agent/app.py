@@ -324,15 +324,18 @@ class Agent:
         def readyz() -> tuple[int, str, bytes]:
             return text(*self.readiness())
 
-        routes = {"/healthz": healthz, "/readyz": readyz}
+        return {"/healthz": healthz, "/readyz": readyz}
+
+    def admin_routes(self) -> dict[str, Callable[[], tuple[int, str, bytes]]]:
+        """The admin port (``--admin-server-port``): ``/metrics`` with ``--metrics``."""
         metrics = self.metrics
-        if metrics is not None:
+        if metrics is None:
+            return {}
 
-            def render() -> tuple[int, str, bytes]:
-                return 200, "text/plain; version=0.0.4; charset=utf-8", metrics.render()
+        def render() -> tuple[int, str, bytes]:
+            return 200, "text/plain; version=0.0.4; charset=utf-8", metrics.render()
 
-            routes["/metrics"] = render
-        return routes
+        return {"/metrics": render}
 
     def _cert_reloaded(self, ctx: tls.ReloadableContext, ok: bool) -> None:
         if self.metrics is not None:
@@ -386,6 +389,12 @@ class Agent:
                 )
                 ports["health"] = listener_port(health)
                 nursery.start_soon(serve_http, health, self.routes())
+            if self.metrics is not None and self.cfg.admin_server_port:
+                admin = await open_tcp_listener(
+                    self.cfg.admin_bind_address, self.cfg.admin_server_port
+                )
+                ports["admin"] = listener_port(admin)
+                nursery.start_soon(serve_http, admin, self.admin_routes())
             loop_scope = trio.CancelScope()
 
             async def loop() -> None:

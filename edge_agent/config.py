@@ -39,6 +39,8 @@ class AgentConfig:
     agent_identifiers: str = ""
     health_server_bind_address: str = "127.0.0.1"
     health_server_port: int = 8093
+    admin_bind_address: str = "127.0.0.1"
+    admin_server_port: int = 8094
     sync_interval: float = 1.0
     sync_interval_cap: float = 30.0
     probe_interval_cap: float = 3.0
@@ -172,7 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--health-server-port",
         type=settings.port,
         default=d.health_server_port,
-        help="/healthz, /readyz (and /metrics with --metrics); 0 disables",
+        help="/healthz and /readyz; 0 disables",
     )
     o.add_argument(
         "--drain-timeout",
@@ -184,7 +186,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--metrics",
         action=argparse.BooleanOptionalAction,
         default=d.metrics,
-        help="serve Prometheus /metrics on the health port",
+        help="serve Prometheus /metrics on the admin port",
+    )
+    o.add_argument(
+        "--admin-bind-address",
+        default=d.admin_bind_address,
+        help="address of the admin port (/metrics, unauthenticated)",
+    )
+    o.add_argument(
+        "--admin-server-port",
+        type=int,
+        default=d.admin_server_port,
+        help="/metrics with --metrics, as konnectivity-agent's admin port; 0 disables",
     )
     settings.add_tunnel_arguments(b, d, "broker connection")
     settings.add_common_arguments(o, d, default_file=DEFAULT_CONFIG_FILE)

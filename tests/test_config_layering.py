@@ -276,7 +276,7 @@ def test_broker_print_config_is_a_broker_table_and_checks(
 async def test_commands_run_from_config_files_and_env(
     tmp_path: Path, pki: PkiPaths, procs_started: list[Proc]
 ) -> None:
-    agent_port, health_port = free_port(), free_port()
+    agent_port, health_port, admin_port = free_port(), free_port(), free_port()
     broker_toml = write(
         tmp_path / "broker.toml",
         f"""[broker]
@@ -307,6 +307,7 @@ health_server_port = 0
         "TETHER_BROKER_CONFIG_FILE": broker_toml,
         "TETHER_BROKER_AGENT_PORT": str(agent_port),
         "TETHER_BROKER_HEALTH_PORT": str(health_port),
+        "TETHER_BROKER_ADMIN_PORT": str(admin_port),
     }
     broker = Proc("broker", [str(BIN / "tether-broker")], tmp_path / "broker.log", env=broker_env)
     procs_started.append(broker)
@@ -317,7 +318,7 @@ health_server_port = 0
         env=base,
     )
     procs_started.append(agent)
-    handle = BrokerHandle(broker, agent_port, 0, health_port, "", pki)
+    handle = BrokerHandle(broker, agent_port, 0, health_port, "", pki, admin_port)
     await handle.ready(agents=1)
 
     # A bad file stops the command before it starts anything.

@@ -54,7 +54,7 @@ class Stack:
     agent: Proc
 
     def metrics(self) -> str:
-        url = f"http://127.0.0.1:{self.broker.health_port}/metrics"
+        url = f"http://127.0.0.1:{self.broker.admin_port}/metrics"
         with urllib.request.urlopen(url, timeout=5) as resp:
             return str(resp.read().decode())
 

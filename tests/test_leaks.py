@@ -41,7 +41,7 @@ async def gauges(port: int) -> dict[str, float]:
 
 
 async def snapshot(broker: BrokerHandle, agent_health: int) -> dict[str, float]:
-    b, a = await gauges(broker.health_port), await gauges(agent_health)
+    b, a = await gauges(broker.admin_port), await gauges(agent_health)
     return {
         "broker_tasks": b["tether_tasks"],
         "broker_fds": b["tether_open_fds"],
@@ -62,7 +62,7 @@ async def test_ten_thousand_mixed_dials_leave_nothing_behind(
     broker = broker_factory("--backend-dial-timeout=0.5", "--log-level=warning", mode="grpc")
     agent_health = free_port()
     agent = agent_factory(
-        broker, "--metrics", f"--health-server-port={agent_health}", "--log-level=warning"
+        broker, "--metrics", f"--admin-server-port={agent_health}", "--log-level=warning"
     )
     await broker.ready(agents=1)
 

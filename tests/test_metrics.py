@@ -19,6 +19,7 @@ from procs import (
     free_port,
     http_get,
     serve_echo,
+    status_of,
     wait_for,
 )
 from prometheus_client.parser import text_string_to_metric_families
@@ -68,11 +69,12 @@ async def test_agent_without_metrics_and_broker_keepalive_rtt(
     # Whichever side's keepalive interval is shorter sends the PINGs (a PING
     # received counts as traffic for the other side): here the broker.
     broker = broker_factory("--keepalive-time=0.2")
-    port = free_port()
-    agent_factory(broker, f"--health-server-port={port}")
+    port, admin = free_port(), free_port()
+    agent_factory(broker, f"--health-server-port={port}", f"--admin-server-port={admin}")
     await broker.ready(agents=1)
     code, _ = await http_get(port, "/metrics")
     assert code == 404
+    assert await status_of(admin, "/metrics") == 0  # no admin port without --metrics
 
     async def measured() -> bool:
         return value(await broker.metrics(), "tether_keepalive_rtt_seconds_count") >= 2
@@ -110,7 +112,7 @@ async def test_metrics_move_with_real_traffic(
         small_windows,
         "--keepalive-time=0.2",  # the agent sends the PINGs, so it measures RTT
         "--metrics",
-        f"--health-server-port={agent_health}",
+        f"--admin-server-port={agent_health}",
         "--allow=127.0.0.0/8:*",
     )
     await broker.ready(agents=1)

@@ -118,7 +118,8 @@ async def _run(workdir: Path, keep_running: bool) -> int:
         agent = start_agent(workdir, broker, "--log-level=info")
         _say(
             f"broker pid {broker.proc.pid}: agents on :{broker.agent_port}, CONNECT+mTLS on "
-            f":{broker.server_port}, UDS {broker.uds}, health :{broker.health_port}"
+            f":{broker.server_port}, UDS {broker.uds}, health :{broker.health_port}, "
+            f"metrics :{broker.admin_port}"
         )
         _say(f"agent  pid {agent.pid}: dialing the broker from the 'edge'")
         with trio.fail_after(30):

@@ -135,6 +135,8 @@ class BrokerHandle:
     health_port: int
     uds: str
     pki: PkiPaths
+    #: /metrics lives here (``--admin-port``), not on the health port.
+    admin_port: int = 0
 
     async def ready(self, agents: int = 1, timeout: float = 20) -> None:
         async def check() -> bool:
@@ -166,7 +168,7 @@ class BrokerHandle:
         await wait_for(check, timeout, "broker /healthz")
 
     async def metrics(self) -> str:
-        code, body = await http_get(self.health_port, "/metrics")
+        code, body = await http_get(self.admin_port, "/metrics")
         assert code == 200
         return body.decode()
 
@@ -189,6 +191,7 @@ def start_broker(
     (``ip netns exec NS`` runs it in a network namespace); later ``extra``
     flags override earlier ones, bind addresses included."""
     agent_port, server_port, health_port = free_port(), free_port(), free_port()
+    admin_port = free_port()
     uds = str(tmp / f"broker-{agent_port}.sock")
     argv = [
         str(BIN / "tether-broker"),
@@ -200,6 +203,7 @@ def start_broker(
         f"--server-port={server_port if tcp else 0}",
         "--health-bind-address=127.0.0.1",
         f"--health-port={health_port}",
+        f"--admin-port={admin_port}",
         f"--cluster-cert={pki.broker_cert}",
         f"--cluster-key={pki.broker_key}",
         f"--cluster-ca-cert={pki.ca_cert}",
@@ -210,7 +214,7 @@ def start_broker(
         *extra,
     ]
     proc = Proc("broker", [*prefix, *argv], tmp / f"broker-{agent_port}.log")
-    return BrokerHandle(proc, agent_port, server_port, health_port, uds, pki)
+    return BrokerHandle(proc, agent_port, server_port, health_port, uds, pki, admin_port)
 
 
 def start_agent(
@@ -237,6 +241,7 @@ def start_agent(
         *creds,
         f"--agent-id={agent_id}",
         "--health-server-port=0",
+        "--admin-server-port=0",
         "--sync-interval=0.2",
         "--sync-interval-cap=2",
         "--log-level=debug",

@@ -63,6 +63,9 @@ EVENTS = frozenset(
         "identifier_not_allowed",  # broker: claims beyond the agent's credential, dropped
         "bad_input",  # a frontend or health request refused as malformed
         "log_suppressed",  # similar lines from one source were dropped; with the count
+        "frontend_socket",  # broker: a frontend Unix socket created (owner, group, mode)
+        "stale_socket_replaced",  # broker: a dead socket at the path was replaced
+        "frontend_socket_lost",  # broker: its socket path was removed or replaced
     }
 )
 

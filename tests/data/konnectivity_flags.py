@@ -1,0 +1,105 @@
+"""konnectivity v0.34's command-line flags, kept as data for the
+flag-parity test: every one must be accepted by the matching Tether command
+with konnectivity's meaning (docs/operations.md, "Migrating from
+konnectivity"). Each entry: flag name and a value of the kind konnectivity
+takes (None for Go booleans, given bare).
+
+Sources: cmd/server/app/options/options.go and cmd/agent/app/options/
+options.go of kubernetes-sigs/apiserver-network-proxy, and klog v2's flags.
+"""
+
+from __future__ import annotations
+
+KLOG: list[tuple[str, str | None]] = [
+    ("v", "2"),
+    ("logtostderr", None),
+    ("alsologtostderr", None),
+    ("log-file", "/tmp/konnectivity.log"),
+    ("log-dir", "/tmp"),
+    ("log-file-max-size", "1800"),
+    ("stderrthreshold", "2"),
+    ("one-output", None),
+    ("skip-headers", None),
+    ("skip-log-headers", None),
+    ("add-dir-header", None),
+    ("vmodule", "server=4"),
+    ("log-backtrace-at", "server.go:100"),
+    ("log-flush-frequency", "5s"),
+]
+
+SERVER: list[tuple[str, str | None]] = [
+    ("server-cert", "@broker_cert"),
+    ("server-key", "@broker_key"),
+    ("server-ca-cert", "@frontend_ca"),
+    ("cluster-cert", "@broker_cert"),
+    ("cluster-key", "@broker_key"),
+    ("cluster-ca-cert", "@ca_cert"),
+    ("mode", "grpc"),
+    ("uds-name", "@uds"),
+    ("delete-existing-uds-file", None),
+    ("server-port", "0"),
+    ("server-bind-address", "127.0.0.1"),
+    ("agent-port", "8132"),
+    ("agent-bind-address", "127.0.0.1"),
+    ("admin-port", "8133"),
+    ("admin-bind-address", "127.0.0.1"),
+    ("health-port", "8134"),
+    ("health-bind-address", "127.0.0.1"),
+    ("keepalive-time", "1h"),
+    ("frontend-keepalive-time", "1h"),
+    ("enable-profiling", None),
+    ("enable-contention-profiling", None),
+    ("server-id", "cp-1"),
+    ("server-count", "1"),
+    ("agent-namespace", "kube-system"),
+    ("agent-service-account", "konnectivity-agent"),
+    ("kubeconfig", "@kubeconfig"),
+    ("kubeconfig-qps", "50"),
+    ("kubeconfig-burst", "100"),
+    ("kube-api-content-type", "application/vnd.kubernetes.protobuf"),
+    ("authentication-audience", "system:konnectivity-server"),
+    ("proxy-strategies", "destHost,default"),
+    ("cipher-suites", "TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256"),
+    ("tls-min-version", "VersionTLS12"),
+    ("xfr-channel-size", "10"),
+    ("frontend-write-channel-size", "10"),
+    ("enable-lease-controller", None),
+    ("lease-namespace", "kube-system"),
+    ("lease-label", "k8s-app=konnectivity-server"),
+    ("graceful-shutdown-timeout", "15s"),
+    ("backend-dial-timeout", "5s"),
+    ("warn-on-channel-limit", None),
+    *KLOG,
+]
+
+AGENT: list[tuple[str, str | None]] = [
+    ("agent-cert", "@agent_cert"),
+    ("agent-key", "@agent_key"),
+    ("ca-cert", "@ca_cert"),
+    ("proxy-server-host", "127.0.0.1"),
+    ("proxy-server-port", "8132"),
+    ("alpn-proto", "konnectivity"),
+    ("health-server-port", "8134"),
+    ("health-server-host", "127.0.0.1"),
+    ("admin-server-port", "8133"),
+    ("admin-bind-address", "127.0.0.1"),
+    ("enable-profiling", None),
+    ("enable-contention-profiling", None),
+    ("agent-id", "node-1"),
+    ("agent-identifiers", "host=node-1&ipv4=198.18.0.2"),
+    ("sync-interval", "5s"),
+    ("probe-interval", "5s"),
+    ("sync-interval-cap", "10s"),
+    ("keepalive-time", "1h"),
+    ("service-account-token-path", "@token"),
+    ("warn-on-channel-limit", None),
+    ("sync-forever", None),
+    ("xfr-channel-size", "150"),
+    ("count-server-leases", None),
+    ("lease-namespace", "kube-system"),
+    ("lease-label", "k8s-app=konnectivity-server"),
+    ("kubeconfig", "@kubeconfig"),
+    ("apiserver-port-mapping", "6443:localhost:6443"),
+    ("bind-address", "127.0.0.1"),
+    *KLOG,
+]
