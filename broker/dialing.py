@@ -17,6 +17,8 @@ class DialOutcome(enum.Enum):
     FAILED = "failed"
     TIMEOUT = "timeout"
     AGENT_LOST = "agent_lost"
+    #: A buffer budget is exhausted: the agent's (``busy``) or the broker's.
+    BUSY = "busy"
 
 
 #: HTTP status a CONNECT client sees for each outcome (design section 3).
@@ -26,6 +28,7 @@ HTTP_STATUS = {
     DialOutcome.FAILED: 502,
     DialOutcome.TIMEOUT: 504,
     DialOutcome.AGENT_LOST: 502,
+    DialOutcome.BUSY: 503,
 }
 
 
@@ -45,6 +48,8 @@ class DialError(Exception):
     def from_agent(cls, code: DialFailCode, msg: str) -> DialError:
         if code is DialFailCode.TIMEOUT:
             return cls(DialOutcome.TIMEOUT, f"dial timed out at the agent: {msg}", code=code.value)
+        if code is DialFailCode.BUSY:
+            return cls(DialOutcome.BUSY, f"agent busy: {msg}", code=code.value)
         if code is DialFailCode.FORBIDDEN:
             return cls(DialOutcome.FORBIDDEN, f"destination forbidden: {msg}", code=code.value)
         return cls(DialOutcome.FAILED, f"dial failed ({code.value}): {msg}", code=code.value)

@@ -73,6 +73,8 @@ class BufferBudget:
     #: Streams opened with the floor window, and opens refused (for metrics).
     shrunk_total: int = 0
     refused_total: int = 0
+    #: The last :meth:`open` was refused (callers log the change, not each refusal).
+    exhausted: bool = False
 
     def __attrs_post_init__(self) -> None:
         if not 0 < self.min_window <= self.window:
@@ -98,7 +100,9 @@ class BufferBudget:
         cost = stream_cost(window)
         if cost > self.available:
             self.refused_total += 1
+            self.exhausted = True
             return None
+        self.exhausted = False
         if window < self.window:
             self.shrunk_total += 1
         self.reserved += cost
@@ -141,6 +145,4 @@ class BufferBudget:
         assert self.reserved >= 0 and self.streams >= 0
 
     def describe(self) -> str:
-        return (
-            f"{self.reserved} of {self.limit} bytes reserved by {self.streams} tunnel(s)"
-        )
+        return f"{self.reserved} of {self.limit} bytes reserved by {self.streams} tunnel(s)"

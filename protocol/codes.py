@@ -14,6 +14,8 @@ class DialFailCode(enum.StrEnum):
     DNS = "dns"
     FORBIDDEN = "forbidden"
     ERROR = "error"
+    #: The agent's buffer budget (``--max-buffered-bytes``) is exhausted.
+    BUSY = "busy"
 
 
 class CloseCode(enum.StrEnum):

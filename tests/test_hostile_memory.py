@@ -36,6 +36,7 @@ STALLED = 1000
 BATCH = 50
 GAUGE = "tether_buffered_bytes_reserved"
 REFUSED = "tether_buffer_budget_refusals_total"
+DIAL_FAILURES = "konnectivity_network_proxy_server_dial_failure_count_total"
 #: What the broker may hold beyond its idle RSS and its budget, per open
 #: tunnel (Python objects, h2 state, socket objects); docs/security.md.
 BROKER_PER_TUNNEL_KIB = 64
@@ -97,17 +98,13 @@ async def serve_source(nursery: trio.Nursery) -> int:
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
 
-    listeners = await nursery.start(
-        functools.partial(trio.serve_tcp, handler, 0, host="127.0.0.1")
-    )
+    listeners = await nursery.start(functools.partial(trio.serve_tcp, handler, 0, host="127.0.0.1"))
     return int(listeners[0].socket.getsockname()[1])
 
 
-async def download(broker: BrokerHandle, port: int, size: int) -> None:
+async def download(tunnel: Tunnel, size: int) -> None:
     """A reading tunnel: ``size`` bytes whose sha256 matches the target's."""
-    tunnel = await connect_tunnel(broker, f"127.0.0.1:{port}", via="uds")
     try:
-        assert tunnel.status == 200, (tunnel.status, tunnel.body)
         await tunnel.send_all(b"D" + size.to_bytes(8, "big"))
         digest = hashlib.sha256()
         got = 0
@@ -190,12 +187,14 @@ async def test_a_thousand_stalled_clients_stay_within_memory_max(
     async with trio.open_nursery() as meters:
         broker_meter.start_in(meters)
         agent_meter.start_in(meters)
+        # A tunnel opened before the stall, used while it lasts.
+        reader = await connect_tunnel(broker, f"127.0.0.1:{source}", via="uds")
+        assert reader.status == 200, (reader.status, reader.body)
         with trio.fail_after(60):
             tunnels, statuses, bodies = await open_stalled(broker, pusher, STALLED)
         try:
-            # The windows fill while the reading tunnel works next to them.
             with trio.fail_after(30):
-                await download(broker, source, 8 * MiB)
+                await download(reader, 8 * MiB)
             await trio.sleep(2)
             during = {w: await reserved(w) for w in ("broker", "agent")}
             broker_text = await broker.metrics()
@@ -230,12 +229,55 @@ async def test_a_thousand_stalled_clients_stay_within_memory_max(
     assert 0 < during["broker"] <= budget.BROKER_DEFAULT
     # A log line and a metric on each side.
     assert await wait_log(broker, "agent busy")
-    assert "code=busy" in agent.log() or "busy" in agent.log()
+    assert "buffer budget exhausted" in agent.log()
+    assert "failed: busy:" in agent.log()
     assert metric(agent_text, REFUSED) > 0
-    assert metric(broker_text, "konnectivity_network_proxy_server_dial_failure_count", reason="busy")
+    assert metric(broker_text, DIAL_FAILURES, reason="busy") > 0
     # Closing the stalled clients returns every reservation, and dials work.
     for which in ("broker", "agent"):
         left = await wait_value(functools.partial(reserved, which), lambda v: v == 0, 20)
         assert left == 0, (which, left)
     await tunnel_roundtrip(broker, echo)
     assert broker.proc.alive() and agent.alive()
+
+
+@pytest.mark.timeout(60)
+async def test_the_broker_refuses_dials_past_its_own_budget(
+    broker_factory: Callable[..., BrokerHandle],
+    agent_factory: Callable[..., Proc],
+    nursery: trio.Nursery,
+) -> None:
+    """A broker whose own budget is smaller than its agents' refuses new
+    dials with 503 "broker busy" before the agent hears of them."""
+    limit = 4 * MiB
+    broker = broker_factory("--log-level=info", f"--max-buffered-bytes={limit}")
+    agent_health = free_port()
+    agent = agent_factory(broker, "--metrics", f"--health-server-port={agent_health}")
+    await broker.ready(agents=1)
+    pusher = await serve_pusher(nursery)
+    echo = await serve_echo(nursery)
+    with trio.fail_after(30):
+        tunnels, statuses, bodies = await open_stalled(broker, pusher, 80)
+    try:
+        text = await broker.metrics()
+        agent_text = await agent_metrics(agent_health)
+    finally:
+        for t in tunnels:
+            await t.aclose()
+    assert statuses.get(200, 0) >= 2 and statuses.get(503, 0) > 0, statuses
+    assert all(b"broker busy" in body for body in bodies), bodies[:3]
+    assert 0 < metric(text, GAUGE) <= limit
+    # Past the high-water mark new tunnels got the floor window.
+    assert metric(text, "tether_buffer_budget_shrunk_total") > 0
+    assert metric(text, REFUSED) == statuses[503]
+    assert metric(text, DIAL_FAILURES, reason="broker_busy") == statuses[503]
+    assert await wait_log(broker, "buffer budget exhausted")
+    # The refused dials never reached the agent.
+    assert metric(agent_text, REFUSED) == 0
+    assert metric(agent_text, "tether_buffered_streams") <= statuses[200]
+
+    async def reserved() -> float:
+        return metric(await broker.metrics(), GAUGE)
+
+    assert await wait_value(reserved, lambda v: v == 0, 10) == 0
+    await tunnel_roundtrip(broker, echo)

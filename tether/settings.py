@@ -34,6 +34,8 @@ from typing import Any, NoReturn
 
 import attrs
 
+from protocol import budget
+
 
 def positive(text: str) -> float:
     """argparse type: a number above zero."""
@@ -48,6 +50,15 @@ def non_negative(text: str) -> float:
     value = float(text)
     if not value >= 0:
         raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
+    return value
+
+
+def buffer_bytes(text: str) -> int:
+    """argparse type: a buffer budget in bytes, room for one stream at least."""
+    value = int(text)
+    least = budget.stream_cost(budget.MIN_WINDOW)
+    if value < least:
+        raise argparse.ArgumentTypeError(f"must be at least {least} bytes, got {text}")
     return value
 
 
@@ -91,6 +102,15 @@ def add_tunnel_arguments(group: Any, d: Any, peer: str) -> None:
         type=int,
         default=d.connection_window,
         help=f"HTTP/2 window of the whole {peer} (bytes)",
+    )
+    group.add_argument(
+        "--max-buffered-bytes",
+        type=buffer_bytes,
+        default=d.max_buffered_bytes,
+        help="budget for buffered tunnel data in this process (bytes), shared by every "
+        "tunnel: each reserves its window and outbox; past half of it new tunnels get "
+        f"{budget.MIN_WINDOW // 1024} KiB windows, past all of it new dials are refused "
+        "(503 busy)",
     )
 
 

@@ -37,6 +37,7 @@ EVENTS = frozenset(
         "reconnect",  # agent: waiting to reconnect, with delay and cause
         "cert_reloaded",  # new certificate/key/CA in use for new connections
         "cert_reload_failed",  # reload refused; the previous certificate stays in use
+        "buffer_budget_exhausted",  # --max-buffered-bytes is used up: new dials refused (busy)
     }
 )
 
