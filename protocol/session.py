@@ -381,6 +381,7 @@ class TunnelSession:
         self._require(Role.AGENT)
         if not self._control_open:
             raise SessionError("control stream is not open")
+        window = self._window(window)
         sid = self._h2.get_next_available_stream_id()
         self._h2.send_headers(
             sid,
@@ -393,7 +394,6 @@ class TunnelSession:
                 (DIAL_ID_HEADER, str(dial_id)),
             ],
         )
-        window = self._window(window)
         self._streams[sid] = _Stream(sid, dial_id, framing.DataStreamDecoder(), window)
         self._raise_window(sid, window)
         return sid
