@@ -21,12 +21,15 @@ import resource
 from collections.abc import Callable
 from pathlib import Path
 
+import grpc
 import pytest
 import trio
+from grpc_client import Call, dial_req
 from hostile import Meter, MiB, metric, tunnel_roundtrip, wait_log
 from procs import BrokerHandle, Proc, Tunnel, connect_tunnel, free_port, http_get, serve_echo
 
 from protocol import budget
+from protocol import konnectivity_pb2 as pb
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -281,3 +284,57 @@ async def test_the_broker_refuses_dials_past_its_own_budget(
 
     assert await wait_value(reserved, lambda v: v == 0, 10) == 0
     await tunnel_roundtrip(broker, echo)
+    assert broker.proc.alive() and agent.alive()
+
+
+@pytest.mark.timeout(60)
+async def test_agent_busy_is_an_error_dial_rsp_on_grpc(
+    broker_factory: Callable[..., BrokerHandle],
+    agent_factory: Callable[..., Proc],
+    nursery: trio.Nursery,
+) -> None:
+    """The agent's budget holds one tunnel: a second dial, through the gRPC
+    frontend, gets an error DIAL_RSP "agent busy"; once the first tunnel
+    ends the same dial succeeds."""
+    broker = broker_factory("--log-level=info", mode="grpc")
+    agent_health = free_port()
+    one_stream = budget.stream_cost(budget.MIN_WINDOW)
+    agent = agent_factory(
+        broker,
+        "--metrics",
+        f"--health-server-port={agent_health}",
+        f"--max-buffered-bytes={one_stream}",
+    )
+    await broker.ready(agents=1)
+    pusher = await serve_pusher(nursery)
+    echo = await serve_echo(nursery)
+
+    def grpc_dial(port: int, n: int) -> str:
+        with grpc.insecure_channel(f"unix:{broker.uds}") as channel:
+            call = Call(channel)
+            try:
+                call.send(dial_req(f"127.0.0.1:{port}", n))
+                pkt = call.recv(timeout=10)
+                assert pkt is not None and pkt.type == pb.DIAL_RSP
+                return str(pkt.dialResponse.error)
+            finally:
+                call.finish()
+
+    stalled = await connect_tunnel(broker, f"127.0.0.1:{pusher}", via="tcp")
+    try:
+        assert stalled.status == 200
+        error = await trio.to_thread.run_sync(grpc_dial, echo, 1)
+        assert error.startswith("agent busy"), error
+        text = await agent_metrics(agent_health)
+        assert metric(text, REFUSED) == 1
+        assert metric(text, GAUGE) == one_stream
+        assert "buffer budget exhausted" in agent.log()
+    finally:
+        await stalled.aclose()
+
+    async def reserved() -> float:
+        return metric(await agent_metrics(agent_health), GAUGE)
+
+    assert await wait_value(reserved, lambda v: v == 0, 10) == 0
+    assert await trio.to_thread.run_sync(grpc_dial, echo, 2) == ""
+    assert "budget has room again" in agent.log()
