@@ -206,6 +206,10 @@ class AgentConnection:
             {
                 "tether-server-id": self.server.server_id,
                 "tether-server-count": str(self.server.server_count),
+                # dial_fail codes beyond the first release's: an agent sends
+                # them only to a broker that names them (older ones would
+                # drop the connection on an unknown code).
+                "tether-dial-fail-codes": "busy",
             }
         )
         self.conn.wake_writer()

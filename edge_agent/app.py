@@ -75,6 +75,8 @@ class BrokerLink:
         self.server_count = 1
         self.drain_hint: float | None = None
         self.dials: dict[int, trio.CancelScope] = {}
+        #: The broker knows the ``busy`` dial_fail code (older ones do not).
+        self.broker_knows_busy = False
 
     def on_control_requested(self, ev: session.ControlRequested) -> None:
         raise AssertionError("agents do not receive requests")
@@ -87,6 +89,8 @@ class BrokerLink:
         count = ev.headers.get("tether-server-count", "1")
         ok = count.isascii() and count.isdigit() and 0 < int(count) <= 1000
         self.server_count = int(count) if ok else 1
+        codes = ev.headers.get("tether-dial-fail-codes", "")
+        self.broker_knows_busy = "busy" in codes.split(",")
         self.accepted.set()
 
     def on_message(self, msg: messages.Message) -> None:
@@ -96,8 +100,11 @@ class BrokerLink:
                 return
             grant = self.agent.reserve()
             if grant is None:
-                budget = self.agent.budget
-                self._fail(msg.id, DialFailCode.BUSY, budget.describe(), msg.addr)
+                why = self.agent.budget.describe()
+                if self.broker_knows_busy:
+                    self._fail(msg.id, DialFailCode.BUSY, why, msg.addr)
+                else:
+                    self._fail(msg.id, DialFailCode.ERROR, f"agent busy: {why}", msg.addr)
                 return
             scope = trio.CancelScope()
             self.dials[msg.id] = scope

@@ -260,3 +260,51 @@ async def test_every_grant_comes_back_once_however_the_stream_ends() -> None:
                 await trio.sleep(0.01)
         n.cancel_scope.cancel()
     assert b_agent.reserved == 0 and b_agent.streams == 0
+
+
+# ------------------------------------------------- the agent's refusals
+
+
+class _Conn:
+    def __init__(self) -> None:
+        self.sent: list[object] = []
+
+    def send_message(self, msg: object) -> None:
+        self.sent.append(msg)
+
+
+class _Agent:
+    def __init__(self, limit: int) -> None:
+        self.budget = BufferBudget(limit)
+        self.metrics = None
+
+    def reserve(self) -> Grant | None:
+        return None  # exhausted: every dial is refused
+
+
+@pytest.mark.parametrize("knows_busy", [True, False])
+async def test_a_busy_agent_answers_in_the_broker_s_vocabulary(knows_busy: bool) -> None:
+    """``busy`` goes only to a broker that lists it in
+    ``tether-dial-fail-codes``; an older broker, which would drop the
+    connection on an unknown code, gets ``error`` with "agent busy"."""
+    from edge_agent.app import BrokerLink
+    from protocol import messages
+    from protocol.codes import DialFailCode
+    from protocol.session import ControlAccepted
+
+    async with trio.open_nursery() as nursery:
+        link = BrokerLink(_Agent(FLOOR), nursery)  # type: ignore[arg-type]
+        conn = _Conn()
+        link.conn = conn  # type: ignore[assignment]
+        headers = {"tether-server-id": "b"}
+        if knows_busy:
+            headers["tether-dial-fail-codes"] = "busy"
+        link.on_control_accepted(ControlAccepted(headers))
+        link.on_message(messages.Dial(id=7, addr="127.0.0.1:1", timeout_ms=100))
+    (sent,) = conn.sent
+    assert isinstance(sent, messages.DialFail) and sent.id == 7
+    if knows_busy:
+        assert sent.code is DialFailCode.BUSY
+    else:
+        assert sent.code is DialFailCode.ERROR and sent.msg.startswith("agent busy:")
+    assert link.dials == {}
