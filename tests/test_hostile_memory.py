@@ -172,7 +172,8 @@ async def test_a_thousand_stalled_clients_stay_within_memory_max(
 ) -> None:
     raise_fd_limit(4 * STALLED + 500)
     memory_max = unit_memory_max()
-    broker = broker_factory("--log-level=info")
+    # A generous dial timeout: the machine running the suite may be busy.
+    broker = broker_factory("--log-level=info", "--backend-dial-timeout=30")
     agent_health = free_port()
     agent = agent_factory(
         broker, "--log-level=info", "--metrics", f"--health-server-port={agent_health}"
