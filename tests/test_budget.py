@@ -225,6 +225,19 @@ async def test_every_grant_comes_back_once_however_the_stream_ends() -> None:
         agent.forget(a.stream_id)
         agent.forget(a.stream_id)  # twice: still once
         assert b_agent.reserved == 0
+        # growing a window goes through the budget, and comes back with it
+        g = b_agent.open()
+        assert g is not None
+        a, b = await _open(agent, bh, 9, g)
+        assert a.grow_window(MiB) and g.window == 2 * MiB
+        assert b_agent.reserved == stream_cost(2 * MiB)
+        assert not a.grow_window(64 * MiB)  # past the high-water mark
+        peer_h2 = b.conn.session._h2
+        with trio.fail_after(5):  # the peer may now send the larger window
+            while peer_h2.local_flow_control_window(b.stream_id) < 2 * MiB:
+                await trio.sleep(0.01)
+        a.reset()
+        assert b_agent.reserved == 0
         # 2. a local reset
         g = b_agent.open()
         assert g is not None

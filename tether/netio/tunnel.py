@@ -204,6 +204,20 @@ class TunnelStream:
         self._buffered -= len(chunk.data)
         return chunk
 
+    def grow_window(self, n: int) -> bool:
+        """Raise our receive window by ``n`` bytes if the process's buffer
+        budget allows it (for windows that grow toward a link's
+        bandwidth-delay product); say whether it grew."""
+        budget, grant = self.conn.budget, self.grant
+        if budget is None or grant is None or not budget.may_grow(grant, n):
+            return False
+        if not self.conn.session.grow_window(self.stream_id, n):
+            return False
+        budget.grow(grant, n)
+        self._outbox_limit = budgets.outbox_limit(grant.window)
+        self.conn.wake_writer()
+        return True
+
     def acknowledge(self, flow_len: int) -> None:
         self.conn.session.acknowledge(self.stream_id, flow_len)
         self.conn.wake_writer()
