@@ -14,6 +14,7 @@ from cryptography import x509
 from broker.auth import Authenticator, AuthError, Identity
 from broker.dialing import DialError, DialOutcome
 from protocol import messages, session
+from protocol.budget import Grant
 from protocol.identifiers import AgentIdentifiers, Allowance
 from tether.netio.logs import event, limited
 from tether.netio.tunnel import TunnelClosed, TunnelConnection, TunnelStream
@@ -38,6 +39,8 @@ class PendingDial:
     done: trio.Event = attrs.Factory(trio.Event)
     stream: TunnelStream | None = None
     error: DialError | None = None
+    #: The tunnel's share of the broker's buffer budget (None: no budget).
+    grant: Grant | None = None
 
 
 class AgentConnection:
@@ -93,9 +96,31 @@ class AgentConnection:
     async def dial(
         self, dial_id: int, addr: str, timeout: float, early: bytes | None = None
     ) -> TunnelStream:
-        """Ask the agent to dial ``addr``; return the paired data stream."""
+        """Ask the agent to dial ``addr``; return the paired data stream.
+
+        The tunnel's share of the broker's buffer budget is reserved first:
+        with none left the dial is refused (503 "broker busy") before the
+        agent hears of it."""
         assert self.conn is not None
-        pending = PendingDial(dial_id, addr)
+        budget = self.conn.budget
+        was_busy = budget is not None and budget.exhausted
+        grant = budget.open() if budget is not None else None
+        if budget is not None and grant is None:
+            if not was_busy:
+                log.warning(
+                    "buffer budget exhausted (%s): refusing new dials with 503",
+                    budget.describe(),
+                    extra=event(
+                        "buffer_budget_exhausted",
+                        reserved=budget.reserved,
+                        limit=budget.limit,
+                        streams=budget.streams,
+                    ),
+                )
+            raise DialError(
+                DialOutcome.BUSY, f"broker busy: {budget.describe()}", code="broker_busy"
+            )
+        pending = PendingDial(dial_id, addr, grant=grant)
         self.pending[dial_id] = pending
         self.metrics.pending_dials.inc()
         delivered = False
@@ -124,9 +149,12 @@ class AgentConnection:
             self.metrics.pending_dials.dec()
             if not delivered:
                 if pending.stream is not None:
-                    pending.stream.reset()
-                elif not pending.done.is_set():
-                    self._send_cancel(dial_id)
+                    pending.stream.reset()  # returns the grant with the stream
+                else:
+                    if not pending.done.is_set():
+                        self._send_cancel(dial_id)
+                    if budget is not None and grant is not None:
+                        budget.release(grant)
 
     def _send_cancel(self, dial_id: int) -> None:
         if self.conn is None:
@@ -200,6 +228,10 @@ class AgentConnection:
             {
                 "tether-server-id": self.server.server_id,
                 "tether-server-count": str(self.server.server_count),
+                # dial_fail codes beyond the first release's: an agent sends
+                # them only to a broker that names them (older ones would
+                # drop the connection on an unknown code).
+                "tether-dial-fail-codes": "busy",
             }
         )
         self.conn.wake_writer()
@@ -351,8 +383,9 @@ class AgentConnection:
             self.conn.session.reset_stream(ev.stream_id, h2.errors.ErrorCodes.CANCEL)
             self.conn.wake_writer()
             return
-        ts = self.conn.add_stream(ev.stream_id, ev.dial_id)
-        self.conn.session.accept_data_stream(ev.stream_id)
+        ts = self.conn.add_stream(ev.stream_id, ev.dial_id, pending.grant)
+        window = pending.grant.window if pending.grant is not None else None
+        self.conn.session.accept_data_stream(ev.stream_id, window=window)
         self.conn.wake_writer()
         pending.stream = ts
         pending.done.set()

@@ -11,6 +11,7 @@ import trio
 from broker.agent_conn import AgentConnection, ServerInfo
 from broker.auth import Authenticator
 from broker.registry import Registry
+from protocol.budget import BufferBudget
 from protocol.errors import ProtocolError
 from protocol.messages import Drain
 from protocol.session import Role, SessionConfig, TunnelSession
@@ -34,6 +35,7 @@ class AgentServer:
         keepalive: Keepalive,
         handshake_timeout: float,
         max_handshakes_per_ip: int = 128,
+        budget: BufferBudget | None = None,
     ) -> None:
         self.registry = registry
         self.metrics = registry.metrics
@@ -41,6 +43,8 @@ class AgentServer:
         self.authenticator = authenticator
         self.ssl_context = ssl_context
         self.session_config = session_config
+        #: The broker's buffer budget, shared by every agent connection.
+        self.budget = budget
         self.keepalive = keepalive
         self.handshake_timeout = handshake_timeout
         #: Connections not yet authenticated, per source address.
@@ -134,7 +138,9 @@ class AgentServer:
         )
         sess = TunnelSession(Role.BROKER, self.session_config)
         sess.initiate()
-        conn = TunnelConnection(tls, sess, agent, keepalive=self.keepalive, name=f"agent {remote}")
+        conn = TunnelConnection(
+            tls, sess, agent, keepalive=self.keepalive, name=f"agent {remote}", budget=self.budget
+        )
         conn.set_rtt_observer(self.metrics.keepalive_rtt.observe)
         conn.set_stall_observer(self.metrics.window_stalls.inc)
 

@@ -19,6 +19,7 @@ from broker.connect_frontend import ConnectSettings, handle_connect
 from broker.grpc_frontend import GrpcFrontend, GrpcSettings
 from broker.metrics import BrokerMetrics
 from broker.registry import Registry
+from protocol.budget import BufferBudget
 from protocol.session import SessionConfig
 from tether.netio import sockopts, tls
 from tether.netio.http import serve_http, text
@@ -79,6 +80,9 @@ class Broker:
             [cfg.cluster_cert, cfg.cluster_key, *self.authenticator.ca_files],
             cert_file=cfg.cluster_cert,
         )
+        #: Buffered tunnel data of every agent connection together.
+        self.budget = BufferBudget(cfg.max_buffered_bytes, window=cfg.stream_window)
+        self.metrics.watch_budget(self.budget)
         self.agent_server = AgentServer(
             self.registry,
             self.server,
@@ -88,6 +92,7 @@ class Broker:
             Keepalive(cfg.keepalive_time, cfg.keepalive_timeout),
             cfg.handshake_timeout,
             cfg.max_handshakes_per_ip,
+            budget=self.budget,
         )
         self.agent_server.socket_options = sockopts.TunnelSocketOptions(
             user_timeout=cfg.keepalive_time + cfg.keepalive_timeout,

@@ -17,6 +17,7 @@ import attrs
 
 from broker.clusters import parse_allowed_identifiers
 from broker.registry import parse_strategies
+from protocol import budget
 from tether import compat, settings
 from tether.netio.listeners import parse_mode
 
@@ -57,6 +58,7 @@ class BrokerConfig:
     frontend_header_timeout: float = 10.0
     stream_window: int = 1024 * 1024
     connection_window: int = 16 * 1024 * 1024
+    max_buffered_bytes: int = budget.BROKER_DEFAULT
     max_frontend_connections: int = 10_000
     optimistic_connect: bool = False
     max_handshakes_per_ip: int = 128

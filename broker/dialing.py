@@ -18,6 +18,8 @@ class DialOutcome(enum.Enum):
     TIMEOUT = "timeout"
     AGENT_LOST = "agent_lost"
     BAD_ADDRESS = "bad_address"
+    #: A buffer budget is exhausted: the agent's (``busy``) or the broker's.
+    BUSY = "busy"
 
 
 #: HTTP status a CONNECT client sees for each outcome (design section 3).
@@ -28,6 +30,7 @@ HTTP_STATUS = {
     DialOutcome.TIMEOUT: 504,
     DialOutcome.AGENT_LOST: 502,
     DialOutcome.BAD_ADDRESS: 400,
+    DialOutcome.BUSY: 503,
 }
 
 
@@ -47,6 +50,8 @@ class DialError(Exception):
     def from_agent(cls, code: DialFailCode, msg: str) -> DialError:
         if code is DialFailCode.TIMEOUT:
             return cls(DialOutcome.TIMEOUT, f"dial timed out at the agent: {msg}", code=code.value)
+        if code is DialFailCode.BUSY:
+            return cls(DialOutcome.BUSY, f"agent busy: {msg}", code=code.value)
         if code is DialFailCode.FORBIDDEN:
             return cls(DialOutcome.FORBIDDEN, f"destination forbidden: {msg}", code=code.value)
         if code is DialFailCode.BAD_ADDRESS:

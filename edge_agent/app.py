@@ -15,6 +15,7 @@ from edge_agent.dialer import DialFailed, dial_target
 from edge_agent.policy import Policy
 from protocol import messages, session
 from protocol.backoff import Backoff
+from protocol.budget import BufferBudget, Grant
 from protocol.codes import DialFailCode
 from protocol.errors import HandshakeRejected, ProtocolError
 from protocol.session import Role, SessionConfig, TunnelSession
@@ -74,6 +75,8 @@ class BrokerLink:
         self.server_count = 1
         self.drain_hint: float | None = None
         self.dials: dict[int, trio.CancelScope] = {}
+        #: The broker knows the ``busy`` dial_fail code (older ones do not).
+        self.broker_knows_busy = False
 
     def on_control_requested(self, ev: session.ControlRequested) -> None:
         raise AssertionError("agents do not receive requests")
@@ -86,6 +89,8 @@ class BrokerLink:
         count = ev.headers.get("tether-server-count", "1")
         ok = count.isascii() and count.isdigit() and 0 < int(count) <= 1000
         self.server_count = int(count) if ok else 1
+        codes = ev.headers.get("tether-dial-fail-codes", "")
+        self.broker_knows_busy = "busy" in codes.split(",")
         self.accepted.set()
 
     def on_message(self, msg: messages.Message) -> None:
@@ -93,9 +98,17 @@ class BrokerLink:
             if msg.id in self.dials:
                 log.warning("duplicate dial id %d ignored", msg.id)
                 return
+            grant = self.agent.reserve()
+            if grant is None:
+                why = self.agent.budget.describe()
+                if self.broker_knows_busy:
+                    self._fail(msg.id, DialFailCode.BUSY, why, msg.addr)
+                else:
+                    self._fail(msg.id, DialFailCode.ERROR, f"agent busy: {why}", msg.addr)
+                return
             scope = trio.CancelScope()
             self.dials[msg.id] = scope
-            self.nursery.start_soon(self._guarded_dial, msg, scope)
+            self.nursery.start_soon(self._guarded_dial, msg, scope, grant)
         elif isinstance(msg, messages.Cancel):
             pending = self.dials.get(msg.id)
             if pending is not None:
@@ -133,12 +146,14 @@ class BrokerLink:
         except (TunnelClosed, ProtocolError) as exc:
             log.debug("dial_fail %d not sent: %s", dial_id, exc)
 
-    async def _guarded_dial(self, msg: messages.Dial, scope: trio.CancelScope) -> None:
+    async def _guarded_dial(
+        self, msg: messages.Dial, scope: trio.CancelScope, grant: Grant
+    ) -> None:
         """The dial-task boundary: whatever one dial raises ends that dial
         (a ``dial_fail``, or a reset if its stream was open; a log line; a
         metric), never the link's nursery and with it the agent process."""
         try:
-            await self._serve_dial(msg, scope)
+            await self._serve_dial(msg, scope, grant)
         except Exception as exc:
             log.error(
                 "dial %d to %s ended by an unexpected error: %s: %s",
@@ -164,9 +179,12 @@ class BrokerLink:
         finally:
             self.dials.pop(msg.id, None)
 
-    async def _serve_dial(self, msg: messages.Dial, scope: trio.CancelScope) -> None:
+    async def _serve_dial(self, msg: messages.Dial, scope: trio.CancelScope, grant: Grant) -> None:
+        """Dial and relay; ``grant`` is this tunnel's share of the buffer
+        budget: the stream returns it when over, or we do if there is none."""
         conn = self.conn
         assert conn is not None
+        ts = None
         try:
             with scope:
                 if msg.proto != "tcp":
@@ -184,14 +202,16 @@ class BrokerLink:
                 try:
                     if msg.early:
                         await target.send_all(msg.early)
-                    sid = conn.session.open_data_stream(msg.id, self.agent.authority)
+                    sid = conn.session.open_data_stream(
+                        msg.id, self.agent.authority, window=grant.window
+                    )
                 except (trio.BrokenResourceError, ProtocolError, Exception) as exc:
                     await trio.aclose_forcefully(target)
                     self._fail(
                         msg.id, DialFailCode.ERROR, f"cannot start the tunnel: {exc}", msg.addr
                     )
                     return
-                ts = conn.add_stream(sid, msg.id)
+                ts = conn.add_stream(sid, msg.id, grant)
                 conn.wake_writer()
                 log.debug(
                     "dial %d to %s ok (stream %d, %d early bytes)",
@@ -218,6 +238,10 @@ class BrokerLink:
                 log.debug("dial %d aborted", msg.id)
         finally:
             self.dials.pop(msg.id, None)
+            if ts is None:
+                self.agent.budget.release(grant)
+            else:
+                conn.forget(ts.stream_id)  # a no-op after relay(); releases the grant
 
 
 class Agent:
@@ -246,6 +270,12 @@ class Agent:
             stream_window=cfg.stream_window, connection_window=cfg.connection_window
         )
         self.policy = Policy.parse(cfg.allow)
+        #: Buffered tunnel data of every broker connection together.
+        self.budget = BufferBudget(
+            cfg.max_buffered_bytes,
+            window=cfg.stream_window,
+            min_window=self.session_config.min_stream_window,
+        )
         self.socket_options = sockopts.TunnelSocketOptions(
             user_timeout=cfg.keepalive_time + cfg.keepalive_timeout,
             keepalive_idle=cfg.keepalive_time,
@@ -286,6 +316,7 @@ class Agent:
 
             self.metrics = AgentMetrics(self)
             self.metrics.watch_certificate(self.tls)
+            self.metrics.watch_budget(self.budget)
 
     # -------------------------------------------------------------- state
 
@@ -307,6 +338,25 @@ class Agent:
         ids = ",".join(sorted(self.links))
         scope = "all" if have >= want else "some"
         return 200, f"connected to {scope} brokers ({have}/{want}): {ids}"
+
+    def reserve(self) -> Grant | None:
+        """A new tunnel's share of the buffer budget; None: refuse it (busy)."""
+        was_busy = self.budget.exhausted
+        grant = self.budget.open()
+        if grant is None and not was_busy:
+            log.warning(
+                "buffer budget exhausted (%s): refusing new dials as busy",
+                self.budget.describe(),
+                extra=event(
+                    "buffer_budget_exhausted",
+                    reserved=self.budget.reserved,
+                    limit=self.budget.limit,
+                    streams=self.budget.streams,
+                ),
+            )
+        elif grant is not None and was_busy:
+            log.info("buffer budget has room again (%s)", self.budget.describe())
+        return grant
 
     def streams_changed(self) -> None:
         if self.active_streams == 0:
@@ -555,6 +605,7 @@ class Agent:
                 link,
                 keepalive=Keepalive(cfg.keepalive_time, cfg.keepalive_timeout),
                 name="broker",
+                budget=self.budget,
             )
             link.conn = conn
             if self.metrics is not None:

@@ -19,7 +19,7 @@ from pathlib import Path
 import attrs
 
 from edge_agent.policy import Policy
-from protocol import leases
+from protocol import budget, leases
 from protocol.identifiers import AgentIdentifiers, valid_name
 from tether import compat, settings
 
@@ -55,6 +55,8 @@ class AgentConfig:
     service_account_token_path: str = ""
     stream_window: int = 1024 * 1024
     connection_window: int = 16 * 1024 * 1024
+    #: Fits the MemoryMax=128M of deploy/systemd/tether-agent.service.
+    max_buffered_bytes: int = budget.AGENT_DEFAULT
     log_format: str = "text"
     log_level: str = "info"
     config_file: str = ""

@@ -17,6 +17,8 @@ class DialFailCode(enum.StrEnum):
     #: sender upstream, never a property of the target.
     BAD_ADDRESS = "bad_address"
     ERROR = "error"
+    #: The agent's buffer budget (``--max-buffered-bytes``) is exhausted.
+    BUSY = "busy"
 
 
 class CloseCode(enum.StrEnum):

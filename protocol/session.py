@@ -62,7 +62,12 @@ class Role(enum.Enum):
 @attrs.frozen
 class SessionConfig:
     #: Window granted to each stream; also bounds a stream's receive buffer.
+    #: A data stream may be given less (see :mod:`protocol.budget`).
     stream_window: int = 1024 * 1024
+    #: The INITIAL_WINDOW_SIZE we announce: every stream starts with it and is
+    #: then raised (WINDOW_UPDATE) to its own window, so a stream given a
+    #: small window under memory pressure never receives more than that.
+    min_stream_window: int = 64 * 1024
     #: Window of the whole connection.
     connection_window: int = 16 * 1024 * 1024
     #: Largest HTTP/2 frame payload we accept.
@@ -82,6 +87,8 @@ class SessionConfig:
     def __attrs_post_init__(self) -> None:
         if not 64 * 1024 <= self.stream_window <= 2**31 - 1:
             raise ValueError("stream_window must be between 64 KiB and 2 GiB")
+        if not 16 * 1024 <= self.min_stream_window <= self.stream_window:
+            raise ValueError("min_stream_window must be between 16 KiB and stream_window")
         if not self.stream_window <= self.connection_window <= 2**31 - 1:
             raise ValueError("connection_window must be >= stream_window and < 2 GiB")
         if not 16 * 1024 <= self.max_frame_size <= 2**24 - 1:
@@ -200,6 +207,8 @@ class _Stream:
     stream_id: int
     dial_id: int
     decoder: framing.DataStreamDecoder
+    #: Our receive window for it: what the peer may have in flight.
+    window: int
     unacked: int = 0  # stream credit earned but not yet sent as WINDOW_UPDATE
     accepted: bool = False  # broker: answered 200 (paired with its dial)
     local_ended: bool = False
@@ -260,7 +269,7 @@ class TunnelSession:
             self._h2,
             client=self.role is Role.AGENT,
             max_concurrent_streams=cfg.max_concurrent_streams,
-            stream_window=cfg.stream_window,
+            stream_window=cfg.min_stream_window,
             max_frame_size=cfg.max_frame_size,
             max_header_list_size=cfg.max_header_list_size,
             connection_window=cfg.connection_window,
@@ -317,6 +326,7 @@ class TunnelSession:
         ]
         self._h2.send_headers(sid, request)
         self._control_id = sid
+        self._raise_window(sid, self.config.stream_window)
 
     def accept_control(self, headers: dict[str, str]) -> None:
         """Broker: answer the control stream with 200."""
@@ -325,6 +335,7 @@ class TunnelSession:
             raise SessionError("no control stream to accept")
         response = [(":status", "200"), ("content-type", CONTENT_TYPE), *sorted(headers.items())]
         try:
+            self._raise_window(self._control_id, self.config.stream_window)
             self._h2.send_headers(self._control_id, response)
         except h2.exceptions.ProtocolError:
             # The agent reset the stream (or sent GOAWAY) in the same read as
@@ -369,11 +380,13 @@ class TunnelSession:
 
     # --------------------------------------------------------- data streams
 
-    def open_data_stream(self, dial_id: int, authority: str) -> int:
-        """Agent: open the data stream for a successful dial."""
+    def open_data_stream(self, dial_id: int, authority: str, window: int | None = None) -> int:
+        """Agent: open the data stream for a successful dial. ``window``: our
+        receive window for it (default ``stream_window``)."""
         self._require(Role.AGENT)
         if not self._control_open:
             raise SessionError("control stream is not open")
+        window = self._window(window)
         sid = self._h2.get_next_available_stream_id()
         self._h2.send_headers(
             sid,
@@ -386,11 +399,13 @@ class TunnelSession:
                 (DIAL_ID_HEADER, str(dial_id)),
             ],
         )
-        self._streams[sid] = _Stream(sid, dial_id, framing.DataStreamDecoder())
+        self._streams[sid] = _Stream(sid, dial_id, framing.DataStreamDecoder(), window)
+        self._raise_window(sid, window)
         return sid
 
-    def accept_data_stream(self, stream_id: int) -> None:
-        """Broker: pair the stream with its pending dial (``:status 200``)."""
+    def accept_data_stream(self, stream_id: int, window: int | None = None) -> None:
+        """Broker: pair the stream with its pending dial (``:status 200``).
+        ``window``: our receive window for it (default ``stream_window``)."""
         self._require(Role.BROKER)
         if stream_id not in self._streams:
             if stream_id % 2 and stream_id <= self._h2.highest_inbound_stream_id:
@@ -398,8 +413,12 @@ class TunnelSession:
                 # StreamReset event right after DataStreamRequested says so.
                 return
             raise SessionError(f"no data stream {stream_id}")
-        self._streams[stream_id].accepted = True
+        stream = self._streams[stream_id]
+        stream.accepted = True
+        stream.window = self._window(window)
         try:
+            if not stream.remote_ended:
+                self._raise_window(stream_id, stream.window)
             self._h2.send_headers(stream_id, [(":status", "200"), ("content-type", CONTENT_TYPE)])
         except h2.exceptions.ProtocolError:
             # GOAWAY arrived in the same read: the ConnectionClosed event
@@ -482,8 +501,39 @@ class TunnelSession:
         stream.unacked += n
         # Batch WINDOW_UPDATEs; a quarter window keeps the sender streaming,
         # and a blocked sender always has at least that much outstanding.
-        if stream.unacked >= self.config.stream_window // 4:
+        if stream.unacked >= stream.window // 4:
             self._credit_stream(stream)
+
+    def stream_window(self, stream_id: int) -> int:
+        """Our receive window for a data stream (0: no such stream)."""
+        stream = self._streams.get(stream_id)
+        return stream.window if stream is not None else 0
+
+    def grow_window(self, stream_id: int, n: int) -> bool:
+        """Raise a data stream's receive window by ``n`` (the caller asked
+        its :class:`protocol.budget.BufferBudget` first); say whether it grew."""
+        stream = self._streams.get(stream_id)
+        if stream is None or n <= 0 or stream.remote_ended or self._closed:
+            return False
+        if stream.window + n > 2**31 - 1:
+            return False
+        stream.window += n
+        self._credit_stream_now(stream_id, n)
+        return True
+
+    def _window(self, window: int | None) -> int:
+        cfg = self.config
+        if window is None:
+            return cfg.stream_window
+        if not cfg.min_stream_window <= window <= 2**31 - 1:
+            raise SessionError(f"stream window {window} below min_stream_window")
+        return window
+
+    def _raise_window(self, stream_id: int, window: int) -> None:
+        """Raise a new stream from the announced initial window to ``window``."""
+        extra = window - self.config.min_stream_window
+        if extra > 0:
+            self._credit_stream_now(stream_id, extra)
 
     # -------------------------------------------------------------- receive
 
@@ -612,7 +662,11 @@ class TunnelSession:
         if not self._control_open or not ok_id or int(raw_id) >= 2**64:
             self._refuse(sid, h2.errors.ErrorCodes.CANCEL)
             return
-        self._streams[sid] = _Stream(sid, int(raw_id), framing.DataStreamDecoder())
+        # Until accept_data_stream raises it, the stream has the initial window.
+        stream = _Stream(
+            sid, int(raw_id), framing.DataStreamDecoder(), self.config.min_stream_window
+        )
+        self._streams[sid] = stream
         if self._control is not None:
             self._control.dial_answered(int(raw_id))
         out.append(DataStreamRequested(sid, int(raw_id)))

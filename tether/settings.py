@@ -35,6 +35,7 @@ from typing import Any, NoReturn
 
 import attrs
 
+from protocol import budget
 from tether import compat
 
 #: Go's time.ParseDuration units, in seconds (konnectivity's flags are Go durations).
@@ -164,6 +165,15 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\nsee {self.prog} --help\n")
 
 
+def buffer_bytes(text: str) -> int:
+    """argparse type: a buffer budget in bytes, room for one stream at least."""
+    value = int(text)
+    least = budget.stream_cost(budget.MIN_WINDOW)
+    if value < least:
+        raise argparse.ArgumentTypeError(f"must be at least {least} bytes, got {text}")
+    return value
+
+
 def add_tunnel_arguments(group: Any, d: Any, peer: str) -> None:
     """Flags for the agent-broker connection, the same on both ends.
     ``d`` holds the defaults; ``peer`` names the connection in help texts."""
@@ -204,6 +214,15 @@ def add_tunnel_arguments(group: Any, d: Any, peer: str) -> None:
         type=int,
         default=d.connection_window,
         help=f"HTTP/2 window of the whole {peer} (bytes)",
+    )
+    group.add_argument(
+        "--max-buffered-bytes",
+        type=buffer_bytes,
+        default=d.max_buffered_bytes,
+        help="budget for buffered tunnel data in this process (bytes), shared by every "
+        "tunnel: each reserves its window and outbox; past half of it new tunnels get "
+        f"{budget.MIN_WINDOW // 1024} KiB windows, past all of it new dials are refused "
+        "(503 busy)",
     )
 
 

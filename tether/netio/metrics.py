@@ -7,10 +7,13 @@ prometheus_client otherwise).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import prometheus_client as prom
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
 
+from protocol.budget import BufferBudget
 from tether.netio import introspect
 from tether.netio.tls import ReloadableContext
 
@@ -67,12 +70,49 @@ class TunnelMetrics:
             "tether_open_fds", f"Open file descriptors of the {process} (leak check).", registry=r
         ).set_function(introspect.open_fd_count)
 
+    def watch_budget(self, budget: BufferBudget) -> None:
+        """Export the buffer budget (``--max-buffered-bytes``) and its use."""
+        self.registry.register(_BudgetCollector(budget))
+
     def watch_certificate(self, ctx: ReloadableContext) -> None:
         """Export the expiry of whatever certificate ``ctx`` holds now."""
         self.cert_expiry.labels(ctx.name).set_function(_expiry_of(ctx))
 
     def render(self) -> bytes:
         return bytes(prom.generate_latest(self.registry))
+
+
+class _BudgetCollector(Collector):
+    def __init__(self, budget: BufferBudget) -> None:
+        self.budget = budget
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        b = self.budget
+        yield GaugeMetricFamily(
+            "tether_buffered_bytes_reserved",
+            "Tunnel buffer bytes reserved (stream windows plus outboxes) of --max-buffered-bytes.",
+            value=b.reserved,
+        )
+        yield GaugeMetricFamily(
+            "tether_buffered_bytes_limit",
+            "The buffer budget (--max-buffered-bytes).",
+            value=b.limit,
+        )
+        yield GaugeMetricFamily(
+            "tether_buffered_streams",
+            "Tunnels holding a share of the buffer budget.",
+            value=b.streams,
+        )
+        yield CounterMetricFamily(
+            "tether_buffer_budget_shrunk",
+            "Tunnels opened with the smallest window because the budget was past half full.",
+            value=b.shrunk_total,
+        )
+        yield CounterMetricFamily(
+            "tether_buffer_budget_refusals",
+            "Dials refused because the buffer budget was exhausted (busy).",
+            value=b.refused_total,
+        )
 
 
 def _expiry_of(ctx: ReloadableContext) -> Callable[[], float]:

@@ -19,6 +19,7 @@ import attrs
 import h2.errors
 import trio
 
+from protocol import budget as budgets
 from protocol import messages, session
 from protocol.codes import CloseCode
 from protocol.errors import ProtocolError
@@ -26,8 +27,10 @@ from protocol.errors import ProtocolError
 log = logging.getLogger(__name__)
 
 READ_SIZE = 256 * 1024
-#: Payload a stream may queue for the scheduler before its writer waits.
-OUTBOX_LIMIT = 256 * 1024
+#: Payload a stream may queue for the scheduler before its writer waits (at
+#: full window; a stream with a smaller window queues less, see
+#: :func:`protocol.budget.outbox_limit`).
+OUTBOX_LIMIT = budgets.OUTBOX_LIMIT
 #: Bytes a stream gets per turn of the round-robin scheduler.
 QUANTUM = 16 * 1024
 #: Payload the scheduler moves into one socket write. Small enough that an
@@ -70,10 +73,21 @@ class ConnectionHandler(Protocol):
 class TunnelStream:
     """One tunneled TCP connection: an HTTP/2 stream carrying msgpack bins."""
 
-    def __init__(self, conn: TunnelConnection, stream_id: int, dial_id: int) -> None:
+    def __init__(
+        self,
+        conn: TunnelConnection,
+        stream_id: int,
+        dial_id: int,
+        grant: budgets.Grant | None = None,
+    ) -> None:
         self.conn = conn
         self.stream_id = stream_id
         self.dial_id = dial_id
+        #: This stream's share of the process's buffer budget, returned once
+        #: when the stream is over (see :meth:`_release`).
+        self.grant = grant
+        self._outbox_limit = budgets.outbox_limit(grant.window) if grant else OUTBOX_LIMIT
+        self._forgotten = False
         self._chunks: collections.deque[session.StreamData] = collections.deque()
         self._buffered = 0
         self._eof = False
@@ -102,9 +116,20 @@ class TunnelStream:
     def _aborted(self, exc: StreamAborted) -> None:
         if self._abort is None:
             self._abort = exc
+        # Nothing queued is sent after an abort (the scheduler drops us).
+        self._outbox.clear()
+        self._out_eof = False
+        self._out_close = None
         self._readable.set()
         self._writable.set()
         self._accepted_event.set()
+        self._release()
+
+    def _release(self) -> None:
+        """Return the stream's budget share, exactly once."""
+        grant, self.grant = self.grant, None
+        if grant is not None and self.conn.budget is not None:
+            self.conn.budget.release(grant)
 
     def _window_opened(self) -> None:
         self._writable.set()
@@ -131,6 +156,10 @@ class TunnelStream:
             elif self._out_eof:
                 self._out_eof = False
                 sess.end_stream(self.stream_id)
+            if self._forgotten:
+                # The owner left before the last bytes went: now it is over.
+                self.conn.streams.pop(self.stream_id, None)
+                self._release()
         return sent
 
     @property
@@ -175,6 +204,20 @@ class TunnelStream:
         self._buffered -= len(chunk.data)
         return chunk
 
+    def grow_window(self, n: int) -> bool:
+        """Raise our receive window by ``n`` bytes if the process's buffer
+        budget allows it (for windows that grow toward a link's
+        bandwidth-delay product); say whether it grew."""
+        budget, grant = self.conn.budget, self.grant
+        if budget is None or grant is None or not budget.may_grow(grant, n):
+            return False
+        if not self.conn.session.grow_window(self.stream_id, n):
+            return False
+        budget.grow(grant, n)
+        self._outbox_limit = budgets.outbox_limit(grant.window)
+        self.conn.wake_writer()
+        return True
+
     def acknowledge(self, flow_len: int) -> None:
         self.conn.session.acknowledge(self.stream_id, flow_len)
         self.conn.wake_writer()
@@ -193,7 +236,7 @@ class TunnelStream:
             self.conn.check_open()
             queued = len(self._outbox)
             window = self.conn.session.send_capacity(self.stream_id) - queued
-            cap = min(window, OUTBOX_LIMIT - queued)
+            cap = min(window, self._outbox_limit - queued)
             if cap > 0:
                 return cap
             if window > 0:  # only our own outbox is full: not a stall
@@ -254,8 +297,12 @@ class TunnelConnection:
         *,
         keepalive: Keepalive | None = None,
         name: str = "tunnel",
+        budget: budgets.BufferBudget | None = None,
     ) -> None:
         self.transport = transport
+        #: The process's buffer budget, shared by all its connections: each
+        #: stream's grant comes from it and goes back to it.
+        self.budget = budget
         self.session = sess
         self.handler = handler
         self.keepalive = keepalive or Keepalive()
@@ -357,7 +404,15 @@ class TunnelConnection:
                 ts._queued = False
 
     def forget(self, stream_id: int) -> None:
-        self.streams.pop(stream_id, None)
+        """The owner is done with the stream. It stays tracked (and keeps its
+        budget share) until what it queued has been sent."""
+        ts = self.streams.get(stream_id)
+        if ts is None:
+            return
+        ts._forgotten = True
+        if ts.aborted or not ts._has_output:
+            del self.streams[stream_id]
+            ts._release()
 
     async def _writer_idle(self) -> None:
         while self._want_write.is_set() or self._pending_out:
@@ -375,8 +430,12 @@ class TunnelConnection:
             raise TunnelClosed(str(exc)) from None
         self.wake_writer()
 
-    def add_stream(self, stream_id: int, dial_id: int) -> TunnelStream:
-        ts = TunnelStream(self, stream_id, dial_id)
+    def add_stream(
+        self, stream_id: int, dial_id: int, grant: budgets.Grant | None = None
+    ) -> TunnelStream:
+        """Track a data stream; ``grant`` (from :attr:`budget`) is released
+        when the stream is over."""
+        ts = TunnelStream(self, stream_id, dial_id, grant)
         self.streams[stream_id] = ts
         return ts
 
