@@ -13,6 +13,7 @@ from broker.auth import Authenticator
 from broker.registry import Registry
 from protocol.budget import BufferBudget
 from protocol.errors import ProtocolError
+from protocol.flood import FloodDetected, FloodPenalties
 from protocol.messages import Drain
 from protocol.session import Role, SessionConfig, TunnelSession
 from tether.netio import sockopts
@@ -49,6 +50,8 @@ class AgentServer:
         self.handshake_timeout = handshake_timeout
         #: Connections not yet authenticated, per source address.
         self.handshakes = PerPeerLimiter(max_handshakes_per_ip)
+        #: Addresses whose connections keep ending in a flood (protocol/flood.py).
+        self.penalties = FloodPenalties()
         self.connections: set[TunnelConnection] = set()
         self.socket_options = sockopts.TunnelSocketOptions(
             user_timeout=keepalive.interval + keepalive.timeout,
@@ -63,6 +66,10 @@ class AgentServer:
             remote = f"{host}:{port}"
         except OSError:
             host, remote = "?", "?"
+        if self.penalties.refused(host, trio.current_time()):
+            self.metrics.bad_input.labels("agent", "flood_penalty").inc()
+            await trio.aclose_forcefully(tcp)
+            return
         slot = self.handshakes.acquire(host)
         if slot is None:
             self.metrics.bad_input.labels("agent", "too_many_handshakes").inc()
@@ -169,6 +176,20 @@ class AgentServer:
             if (conn.closed_reason or "").startswith("control stream unusable"):
                 # Not reading its control stream (a window that stays shut).
                 self.metrics.bad_input.labels("agent", "control_stream_stalled").inc()
+            if isinstance(conn.protocol_error, FloodDetected):
+                penalty = self.penalties.record_flood(_host(remote), trio.current_time())
+                if penalty:
+                    limited(
+                        log,
+                        logging.WARNING,
+                        _host(remote),
+                        "agent port: %s keeps flooding; its new connections are refused "
+                        "for %.0fs",
+                        _host(remote),
+                        penalty,
+                        key="flood_penalty",
+                        extra=event("flood_penalty", remote=remote, seconds=penalty),
+                    )
             if conn.protocol_error is not None:
                 self.metrics.bad_input.labels("agent", conn.protocol_error.reason).inc()
                 limited(

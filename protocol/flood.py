@@ -254,3 +254,65 @@ def unsent_bytes(conn: object) -> int:
     """
     buf = getattr(conn, "_data_to_send", b"")
     return len(buf)
+
+
+@attrs.define
+class _Record:
+    strikes: list[float]
+    until: float = 0.0
+    penalty: float = 0.0
+
+
+class FloodPenalties:
+    """Source addresses whose connections keep ending in a flood.
+
+    The per-connection budgets end a flood within its burst, but an agent
+    that reconnects the moment it is told GOAWAY(ENHANCE_YOUR_CALM) spends a
+    burst per connection plus a TLS handshake, dozens of times a second: a
+    core of broker time, taken from every other tenant. So the budgets count
+    strikes per source address: ``free`` floods within ``window`` seconds are
+    forgiven (a buggy agent, a test), the next one closes the address's new
+    connections at accept, before any TLS, for ``first`` seconds, doubling
+    with every further flood up to ``cap``. Connections already open are
+    untouched, and an address that stays calm for ``window`` seconds starts
+    afresh. At most ``max_sources`` addresses are remembered (the oldest are
+    forgotten first), so a spoofing flood cannot grow memory.
+    """
+
+    def __init__(
+        self,
+        *,
+        free: int = 3,
+        window: float = 60.0,
+        first: float = 1.0,
+        cap: float = 60.0,
+        max_sources: int = 4096,
+    ) -> None:
+        self.free, self.window, self.first, self.cap = free, window, first, cap
+        self.max_sources = max_sources
+        self._sources: dict[str, _Record] = {}
+
+    def refused(self, source: str, now: float) -> bool:
+        """Whether a new connection from ``source`` is closed at accept."""
+        record = self._sources.get(source)
+        return record is not None and now < record.until
+
+    def record_flood(self, source: str, now: float) -> float:
+        """Count a flood from ``source``; the penalty it starts now (0: forgiven)."""
+        record = self._sources.pop(source, None) or _Record([])
+        recent = [t for t in record.strikes if now - t < self.window]
+        if not recent:  # calm for a whole window: start afresh
+            record.penalty = 0.0
+        record.strikes = [*recent, now][-(self.free + 1) :]
+        if len(record.strikes) <= self.free:
+            record.penalty = 0.0
+        else:
+            record.penalty = min(self.cap, record.penalty * 2 if record.penalty else self.first)
+            record.until = now + record.penalty
+        self._sources[source] = record  # most recent last
+        while len(self._sources) > self.max_sources:
+            del self._sources[next(iter(self._sources))]
+        return record.penalty
+
+    def __len__(self) -> int:
+        return len(self._sources)

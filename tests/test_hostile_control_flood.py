@@ -182,11 +182,11 @@ async def test_a_reconnecting_flooder_costs_what_reconnecting_costs(
     nursery: trio.Nursery,
 ) -> None:
     """An agent that floods every control message type and reconnects after
-    every GOAWAY costs the broker about what any agent reconnecting in a loop
-    costs (TLS handshake, control stream, registration): the budgets let
-    only a few messages through per connection. What bounds the reconnects
-    themselves is --max-handshakes-per-ip (concurrent handshakes per address)
-    and the TLS cost every client pays; see docs/security.md."""
+    every GOAWAY costs the broker no more than any agent reconnecting in a
+    loop (TLS handshake, control stream, registration): the budgets let only
+    a few messages through per connection, and after three floods its
+    address is refused at accept, which costs next to nothing (see
+    test_an_address_that_keeps_flooding_is_refused_at_accept)."""
     broker = broker_factory(
         "--proxy-strategies=destHost", "--agent-allowed-identifiers=agent-1:ipv4=127.0.0.1"
     )
@@ -209,6 +209,46 @@ async def test_a_reconnecting_flooder_costs_what_reconnecting_costs(
     assert per_conn[True] <= 1.5 * per_conn[False] + 0.003, summary
     await _quiet(broker)
     await tunnel_roundtrip(broker, echo)
+
+
+@pytest.mark.timeout(90)
+async def test_an_address_that_keeps_flooding_is_refused_at_accept(
+    broker_factory: Callable[..., BrokerHandle],
+    agent_factory: Callable[..., Proc],
+    nursery: trio.Nursery,
+) -> None:
+    """Three floods from one address within a minute are forgiven; from the
+    fourth on, that address's new connections are closed at accept, before
+    any TLS, for 1 s, then 2 s, ... (protocol/flood.py FloodPenalties). The
+    agent already connected from the same address keeps its tunnels."""
+    broker = broker_factory(
+        "--proxy-strategies=destHost", "--agent-allowed-identifiers=agent-1:ipv4=127.0.0.1"
+    )
+    agent_factory(broker, "--agent-identifiers=ipv4=127.0.0.1")
+    await broker.ready(agents=1)
+    echo = await serve_echo(nursery)
+    block = flood_block(KINDS)
+    for _ in range(4):
+        peer = await open_peer(broker, agent_id="agent-2", identifiers="host=evil")
+        code = await flood_until_closed(peer, block, timeout=10, linger=False)
+        await peer.aclose()
+        assert code == ENHANCE_YOUR_CALM
+    assert await wait_log(broker, "keeps flooding; its new connections are refused for 1s")
+    # Within the penalty: closed at accept, without a TLS handshake.
+    refused_before = metric(
+        await broker.metrics(), "tether_bad_input_total", reason="flood_penalty"
+    )
+    tcp = await trio.open_tcp_stream("127.0.0.1", broker.agent_port)
+    with trio.fail_after(5):
+        assert await tcp.receive_some(1) == b""
+    await tcp.aclose()
+    text = await broker.metrics()
+    assert metric(text, "tether_bad_input_total", reason="flood_penalty") == refused_before + 1
+    await tunnel_roundtrip(broker, echo)  # the agent connected from there is untouched
+    await trio.sleep(1.2)  # the first penalty is over: the address may connect again
+    peer = await open_peer(broker, agent_id="agent-2", identifiers="host=evil")
+    await peer.aclose()
+    await health_ok(broker)
 
 
 # ------------------------------------------------------------ fairness

@@ -66,6 +66,7 @@ EVENTS = frozenset(
         "frontend_socket",  # broker: a frontend Unix socket created (owner, group, mode)
         "stale_socket_replaced",  # broker: a dead socket at the path was replaced
         "frontend_socket_lost",  # broker: its socket path was removed or replaced
+        "flood_penalty",  # broker: an address that keeps flooding is refused at accept for a while
         "buffer_budget_exhausted",  # --max-buffered-bytes is used up: new dials refused (busy)
     }
 )
