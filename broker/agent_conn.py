@@ -23,9 +23,11 @@ if TYPE_CHECKING:
     from broker.registry import Registry
 
 
-@attrs.frozen
+@attrs.define
 class ServerInfo:
     server_id: str
+    #: What agents are told; with --enable-lease-controller it follows the
+    #: live Leases (broker/leases.py), never below --server-count.
     server_count: int
 
 

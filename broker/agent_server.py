@@ -183,8 +183,7 @@ class AgentServer:
                         log,
                         logging.WARNING,
                         _host(remote),
-                        "agent port: %s keeps flooding; its new connections are refused "
-                        "for %.0fs",
+                        "agent port: %s keeps flooding; its new connections are refused for %.0fs",
                         _host(remote),
                         penalty,
                         key="flood_penalty",

@@ -14,15 +14,18 @@ from broker.agent_conn import ServerInfo
 from broker.agent_server import AgentServer
 from broker.auth import Authenticator, TokenStore
 from broker.clusters import ClusterConfig, load_clusters, parse_allowed_identifiers, socket_spec
-from broker.config import BrokerConfig
+from broker.config import BrokerConfig, reviews_tokens
 from broker.connect_frontend import ConnectSettings, handle_connect
 from broker.grpc_frontend import GrpcFrontend, GrpcSettings
+from broker.leases import LeasePublisher
 from broker.metrics import BrokerMetrics
 from broker.registry import Registry
+from protocol import leases
 from protocol.budget import BufferBudget
 from protocol.session import SessionConfig
-from tether.netio import sockopts, tls
+from tether.netio import kubeapi, sockopts, tls
 from tether.netio.http import serve_http, text
+from tether.netio.kubeapi import KubeClient
 from tether.netio.limits import PerPeerLimiter
 from tether.netio.listeners import (
     BoundUnixSocket,
@@ -46,6 +49,15 @@ class Broker:
         self.metrics = BrokerMetrics()
         self.registry = Registry(self.metrics, cfg.proxy_strategies)
         self.server = ServerInfo(cfg.server_id, cfg.server_count)
+        self.leases: LeasePublisher | None = None
+        if cfg.enable_lease_controller:
+            self.leases = LeasePublisher(
+                KubeClient(kubeapi.load(cfg.kubeconfig)),  # KubeApiError: a start-up error
+                cfg.lease_namespace,
+                leases.parse_labels(cfg.lease_label),
+                cfg.server_id,
+                on_count=self._lease_count,
+            )
         self.clusters = clusters_from(cfg)
         frontend_subjects = roles.parse_subjects(cfg.frontend_allowed_subjects)
         self.authenticator = Authenticator(
@@ -426,6 +438,8 @@ class Broker:
                 self._cert_reloaded,
             )
             nursery.start_soon(run_suppressed_reporter)
+            if self.leases is not None:
+                await nursery.start(self.leases.run)
             ports: dict[str, int] = {}
             agent_l = await open_tcp_listener(cfg.agent_bind_address, cfg.agent_port)
             ports["agent"] = listener_port(agent_l)
@@ -503,6 +517,14 @@ class Broker:
             # process put at the path stays.
             self.remove_sockets()
 
+    def _lease_count(self, live: int) -> None:
+        """Live replica Leases: what agents are told from now on (never
+        fewer than --server-count)."""
+        count = max(self.cfg.server_count, live)
+        if count != self.server.server_count:
+            log.info("replica count from leases: %d (was %d)", count, self.server.server_count)
+            self.server.server_count = count
+
     async def shutdown(self) -> None:
         """Drain: no new frontend work, agents told to move, tunnels finish."""
         self.stopping = True
@@ -514,6 +536,8 @@ class Broker:
         if self._tunnels:
             log.warning("drain timeout: closing %d open tunnel(s)", self._tunnels)
         await self.agent_server.close_all()
+        if self.leases is not None:
+            await self.leases.release()
         log.info("broker stopped", extra=event("stopped", server_id=self.cfg.server_id))
 
 
@@ -521,7 +545,8 @@ def clusters_from(cfg: BrokerConfig) -> list[ClusterConfig]:
     """The clusters this broker serves: the config file's, plus the implicit
     cluster of the single-cluster flags when they name a trust or a frontend."""
     clusters = load_clusters(cfg.config) if cfg.config else []
-    flags_used = bool(cfg.cluster_ca_cert or cfg.uds_name or cfg.agent_token_file or cfg.kubeconfig)
+    reviews = reviews_tokens(cfg)
+    flags_used = bool(cfg.cluster_ca_cert or cfg.uds_name or cfg.agent_token_file or reviews)
     if not clusters or (flags_used and cfg.cluster_name not in {c.name for c in clusters}):
         clusters.append(
             ClusterConfig(
@@ -534,12 +559,10 @@ def clusters_from(cfg: BrokerConfig) -> list[ClusterConfig]:
                 frontend_uds_owner=cfg.uds_owner,
                 frontend_uds_group=cfg.uds_group,
                 frontend_uds_mode=int(cfg.uds_mode, 8),
-                tokenreview_kubeconfig=cfg.kubeconfig,
+                tokenreview_kubeconfig=cfg.kubeconfig if reviews else "",
                 tokenreview_audience=cfg.authentication_audience,
                 allowed_service_accounts=(
-                    (f"{cfg.agent_namespace}:{cfg.agent_service_account}",)
-                    if cfg.kubeconfig
-                    else ()
+                    (f"{cfg.agent_namespace}:{cfg.agent_service_account}",) if reviews else ()
                 ),
                 tokenreview_bind_node_name=cfg.tokenreview_bind_node_name,
                 tokenreview_source_rate=cfg.tokenreview_source_rate,

@@ -9,6 +9,7 @@ from broker.app import Broker
 from broker.clusters import ConfigError
 from broker.config import from_args
 from broker.tokenreview import TokenReviewError
+from tether.netio.kubeapi import KubeApiError
 from tether.netio.listeners import UnixSocketError
 from tether.netio.logs import setup_logging
 from tether.netio.process import catch_stop_signals_early, run_main
@@ -25,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         broker = Broker(cfg)
         broker.bind_sockets()
-    except (TLSConfigError, ConfigError, TokenReviewError, UnixSocketError) as exc:
+    except (TLSConfigError, ConfigError, TokenReviewError, UnixSocketError, KubeApiError) as exc:
         log.error("%s", exc)
         return 2
     return run_main(broker.run, log)

@@ -17,7 +17,7 @@ import attrs
 
 from broker.clusters import parse_allowed_identifiers
 from broker.registry import parse_strategies
-from protocol import budget
+from protocol import budget, leases
 from tether import compat, settings
 from tether.netio.listeners import parse_mode
 
@@ -69,6 +69,9 @@ class BrokerConfig:
     config: str = ""
     agent_token_file: str = ""
     kubeconfig: str = ""
+    enable_lease_controller: bool = False
+    lease_namespace: str = "kube-system"
+    lease_label: str = "k8s-app=konnectivity-server"
     authentication_audience: str = ""
     agent_namespace: str = ""
     agent_service_account: str = ""
@@ -205,7 +208,24 @@ def build_parser() -> argparse.ArgumentParser:
     ag.add_argument(
         "--kubeconfig",
         default=d.kubeconfig,
-        help="check agent bearer tokens with a TokenReview against this cluster's apiserver",
+        help="this cluster's apiserver: agent bearer tokens are checked with a TokenReview "
+        "(with --agent-namespace and --agent-service-account), and the Lease of "
+        "--enable-lease-controller lives there; empty with the lease controller: in-cluster",
+    )
+    ag.add_argument(
+        "--enable-lease-controller",
+        action=argparse.BooleanOptionalAction,
+        default=d.enable_lease_controller,
+        help="publish this replica's coordination.k8s.io Lease and remove expired ones, so "
+        "agents with --count-server-leases learn how many replicas there are (konnectivity's)",
+    )
+    ag.add_argument(
+        "--lease-namespace", default=d.lease_namespace, help="namespace of the replicas' Leases"
+    )
+    ag.add_argument(
+        "--lease-label",
+        default=d.lease_label,
+        help="labels of the replicas' Leases (key=value[,key=value]), as agents select them",
     )
     ag.add_argument(
         "--authentication-audience",
@@ -383,16 +403,30 @@ def from_args(argv: list[str] | None, environ: Mapping[str, str] | None = None) 
     return cfg
 
 
+def reviews_tokens(cfg: BrokerConfig) -> bool:
+    """TokenReview of agent tokens is on: konnectivity's rule, any of the
+    agent namespace, service account or audience given with a kubeconfig."""
+    return bool(cfg.kubeconfig) and bool(
+        cfg.agent_namespace or cfg.agent_service_account or cfg.authentication_audience
+    )
+
+
 def validate(cfg: BrokerConfig) -> list[str]:
     problems = []
     if not (cfg.cluster_cert and cfg.cluster_key):
         problems.append("--cluster-cert and --cluster-key are required")
-    if not (cfg.cluster_ca_cert or cfg.config or cfg.agent_token_file or cfg.kubeconfig):
+    if not (cfg.cluster_ca_cert or cfg.config or cfg.agent_token_file or reviews_tokens(cfg)):
         problems.append(
             "no agent trust: give --cluster-ca-cert, --agent-token-file, --kubeconfig or --config"
         )
-    if cfg.kubeconfig and not (cfg.agent_namespace and cfg.agent_service_account):
-        problems.append("--kubeconfig needs --agent-namespace and --agent-service-account")
+    if reviews_tokens(cfg) and not (cfg.agent_namespace and cfg.agent_service_account):
+        problems.append("TokenReview needs --agent-namespace and --agent-service-account")
+    if cfg.enable_lease_controller:
+        try:
+            leases.parse_labels(cfg.lease_label)
+            leases.lease_name(cfg.server_id)
+        except ValueError as exc:
+            problems.append(f"--lease-label / --server-id: {exc}")
     if cfg.server_port and not (cfg.server_cert and cfg.server_key and cfg.server_ca_cert):
         problems.append(
             "the TCP frontend needs --server-cert, --server-key and --server-ca-cert "

@@ -27,6 +27,7 @@ class LeasePublisher:
         labels: Mapping[str, str],
         server_id: str,
         *,
+        on_count: Callable[[int], None] | None = None,
         clock: Callable[[], float] = time.time,
         renew_s: float = leases.RENEW_S,
         duration_s: int = leases.DURATION_S,
@@ -35,6 +36,7 @@ class LeasePublisher:
         self.namespace = namespace
         self.labels = dict(labels)
         self.server_id = server_id
+        self.on_count = on_count
         self.name = leases.lease_name(server_id)
         self.clock = clock
         self.renew_s = renew_s
@@ -116,6 +118,8 @@ class LeasePublisher:
         found = leases.read_leases(items if isinstance(items, list) else [])
         now = self.clock()
         self.live_count = len(leases.live(found, now))
+        if self.on_count is not None:
+            self.on_count(self.live_count)
         for old in leases.expired(found, now):
             if not old.name or old.name == self.name:
                 continue

@@ -67,3 +67,14 @@ def test_bad_values_are_one_line_errors(argv: list[str], message: str) -> None:
 
 def test_go_booleans_do_not_swallow_the_next_argument() -> None:
     assert translate(["--enable-profiling", "--agent-port=1"], SERVER).argv == ["--agent-port=1"]
+
+
+def test_tls_min_version_maps_to_the_agent_port() -> None:
+    assert translate(["--tls-min-version=VersionTLS13"], SERVER).argv == [
+        "--agent-tls-min-version=1.3"
+    ]
+    got = translate(["--tls-min-version", "VersionTLS10"], SERVER)
+    assert got.argv == ["--agent-tls-min-version=1.2"]
+    assert "never offered" in got.warnings[0]
+    with pytest.raises(CompatError, match="VersionTLS12 or VersionTLS13"):
+        translate(["--tls-min-version=1.3"], SERVER)

@@ -126,3 +126,42 @@ async def test_agent_counts_live_leases(
     assert any(
         target.startswith(leases.collection_path("kube-system")) for _, target in store.requests
     )
+
+
+@pytest.mark.timeout(60)
+async def test_broker_publishes_its_lease_and_reports_the_live_count(
+    tmp_path: Path,
+    pki: PkiPaths,
+    nursery: trio.Nursery,
+    broker_factory: Callable[..., BrokerHandle],
+    agent_factory: Callable[..., Proc],
+) -> None:
+    """A real broker with --enable-lease-controller against the stand-in:
+    it creates its Lease, counts the live ones (its own and another
+    replica's) and tells agents that count; a SIGTERM removes its Lease."""
+    store = LeaseStore(token="broker-token")
+    port = await serve_leases(nursery, pki, store)
+    store.put(_other("tether-broker-b2", "b2", time.time() + 3600))  # another live replica
+    broker = broker_factory(
+        "--enable-lease-controller",
+        f"--kubeconfig={kubeconfig(tmp_path / 'kc', pki, port, 'broker-token')}",
+        "--server-id=b1",
+    )
+    await broker.up()
+    ours = ("kube-system", "tether-broker-b1")
+    await wait_for(lambda: _async(ours in store.leases), 20, "the broker's lease")
+    assert store.leases[ours]["spec"]["holderIdentity"] == "b1"
+    assert store.leases[ours]["metadata"]["labels"] == LABELS
+    agent = agent_factory(broker)
+    await broker.ready(agents=1)
+    await wait_for(
+        lambda: _async("broker reports 2 replica(s)" in agent.log()), 20, "the agent told 2"
+    )
+    assert "replica count from leases: 2" in broker.proc.log()
+    assert broker.proc.stop() == 0
+    assert ours not in store.leases  # gone at once, not after its duration
+    assert ("kube-system", "tether-broker-b2") in store.leases
+
+
+async def _async(value: bool) -> bool:
+    return value

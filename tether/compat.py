@@ -37,6 +37,8 @@ class Kind(enum.Enum):
     RENAMED = "renamed"
     #: klog's verbosity: mapped to --log-level.
     VERBOSITY = "verbosity"
+    #: Go's TLS version names (VersionTLS12): mapped to our --agent-tls-min-version.
+    TLS_VERSION = "tls_version"
 
 
 @attrs.frozen
@@ -99,6 +101,12 @@ SERVER: tuple[Flag, ...] = (
     _ignored("xfr-channel-size", True, _CHANNELS),
     _ignored("frontend-write-channel-size", True, _CHANNELS),
     _same("warn-on-channel-limit", False, _CHANNELS),
+    Flag("tls-min-version", True, Kind.TLS_VERSION, target="agent-tls-min-version"),
+    _ignored(
+        "cipher-suites",
+        True,
+        "TLS 1.2 offers ECDHE with AES-GCM or ChaCha20-Poly1305 only; TLS 1.3 suites are fixed",
+    ),
     _ignored("kubeconfig-qps", True, "TokenReview calls are rate-limited per source address"),
     _ignored("kubeconfig-burst", True, "TokenReview calls are rate-limited per source address"),
     _ignored("kube-api-content-type", True, "the apiserver is spoken to in JSON"),
@@ -179,6 +187,16 @@ def translate(argv: Sequence[str], flags: Sequence[Flag]) -> Translation:
         spelled = f"--{name}" + (f"={value}" if flag.takes_value or eq else "")
         if flag.kind is Kind.RENAMED:
             out.append(f"--{flag.target}={value}")
+        elif flag.kind is Kind.TLS_VERSION:
+            version = {"VersionTLS12": "1.2", "VersionTLS13": "1.3"}.get(value)
+            if version is None and value in ("VersionTLS10", "VersionTLS11"):
+                version = "1.2"
+                warnings.append(f"{spelled}: TLS below 1.2 is never offered; using 1.2")
+            if version is None:
+                raise CompatError(
+                    f"invalid value {value!r} for --{name}: want VersionTLS12 or VersionTLS13"
+                )
+            out.append(f"--{flag.target}={version}")
         elif flag.kind is Kind.VERBOSITY:
             try:
                 level = int(value)
@@ -202,6 +220,8 @@ def documented(flags: Sequence[Flag]) -> list[tuple[str, str]]:
             rows.append((f"--{f.name}", f"same as --{f.target}"))
         elif f.kind is Kind.VERBOSITY:
             rows.append((f"--{f.name}", "--v>=2 is --log-level=debug, else info"))
+        elif f.kind is Kind.TLS_VERSION:
+            rows.append((f"--{f.name}", f"VersionTLS12/13 is --{f.target}=1.2/1.3"))
         elif f.kind is Kind.SAME:
             rows.append((f"--{f.name}", f"accepted: {f.note}"))
         else:
