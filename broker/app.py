@@ -318,6 +318,7 @@ class Broker:
             header_timeout=self.cfg.frontend_header_timeout,
             frontend=frontend,
             optimistic=self.cfg.optimistic_connect,
+            draining=lambda: self.stopping,
         )
 
     def _tcp_frontend_cluster(self, tls_stream: trio.SSLStream[trio.abc.Stream]) -> str:
@@ -330,8 +331,8 @@ class Broker:
     def _frontend_handler(self, frontend: str, cluster: str = "") -> Handler:
 
         async def handle(stream: trio.abc.Stream) -> None:
-            if self.stopping:
-                await trio.aclose_forcefully(stream)
+            if self.stopping and frontend == "grpc":
+                await trio.aclose_forcefully(stream)  # told by GOAWAY already
                 return
             try:
                 self._frontend_limit.acquire_nowait()

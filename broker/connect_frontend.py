@@ -9,6 +9,7 @@ bodies with ``Connection: close`` (design section 3).
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from http import HTTPStatus
 
 import attrs
@@ -37,6 +38,8 @@ class ConnectSettings:
     frontend: str  # metric label: "uds" or "tcp"
     optimistic: bool = False
     optimistic_wait: float = 0.01
+    #: True once the broker drains: requests get 503 and no dial starts.
+    draining: Callable[[], bool] = lambda: False
 
 
 class _ClientGone(Exception):
@@ -204,6 +207,11 @@ async def _serve(
             extra=event("bad_input", source="frontend", remote=source, reason=parsed.reason),
         )
         await _respond(stream, conn, metrics, settings, parsed.status, parsed.message)
+        return
+    if settings.draining():
+        await _respond(
+            stream, conn, metrics, settings, 503, "broker is draining: retry on another replica"
+        )
         return
     target = parsed.target
     # Bytes the client sent before the dial starts ride inside the dial

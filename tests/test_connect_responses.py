@@ -3,11 +3,12 @@
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Callable
 
 import pytest
 import trio
-from procs import BrokerHandle, Proc
+from procs import BrokerHandle, Proc, connect_tunnel, serve_echo
 
 pytestmark = [pytest.mark.e2e]
 
@@ -50,3 +51,33 @@ async def test_reason_phrases(
     ]
     for request, expected in cases:
         assert await _status_line(broker.uds, request) == expected, request[:40]
+
+
+@pytest.mark.timeout(60)
+async def test_connect_during_drain_is_a_503_with_a_body(
+    broker_factory: Callable[..., BrokerHandle],
+    agent_factory: Callable[..., Proc],
+    nursery: trio.Nursery,
+) -> None:
+    """A CONNECT that arrives while the broker drains used to get an empty
+    close (issue 15 row 15); it gets 503 with a one-line reason now."""
+    broker = broker_factory("--drain-timeout=5", tcp=False)
+    agent_factory(broker)
+    await broker.ready(agents=1)
+    # a held tunnel keeps the drain going while the next request arrives
+    held = await connect_tunnel(broker, f"127.0.0.1:{await serve_echo(nursery)}", via="uds")
+    assert held.status == 200
+    broker.proc.popen.send_signal(signal.SIGTERM)
+    with trio.fail_after(10):
+        while "draining" not in broker.proc.log():
+            await trio.sleep(0.05)
+    stream = await trio.open_unix_socket(broker.uds)
+    async with stream:
+        await stream.send_all(b"CONNECT 127.0.0.1:9 HTTP/1.1\r\nHost: x\r\n\r\n")
+        data = b""
+        with trio.fail_after(10):
+            while chunk := await stream.receive_some(4096):
+                data += chunk
+    assert data.startswith(b"HTTP/1.1 503 Service Unavailable\r\n"), data
+    assert data.endswith(b"broker is draining: retry on another replica\n"), data
+    await held.aclose()
