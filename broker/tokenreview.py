@@ -18,20 +18,16 @@ keep-alive HTTPS connections instead of a TLS handshake each.
 
 from __future__ import annotations
 
-import base64
 import json
 import logging
-import os
-import ssl
-import tempfile
 from pathlib import Path
-from typing import Any
-from urllib.parse import urlsplit
 
 import attrs
 import h11
 import trio
-import yaml
+
+from tether.netio import kubeapi
+from tether.netio.kubeapi import ApiServer
 
 log = logging.getLogger("tether.broker")
 
@@ -142,60 +138,20 @@ class ReviewResult:
     node_name: str = ""
 
 
-@attrs.frozen
-class ApiServer:
-    host: str
-    port: int
-    ssl_context: ssl.SSLContext
-    server_hostname: str
-    bearer: str | None = None
-
-
-def _data_or_file(entry: dict[str, Any], key: str, base: Path) -> bytes | None:
-    if entry.get(f"{key}-data"):
-        return base64.b64decode(entry[f"{key}-data"])
-    if entry.get(key):
-        path = Path(entry[key])
-        return (path if path.is_absolute() else base / path).read_bytes()
-    return None
+def _read(path: str | None) -> str:
+    try:
+        return Path(path or "").read_text().strip()
+    except OSError as exc:
+        raise TokenReviewError(f"cannot read token {path}: {exc}") from None
 
 
 def load_kubeconfig(path: str) -> ApiServer:
-    """The current context's cluster and user from a kubeconfig file."""
+    """The current context's cluster and user from a kubeconfig file (one
+    reader for both commands: tether.netio.kubeapi)."""
     try:
-        cfg = yaml.safe_load(Path(path).read_text())
-        base = Path(path).parent
-        ctx_name = cfg["current-context"]
-        ctx = next(c["context"] for c in cfg["contexts"] if c["name"] == ctx_name)
-        cluster = next(c["cluster"] for c in cfg["clusters"] if c["name"] == ctx["cluster"])
-        user = next(u["user"] for u in cfg["users"] if u["name"] == ctx["user"])
-    except (OSError, yaml.YAMLError, KeyError, StopIteration, TypeError) as exc:
-        raise TokenReviewError(f"kubeconfig {path}: cannot read cluster/user: {exc!r}") from None
-    url = urlsplit(cluster["server"])
-    if url.scheme != "https" or not url.hostname:
-        raise TokenReviewError(f"kubeconfig {path}: server must be an https URL")
-    ctx_ssl = ssl.create_default_context()
-    ca = _data_or_file(cluster, "certificate-authority", base)
-    if ca:
-        ctx_ssl = ssl.create_default_context(cadata=ca.decode())
-    cert = _data_or_file(user, "client-certificate", base)
-    key = _data_or_file(user, "client-key", base)
-    if cert and key:
-        # ssl wants files; keep them private and short-lived.
-        with tempfile.TemporaryDirectory() as tmp:
-            cert_path, key_path = os.path.join(tmp, "c.pem"), os.path.join(tmp, "k.pem")
-            for p, data in ((cert_path, cert), (key_path, key)):
-                fd = os.open(p, os.O_WRONLY | os.O_CREAT, 0o600)
-                with os.fdopen(fd, "wb") as f:
-                    f.write(data)
-            ctx_ssl.load_cert_chain(cert_path, key_path)
-    return ApiServer(
-        host=url.hostname,
-        port=url.port or 443,
-        ssl_context=ctx_ssl,
-        server_hostname=url.hostname,
-        bearer=user.get("token"),
-    )
+        return kubeapi.load_kubeconfig(path)
+    except kubeapi.KubeApiError as exc:
+        raise TokenReviewError(str(exc)) from None
 
 
 @attrs.define(eq=False)
@@ -263,8 +219,8 @@ class TokenReviewer:
             ("accept", "application/json"),
             ("content-length", str(len(body))),
         ]
-        if api.bearer:
-            headers.append(("authorization", f"Bearer {api.bearer}"))
+        if api.bearer or api.bearer_file:
+            headers.append(("authorization", f"Bearer {api.bearer or _read(api.bearer_file)}"))
         async with self._slots:
             try:
                 with trio.fail_after(self.timeout):
