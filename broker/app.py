@@ -442,7 +442,9 @@ class Broker:
             if self.leases is not None:
                 await nursery.start(self.leases.run)
             ports: dict[str, int] = {}
-            agent_l = await open_tcp_listener(cfg.agent_bind_address, cfg.agent_port)
+            agent_l = await open_tcp_listener(
+                cfg.agent_bind_address, cfg.agent_port, what="the agent port (--agent-port)"
+            )
             ports["agent"] = listener_port(agent_l)
             nursery.start_soon(_serve, agent_l, self.agent_server.handle)
             self.bind_sockets()
@@ -453,11 +455,17 @@ class Broker:
                     nursery.start_soon(_serve, uds_l, self._frontend_handler(frontend, c.name))
             nursery.start_soon(self._watch_sockets)
             if cfg.server_port:
-                tcp_l = await open_tcp_listener(cfg.server_bind_address, cfg.server_port)
+                tcp_l = await open_tcp_listener(
+                    cfg.server_bind_address,
+                    cfg.server_port,
+                    what="the TCP frontend (--server-port)",
+                )
                 ports["server"] = listener_port(tcp_l)
                 nursery.start_soon(_serve, tcp_l, self._frontend_handler("tcp"))
             if cfg.health_port:
-                health_l = await open_tcp_listener(cfg.health_bind_address, cfg.health_port)
+                health_l = await open_tcp_listener(
+                    cfg.health_bind_address, cfg.health_port, what="the health port (--health-port)"
+                )
                 ports["health"] = listener_port(health_l)
                 nursery.start_soon(
                     functools.partial(
@@ -470,7 +478,9 @@ class Broker:
                 )
             admin = "off"
             if cfg.admin_port:
-                admin_l = await open_tcp_listener(cfg.admin_bind_address, cfg.admin_port)
+                admin_l = await open_tcp_listener(
+                    cfg.admin_bind_address, cfg.admin_port, what="the admin port (--admin-port)"
+                )
                 ports["admin"] = listener_port(admin_l)
                 admin = f"{cfg.admin_bind_address or '*'}:{ports['admin']}"
                 nursery.start_soon(

@@ -435,13 +435,17 @@ class Agent:
             ports: dict[str, int] = {}
             if self.cfg.health_server_port:
                 health = await open_tcp_listener(
-                    self.cfg.health_server_bind_address, self.cfg.health_server_port
+                    self.cfg.health_server_bind_address,
+                    self.cfg.health_server_port,
+                    what="the health port (--health-server-port)",
                 )
                 ports["health"] = listener_port(health)
                 nursery.start_soon(serve_http, health, self.routes())
             if self.metrics is not None and self.cfg.admin_server_port:
                 admin = await open_tcp_listener(
-                    self.cfg.admin_bind_address, self.cfg.admin_server_port
+                    self.cfg.admin_bind_address,
+                    self.cfg.admin_server_port,
+                    what="the admin port (--admin-server-port)",
                 )
                 ports["admin"] = listener_port(admin)
                 nursery.start_soon(serve_http, admin, self.admin_routes())

@@ -199,9 +199,22 @@ def open_unix_listener(path: str, *, mode: int = 0o660, backlog: int = 512) -> t
     return bind_unix_socket(UnixSocketSpec(path, mode), backlog=backlog).listener()
 
 
-async def open_tcp_listener(host: str, port: int, *, backlog: int = 512) -> trio.SocketListener:
-    """One TCP listener; ``host`` empty means every address."""
-    listeners = await trio.open_tcp_listeners(port, host=host or None, backlog=backlog)
+class ListenError(OSError):
+    """A listener could not be opened; the message names it, its address and the reason."""
+
+
+async def open_tcp_listener(
+    host: str, port: int, *, backlog: int = 512, what: str = "listener"
+) -> trio.SocketListener:
+    """One TCP listener; ``host`` empty means every address. ``what`` names
+    it (and its flag) in the one-line error when it cannot be opened."""
+    try:
+        listeners = await trio.open_tcp_listeners(port, host=host or None, backlog=backlog)
+    except OSError as exc:
+        where = f"{host or '*'}:{port}"
+        raise ListenError(
+            exc.errno, f"cannot listen on {what} {where}: {exc.strerror or exc}"
+        ) from None
     if len(listeners) == 1:
         return listeners[0]
     # Dual-stack hosts return one per family; keep the first, close the rest.

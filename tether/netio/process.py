@@ -8,6 +8,7 @@ from collections.abc import Awaitable, Callable
 
 import trio
 
+from tether.netio.listeners import ListenError
 from tether.netio.logs import event
 
 #: Stop signals that arrived while no trio signal receiver was open.
@@ -32,8 +33,12 @@ def run_main(fn: Callable[[], Awaitable[object]], log: logging.Logger) -> int:
     code = 0
     try:
         trio.run(fn)
-    except* OSError as group:
-        for exc in group.exceptions:
+    except* ListenError as listen_errors:  # a port taken, an address the host lacks: exit 2
+        for exc in listen_errors.exceptions:
+            log.error("cannot start: %s", exc)
+        code = 2
+    except* OSError as os_errors:
+        for exc in os_errors.exceptions:
             log.error("cannot start: %s", exc)
         code = 1
     except* KeyboardInterrupt:
