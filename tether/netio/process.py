@@ -38,8 +38,8 @@ def run_main(fn: Callable[[], Awaitable[object]], log: logging.Logger) -> int:
             log.error("cannot start: %s", exc)
         code = 2
     except* OSError as os_errors:
-        for exc in os_errors.exceptions:
-            log.error("cannot start: %s", exc)
+        for error in os_errors.exceptions:
+            log.error("cannot start: %s", error)
         code = 1
     except* KeyboardInterrupt:
         code = 130
