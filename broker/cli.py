@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
+import time
 
-from broker.app import Broker
+from broker.app import Broker, clusters_from
 from broker.clusters import ConfigError
 from broker.config import from_args
 from broker.tokenreview import TokenReviewError
+from tether.netio import tls
 from tether.netio.kubeapi import KubeApiError
 from tether.netio.listeners import UnixSocketError
 from tether.netio.logs import setup_logging
@@ -23,6 +26,33 @@ def main(argv: list[str] | None = None) -> int:
     log = logging.getLogger("tether.broker")
     for warning in cfg.compat_warnings:
         log.warning("%s", warning)
+    try:
+        clusters = clusters_from(cfg)
+    except ConfigError as exc:
+        log.error("%s", exc)
+        return 2
+    checks = tls.check_files(
+        [
+            (cfg.cluster_cert, cfg.cluster_key, "--cluster-cert", "--cluster-key"),
+            (cfg.server_cert, cfg.server_key, "--server-cert", "--server-key"),
+        ],
+        [(cfg.cluster_ca_cert, "--cluster-ca-cert"), (cfg.server_ca_cert, "--server-ca-cert")]
+        + [(c.agent_ca, f"{cfg.config}: cluster {c.name}: agent_ca") for c in clusters]
+        + [(c.frontend_ca, f"{cfg.config}: cluster {c.name}: frontend_ca") for c in clusters],
+        time.time(),
+    )
+    for path, flag in (
+        (cfg.agent_token_file, "--agent-token-file"),
+        (cfg.kubeconfig, "--kubeconfig"),
+    ):
+        if path and not os.access(path, os.R_OK):
+            checks.problems.append(f"{flag}: cannot read {path}")
+    for warning in checks.warnings:
+        log.warning("%s", warning)
+    if checks.problems:
+        for problem in dict.fromkeys(checks.problems):  # a CA named twice is one problem
+            log.error("cannot start: %s", problem)
+        return 2
     try:
         broker = Broker(cfg)
         broker.bind_sockets()

@@ -51,6 +51,26 @@ _CAUSES = (
 )
 
 
+def connect_error_text(exc: OSError, host: str, port: int) -> str:
+    """``127.0.0.1:8099: connection refused``: the address and the system's
+    reason, where trio says only "all attempts to connect ... failed"."""
+    reasons: list[str] = []
+
+    def walk(error: BaseException | None) -> None:
+        if isinstance(error, BaseExceptionGroup):
+            for inner in error.exceptions:
+                walk(inner)
+        elif isinstance(error, OSError):
+            text = (error.strerror or str(error)).lower()
+            if text not in reasons:
+                reasons.append(text)
+
+    walk(exc.__cause__ or exc.__context__)
+    if not reasons and exc.strerror:
+        reasons.append(exc.strerror.lower())
+    return f"{host}:{port}: {', '.join(reasons) or str(exc)}"
+
+
 def cause_label(cause: str) -> str:
     """A bounded label for a reconnect cause (the text itself is unbounded)."""
     for prefix, label in _CAUSES:
@@ -521,7 +541,15 @@ class Agent:
         ceiling = schedule.ceiling()
         delay = schedule.next_delay()
         label = cause_label(cause)
-        log.info(
+        # One failure is the network's or the broker's business; a broker that
+        # stays unreachable is the operator's: WARNING from the third attempt
+        # on (every tenth after that), so a long outage is visible but not noisy.
+        attempt = schedule.attempt
+        level = (
+            logging.WARNING if attempt == 3 or (attempt > 3 and attempt % 10 == 0) else logging.INFO
+        )
+        log.log(
+            level,
             "reconnecting in %.2fs (attempt %d, %s ceiling %.1fs, cause: %s)",
             delay,
             schedule.attempt,
@@ -562,9 +590,18 @@ class Agent:
         except trio.TooSlowError:
             return "connect timed out"
         except OSError as exc:
-            return f"connect failed: {exc}"
+            where = connect_error_text(exc, cfg.proxy_server_host, cfg.proxy_server_port)
+            return f"connect failed: {where}"
         except trio.BrokenResourceError as exc:
-            return f"TLS handshake failed: {exc.__cause__ or exc}"
+            detail = str(exc.__cause__ or exc)
+            diagnosis = tls.tls_diagnosis(detail)
+            if diagnosis is not None:
+                log.error(
+                    "%s",
+                    diagnosis,
+                    extra=event("tls_handshake_failed", listener="broker", reason=diagnosis),
+                )
+            return f"TLS handshake failed: {diagnosis or detail}"
         if stream.selected_alpn_protocol() != "h2":
             await trio.aclose_forcefully(stream)
             return "broker did not negotiate h2"
@@ -706,6 +743,14 @@ class Agent:
             self.backoff.rejected()
             return f"rejected: {err.status} {err.error}"
         reason = conn.closed_reason or "closed"
+        diagnosis = None if link.accepted.is_set() else tls.tls_diagnosis(reason)
+        if diagnosis is not None:  # a TLS 1.3 alert: it arrives with the first read
+            log.error(
+                "%s",
+                diagnosis,
+                extra=event("tls_handshake_failed", listener="broker", reason=diagnosis),
+            )
+            return f"TLS handshake failed: {diagnosis}"
         if link.accepted.is_set() and not reason.startswith("duplicate"):
             log.warning(
                 "disconnected from broker %s: %s",

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
+import time
 
 from edge_agent.app import Agent
 from edge_agent.config import from_args
+from tether.netio import tls
 from tether.netio.kubeapi import KubeApiError
 from tether.netio.logs import setup_logging
 from tether.netio.process import catch_stop_signals_early, run_main
@@ -21,6 +24,23 @@ def main(argv: list[str] | None = None) -> int:
     for warning in cfg.compat_warnings:
         log.warning("%s", warning)
     log.info("agent id %s (from %s)", cfg.agent_id, cfg.agent_id_source)
+    checks = tls.check_files(
+        [(cfg.agent_cert, cfg.agent_key, "--agent-cert", "--agent-key")],
+        [(cfg.ca_cert, "--ca-cert")],
+        time.time(),
+    )
+    for path, flag in (
+        (cfg.service_account_token_path, "--service-account-token-path"),
+        (cfg.kubeconfig, "--kubeconfig"),
+    ):
+        if path and not os.access(path, os.R_OK):
+            checks.problems.append(f"{flag}: cannot read {path}")
+    for warning in checks.warnings:
+        log.warning("%s", warning)
+    if checks.problems:
+        for problem in checks.problems:
+            log.error("cannot start: %s", problem)
+        return 2
     try:
         agent = Agent(cfg)
     except (TLSConfigError, KubeApiError) as exc:

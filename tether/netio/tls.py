@@ -20,6 +20,7 @@ import logging
 import os
 import signal
 import ssl
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -261,3 +262,133 @@ async def watch_certificates(
             async for _ in signals:
                 for ctx in contexts:
                     reload(ctx, "SIGHUP")
+
+
+#: OpenSSL's words for what went wrong in a handshake, and what it means to
+#: an operator. Alerts the broker sent name our certificate; a verify
+#: failure is about the broker's. Matched against the error text, whichever
+#: layer reported it (a TLS 1.3 alert arrives after the handshake, at the
+#: first read).
+_TLS_DIAGNOSES = (
+    ("TLSV1_ALERT_UNKNOWN_CA", "the broker rejected our certificate: unknown CA"),
+    ("SSLV3_ALERT_CERTIFICATE_EXPIRED", "the broker rejected our certificate: certificate expired"),
+    ("SSLV3_ALERT_CERTIFICATE_REVOKED", "the broker rejected our certificate: certificate revoked"),
+    ("SSLV3_ALERT_BAD_CERTIFICATE", "the broker rejected our certificate: bad certificate"),
+    ("SSLV3_ALERT_CERTIFICATE_UNKNOWN", "the broker rejected our certificate: not usable"),
+    ("TLSV1_ALERT_DECRYPT_ERROR", "the broker rejected our certificate: signature check failed"),
+    (
+        "TLSV13_ALERT_CERTIFICATE_REQUIRED",
+        "the broker wants a client certificate (--agent-cert/--agent-key)",
+    ),
+    ("TLSV1_ALERT_PROTOCOL_VERSION", "the broker refused our TLS version"),
+    ("UNSUPPORTED_PROTOCOL", "no TLS version in common with the broker"),
+    ("SSLV3_ALERT_HANDSHAKE_FAILURE", "TLS handshake refused by the broker (no common suite)"),
+)
+
+
+def tls_diagnosis(error: str) -> str | None:
+    """One line saying why a TLS handshake with the broker failed, from the
+    error's text; None when it names no known cause."""
+    for code, meaning in _TLS_DIAGNOSES:
+        if code in error:
+            return meaning
+    if "CERTIFICATE_VERIFY_FAILED" in error:
+        detail = error.split("certificate verify failed:", 1)[-1].split("(_ssl", 1)[0]
+        return f"cannot verify the broker's certificate: {detail.strip(' )') or 'untrusted'}"
+    return None
+
+
+# ------------------------------------------------------------ start-up checks
+
+#: A certificate that expires sooner than this is a WARNING at start.
+EXPIRY_WARNING_S = 7 * 24 * 3600
+
+
+@attrs.frozen
+class FileChecks:
+    """What is wrong with the TLS files a command was given (one line each,
+    naming the flag) and what only deserves a warning."""
+
+    problems: list[str] = attrs.Factory(list)
+    warnings: list[str] = attrs.Factory(list)
+
+
+def _validity(path: str) -> tuple[float, float] | None:
+    """(notBefore, notAfter) of the first certificate in ``path``, read with
+    the ssl module alone (the agent's import path stays free of
+    cryptography); None if this Python cannot tell."""
+    decode = getattr(ssl._ssl, "_test_decode_cert", None)  # type: ignore[attr-defined]
+    if decode is None:
+        return None
+    try:
+        info = decode(path)
+        return ssl.cert_time_to_seconds(info["notBefore"]), ssl.cert_time_to_seconds(
+            info["notAfter"]
+        )
+    except (ssl.SSLError, OSError, KeyError, ValueError):
+        return None
+
+
+def _readable(path: str, flag: str, checks: FileChecks) -> bool:
+    try:
+        with open(path, "rb") as f:
+            f.read(1)
+    except OSError as exc:
+        checks.problems.append(f"{flag}: cannot read {path}: {exc.strerror or exc}")
+        return False
+    return True
+
+
+def check_files(
+    chains: Sequence[tuple[str, str, str, str]],
+    cas: Sequence[tuple[str, str]],
+    now: float,
+) -> FileChecks:
+    """Check before anything starts: each (cert, key, cert flag, key flag)
+    chain exists, parses, has the key that matches it and is valid now;
+    each (CA bundle, flag) parses. Empty paths are skipped."""
+    checks = FileChecks()
+    for cert, key, cert_flag, key_flag in chains:
+        if not cert or not key:
+            continue
+        if not (_readable(cert, cert_flag, checks) & _readable(key, key_flag, checks)):
+            continue
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        try:
+            ctx.load_cert_chain(cert, key)
+        except ssl.SSLError as exc:
+            if "KEY_VALUES_MISMATCH" in str(exc):
+                checks.problems.append(f"{key_flag}: {key} is not the key of {cert_flag} {cert}")
+            else:
+                checks.problems.append(
+                    f"{cert_flag}/{key_flag}: {cert} / {key} are not a PEM certificate "
+                    f"and key ({exc.reason or exc})"
+                )
+            continue
+        validity = _validity(cert)
+        if validity is None:
+            continue
+        not_before, not_after = validity
+        if now < not_before:
+            checks.problems.append(
+                f"{cert_flag}: {cert} is not valid yet (until {_utc(not_before)})"
+            )
+        elif now >= not_after:
+            checks.problems.append(f"{cert_flag}: {cert} expired at {_utc(not_after)}")
+        elif not_after - now < EXPIRY_WARNING_S:
+            days = (not_after - now) / 86400
+            checks.warnings.append(
+                f"{cert_flag}: {cert} expires in {days:.1f} days ({_utc(not_after)}); renew it"
+            )
+    for ca, flag in cas:
+        if not ca or not _readable(ca, flag, checks):
+            continue
+        try:
+            ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cafile=ca)
+        except ssl.SSLError as exc:
+            checks.problems.append(f"{flag}: {ca} is not a PEM CA bundle ({exc.reason or exc})")
+    return checks
+
+
+def _utc(t: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(t))
