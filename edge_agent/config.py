@@ -206,12 +206,18 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _own_identifiers(text: str) -> AgentIdentifiers:
+    """konnectivity's syntax (``host=a&ipv4=10.0.0.5&cidr=...&default-route=true``),
+    with host names that are host names."""
+    return AgentIdentifiers.parse(text, check_hosts=True)
+
+
 SPEC = settings.Spec(
     config_class=AgentConfig,
     env_prefix="TETHER_AGENT_",
     default_file=DEFAULT_CONFIG_FILE,
     list_keys=frozenset({"allow"}),
-    checks={"allow": Policy.parse, "agent_identifiers": AgentIdentifiers.parse},
+    checks={"allow": Policy.parse, "agent_identifiers": _own_identifiers},
     compat=compat.AGENT,
 )
 
@@ -282,7 +288,7 @@ def from_args(argv: list[str] | None, environ: Mapping[str, str] | None = None) 
     except ValueError as exc:
         problems.append(f"--allow: {exc}")
     try:
-        AgentIdentifiers.parse(cfg.agent_identifiers)
+        _own_identifiers(cfg.agent_identifiers)
     except ValueError as exc:
         problems.append(f"--agent-identifiers: {exc}")
     if cfg.count_server_leases:

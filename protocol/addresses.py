@@ -127,6 +127,12 @@ def _check_name(host: str, addr: str) -> str:
     return "name"
 
 
+def check_host_name(host: str) -> str:
+    """A host name or IPv4 literal as a dial address would carry it (the
+    same rules); its kind ("ipv4" or "name"), or BadAddress."""
+    return _check_name(host, host)
+
+
 def parse_address(addr: str) -> Address:
     """Validate ``host:port`` or ``[v6]:port``; raise :class:`BadAddress`."""
     if not isinstance(addr, str) or not addr or len(addr) > MAX_ADDR_LEN:

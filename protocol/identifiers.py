@@ -10,6 +10,7 @@ from urllib.parse import parse_qsl, urlencode
 
 import attrs
 
+from protocol.addresses import BadAddress, check_host_name
 from protocol.flood import MAX_IDENTIFIER_ENTRIES
 
 MAX_IDENTIFIERS_LEN = 4096
@@ -33,8 +34,10 @@ class AgentIdentifiers:
     default_route: bool = False
 
     @classmethod
-    def parse(cls, text: str) -> AgentIdentifiers:
-        """Parse the query-string form; raise ValueError naming the bad part."""
+    def parse(cls, text: str, *, check_hosts: bool = False) -> AgentIdentifiers:
+        """Parse the query-string form; raise ValueError naming the bad part.
+        ``check_hosts``: ``host=`` values must be host names, as an agent's own
+        ``--agent-identifiers`` must (allowances may hold glob patterns)."""
         if len(text) > MAX_IDENTIFIERS_LEN:
             raise ValueError(f"identifiers longer than {MAX_IDENTIFIERS_LEN}")
         if text.count("&") >= MAX_IDENTIFIER_ENTRIES:  # before any parsing
@@ -50,13 +53,28 @@ class AgentIdentifiers:
             if key == "host":
                 if not value:
                     raise ValueError("empty host identifier")
+                try:
+                    if check_hosts:
+                        check_host_name(value)
+                except BadAddress as exc:
+                    hint = "; separate identifiers with '&'" if "," in value else ""
+                    raise ValueError(f"host={value!r} is not a host name: {exc}{hint}") from None
                 hosts.add(value.lower())
             elif key == "ipv4":
-                v4.add(ipaddress.IPv4Address(value))
+                try:
+                    v4.add(ipaddress.IPv4Address(value))
+                except ValueError as exc:
+                    raise ValueError(f"ipv4={value!r}: {exc}") from None
             elif key == "ipv6":
-                v6.add(ipaddress.IPv6Address(value))
+                try:
+                    v6.add(ipaddress.IPv6Address(value))
+                except ValueError as exc:
+                    raise ValueError(f"ipv6={value!r}: {exc}") from None
             elif key == "cidr":
-                cidrs.append(ipaddress.ip_network(value, strict=False))
+                try:
+                    cidrs.append(ipaddress.ip_network(value, strict=False))
+                except ValueError as exc:
+                    raise ValueError(f"cidr={value!r}: {exc}") from None
             else:
                 if value not in ("true", "false"):
                     raise ValueError(f"default-route must be true or false, got {value!r}")

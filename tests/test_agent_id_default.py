@@ -54,3 +54,37 @@ def test_invalid_id_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
         agent_config.from_args([*CREDS, "--agent-id=bad id"], {})
     assert "'bad id' is not a valid id" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("host=edge-01,ipv4=10.0.0.5", "separate identifiers with '&'"),
+        ("host=a b", "host='a b' is not a host name"),
+        ("ipv4=999.1.1.1", "ipv4='999.1.1.1'"),
+        ("cidr=10.0.0.0/33", "cidr='10.0.0.0/33'"),
+        ("colour=blue", "unknown identifier type 'colour'"),
+        ("default-route=yes", "default-route must be true or false"),
+    ],
+)
+def test_agent_identifiers_are_validated(
+    text: str, message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """konnectivity's syntax or a start-up error naming the bad part (issue
+    15 row 13: a comma-separated list was taken as one odd host name)."""
+    with pytest.raises(SystemExit) as exc:
+        agent_config.from_args([*CREDS, "--agent-id=a", f"--agent-identifiers={text}"], {})
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_valid_identifiers_pass() -> None:
+    cfg = agent_config.from_args(
+        [
+            *CREDS,
+            "--agent-id=a",
+            "--agent-identifiers=host=edge-01&ipv4=10.0.0.5&default-route=true",
+        ],
+        {},
+    )
+    assert cfg.agent_identifiers.startswith("host=edge-01")
