@@ -220,7 +220,15 @@ class AgentConnection:
             if reason == "duplicate":
                 log.log(level, *line, extra=fields)
             else:  # junk credentials in a loop: a budget per source address
-                limited(log, level, self.remote.rpartition(":")[0] or "?", *line, extra=fields)
+                # each reason its own budget: 401s in a loop must not hide a 429
+                limited(
+                    log,
+                    level,
+                    self.remote.rpartition(":")[0] or "?",
+                    *line,
+                    extra=fields,
+                    key=f"auth_rejected/{reason}",
+                )
             self.conn.session.reject_control(status, error)
             self.conn.wake_writer()
             self.closed = True

@@ -459,11 +459,13 @@ async def open_peer(
     identifiers: str = "host=evil",
     settings: dict[int, int] | None = None,
     control: bool = True,
+    source: str | None = None,
 ) -> RawPeer:
-    """A TLS HTTP/2 connection with a valid agent certificate; with
-    ``control`` the control stream is opened and accepted (200)."""
+    """A TLS HTTP/2 connection with a valid agent certificate (from the
+    ``source`` address, default 127.0.0.1); with ``control`` the control
+    stream is opened and accepted (200)."""
     with trio.fail_after(10):
-        peer = RawPeer(await tls_to_agent_port(broker, agent_id))
+        peer = RawPeer(await tls_to_agent_port(broker, agent_id, source))
         initial = {S_ENABLE_PUSH: 0, S_MAX_FRAME_SIZE: 65536}
         await peer.send(PREFACE + settings_frame({**initial, **(settings or {})}))
         if not control:

@@ -79,9 +79,10 @@ def test_konnectivity_values_in_flags_env_and_file(tmp_path: Path) -> None:
 @pytest.mark.timeout(30)
 @pytest.mark.parametrize("command", ["tether-agent", "tether-broker"])
 def test_flags_are_never_abbreviated(command: str) -> None:
-    """``--probe-interval`` (a konnectivity agent flag) once silently meant
-    ``--probe-interval-cap``; a prefix of a flag is now an unknown flag."""
-    flag = "--probe-interval=5" if command == "tether-agent" else "--drain-time=5"
+    """``--probe-interval`` (a konnectivity agent flag, now accepted as such
+    with a warning) once silently meant ``--probe-interval-cap``; a prefix
+    of a flag is an unknown flag."""
+    flag = "--probe-interval-c=5" if command == "tether-agent" else "--drain-time=5"
     result = subprocess.run(
         [str(BIN / command), flag, "--print-config"], capture_output=True, text=True, timeout=20
     )

@@ -420,8 +420,7 @@ async def test_agent_answers_malformed_dials_from_a_hostile_broker(
         tmp_path,
         fake,
         "--metrics",
-        f"--health-server-port={health}",
-        "--health-server-bind-address=127.0.0.1",
+        f"--admin-server-port={health}",  # /metrics lives on the agent's admin port
     )
     procs_started.append(agent)
     with trio.fail_after(20):
@@ -479,7 +478,9 @@ async def test_agent_bad_address_verdict_is_a_400_on_connect(
     """An agent that answers ``dial_fail`` ``bad_address`` (a newer agent
     stricter than its broker, say): the CONNECT client gets 400, not 502,
     and the failure is counted under ``bad_address``."""
-    broker = broker_factory("--proxy-strategies=destHost")
+    broker = broker_factory(
+        "--proxy-strategies=destHost", "--agent-allowed-identifiers=agent-2:host=evil.example"
+    )
     await broker.up()
     peer = await open_peer(broker, agent_id="agent-2", identifiers="host=evil.example")
     await broker.ready(agents=1)

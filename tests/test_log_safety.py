@@ -187,7 +187,10 @@ async def test_hostile_agent_dial_fail_text_cannot_forge_broker_log_lines(
     text holds newlines and terminal escapes. The broker's log gets exactly
     one line for it (escaped), the client a one-line 502, the failure is
     counted, and a normal tunnel through a real agent still works."""
-    broker = broker_factory("--proxy-strategies=destHost,default")
+    broker = broker_factory(
+        "--proxy-strategies=destHost,default",
+        "--agent-allowed-identifiers=agent-1:ipv4=127.0.0.1,agent-2:host=evil.example",
+    )
     good = agent_factory(broker, "--agent-identifiers=ipv4=127.0.0.1", agent_id="agent-1")
     await broker.ready(agents=1)
     echo = await serve_echo(nursery)
