@@ -8,8 +8,8 @@ import sys
 import time
 
 from broker.app import Broker, clusters_from
-from broker.clusters import ConfigError
-from broker.config import from_args
+from broker.clusters import ClusterConfig, ConfigError
+from broker.config import BrokerConfig, from_args
 from broker.tokenreview import TokenReviewError
 from tether.netio import tls
 from tether.netio.kubeapi import KubeApiError
@@ -17,6 +17,24 @@ from tether.netio.listeners import UnixSocketError
 from tether.netio.logs import setup_logging
 from tether.netio.process import catch_stop_signals_early, run_main
 from tether.netio.tls import TLSConfigError
+
+
+def _cas(cfg: BrokerConfig, clusters: list[ClusterConfig]) -> list[tuple[str, str]]:
+    """Every CA bundle the broker will load, once each, named as the operator
+    gave it: the flags, then the config file's clusters."""
+    named = [(cfg.cluster_ca_cert, "--cluster-ca-cert"), (cfg.server_ca_cert, "--server-ca-cert")]
+    for c in clusters if cfg.config else []:
+        named += [
+            (c.agent_ca, f"{cfg.config}: cluster {c.name}: agent_ca"),
+            (c.frontend_ca, f"{cfg.config}: cluster {c.name}: frontend_ca"),
+        ]
+    seen: set[str] = set()
+    out = []
+    for path, name in named:
+        if path and path not in seen:
+            seen.add(path)
+            out.append((path, name))
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,9 +54,7 @@ def main(argv: list[str] | None = None) -> int:
             (cfg.cluster_cert, cfg.cluster_key, "--cluster-cert", "--cluster-key"),
             (cfg.server_cert, cfg.server_key, "--server-cert", "--server-key"),
         ],
-        [(cfg.cluster_ca_cert, "--cluster-ca-cert"), (cfg.server_ca_cert, "--server-ca-cert")]
-        + [(c.agent_ca, f"{cfg.config}: cluster {c.name}: agent_ca") for c in clusters]
-        + [(c.frontend_ca, f"{cfg.config}: cluster {c.name}: frontend_ca") for c in clusters],
+        _cas(cfg, clusters),
         time.time(),
     )
     for path, flag in (

@@ -137,9 +137,22 @@ class LeasePublisher:
 
     async def release(self) -> None:
         """On a clean stop: the replica is gone at once, not after the duration."""
+        status = 0
         try:
             with trio.move_on_after(3):
-                await self.client.request("DELETE", leases.object_path(self.namespace, self.name))
+                status, _ = await self.client.request(
+                    "DELETE", leases.object_path(self.namespace, self.name)
+                )
         except KubeApiError as exc:
             log.warning("cannot delete lease %s/%s: %s", self.namespace, self.name, exc)
+        else:
+            if status in (200, 202, 404):
+                log.info("lease %s/%s deleted", self.namespace, self.name)
+            else:
+                log.warning(
+                    "cannot delete lease %s/%s: %s",
+                    self.namespace,
+                    self.name,
+                    f"apiserver answered {status}" if status else "no answer within 3s",
+                )
         await self.client.aclose()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import ssl
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -61,7 +62,7 @@ def connect_error_text(exc: OSError, host: str, port: int) -> str:
             for inner in error.exceptions:
                 walk(inner)
         elif isinstance(error, OSError):
-            text = (error.strerror or str(error)).lower()
+            text = (os.strerror(error.errno) if error.errno else str(error)).lower()
             if text not in reasons:
                 reasons.append(text)
 

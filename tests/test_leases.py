@@ -4,6 +4,7 @@ over real HTTPS, and a real agent counting leases."""
 
 from __future__ import annotations
 
+import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -158,8 +159,12 @@ async def test_broker_publishes_its_lease_and_reports_the_live_count(
         lambda: _async("broker reports 2 replica(s)" in agent.log()), 20, "the agent told 2"
     )
     assert "replica count from leases: 2" in broker.proc.log()
-    assert broker.proc.stop() == 0
+    # stop it without blocking this event loop, which serves the stand-in
+    broker.proc.popen.send_signal(signal.SIGTERM)
+    await wait_for(lambda: _async(broker.proc.popen.poll() is not None), 20, "the broker's exit")
+    assert broker.proc.popen.returncode == 0
     assert ours not in store.leases  # gone at once, not after its duration
+    assert "lease kube-system/tether-broker-b1 deleted" in broker.proc.log()
     assert ("kube-system", "tether-broker-b2") in store.leases
 
 
