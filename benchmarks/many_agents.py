@@ -289,7 +289,8 @@ async def run(
     pki = init_pki(workdir / "pki")
     token = secrets.token_urlsafe(32)
     token_file = workdir / "agent-tokens"
-    token_file.write_text(f"sha256:{hashlib.sha256(token.encode()).hexdigest()} {CLUSTER} sim-*\n")
+    digest = hashlib.sha256(token.encode()).hexdigest()
+    token_file.write_text(f"sha256:{digest} {CLUSTER} sim-* max={n}\n")  # one token, n agents
     broker = start_broker(
         workdir,
         pki,
