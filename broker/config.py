@@ -334,7 +334,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=d.frontend_header_timeout,
         help="seconds a frontend (or health endpoint) client has to send its request",
     )
-    ops.add_argument("--max-frontend-connections", type=int, default=d.max_frontend_connections)
+    ops.add_argument(
+        "--max-frontend-connections",
+        type=int,
+        default=d.max_frontend_connections,
+        help="connections all frontends together may hold; beyond it new ones are closed",
+    )
     ops.add_argument(
         "--max-handshakes-per-ip",
         type=int,

@@ -171,7 +171,11 @@ def build_parser() -> argparse.ArgumentParser:
         "10.0.0.0/8:10250,0.0.0.0/0:443; empty allows every destination",
     )
     o = p.add_argument_group("operations")
-    o.add_argument("--health-server-bind-address", default=d.health_server_bind_address)
+    o.add_argument(
+        "--health-server-bind-address",
+        default=d.health_server_bind_address,
+        help="address of the /healthz and /readyz listener",
+    )
     o.add_argument(
         "--health-server-port",
         type=settings.port,

@@ -61,3 +61,13 @@ def test_ports_are_range_checked_on_both_commands(args: list[str], message: str)
     )
     assert result.returncode == 2
     assert message in result.stderr.splitlines()[0]
+
+
+@pytest.mark.parametrize("command", ["broker", "agent"])
+def test_every_flag_has_help(command: str) -> None:
+    from broker.config import build_parser as broker_parser
+    from edge_agent.config import build_parser as agent_parser
+
+    parser = broker_parser() if command == "broker" else agent_parser()
+    missing = [a.option_strings[-1] for a in parser._actions if a.option_strings and not a.help]
+    assert not missing, missing

@@ -232,9 +232,17 @@ def add_common_arguments(
     """Logging, certificate reload and config-file flags of both commands."""
     where = f"whose [{table}] table sets" if table else "setting"
     default = f"; default {default_file} if it exists, '' for none" if default_file else ""
-    group.add_argument("--log-format", choices=["text", "json"], default=d.log_format)
     group.add_argument(
-        "--log-level", choices=["debug", "info", "warning", "error"], default=d.log_level
+        "--log-format",
+        choices=["text", "json"],
+        default=d.log_format,
+        help="text lines (control characters escaped) or one JSON object per line",
+    )
+    group.add_argument(
+        "--log-level",
+        choices=["debug", "info", "warning", "error"],
+        default=d.log_level,
+        help="lowest level written",
     )
     group.add_argument(
         "--cert-reload-interval",
