@@ -37,6 +37,7 @@ class AgentServer:
         handshake_timeout: float,
         max_handshakes_per_ip: int = 128,
         budget: BufferBudget | None = None,
+        flood_penalty_after: int = 3,
     ) -> None:
         self.registry = registry
         self.metrics = registry.metrics
@@ -51,7 +52,7 @@ class AgentServer:
         #: Connections not yet authenticated, per source address.
         self.handshakes = PerPeerLimiter(max_handshakes_per_ip)
         #: Addresses whose connections keep ending in a flood (protocol/flood.py).
-        self.penalties = FloodPenalties()
+        self.penalties = FloodPenalties(free=flood_penalty_after)
         self.connections: set[TunnelConnection] = set()
         self.socket_options = sockopts.TunnelSocketOptions(
             user_timeout=keepalive.interval + keepalive.timeout,

@@ -105,6 +105,7 @@ class Broker:
             cfg.handshake_timeout,
             cfg.max_handshakes_per_ip,
             budget=self.budget,
+            flood_penalty_after=cfg.flood_penalty_after,
         )
         self.agent_server.socket_options = sockopts.TunnelSocketOptions(
             user_timeout=cfg.keepalive_time + cfg.keepalive_timeout,

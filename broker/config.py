@@ -62,6 +62,7 @@ class BrokerConfig:
     max_frontend_connections: int = 10_000
     optimistic_connect: bool = False
     max_handshakes_per_ip: int = 128
+    flood_penalty_after: int = 3
     max_grpc_message_size: int = 4 * 1024 * 1024
     max_grpc_streams: int = 1000
     drain_timeout: float = 10.0
@@ -349,6 +350,14 @@ def build_parser() -> argparse.ArgumentParser:
         "more are closed at once",
     )
     ops.add_argument(
+        "--flood-penalty-after",
+        type=int,
+        default=d.flood_penalty_after,
+        help="agent-port floods (GOAWAY ENHANCE_YOUR_CALM) one source address is forgiven "
+        "within 60 s; after that its new connections are closed at accept for 1 s, "
+        "doubling up to 60 s; 0 turns the penalty off (many agents behind one NAT address)",
+    )
+    ops.add_argument(
         "--drain-timeout",
         type=settings.positive,
         default=d.drain_timeout,
@@ -449,6 +458,8 @@ def validate(cfg: BrokerConfig) -> list[str]:
         problems.append("--max-grpc-message-size must be at least 1024")
     if cfg.max_grpc_streams < 1:
         problems.append("--max-grpc-streams must be at least 1")
+    if cfg.flood_penalty_after < 0:
+        problems.append("--flood-penalty-after must be 0 (off) or more")
     if cfg.server_count < 1:
         problems.append("--server-count must be at least 1")
     if cfg.stream_window < 65536 or cfg.connection_window < cfg.stream_window:

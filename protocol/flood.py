@@ -276,7 +276,8 @@ class FloodPenalties:
     with every further flood up to ``cap``. Connections already open are
     untouched, and an address that stays calm for ``window`` seconds starts
     afresh. At most ``max_sources`` addresses are remembered (the oldest are
-    forgotten first), so a spoofing flood cannot grow memory.
+    forgotten first), so a spoofing flood cannot grow memory. ``free`` 0
+    turns the penalty off.
     """
 
     def __init__(
@@ -299,6 +300,8 @@ class FloodPenalties:
 
     def record_flood(self, source: str, now: float) -> float:
         """Count a flood from ``source``; the penalty it starts now (0: forgiven)."""
+        if self.free <= 0:  # turned off
+            return 0.0
         record = self._sources.pop(source, None) or _Record([])
         recent = [t for t in record.strikes if now - t < self.window]
         if not recent:  # calm for a whole window: start afresh

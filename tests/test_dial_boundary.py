@@ -18,6 +18,7 @@ from edge_agent import app
 from edge_agent.dialer import DialFailed, dial_target
 from edge_agent.policy import Policy
 from protocol import messages
+from protocol.budget import BufferBudget, Grant
 from protocol.codes import DialFailCode
 
 
@@ -87,6 +88,11 @@ class _Agent:
 
     def streams_changed(self) -> None:
         pass
+
+    budget = BufferBudget(limit=64 * 1024 * 1024)
+
+    def reserve(self) -> Grant | None:
+        return self.budget.open()
 
 
 @pytest.mark.timeout(10)

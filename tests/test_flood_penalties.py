@@ -36,3 +36,9 @@ def test_memory_is_bounded(events: list[tuple[int, float]]) -> None:
     for source, now in sorted(events, key=lambda e: e[1]):
         p.record_flood(f"10.0.{source >> 8}.{source & 255}", now)
         assert len(p) <= 50
+
+
+def test_zero_free_floods_turns_the_penalty_off() -> None:
+    p = FloodPenalties(free=0)
+    assert all(p.record_flood("a", float(t)) == 0 for t in range(100))
+    assert not p.refused("a", 50.0) and len(p) == 0

@@ -85,6 +85,9 @@ def stack(tmp_path_factory: pytest.TempPathFactory, pki: PkiPaths) -> Iterator[B
         "--agent-identifiers-policy=any",  # raw peers claim hosts; not what is tested here
         f"--max-handshakes-per-ip={PER_IP}",
         "--backend-dial-timeout=3",
+        # the module's tests share this broker and flood it in turn from one
+        # address; the flood penalty has its own test (test_hostile_control_flood)
+        "--flood-penalty-after=0",
     )
     agent: Proc | None = None
     try:

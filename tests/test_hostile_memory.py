@@ -176,7 +176,7 @@ async def test_a_thousand_stalled_clients_stay_within_memory_max(
     broker = broker_factory("--log-level=info", "--backend-dial-timeout=30")
     agent_health = free_port()
     agent = agent_factory(
-        broker, "--log-level=info", "--metrics", f"--health-server-port={agent_health}"
+        broker, "--log-level=info", "--metrics", f"--admin-server-port={agent_health}"
     )
     await broker.ready(agents=1)
     pusher = await serve_pusher(nursery)
@@ -256,7 +256,7 @@ async def test_the_broker_refuses_dials_past_its_own_budget(
     limit = 4 * MiB
     broker = broker_factory("--log-level=info", f"--max-buffered-bytes={limit}")
     agent_health = free_port()
-    agent = agent_factory(broker, "--metrics", f"--health-server-port={agent_health}")
+    agent = agent_factory(broker, "--metrics", f"--admin-server-port={agent_health}")
     await broker.ready(agents=1)
     pusher = await serve_pusher(nursery)
     echo = await serve_echo(nursery)
@@ -303,7 +303,7 @@ async def test_agent_busy_is_an_error_dial_rsp_on_grpc(
     agent = agent_factory(
         broker,
         "--metrics",
-        f"--health-server-port={agent_health}",
+        f"--admin-server-port={agent_health}",
         f"--max-buffered-bytes={one_stream}",
     )
     await broker.ready(agents=1)
