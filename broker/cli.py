@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import sys
 import time
 
@@ -56,18 +55,9 @@ def main(argv: list[str] | None = None) -> int:
         ],
         _cas(cfg, clusters),
         time.time(),
+        readable=[(cfg.agent_token_file, "--agent-token-file"), (cfg.kubeconfig, "--kubeconfig")],
     )
-    for path, flag in (
-        (cfg.agent_token_file, "--agent-token-file"),
-        (cfg.kubeconfig, "--kubeconfig"),
-    ):
-        if path and not os.access(path, os.R_OK):
-            checks.problems.append(f"{flag}: cannot read {path}")
-    for warning in checks.warnings:
-        log.warning("%s", warning)
-    if checks.problems:
-        for problem in dict.fromkeys(checks.problems):  # a CA named twice is one problem
-            log.error("cannot start: %s", problem)
+    if not tls.start_up_checks_pass(checks, log):
         return 2
     try:
         broker = Broker(cfg)

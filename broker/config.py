@@ -89,9 +89,6 @@ class BrokerConfig:
     compat_warnings: tuple[str, ...] = ()
 
 
-_port = settings.port  # one home for the port type: tether.settings
-
-
 def _mode(text: str) -> str:
     try:
         return f"{parse_mode(text):04o}"
@@ -137,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     fe.add_argument(
         "--server-port",
-        type=_port,
+        type=settings.port,
         default=d.server_port,
         help="port of the TCP mTLS CONNECT frontend; 0 disables it. With --uds-name "
         "the TCP frontend is off unless this is given",
@@ -183,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=d.agent_bind_address,
         help="address agents connect to (empty: all)",
     )
-    ag.add_argument("--agent-port", type=_port, default=d.agent_port, help="agent TLS port")
+    ag.add_argument("--agent-port", type=settings.port, default=d.agent_port, help="agent TLS port")
     ag.add_argument("--cluster-cert", default=d.cluster_cert, help="broker certificate for agents")
     ag.add_argument("--cluster-key", default=d.cluster_key, help="broker key for agents")
     ag.add_argument(
@@ -313,7 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ops.add_argument(
         "--health-port",
-        type=_port,
+        type=settings.port,
         default=d.health_port,
         help="/healthz and /readyz; 0 disables",
     )
@@ -325,7 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ops.add_argument(
         "--admin-port",
-        type=_port,
+        type=settings.port,
         default=d.admin_port,
         help="/metrics, as konnectivity-server's admin port; 0 disables",
     )

@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping
 import trio
 
 from protocol import leases
-from tether.netio.kubeapi import KubeApiError, KubeClient
+from tether.netio.kubeapi import KubeApiError, KubeClient, list_leases
 from tether.netio.logs import event
 
 log = logging.getLogger("tether.broker")
@@ -109,13 +109,7 @@ class LeasePublisher:
 
     async def collect(self) -> None:
         """Count the live Leases of our label; delete the expired ones."""
-        status, answer = await self.client.request(
-            "GET", leases.collection_path(self.namespace, self.labels)
-        )
-        if status != 200:
-            raise KubeApiError(f"listing leases: {status} {answer.get('message', '')}", status)
-        items = answer.get("items")
-        found = leases.read_leases(items if isinstance(items, list) else [])
+        found = await list_leases(self.client, self.namespace, self.labels)
         now = self.clock()
         self.live_count = len(leases.live(found, now))
         if self.on_count is not None:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import logging
-from pathlib import Path
 
 import attrs
 import h11
@@ -138,13 +137,6 @@ class ReviewResult:
     node_name: str = ""
 
 
-def _read(path: str | None) -> str:
-    try:
-        return Path(path or "").read_text().strip()
-    except OSError as exc:
-        raise TokenReviewError(f"cannot read token {path}: {exc}") from None
-
-
 def load_kubeconfig(path: str) -> ApiServer:
     """The current context's cluster and user from a kubeconfig file (one
     reader for both commands: tether.netio.kubeapi)."""
@@ -219,8 +211,12 @@ class TokenReviewer:
             ("accept", "application/json"),
             ("content-length", str(len(body))),
         ]
-        if api.bearer or api.bearer_file:
-            headers.append(("authorization", f"Bearer {api.bearer or _read(api.bearer_file)}"))
+        try:
+            token = kubeapi.bearer_token(api)
+        except kubeapi.KubeApiError as exc:
+            raise TokenReviewError(str(exc)) from None
+        if token:
+            headers.append(("authorization", f"Bearer {token}"))
         async with self._slots:
             try:
                 with trio.fail_after(self.timeout):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import sys
 import time
 
@@ -28,18 +27,12 @@ def main(argv: list[str] | None = None) -> int:
         [(cfg.agent_cert, cfg.agent_key, "--agent-cert", "--agent-key")],
         [(cfg.ca_cert, "--ca-cert")],
         time.time(),
+        readable=[
+            (cfg.service_account_token_path, "--service-account-token-path"),
+            (cfg.kubeconfig, "--kubeconfig"),
+        ],
     )
-    for path, flag in (
-        (cfg.service_account_token_path, "--service-account-token-path"),
-        (cfg.kubeconfig, "--kubeconfig"),
-    ):
-        if path and not os.access(path, os.R_OK):
-            checks.problems.append(f"{flag}: cannot read {path}")
-    for warning in checks.warnings:
-        log.warning("%s", warning)
-    if checks.problems:
-        for problem in checks.problems:
-            log.error("cannot start: %s", problem)
+    if not tls.start_up_checks_pass(checks, log):
         return 2
     try:
         agent = Agent(cfg)

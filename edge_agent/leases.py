@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping
 import trio
 
 from protocol import leases
-from tether.netio.kubeapi import KubeApiError, KubeClient
+from tether.netio.kubeapi import KubeApiError, KubeClient, list_leases
 from tether.netio.logs import event
 
 log = logging.getLogger("tether.agent")
@@ -43,13 +43,7 @@ class LeaseCounter:
         self._failing = False
 
     async def poll_once(self) -> int:
-        status, answer = await self.client.request(
-            "GET", leases.collection_path(self.namespace, self.labels)
-        )
-        if status != 200:
-            raise KubeApiError(f"listing leases: {status} {answer.get('message', '')}", status)
-        items = answer.get("items")
-        found = leases.read_leases(items if isinstance(items, list) else [])
+        found = await list_leases(self.client, self.namespace, self.labels)
         return len(leases.live(found, self.clock()))
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:

@@ -104,27 +104,25 @@ def non_negative(text: str) -> float:
     return value
 
 
-def port(text: str) -> int:
-    """argparse type: a port to listen on, 0-65535 (0: off, or any free port
-    where the flag says so)."""
+def _port_from(text: str, lowest: int) -> int:
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"port out of range (0-65535): {text}")
+    if not lowest <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"port out of range ({lowest}-65535): {text}")
     return value
+
+
+def port(text: str) -> int:
+    """argparse type: a port to listen on, 0-65535 (0: off, or any free port
+    where the flag says so)."""
+    return _port_from(text, 0)
 
 
 def remote_port(text: str) -> int:
     """argparse type: a port to connect to, 1-65535."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
-    if not 1 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"port out of range (1-65535): {text}")
-    return value
+    return _port_from(text, 1)
 
 
 class HelpFormatter(argparse.HelpFormatter):

@@ -14,6 +14,7 @@ import json
 import os
 import ssl
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -21,6 +22,8 @@ from urllib.parse import urlsplit
 import attrs
 import h11
 import trio
+
+from protocol import leases
 
 MAX_RESPONSE = 4 * 1024 * 1024
 SERVICEACCOUNT = Path("/var/run/secrets/kubernetes.io/serviceaccount")
@@ -115,6 +118,28 @@ def in_cluster() -> ApiServer:
     )
 
 
+def bearer_token(api: ApiServer) -> str | None:
+    """The token to send: the static one, or the file's current content
+    (a projected ServiceAccount token rotates under a running process)."""
+    if api.bearer_file:
+        try:
+            return Path(api.bearer_file).read_text().strip() or None
+        except OSError as exc:
+            raise KubeApiError(f"cannot read token {api.bearer_file}: {exc}") from None
+    return api.bearer
+
+
+async def list_leases(
+    client: KubeClient, namespace: str, labels: Mapping[str, str]
+) -> list[leases.LeaseState]:
+    """The Leases with ``labels`` in ``namespace`` (protocol/leases.py reads them)."""
+    status, answer = await client.request("GET", leases.collection_path(namespace, labels))
+    if status != 200:
+        raise KubeApiError(f"listing leases: {status} {answer.get('message', '')}", status)
+    items = answer.get("items")
+    return leases.read_leases(items if isinstance(items, list) else [])
+
+
 def load(kubeconfig: str) -> ApiServer:
     return load_kubeconfig(kubeconfig) if kubeconfig else in_cluster()
 
@@ -131,14 +156,6 @@ class KubeClient:
         self._lock = trio.Lock()
         #: TLS connections opened so far (tests and the docs' claims).
         self.connections = 0
-
-    def _token(self) -> str | None:
-        if self.api.bearer_file:
-            try:
-                return Path(self.api.bearer_file).read_text().strip() or None
-            except OSError as exc:
-                raise KubeApiError(f"cannot read token {self.api.bearer_file}: {exc}") from None
-        return self.api.bearer
 
     async def request(
         self, method: str, path: str, body: object | None = None
@@ -194,7 +211,7 @@ class KubeClient:
             headers += [("content-type", "application/json"), ("content-length", str(len(data)))]
         elif method in ("POST", "PUT", "PATCH"):
             headers.append(("content-length", "0"))
-        token = self._token()
+        token = bearer_token(self.api)
         if token:
             headers.append(("authorization", f"Bearer {token}"))
         out = conn.send(h11.Request(method=method, target=path, headers=headers)) or b""

@@ -343,11 +343,16 @@ def check_files(
     chains: Sequence[tuple[str, str, str, str]],
     cas: Sequence[tuple[str, str]],
     now: float,
+    readable: Sequence[tuple[str, str]] = (),
 ) -> FileChecks:
     """Check before anything starts: each (cert, key, cert flag, key flag)
     chain exists, parses, has the key that matches it and is valid now;
-    each (CA bundle, flag) parses. Empty paths are skipped."""
+    each (CA bundle, flag) parses; each (file, flag) in ``readable`` can be
+    read (tokens, kubeconfigs). Empty paths are skipped."""
     checks = FileChecks()
+    for path, flag in readable:
+        if path:
+            _readable(path, flag, checks)
     for cert, key, cert_flag, key_flag in chains:
         if not cert or not key:
             continue
@@ -388,6 +393,16 @@ def check_files(
         except ssl.SSLError as exc:
             checks.problems.append(f"{flag}: {ca} is not a PEM CA bundle ({exc.reason or exc})")
     return checks
+
+
+def start_up_checks_pass(checks: FileChecks, logger: logging.Logger) -> bool:
+    """Log the warnings, and each problem once as ``cannot start: ...``;
+    whether the command may start (the callers exit 2 otherwise)."""
+    for warning in checks.warnings:
+        logger.warning("%s", warning)
+    for problem in dict.fromkeys(checks.problems):  # a file named twice is one problem
+        logger.error("cannot start: %s", problem)
+    return not checks.problems
 
 
 def _utc(t: float) -> str:
