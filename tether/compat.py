@@ -210,20 +210,3 @@ def translate(argv: Sequence[str], flags: Sequence[Flag]) -> Translation:
             )
         seen.add(name)
     return Translation(front + out, warnings)
-
-
-def documented(flags: Sequence[Flag]) -> list[tuple[str, str]]:
-    """(flag, what it does here) for the migration table of the docs."""
-    rows = []
-    for f in flags:
-        if f.kind is Kind.RENAMED:
-            rows.append((f"--{f.name}", f"same as --{f.target}"))
-        elif f.kind is Kind.VERBOSITY:
-            rows.append((f"--{f.name}", "--v>=2 is --log-level=debug, else info"))
-        elif f.kind is Kind.TLS_VERSION:
-            rows.append((f"--{f.name}", f"VersionTLS12/13 is --{f.target}=1.2/1.3"))
-        elif f.kind is Kind.SAME:
-            rows.append((f"--{f.name}", f"accepted: {f.note}"))
-        else:
-            rows.append((f"--{f.name}", f"accepted with a WARNING, ignored: {f.note}"))
-    return rows

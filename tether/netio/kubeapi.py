@@ -154,8 +154,6 @@ class KubeClient:
         self._stream: trio.SSLStream[trio.SocketStream] | None = None
         self._conn: h11.Connection | None = None
         self._lock = trio.Lock()
-        #: TLS connections opened so far (tests and the docs' claims).
-        self.connections = 0
 
     async def request(
         self, method: str, path: str, body: object | None = None
@@ -193,7 +191,6 @@ class KubeClient:
                 tcp, self.api.ssl_context, server_hostname=self.api.server_hostname
             )
             await stream.do_handshake()
-            self.connections += 1
             self._stream, self._conn = stream, h11.Connection(h11.CLIENT)
         return self._stream, self._conn
 
