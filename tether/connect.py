@@ -413,6 +413,8 @@ async def serve_one(
                 await _answer(client, 502, f"broker unreachable: {exc}")
     except (trio.BrokenResourceError, trio.ClosedResourceError):
         pass
+    except Exception as exc:  # one connection's trouble never ends the tool
+        _say(f"#{number}: connection ended: {exc!r}")
     finally:
         await trio.aclose_forcefully(client)
 
