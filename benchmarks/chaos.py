@@ -24,8 +24,8 @@ import attrs
 import trio
 
 from benchmarks.linksim import LinkSim
-from tether.certs import init_pki
-from tether.launch import BrokerHandle, Proc, connect_tunnel, start_agent, start_broker
+from tether.tools.certs import init_pki
+from tether.tools.launch import BrokerHandle, Proc, connect_tunnel, start_agent, start_broker
 
 CLOUD = "198.18.0.1"
 

@@ -46,8 +46,8 @@ import attrs
 
 from benchmarks.linksim import LinkSim, Side
 from benchmarks.measure import Conn
-from tether.certs import PkiPaths, init_pki
-from tether.launch import BIN, Proc, free_port
+from tether.tools.certs import PkiPaths, init_pki
+from tether.tools.launch import BIN, Proc, free_port
 
 REPO = Path(__file__).resolve().parent.parent
 SSHD = "/usr/sbin/sshd"

@@ -49,11 +49,11 @@ from benchmarks import measure
 from protocol import messages, session
 from protocol.backoff import Backoff
 from protocol.session import Role, SessionConfig, TunnelSession
-from tether.certs import init_pki
-from tether.launch import BrokerHandle, Proc, http_get, start_broker
 from tether.netio import sockopts, tls
 from tether.netio.tls_stream import TLSStream
 from tether.netio.tunnel import Keepalive, StreamAborted, TunnelClosed, TunnelConnection
+from tether.tools.certs import init_pki
+from tether.tools.launch import BrokerHandle, Proc, http_get, start_broker
 
 CLUSTER = "default"
 #: What ``tether-agent`` sets with its default keepalive (15 s + 15 s).

@@ -7,7 +7,7 @@ Roles are kept apart three ways, so that no single mistake merges them:
    agent port trusts only agent CAs (``--cluster-ca-cert``, ``agent_ca``),
    the TCP frontend only frontend CAs (``--server-ca-cert``, ``frontend_ca``).
 2. **A role marker in the subject.** ``OU=tether-agent`` or
-   ``OU=tether-frontend`` (see :mod:`tether.certs`).
+   ``OU=tether-frontend`` (see :mod:`tether.pki`).
 3. **A list of frontend subjects** (``--frontend-allowed-subjects``, default
    ``tether-frontend``): the common names a frontend certificate without a
    role marker may carry (an operator's own PKI, or one from before the
@@ -30,7 +30,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.x509.oid import NameOID
 
-from tether.certs import FRONTEND_CA_CN_PREFIX, FRONTEND_CN, ROLE_AGENT, ROLE_FRONTEND
+from tether.pki import FRONTEND_CA_CN_PREFIX, FRONTEND_CN, ROLE_AGENT, ROLE_FRONTEND
 
 DEFAULT_FRONTEND_SUBJECTS = (FRONTEND_CN,)
 SHA256 = hashes.SHA256()

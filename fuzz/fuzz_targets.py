@@ -6,7 +6,7 @@ broker does. It may raise only the errors that path documents:
 - the sans-IO protocol layer raises only :class:`protocol.errors.ProtocolError`
   (and its subclasses), whatever it is fed;
 - the CONNECT request parser raises nothing at all: every request becomes a
-  :class:`~broker.connect_frontend.ConnectTarget` or a refusal;
+  :class:`~protocol.connect_request.ConnectTarget` or a refusal;
 - calls the broker makes from its event handlers (accepting the control
   stream, pairing or refusing a data stream, crediting, resetting) raise
   nothing, because an exception there ends the agent's connection as an
@@ -33,7 +33,9 @@ import h2.errors
 import hpack
 import msgpack
 
-from broker.connect_frontend import (
+from protocol import framing, grpc_framing, messages, packets, session
+from protocol.codes import CloseCode, DialFailCode
+from protocol.connect_request import (
     MAX_REQUEST_HEADER_BYTES,
     ConnectRefusal,
     ConnectRequestParser,
@@ -41,8 +43,6 @@ from broker.connect_frontend import (
     parse_connect_request,
     render_response,
 )
-from protocol import framing, grpc_framing, messages, packets, session
-from protocol.codes import CloseCode, DialFailCode
 from protocol.errors import ProtocolError
 from protocol.messages import split_host_port
 

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from procs import BrokerHandle, Proc, start_agent, start_broker
 
-from tether.certs import PkiPaths, init_pki
+from tether.tools.certs import PkiPaths, init_pki
 
 
 @pytest.fixture(scope="session")

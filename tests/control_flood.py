@@ -39,8 +39,8 @@ from hostile import (
     open_peer,
 )
 
-from tether.certs import PkiPaths
-from tether.launch import BrokerHandle
+from tether.tools.certs import PkiPaths
+from tether.tools.launch import BrokerHandle
 
 #: About 200 CIDRs in 4 KB: what the issue's attacker sent.
 CIDRS = "&".join(f"cidr=10.{i // 250}.{i % 250}.0/24" for i in range(200))

@@ -30,8 +30,8 @@ import trio
 import trio.lowlevel
 
 from protocol import framing, messages, session
-from tether.launch import BrokerHandle, connect_tunnel, http_get
 from tether.netio import tls
+from tether.tools.launch import BrokerHandle, connect_tunnel, http_get
 
 MiB = 1024 * 1024
 

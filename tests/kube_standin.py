@@ -21,7 +21,7 @@ import attrs
 import h11
 import trio
 
-from tether.certs import PkiPaths
+from tether.tools.certs import PkiPaths
 
 PREFIX = "/apis/coordination.k8s.io/v1/namespaces/"
 

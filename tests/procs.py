@@ -6,7 +6,7 @@ import functools
 
 import trio
 
-from tether.launch import (  # noqa: F401  (re-exported for the tests)
+from tether.tools.launch import (  # noqa: F401  (re-exported for the tests)
     BrokerHandle,
     Proc,
     Tunnel,

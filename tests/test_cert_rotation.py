@@ -31,8 +31,8 @@ from procs import (
     wait_for,
 )
 
-from tether.certs import PkiPaths, init_pki
 from tether.netio import tls
+from tether.tools.certs import PkiPaths, init_pki
 
 TRIGGERS = ["sighup", "file"]
 

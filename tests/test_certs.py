@@ -16,8 +16,8 @@ import trio
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from tether import certs, cli
-from tether.certs import CertError, PkiPaths, init_pki
+from tether.tools import certs, cli
+from tether.tools.certs import CertError, PkiPaths, init_pki
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -561,14 +561,14 @@ def test_cli_demo_passes_arguments_through(monkeypatch: pytest.MonkeyPatch) -> N
         seen.append(argv)
         return 7
 
-    fake = types.ModuleType("tether.demo")
+    fake = types.ModuleType("tether.tools.demo")
     fake.main = fake_main  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "tether.demo", fake)
+    monkeypatch.setitem(sys.modules, "tether.tools.demo", fake)
 
     assert cli.main(["demo", "--help", "--agents", "3", "x"]) == 7
     assert seen == [["--help", "--agents", "3", "x"]]
 
 
 def test_cli_import_does_not_load_cryptography() -> None:
-    code = "import sys, tether.cli; sys.exit('cryptography' in sys.modules)"
+    code = "import sys, tether.tools.cli; sys.exit('cryptography' in sys.modules)"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=20)

@@ -9,7 +9,7 @@ import subprocess
 
 import pytest
 
-from tether.launch import BIN
+from tether.tools.launch import BIN
 
 COMMANDS = ["tether-broker", "tether-agent"]
 

@@ -18,8 +18,8 @@ from procs import BrokerHandle, Proc, free_port
 
 from broker import config as broker_config
 from edge_agent import config as agent_config
-from tether.certs import PkiPaths
-from tether.launch import BIN
+from tether.tools.certs import PkiPaths
+from tether.tools.launch import BIN
 
 AGENT_CREDS = ["--ca-cert=ca.crt", "--agent-cert=a.crt", "--agent-key=a.key"]
 

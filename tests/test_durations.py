@@ -12,8 +12,8 @@ from hypothesis import strategies as st
 
 from broker import config as broker_config
 from edge_agent import config as agent_config
-from tether.launch import BIN
 from tether.settings import duration
+from tether.tools.launch import BIN
 
 AGENT_CREDS = ["--ca-cert=ca.crt", "--agent-cert=a.crt", "--agent-key=a.key"]
 

@@ -20,7 +20,7 @@ from procs import (
     wait_for,
 )
 
-from tether.certs import init_pki
+from tether.tools.certs import init_pki
 
 pytestmark = [pytest.mark.e2e]
 

@@ -12,8 +12,8 @@ import pytest
 import trio
 from procs import BrokerHandle, Proc, connect_tunnel, free_port, http_get, wait_for
 
-from tether.certs import PkiPaths
-from tether.launch import start_broker
+from tether.tools.certs import PkiPaths
+from tether.tools.launch import start_broker
 
 pytestmark = [pytest.mark.e2e]
 

@@ -13,8 +13,8 @@ import pytest
 import trio
 from procs import BrokerHandle, Proc, connect_tunnel, wait_for
 
-from tether.certs import init_pki
-from tether.launch import start_broker
+from tether.tools.certs import init_pki
+from tether.tools.launch import start_broker
 
 pytestmark = [pytest.mark.e2e]
 

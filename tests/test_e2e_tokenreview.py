@@ -21,7 +21,7 @@ import pytest
 import trio
 from procs import BrokerHandle, Proc, connect_tunnel, wait_for
 
-from tether.certs import PkiPaths
+from tether.tools.certs import PkiPaths
 
 pytestmark = [pytest.mark.e2e]
 

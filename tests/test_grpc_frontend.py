@@ -36,8 +36,8 @@ from grpc_stubs import METHOD_PATH
 from protocol import konnectivity_pb2 as pb
 from protocol import packets
 from protocol.errors import MalformedMessage
-from tether.certs import PkiPaths
-from tether.launch import BrokerHandle, Proc, frontend_ssl, start_agent, start_broker
+from tether.tools.certs import PkiPaths
+from tether.tools.launch import BrokerHandle, Proc, frontend_ssl, start_agent, start_broker
 
 pytestmark = [pytest.mark.e2e]
 

@@ -39,11 +39,11 @@ from protocol.session import (
     Role,
     TunnelSession,
 )
-from tether.certs import PkiPaths
-from tether.launch import frontend_ssl, start_agent, start_broker
 from tether.netio import tls
 from tether.netio.tls_stream import TLSStream
 from tether.netio.tunnel import Keepalive, TunnelConnection, TunnelStream
+from tether.tools.certs import PkiPaths
+from tether.tools.launch import frontend_ssl, start_agent, start_broker
 
 pytestmark = [pytest.mark.e2e]
 

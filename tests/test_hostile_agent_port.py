@@ -62,8 +62,15 @@ from hostile import (
 from procs import serve_echo
 
 from protocol import framing, messages, session
-from tether.certs import PkiPaths
-from tether.launch import BrokerHandle, Proc, Tunnel, connect_tunnel, start_agent, start_broker
+from tether.tools.certs import PkiPaths
+from tether.tools.launch import (
+    BrokerHandle,
+    Proc,
+    Tunnel,
+    connect_tunnel,
+    start_agent,
+    start_broker,
+)
 
 pytestmark = [pytest.mark.e2e]
 

@@ -48,8 +48,8 @@ from hostile import (
 from procs import BrokerHandle, Proc, connect_tunnel, serve_echo, status_of, wait_for
 
 from protocol import session
-from tether.certs import init_pki
-from tether.launch import start_broker
+from tether.tools.certs import init_pki
+from tether.tools.launch import start_broker
 
 pytestmark = [pytest.mark.e2e]
 

@@ -49,8 +49,8 @@ from procs import serve_echo
 
 from protocol import grpc_framing, packets
 from protocol import konnectivity_pb2 as pb
-from tether.certs import PkiPaths
-from tether.launch import BrokerHandle, Proc, start_agent, start_broker
+from tether.tools.certs import PkiPaths
+from tether.tools.launch import BrokerHandle, Proc, start_agent, start_broker
 
 pytestmark = [pytest.mark.e2e]
 

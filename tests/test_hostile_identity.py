@@ -38,9 +38,9 @@ from test_e2e_tokenreview import ReviewStats, kubeconfig, serve_tokenreview
 
 from broker import tokenreview
 from protocol import messages, session
-from tether.certs import PkiPaths, init_pki
-from tether.launch import start_broker
 from tether.netio import tls
+from tether.tools.certs import PkiPaths, init_pki
+from tether.tools.launch import start_broker
 
 pytestmark = [pytest.mark.e2e]
 

@@ -32,8 +32,8 @@ import trio
 from hostile import metric, tunnel_roundtrip, wait_log
 from procs import serve_echo
 
-from tether.certs import PkiPaths, init_pki
-from tether.launch import (
+from tether.tools.certs import PkiPaths, init_pki
+from tether.tools.launch import (
     BIN,
     BrokerHandle,
     Proc,
@@ -473,7 +473,7 @@ async def test_uds_alone_opens_no_tcp_frontend(
     procs_started.append(proc)
     broker = BrokerHandle(proc, agent_port, 0, health_port, str(uds), pki, admin_port)
     await broker.up()
-    from tether.launch import start_agent
+    from tether.tools.launch import start_agent
 
     procs_started.append(start_agent(tmp_path, broker))
     await broker.ready(agents=1)

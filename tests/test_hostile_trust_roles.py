@@ -28,9 +28,9 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from hostile import bad_input, metric, tunnel_roundtrip, wait_log
 from procs import BrokerHandle, Proc, serve_echo, wait_for
 
-from tether import cli
-from tether.certs import PkiPaths, init_pki
-from tether.launch import start_broker
+from tether.tools import cli
+from tether.tools.certs import PkiPaths, init_pki
+from tether.tools.launch import start_broker
 
 pytestmark = [pytest.mark.e2e]
 

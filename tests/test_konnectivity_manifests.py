@@ -21,8 +21,8 @@ from procs import BrokerHandle, Proc, free_port, serve_echo
 from test_e2e_tokenreview import kubeconfig, serve_tokenreview
 
 from protocol import konnectivity_pb2 as pb
-from tether.certs import PkiPaths
-from tether.launch import BIN
+from tether.tools.certs import PkiPaths
+from tether.tools.launch import BIN
 
 pytestmark = [pytest.mark.e2e]
 

@@ -12,7 +12,7 @@ import pytest
 from broker import config as broker_config
 from edge_agent import config as agent_config
 from tether import compat
-from tether.certs import PkiPaths
+from tether.tools.certs import PkiPaths
 
 sys.path.insert(0, str(Path(__file__).parent / "data"))
 import konnectivity_flags

@@ -21,7 +21,7 @@ from procs import BrokerHandle, Proc, connect_tunnel, free_port, http_get, serve
 from test_e2e_connect import blackhole_listener
 
 from protocol import konnectivity_pb2 as pb
-from tether.launch import frontend_ssl
+from tether.tools.launch import frontend_ssl
 
 pytestmark = [pytest.mark.e2e]
 

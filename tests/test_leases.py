@@ -18,8 +18,8 @@ from procs import BrokerHandle, Proc, wait_for
 
 from broker.leases import LeasePublisher
 from protocol import leases
-from tether.certs import PkiPaths
 from tether.netio.kubeapi import KubeApiError, KubeClient, load_kubeconfig
+from tether.tools.certs import PkiPaths
 
 LABELS = {"k8s-app": "konnectivity-server"}
 

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from tether.certs import PkiPaths
-from tether.launch import BIN
+from tether.tools.certs import PkiPaths
+from tether.tools.launch import BIN
 
 pytestmark = [pytest.mark.e2e]
 

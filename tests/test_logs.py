@@ -22,8 +22,8 @@ import trio
 from procs import BrokerHandle, Proc, connect_tunnel, serve_echo, wait_for
 
 from edge_agent.app import cause_label
-from tether.launch import BIN
 from tether.netio import logs
+from tether.tools.launch import BIN
 
 ROOT = Path(__file__).resolve().parent.parent
 GOOD_TOKEN = "tok-good-8d1c77f0e5a2b9"

@@ -28,7 +28,7 @@ def test_demo_venv_has_the_runtime_and_no_test_extras(tmp_path: Path) -> None:
     probe = (
         "import importlib.util as u, sys;"
         "mods = ['trio', 'h2', 'h11', 'msgpack', 'cryptography', 'broker.app', 'edge_agent.app',"
-        " 'tether.demo', 'pytest', 'mypy', 'atheris', 'grpc_tools', 'matplotlib', 'hypothesis'];"
+        " 'tether.tools.demo', 'pytest', 'mypy', 'atheris', 'grpc_tools', 'matplotlib', 'hypothesis'];"
         "print(' '.join(m for m in mods if u.find_spec(m.split('.')[0]) is not None))"
     )
     found = set(
@@ -44,7 +44,7 @@ def test_demo_venv_has_the_runtime_and_no_test_extras(tmp_path: Path) -> None:
         "cryptography",
         "broker.app",
         "edge_agent.app",
-        "tether.demo",
+        "tether.tools.demo",
     } <= found
     assert not found & {"pytest", "mypy", "atheris", "grpc_tools", "matplotlib", "hypothesis"}
     for command in ("tether", "tether-broker", "tether-agent"):

@@ -24,7 +24,7 @@ from procs import (
 )
 from prometheus_client.parser import text_string_to_metric_families
 
-from tether.certs import PkiPaths
+from tether.tools.certs import PkiPaths
 
 ROOT = Path(__file__).resolve().parent.parent
 BULK = 2 * 1024 * 1024

@@ -20,8 +20,8 @@ from broker.roles import (
     frontend_role_of,
     parse_subjects,
 )
-from tether.certs import PkiPaths, init_pki
 from tether.netio import tls
+from tether.tools.certs import PkiPaths, init_pki
 
 pytestmark = pytest.mark.timeout(30)
 

@@ -16,8 +16,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from procs import BrokerHandle, Proc, free_port, wait_for
 
-from tether.certs import PkiPaths, init_pki
-from tether.launch import BIN
+from tether.tools.certs import PkiPaths, init_pki
+from tether.tools.launch import BIN
 
 pytestmark = [pytest.mark.e2e]
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from procs import free_port
 
-from tether.launch import BIN
+from tether.tools.launch import BIN
 
 pytestmark = [pytest.mark.e2e]
 

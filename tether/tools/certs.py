@@ -32,6 +32,17 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from tether.pki import (
+    BROKER_CN,
+    CA_CN_PREFIX,
+    DEFAULT_AGENT,
+    DEFAULT_CLUSTER,
+    FRONTEND_CA_CN_PREFIX,
+    FRONTEND_CN,
+    ROLE_AGENT,
+    ROLE_FRONTEND,
+)
+
 __all__ = [
     "BROKER_CN",
     "CA_CN_PREFIX",
@@ -48,15 +59,6 @@ __all__ = [
     "validate_name",
 ]
 
-DEFAULT_CLUSTER = "default"
-DEFAULT_AGENT = "agent-1"
-CA_CN_PREFIX = "tether-ca "
-BROKER_CN = "tether-broker"
-FRONTEND_CN = "tether-frontend"
-FRONTEND_CA_CN_PREFIX = "tether-frontend-ca "
-#: Role markers, written as the subject's organizationalUnitName (OU).
-ROLE_AGENT = "tether-agent"
-ROLE_FRONTEND = "tether-frontend"
 
 # Names end up in file names and in certificate subjects that the broker parses, so the
 # alphabet is kept small enough that neither can be abused (no "/", no "..", no spaces).

@@ -22,8 +22,8 @@ from pathlib import Path
 
 import trio
 
-from tether.certs import init_pki
-from tether.launch import BrokerHandle, Proc, connect_tunnel, start_agent, start_broker
+from tether.tools.certs import init_pki
+from tether.tools.launch import BrokerHandle, Proc, connect_tunnel, start_agent, start_broker
 
 BULK = 32 * 1024 * 1024
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import attrs
 import trio
 
-from tether.certs import PkiPaths
+from tether.tools.certs import PkiPaths
 
 BIN = Path(sys.executable).parent
 

@@ -80,7 +80,7 @@ def _build_parser() -> argparse.ArgumentParser:
         "--days", type=_positive_int, default=365, help="leaf validity in days (default: 365)"
     )
 
-    # Only listed for --help: main() hands everything after "demo" to tether.demo untouched,
+    # Only listed for --help: main() hands everything after "demo" to tether.tools.demo untouched,
     # since argparse would otherwise try to interpret the demo's own options.
     commands.add_parser("demo", help=_DEMO_HELP, add_help=False)
     commands.add_parser(
@@ -93,7 +93,7 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 def _certs_init(args: argparse.Namespace) -> int:
-    from tether import certs
+    from tether.tools import certs
 
     directory: Path = args.dir
     written: list[Path] = []
@@ -126,13 +126,13 @@ def _certs_init(args: argparse.Namespace) -> int:
 
 
 def _run_connect(rest: list[str]) -> int:
-    connect = importlib.import_module("tether.connect")
+    connect = importlib.import_module("tether.tools.connect")
     code = connect.main(rest)
     return code if isinstance(code, int) else 0
 
 
 def _certs_add_frontend_ca(args: argparse.Namespace) -> int:
-    from tether import certs
+    from tether.tools import certs
 
     directory: Path = args.dir
     written: list[Path] = []
@@ -157,7 +157,7 @@ def _certs_add_frontend_ca(args: argparse.Namespace) -> int:
 def _run_demo(rest: list[str]) -> int:
     # import_module rather than a static import: the demo is optional tooling and must not be
     # loaded (nor type-checked as a hard dependency) by the other subcommands.
-    demo = importlib.import_module("tether.demo")
+    demo = importlib.import_module("tether.tools.demo")
     code = demo.main(rest)
     return code if isinstance(code, int) else 0
 
