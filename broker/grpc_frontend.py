@@ -191,7 +191,9 @@ class _Connection:
         self._violation = False  # we sent GOAWAY for a protocol error or a flood
         self._raw_out: list[bytes] = []  # frames h2 must not know about (GOAWAY)
         self._want_write = trio.Event()
-        self._flushed = trio.Event()
+        #: Every task waiting for the writer's progress parks here and every
+        #: write wakes them all: a waiter can never take another's wake-up.
+        self._write_progress = trio.lowlevel.ParkingLot()
         self._pending_out = 0  # taken by the writer, not yet written
         self._queued = 0  # handed to h2 by senders, not yet taken by the writer
         self._writing = False
@@ -216,6 +218,7 @@ class _Connection:
                     # Calls outlive the connection only to dispose of their
                     # tunnels; tell them no client is left.
                     self.lost = True
+                    self._write_progress.unpark_all()
                     for call in list(self.calls.values()):
                         call.client_gone("connection lost")
         except Exception:
@@ -246,8 +249,7 @@ class _Connection:
                     # cancelling it mid-write would lose them.
                     with trio.move_on_after(1):
                         while self._want_write.is_set() or self._writing:
-                            self._flushed = trio.Event()
-                            await self._flushed.wait()
+                            await self._write_progress.park()
                     io.cancel_scope.cancel()
         finally:
             with trio.CancelScope(shield=True):
@@ -323,7 +325,7 @@ class _Connection:
                 # connection is over either way, so no retry.
                 self._writing = False
                 self._pending_out -= len(data)
-                self._flushed.set()
+                self._write_progress.unpark_all()
 
     async def wait_flushed_below(self, queued: int) -> None:
         """Backpressure from the socket: wait while too much is unwritten.
@@ -335,8 +337,7 @@ class _Connection:
         while self._pending_out + self._queued > self.settings.write_buffer:
             if self.lost:
                 raise _ClientGone("connection lost")
-            self._flushed = trio.Event()
-            await self._flushed.wait()
+            await self._write_progress.park()
 
     async def _final_flush(self) -> None:
         if self._writing:

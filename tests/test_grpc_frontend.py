@@ -31,7 +31,7 @@ import grpc
 import pytest
 import trio
 from grpc_client import Call, close_req, data_pkt, dial_cls, dial_req, open_call
-from grpc_stubs import METHOD_PATH
+from grpc_stubs import METHOD_PATH, proxy_service_stub
 
 from protocol import konnectivity_pb2 as pb
 from protocol import packets
@@ -635,3 +635,93 @@ def test_a_message_larger_than_the_stream_window_passes(stack: Stack) -> None:
         call.send(close_req(cid))
         pkt = call.recv()
         assert pkt is not None and pkt.type == pb.CLOSE_RSP
+
+
+def _echo_256k_in_32k_packets(
+    channel: grpc.Channel, address: str, i: int, barrier: threading.Barrier, wait: float
+) -> str:
+    """One Proxy call: dial the echo target, send 256 KiB as eight 32 KiB DATA
+    packets from this thread while a second thread reads the replies; return
+    "ok" or what went wrong."""
+    payload = os.urandom(256 * 1024)
+    requests: queue.Queue[Any] = queue.Queue()
+
+    def iter_requests() -> Iterator[pb.Packet]:
+        while (item := requests.get()) is not _END:
+            yield item
+
+    # The call deadline is far beyond what the test waits: a stalled call is
+    # seen by the reader's timeout below, not by grpc.
+    responses = proxy_service_stub()(channel).Proxy(iter_requests(), timeout=120)
+    got: queue.Queue[Any] = queue.Queue()
+
+    def read() -> None:
+        try:
+            for pkt in responses:
+                got.put(pkt)
+        except grpc.RpcError as exc:
+            got.put(exc)
+        got.put(_END)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    deadline = time.monotonic() + wait
+
+    def next_packet() -> Any:
+        return got.get(timeout=max(0.01, deadline - time.monotonic()))
+
+    try:
+        requests.put(dial_req(address, random=i))
+        rsp = next_packet()
+        if not isinstance(rsp, pb.Packet) or rsp.type != pb.DIAL_RSP or rsp.dialResponse.error:
+            return f"dial: {rsp}"
+        cid = rsp.dialResponse.connectID
+        barrier.wait(timeout=wait)  # every call has its tunnel before any data moves
+        for off in range(0, len(payload), 32 * 1024):
+            requests.put(data_pkt(cid, payload[off : off + 32 * 1024]))
+        h, n = hashlib.sha256(), 0
+        while n < len(payload):
+            try:
+                pkt = next_packet()
+            except queue.Empty:
+                return f"stalled after {n} of {len(payload)} bytes"
+            if not isinstance(pkt, pb.Packet) or pkt.type != pb.DATA:
+                return f"unexpected {pkt!r}"[:200]
+            h.update(pkt.data.data)
+            n += len(pkt.data.data)
+        if n != len(payload) or h.hexdigest() != hashlib.sha256(payload).hexdigest():
+            return f"sha256 mismatch ({n} bytes)"
+        requests.put(close_req(cid))
+        pkt = next_packet()
+        if not isinstance(pkt, pb.Packet) or pkt.type != pb.CLOSE_RSP:
+            return f"no CLOSE_RSP: {pkt!r}"[:200]
+        return "ok"
+    except queue.Empty:
+        return "timed out"
+    finally:
+        requests.put(_END)
+        responses.cancel()
+
+
+@pytest.mark.timeout(120)
+def test_50_calls_echoing_256k_on_one_channel_do_not_stall(stack: Stack) -> None:
+    """Issue 12 item 2: one grpcio channel (one HTTP/2 connection), 50
+    concurrent Proxy calls, each echoing 256 KiB in 32 KiB DATA packets with
+    its replies read by a second thread. Each call must get its bytes back
+    (sha256) well within the time a healthy broker needs; a stalled call is
+    reported, not waited out to its grpc deadline."""
+    n = 50
+    with (
+        target(echo) as tgt,
+        concurrent.futures.ThreadPoolExecutor(n) as pool,
+        stack.channel(single_use=True) as channel,
+    ):
+        barrier = threading.Barrier(n)
+        outcomes = list(
+            pool.map(
+                lambda i: _echo_256k_in_32k_packets(channel, tgt.address, i, barrier, 30),
+                range(n),
+            )
+        )
+    failed = [o for o in outcomes if o != "ok"]
+    assert not failed, f"{len(failed)} of {n} calls failed: {sorted(set(failed))[:5]}"
