@@ -13,7 +13,7 @@ from cryptography import x509
 
 from broker.auth import Authenticator, AuthError, Identity
 from broker.dialing import DialError, DialOutcome
-from protocol import messages, session
+from protocol import events, messages
 from protocol.budget import Grant
 from protocol.identifiers import AgentIdentifiers, Allowance
 from tether.netio.logs import event, limited
@@ -168,12 +168,12 @@ class AgentConnection:
 
     # ------------------------------------------------ ConnectionHandler
 
-    def on_control_requested(self, ev: session.ControlRequested) -> None:
+    def on_control_requested(self, ev: events.ControlRequested) -> None:
         # Authentication may need a TokenReview round trip: answer from a task.
         assert self.nursery is not None
         self.nursery.start_soon(self._answer_control, ev)
 
-    async def _answer_control(self, ev: session.ControlRequested) -> None:
+    async def _answer_control(self, ev: events.ControlRequested) -> None:
         """Authenticate the agent from its certificate or token and headers."""
         assert self.conn is not None
         status, error = await self._authenticate(ev.headers)
@@ -337,7 +337,7 @@ class AgentConnection:
             ),
         )
 
-    def on_control_accepted(self, ev: session.ControlAccepted) -> None:
+    def on_control_accepted(self, ev: events.ControlAccepted) -> None:
         raise AssertionError("brokers do not receive responses")
 
     def on_message(self, msg: messages.Message) -> None:
@@ -374,7 +374,7 @@ class AgentConnection:
             self.metrics.bad_input.labels("agent", "unexpected_message").inc()
             log.warning("agent %s sent unexpected %s", self.agent_id, type(msg).__name__)
 
-    def on_data_stream_requested(self, ev: session.DataStreamRequested) -> None:
+    def on_data_stream_requested(self, ev: events.DataStreamRequested) -> None:
         assert self.conn is not None
         pending = self.pending.get(ev.dial_id)
         if pending is None or pending.done.is_set():

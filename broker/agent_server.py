@@ -144,7 +144,7 @@ class AgentServer:
             tls.getpeercert(binary_form=True),
             remote,
         )
-        sess = TunnelSession(Role.BROKER, self.session_config)
+        sess = TunnelSession(Role.BROKER, self.session_config, clock=trio.current_time)
         sess.initiate()
         conn = TunnelConnection(
             tls, sess, agent, keepalive=self.keepalive, name=f"agent {remote}", budget=self.budget

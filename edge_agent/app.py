@@ -14,11 +14,11 @@ from edge_agent import sdnotify
 from edge_agent.config import AgentConfig
 from edge_agent.dialer import DialFailed, dial_target
 from edge_agent.policy import Policy
-from protocol import messages, session
+from protocol import events, messages
 from protocol.backoff import Backoff
 from protocol.budget import BufferBudget, Grant
 from protocol.codes import DialFailCode
-from protocol.errors import HandshakeRejected, ProtocolError
+from protocol.errors import ProtocolError
 from protocol.session import Role, SessionConfig, TunnelSession
 from tether.netio import sockopts, tls
 from tether.netio.http import serve_http, text
@@ -99,13 +99,13 @@ class BrokerLink:
         #: The broker knows the ``busy`` dial_fail code (older ones do not).
         self.broker_knows_busy = False
 
-    def on_control_requested(self, ev: session.ControlRequested) -> None:
+    def on_control_requested(self, ev: events.ControlRequested) -> None:
         raise AssertionError("agents do not receive requests")
 
-    def on_data_stream_requested(self, ev: session.DataStreamRequested) -> None:
+    def on_data_stream_requested(self, ev: events.DataStreamRequested) -> None:
         raise AssertionError("agents do not receive requests")
 
-    def on_control_accepted(self, ev: session.ControlAccepted) -> None:
+    def on_control_accepted(self, ev: events.ControlAccepted) -> None:
         self.server_id = ev.headers.get("tether-server-id", "")
         count = ev.headers.get("tether-server-count", "1")
         ok = count.isascii() and count.isdigit() and 0 < int(count) <= 1000
@@ -617,7 +617,7 @@ class Agent:
         if isinstance(stream, str):
             task_status.started(stream)
             return
-        sess = TunnelSession(Role.AGENT, self.session_config)
+        sess = TunnelSession(Role.AGENT, self.session_config, clock=trio.current_time)
         sess.initiate()
         headers = {
             "tether-agent-id": cfg.agent_id,
@@ -725,24 +725,24 @@ class Agent:
         return "connected"
 
     def _link_ended(self, link: BrokerLink, conn: TunnelConnection) -> str:
-        if isinstance(conn.protocol_error, HandshakeRejected):
-            err = conn.protocol_error
-            if err.status == 409 and err.error.startswith("duplicate"):
-                log.info("balancer chose a replica we already hold: %s", err.error)
+        if conn.rejection is not None:
+            err = conn.rejection
+            if err.status == 409 and err.message.startswith("duplicate"):
+                log.info("balancer chose a replica we already hold: %s", err.message)
                 return "duplicate"
             log.error(
                 "broker rejected this agent (%d): %s",
                 err.status,
-                err.error,
+                err.message,
                 extra=event(
                     "auth_rejected",
                     agent_id=self.cfg.agent_id,
                     status=err.status,
-                    reason=err.error.split(":", 1)[0],
+                    reason=err.message.split(":", 1)[0],
                 ),
             )
             self.backoff.rejected()
-            return f"rejected: {err.status} {err.error}"
+            return f"rejected: {err.status} {err.message}"
         reason = conn.closed_reason or "closed"
         diagnosis = None if link.accepted.is_set() else tls.tls_diagnosis(reason)
         if diagnosis is not None:  # a TLS 1.3 alert: it arrives with the first read

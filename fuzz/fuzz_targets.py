@@ -25,6 +25,7 @@ tail so that libFuzzer's mutations land on it directly.
 from __future__ import annotations
 
 import struct
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -33,6 +34,7 @@ import h2.errors
 import hpack
 import msgpack
 
+from protocol import events as E
 from protocol import framing, grpc_framing, messages, packets, session
 from protocol.codes import CloseCode, DialFailCode
 from protocol.connect_request import (
@@ -429,26 +431,26 @@ class _Broker:
         self.streams: set[int] = set()
         self.owed: list[tuple[int, int]] = []
 
-    def handle(self, events: list[session.Event]) -> None:
+    def handle(self, events: list[E.Event]) -> None:
         sess, fdp = self.sess, self.fdp
         for ev in events:
-            if isinstance(ev, session.ControlRequested):
+            if isinstance(ev, E.ControlRequested):
                 if fdp.ConsumeIntInRange(0, 3):
                     sess.accept_control({"tether-server-id": "s1", "tether-server-count": "1"})
                 else:
                     sess.reject_control(403, "identity_mismatch: fuzz")
-            elif isinstance(ev, session.DataStreamRequested):
+            elif isinstance(ev, E.DataStreamRequested):
                 if ev.dial_id in self.pending:
                     self.pending.discard(ev.dial_id)  # a replay is refused
                     sess.accept_data_stream(ev.stream_id)
                     self.streams.add(ev.stream_id)
                 else:
                     sess.reset_stream(ev.stream_id, h2.errors.ErrorCodes.CANCEL)
-            elif isinstance(ev, session.StreamData):
+            elif isinstance(ev, E.StreamData):
                 self.owed.append((ev.stream_id, ev.flow_len))
-            elif isinstance(ev, session.StreamReset | session.StreamEnded):
+            elif isinstance(ev, E.StreamReset | E.StreamEnded):
                 self.streams.discard(ev.stream_id)
-            elif isinstance(ev, session.ControlAccepted | session.DataStreamAccepted):
+            elif isinstance(ev, E.ControlAccepted | E.DataStreamAccepted):
                 raise AssertionError(f"a broker session emitted {ev!r}")
         sess.data_to_send()
 
@@ -476,7 +478,7 @@ class _Broker:
             except ProtocolError:
                 pass
         elif op == 6:
-            sess.send_ping()
+            sess.send_ping(b"fuzzping")
         elif op == 7:
             sess.close(0, "fuzz")
         sess.send_capacity(sid)
@@ -490,13 +492,13 @@ def _preface() -> bytes:
 
 
 def fuzz_session(data: bytes) -> None:
-    """``TunnelSession(Role.BROKER)`` after a valid preface: raw bytes, or a
+    """``TunnelSession(Role.BROKER, clock=time.monotonic)`` after a valid preface: raw bytes, or a
     frame-by-frame hostile agent (control and data streams, resets, window
     updates, settings, pings) interleaved with the broker's own actions."""
     if not data:
         return
     fdp = atheris.FuzzedDataProvider(data[1:])
-    sess = session.TunnelSession(session.Role.BROKER)
+    sess = session.TunnelSession(session.Role.BROKER, clock=time.monotonic)
     sess.initiate()
     sess.data_to_send()
     broker = _Broker(sess, fdp)

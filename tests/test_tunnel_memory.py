@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import math
 import random
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
@@ -20,14 +21,8 @@ import trio.testing
 
 from protocol import messages
 from protocol.codes import CloseCode, DialFailCode
-from protocol.session import (
-    ControlAccepted,
-    ControlRequested,
-    DataStreamRequested,
-    Role,
-    SessionConfig,
-    TunnelSession,
-)
+from protocol.events import ControlAccepted, ControlRequested, DataStreamRequested
+from protocol.session import Role, SessionConfig, TunnelSession
 from tether.netio.tunnel import (
     Keepalive,
     StreamAborted,
@@ -114,14 +109,14 @@ class Tunnel:
 
 
 def agent_session(config: SessionConfig | None) -> TunnelSession:
-    sess = TunnelSession(Role.AGENT, config)
+    sess = TunnelSession(Role.AGENT, config, clock=time.monotonic)
     sess.initiate()
     sess.open_control({"tether-agent-id": "agent-1"}, AUTHORITY)
     return sess
 
 
 def broker_session(config: SessionConfig | None) -> TunnelSession:
-    sess = TunnelSession(Role.BROKER, config)
+    sess = TunnelSession(Role.BROKER, config, clock=time.monotonic)
     sess.initiate()
     return sess
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import collections
 import logging
 import math
+import os
 from collections.abc import Callable
 from typing import Protocol
 
@@ -20,11 +21,13 @@ import h2.errors
 import trio
 
 from protocol import budget as budgets
-from protocol import messages, session
+from protocol import events, h2compat, messages, session
 from protocol.codes import CloseCode
 from protocol.errors import ProtocolError
 
 log = logging.getLogger(__name__)
+
+h2compat.quiet_data_frame_repr()
 
 READ_SIZE = 256 * 1024
 #: Payload a stream may queue for the scheduler before its writer waits (at
@@ -64,10 +67,10 @@ class Keepalive:
 class ConnectionHandler(Protocol):
     """What the owner of a connection reacts to (called from the reader)."""
 
-    def on_control_requested(self, ev: session.ControlRequested) -> None: ...
-    def on_control_accepted(self, ev: session.ControlAccepted) -> None: ...
+    def on_control_requested(self, ev: events.ControlRequested) -> None: ...
+    def on_control_accepted(self, ev: events.ControlAccepted) -> None: ...
     def on_message(self, msg: messages.Message) -> None: ...
-    def on_data_stream_requested(self, ev: session.DataStreamRequested) -> None: ...
+    def on_data_stream_requested(self, ev: events.DataStreamRequested) -> None: ...
 
 
 class TunnelStream:
@@ -88,7 +91,7 @@ class TunnelStream:
         self.grant = grant
         self._outbox_limit = budgets.outbox_limit(grant.window) if grant else OUTBOX_LIMIT
         self._forgotten = False
-        self._chunks: collections.deque[session.StreamData] = collections.deque()
+        self._chunks: collections.deque[events.StreamData] = collections.deque()
         self._buffered = 0
         self._eof = False
         self._abort: StreamAborted | None = None
@@ -104,7 +107,7 @@ class TunnelStream:
 
     # -------------------------------------------------- fed by the reader
 
-    def _deliver(self, ev: session.StreamData) -> None:
+    def _deliver(self, ev: events.StreamData) -> None:
         self._chunks.append(ev)
         self._buffered += len(ev.data)
         self._readable.set()
@@ -186,7 +189,7 @@ class TunnelStream:
         if self._abort is not None:
             raise self._abort
 
-    async def receive(self) -> session.StreamData | None:
+    async def receive(self) -> events.StreamData | None:
         """Next payload piece; ``None`` at END_STREAM. Raises StreamAborted.
 
         Call :meth:`acknowledge` with the piece's ``flow_len`` once its bytes
@@ -311,6 +314,8 @@ class TunnelConnection:
         self.closed_reason: str | None = None
         #: Set when the peer broke the protocol at connection level.
         self.protocol_error: ProtocolError | None = None
+        #: Agent: how the broker refused the control stream, if it did.
+        self.rejection: events.ControlRejected | None = None
         self.rtt: float | None = None
         self._want_write = trio.Event()
         self._flushed = trio.Event()
@@ -468,16 +473,16 @@ class TunnelConnection:
             data = bytes(data)
             while True:
                 try:
-                    events = self.session.receive_data(data)
+                    evs = self.session.receive_data(data)
                 except ProtocolError as exc:
                     self.closed_reason = f"protocol error: {exc}"
                     self.protocol_error = exc
                     return
                 finally:
                     self.wake_writer()
-                for ev in events:
+                for ev in evs:
                     self._dispatch(ev)
-                    if isinstance(ev, session.ConnectionClosed):
+                    if isinstance(ev, events.ConnectionClosed | events.ControlRejected):
                         # h2 allows no stream traffic after GOAWAY: this is the end.
                         return
                 if not self.session.backlog:
@@ -486,24 +491,24 @@ class TunnelConnection:
                 # refusals close its streams before h2 counts the next.
                 data = b""
 
-    def _dispatch(self, ev: session.Event) -> None:
-        if isinstance(ev, session.StreamData):
+    def _dispatch(self, ev: events.Event) -> None:
+        if isinstance(ev, events.StreamData):
             ts = self.streams.get(ev.stream_id)
             if ts is not None:
                 ts._deliver(ev)
-        elif isinstance(ev, session.WindowOpened):
+        elif isinstance(ev, events.WindowOpened):
             if ev.stream_id is None:
                 for ts in self.streams.values():
                     ts._window_opened()
             elif (ts := self.streams.get(ev.stream_id)) is not None:
                 ts._window_opened()
-        elif isinstance(ev, session.StreamEnded):
+        elif isinstance(ev, events.StreamEnded):
             if (ts := self.streams.get(ev.stream_id)) is not None:
                 ts._ended()
-        elif isinstance(ev, session.StreamClosed):
+        elif isinstance(ev, events.StreamClosed):
             if (ts := self.streams.get(ev.stream_id)) is not None:
                 ts._aborted(StreamAborted(f"{ev.close.code.value}: {ev.close.msg}", ev.close))
-        elif isinstance(ev, session.StreamReset):
+        elif isinstance(ev, events.StreamReset):
             if (
                 not ev.remote
                 and ev.error_code == h2.errors.ErrorCodes.PROTOCOL_ERROR
@@ -513,22 +518,27 @@ class TunnelConnection:
             if (ts := self.streams.pop(ev.stream_id, None)) is not None:
                 who = "peer" if ev.remote else "protocol"
                 ts._aborted(StreamAborted(f"stream reset by {who} {ev.reason}".strip()))
-        elif isinstance(ev, session.DataStreamAccepted):
+        elif isinstance(ev, events.DataStreamAccepted):
             if (ts := self.streams.get(ev.stream_id)) is not None:
                 ts._accept()
-        elif isinstance(ev, session.MessageReceived):
+        elif isinstance(ev, events.MessageReceived):
             self.handler.on_message(ev.message)
-        elif isinstance(ev, session.DataStreamRequested):
+        elif isinstance(ev, events.DataStreamRequested):
             self.handler.on_data_stream_requested(ev)
-        elif isinstance(ev, session.ControlRequested):
+        elif isinstance(ev, events.ControlRequested):
             self.handler.on_control_requested(ev)
-        elif isinstance(ev, session.ControlAccepted):
+        elif isinstance(ev, events.ControlAccepted):
             self.handler.on_control_accepted(ev)
-        elif isinstance(ev, session.PingAcked):
+        elif isinstance(ev, events.PingAcked):
             if self._ping is not None and self._ping[0] == ev.payload:
                 self._ping[1].set()
-        elif isinstance(ev, session.ConnectionClosed):
+        elif isinstance(ev, events.ConnectionClosed):
             self.closed_reason = self.closed_reason or f"peer closed: {ev.reason}"
+        elif isinstance(ev, events.ControlRejected):
+            self.rejection = ev
+            self.closed_reason = self.closed_reason or (
+                f"broker rejected the connection: {ev.status} {ev.message}"
+            )
 
     async def _writer(self) -> None:
         batch = BATCH
@@ -581,7 +591,7 @@ class TunnelConnection:
             if idle_for < interval:
                 await trio.sleep(interval - idle_for)
                 continue
-            payload = self.session.send_ping()
+            payload = self.session.send_ping(os.urandom(8))
             acked = trio.Event()
             self._ping = (payload, acked)
             self.wake_writer()
