@@ -4,9 +4,11 @@ konnectivity-client.
 kube-apiserver speaks h2c with prior knowledge on a Unix socket and opens one
 ``/ProxyService/Proxy`` call per dial; some versions open a connection per
 dial, others reuse one connection for many concurrent calls. Each call is a
-bidirectional stream of length-prefixed ``Packet`` messages (design section 3).
-
-Semantics follow konnectivity-server's ``serveRecvFrontend``:
+bidirectional stream of length-prefixed ``Packet`` messages. HTTP/2 and the
+gRPC call layer (headers, messages, windows, trailers) are the sans-IO
+:class:`protocol.grpc_server.GrpcServer`; this module is its trio driver and
+the konnectivity ``Proxy`` semantics, which follow konnectivity-server's
+``serveRecvFrontend``:
 
 - DIAL_REQ starts a dial through the registry; DIAL_RSP carries the client's
   ``random`` and a nonzero, process-wide unique ``connectID``, or ``error``.
@@ -23,12 +25,14 @@ Semantics follow konnectivity-server's ``serveRecvFrontend``:
   pending dial is cancelled, a tunnel is closed (FIN when the client ended
   the call cleanly, RST when it reset it).
 
-Flow control (design sections 2 and 7): connection credit is returned as soon
-as a DATA frame lands in its call's bounded queue, stream credit only once the
-bytes have gone into the tunnel stream (``send_all`` returned). Downstream we
-acknowledge tunnel bytes only after h2 took the gRPC message within the
-client's window. A slow client or target therefore stalls its own call and
-nothing else, and memory per call stays within one window plus one message.
+Flow control (docs/protocol.md section 4): the reader never waits for
+anything but the socket. A message goes into its call's queue and its stream
+credit comes back only once the call has handled it (for DATA: once
+``send_all`` into the tunnel returned), so a call's backpressure is its
+HTTP/2 stream window and nothing else. Downstream we acknowledge tunnel
+bytes only after HTTP/2 took the gRPC message within the client's window. A
+slow client or target therefore stalls its own call and nothing else, and
+memory per call stays within one window plus one message.
 """
 
 from __future__ import annotations
@@ -41,31 +45,23 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import attrs
-import h2.config
-import h2.connection
-import h2.errors
-import h2.events
-import h2.exceptions
-import h2.settings
-import hyperframe.frame
 import trio
 
 from broker.dialing import DialError
 from broker.metrics import BrokerMetrics
 from broker.registry import Registry
-from protocol import h2base, packets
+from protocol import grpc_events as ev
 from protocol import konnectivity_pb2 as pb
-from protocol.errors import InvalidMessage, ProtocolError
-from protocol.flood import FloodGuard, FloodLimits, FrameSizeGuard, FrameTooLarge
+from protocol import packets
+from protocol.errors import InvalidMessage, ProtocolError, RemoteProtocolError
+from protocol.flood import FloodDetected, FloodLimits
 from protocol.grpc_framing import (
     DEFAULT_MAX_MESSAGE_SIZE,
-    GrpcMessageDecoder,
     GrpcStatus,
-    encode_message,
-    grpc_trailers,
-    parse_timeout,
     status_for_error,
 )
+from protocol.grpc_server import REFUSED_STREAM, SENDING, GrpcServer, GrpcServerSettings
+from protocol.h2base import H2Settings
 from protocol.messages import split_host_port
 from tether.netio.logs import event, limited
 from tether.netio.tunnel import StreamAborted, TunnelClosed, TunnelStream, linger
@@ -90,8 +86,6 @@ HEADERS_PER_PART = 64
 #: the konnectivity protocol).
 _CONNECT_IDS = itertools.count(1)
 
-_GRPC_CONTENT_TYPE = "application/grpc"
-
 
 @attrs.frozen
 class GrpcSettings:
@@ -115,29 +109,71 @@ class GrpcSettings:
     #: Budgets for frames that cost us work (rapid reset, PING floods, ...).
     flood: FloodLimits = attrs.field(factory=FloodLimits)
 
+    def server_settings(self) -> GrpcServerSettings:
+        return GrpcServerSettings(
+            H2Settings(
+                initial_window=self.stream_window,
+                connection_window=self.connection_window,
+                max_frame_size=self.max_frame_size,
+                max_concurrent_streams=self.max_concurrent_streams,
+                max_header_list_size=16 * 1024,
+                headers_per_call=HEADERS_PER_PART,
+                flood=self.flood,
+            ),
+            max_message_size=self.max_message_size,
+        )
+
 
 class _ClientGone(Exception):
     """The call was reset, or its connection was lost: nothing can be sent."""
 
 
-class _Tunnel(enum.Enum):
+class Phase(enum.Enum):
+    """Where a Proxy call is; :data:`PHASES` has every allowed move."""
+
+    IDLE = "idle"  # no DIAL_REQ yet
+    DIALING = "dialing"  # a dial is in flight through the registry
+    CONNECTED = "connected"  # the tunnel is open (connectID given)
+    ENDED = "ended"  # the ending is decided; the tasks stop, the tunnel goes
+
+
+class PhaseInput(enum.Enum):
+    DIAL = "dial"
+    CONNECTED = "connected"
+    END = "end"
+
+
+PHASES: dict[tuple[Phase, PhaseInput], Phase] = {
+    (Phase.IDLE, PhaseInput.DIAL): Phase.DIALING,
+    (Phase.DIALING, PhaseInput.CONNECTED): Phase.CONNECTED,
+    **{(phase, PhaseInput.END): Phase.ENDED for phase in Phase if phase is not Phase.ENDED},
+}
+
+
+class Disposal(enum.Enum):
+    """What happens to the call's tunnel when it ends."""
+
     RESET = "reset"  # abort the tunnel stream (TCP RST)
     CLOSE = "close"  # FIN, then let the agent finish within the linger time
 
 
 @attrs.frozen
-class _Ending:
-    """How a call ends: trailers for the client, and what to do with the tunnel."""
+class Ending:
+    """How a call ends: its trailers, and what happens to the tunnel.
+
+    ``label`` is a stable token (metrics, logs). ``status`` None: no
+    trailers, the call is reset or its connection gone.
+    """
 
     label: str
-    status: GrpcStatus = GrpcStatus.OK
+    status: GrpcStatus | None = GrpcStatus.OK
     message: str = ""
-    tunnel: _Tunnel = _Tunnel.RESET
-    #: No trailers: the call is already reset or its connection is gone.
-    client_gone: bool = False
+    tunnel: Disposal = Disposal.RESET
 
 
-_CLIENT_GONE = _Ending("client_gone", GrpcStatus.CANCELLED, client_gone=True)
+CLIENT_GONE = Ending("client_gone", None)
+DEADLINE = Ending("deadline", GrpcStatus.DEADLINE_EXCEEDED, "context deadline exceeded")
+INTERNAL_ERROR = Ending("internal_error", GrpcStatus.INTERNAL, "internal error")
 
 
 class GrpcFrontend:
@@ -179,30 +215,22 @@ class _Connection:
         self.settings = frontend.settings
         self.metrics = frontend.metrics
         self.transport = transport
-        self.h2 = h2.connection.H2Connection(
-            config=h2.config.H2Configuration(
-                client_side=False, header_encoding="utf-8", validate_inbound_headers=True
-            )
+        self.server = GrpcServer(
+            self.settings.server_settings(), methods={METHOD_PATH}, now=trio.current_time()
         )
+        if frontend.draining:
+            self.server.refuse_new_calls()
         self.calls: dict[int, _ProxyCall] = {}
         self.calls_served = 0
         self.lost = False
-        self._goaway_sent = False
-        self._violation = False  # we sent GOAWAY for a protocol error or a flood
-        self._raw_out: list[bytes] = []  # frames h2 must not know about (GOAWAY)
+        self._violation = False  # a GOAWAY for a protocol error or a flood is queued
         self._want_write = trio.Event()
         #: Every task waiting for the writer's progress parks here and every
         #: write wakes them all: a waiter can never take another's wake-up.
         self._write_progress = trio.lowlevel.ParkingLot()
         self._pending_out = 0  # taken by the writer, not yet written
-        self._queued = 0  # handed to h2 by senders, not yet taken by the writer
         self._writing = False
-        self._conn_unacked = 0
         self._preface_seen = trio.Event()
-        #: Rapid reset, PING and SETTINGS floods (see protocol.flood).
-        self._flood = FloodGuard(self.settings.flood, trio.current_time())
-        self._unread_replies = 0  # bytes h2 queued in reply since the writer took output
-        self._frame_sizes = FrameSizeGuard(self.settings.max_frame_size, preface=24)
         self._io_scope: trio.CancelScope | None = None
         self._calls_nursery: trio.Nursery | None = None
 
@@ -228,18 +256,7 @@ class _Connection:
             log.debug("gRPC frontend connection closed after %d call(s)", self.calls_served)
 
     async def _run_io(self) -> None:
-        s = self.settings
-        h2base.initiate(
-            self.h2,
-            h2base.H2Settings(
-                initial_window=s.stream_window,
-                connection_window=s.connection_window,
-                max_frame_size=s.max_frame_size,
-                max_concurrent_streams=s.max_concurrent_streams,
-                max_header_list_size=16 * 1024,
-            ),
-            client=False,
-        )
+        self.server.initiate()
         self.wake_writer()
         try:
             with trio.CancelScope() as self._io_scope:
@@ -265,18 +282,11 @@ class _Connection:
             self._io_scope.cancel()
 
     def goaway(self) -> None:
-        """Ask the client to open no new calls here; existing ones may finish.
-
-        h2 4.x refuses every frame after its own GOAWAY, so the frame is
-        written beside h2 rather than through ``close_connection``.
-        """
-        if self._goaway_sent or self.lost:
+        """Ask the client to open no new calls here; existing ones may finish."""
+        if self.server.goaway_sent or self.lost:
             return
-        self._goaway_sent = True
-        frame = hyperframe.frame.GoAwayFrame(
-            0, last_stream_id=self.h2.highest_inbound_stream_id, error_code=0
-        )
-        self._raw_out.append(frame.serialize())
+        self.server.goaway()
+        self.server.refuse_new_calls()
         self.wake_writer()
         if not self.calls:
             self._close_when_flushed()
@@ -298,21 +308,13 @@ class _Connection:
     def wake_writer(self) -> None:
         self._want_write.set()
 
-    def _take_output(self) -> bytes:
-        self._queued = 0
-        self._unread_replies = 0
-        data = self.h2.data_to_send()
-        if self._raw_out:
-            data += b"".join(self._raw_out)
-            self._raw_out.clear()
-        return data
-
     async def _writer(self) -> None:
         while True:
             await self._want_write.wait()
             self._want_write = trio.Event()
-            data = self._take_output()
+            data = self.server.data_to_send()
             if not data:
+                self._write_progress.unpark_all()
                 continue
             self._pending_out += len(data)
             self._writing = True
@@ -329,14 +331,10 @@ class _Connection:
                 self._pending_out -= len(data)
                 self._write_progress.unpark_all()
 
-    async def wait_flushed_below(self, queued: int) -> None:
-        """Backpressure from the socket: wait while too much is unwritten.
-
-        ``queued`` is what the caller just handed to h2: h2's own buffer
-        counts too, or senders could pile up data while the writer is busy.
-        """
-        self._queued += queued
-        while self._pending_out + self._queued > self.settings.write_buffer:
+    async def wait_flushed_below(self) -> None:
+        """Backpressure from the socket: wait while too much is unwritten
+        (what the writer holds plus what HTTP/2 queued since it last took)."""
+        while self._pending_out + self.server.queued_output > self.settings.write_buffer:
             if self.lost:
                 raise _ClientGone("connection lost")
             await self._write_progress.park()
@@ -344,7 +342,7 @@ class _Connection:
     async def _final_flush(self) -> None:
         if self._writing:
             return  # a half-written frame is on the wire; more would corrupt it
-        data = self._take_output()
+        data = self.server.data_to_send()
         if not data:
             return
         with trio.move_on_after(1):
@@ -356,6 +354,8 @@ class _Connection:
     # ------------------------------------------------------------- reading
 
     async def _reader(self) -> None:
+        """Feed the server what the client sends. It waits for nothing but
+        the socket: calls take their messages from their own queues."""
         while True:
             try:
                 data = await self.transport.receive_some(READ_SIZE)
@@ -364,249 +364,91 @@ class _Connection:
                 return
             if not data:
                 return
-            data = bytes(data)
-            try:
-                opened = self._frame_sizes.check(data)
-            except FrameTooLarge as exc:
-                self.metrics.bad_input.labels(FRONTEND, "h2_protocol").inc()
-                log.warning("gRPC frontend: HTTP/2 protocol violation: %s", exc)
-                self._goaway_now(h2.errors.ErrorCodes.FRAME_SIZE_ERROR)
+            if not self._receive(bytes(data)):
                 return
             # A burst of new calls is fed to h2 in parts, letting the calls
             # of each part run (and a reset one end) before the next starts.
-            cuts = opened[HEADERS_PER_PART - 1 :: HEADERS_PER_PART]
-            for start, end in zip([0, *cuts], [*cuts, len(data)], strict=True):
-                if not self._receive(data[start:end]):
+            while self.server.backlog:
+                await trio.lowlevel.checkpoint()
+                if not self._receive(b""):
                     return
-                if end < len(data):
-                    await trio.lowlevel.checkpoint()
 
     def _receive(self, data: bytes) -> bool:
-        """Feed h2 and handle its events; False when the connection is over."""
-        queued_before = unsent_bytes(self.h2)
+        """Feed the server and handle its events; False when the connection is over."""
         try:
-            events = self.h2.receive_data(data)
-        except h2.exceptions.ProtocolError as exc:
-            # h2 queued a GOAWAY; the final flush sends it.
+            events = self.server.receive_data(data, trio.current_time())
+        except FloodDetected as exc:
             self._violation = True
-            self.metrics.bad_input.labels(FRONTEND, "h2_protocol").inc()
-            log.warning("gRPC frontend: HTTP/2 protocol violation: %s", exc)
+            self.metrics.bad_input.labels(FRONTEND, exc.reason).inc()
+            log.warning("gRPC frontend: client flood (%s): GOAWAY ENHANCE_YOUR_CALM", exc.reason)
             return False
-        except UnicodeDecodeError:
-            # h2 decodes headers as UTF-8 and lets the error escape.
-            self.metrics.bad_input.labels(FRONTEND, "header_encoding").inc()
-            log.warning("gRPC frontend: header field is not UTF-8; closing")
-            self._goaway_now(h2.errors.ErrorCodes.PROTOCOL_ERROR)
+        except RemoteProtocolError as exc:
+            self._violation = True
+            if exc.reason == "header_encoding":
+                self.metrics.bad_input.labels(FRONTEND, "header_encoding").inc()
+                log.warning("gRPC frontend: header field is not UTF-8; closing")
+            else:
+                self.metrics.bad_input.labels(FRONTEND, "h2_protocol").inc()
+                log.warning("gRPC frontend: %s", exc)
             return False
         finally:
             self.wake_writer()
-        for ev in events:
-            if not self._dispatch(ev):
-                return False
-        self._flush_conn_credit()
-        # h2's own replies (ACKs, RST_STREAMs) pile up while the writer
-        # is stuck, i.e. while the client does not read them.
-        self._unread_replies += max(0, unsent_bytes(self.h2) - queued_before)
-        if self._unread_replies > self.settings.flood.max_unread_replies:
-            self._flood.exhausted = self._flood.exhausted or "flood_unread_replies"
-        if self._flood.exhausted is not None:
-            self.metrics.bad_input.labels(FRONTEND, self._flood.exhausted).inc()
-            log.warning(
-                "gRPC frontend: client flood (%s): GOAWAY ENHANCE_YOUR_CALM",
-                self._flood.exhausted,
-            )
-            self.h2.clear_outbound_data_buffer()  # answer none of the flood
-            self._goaway_now(h2.errors.ErrorCodes.ENHANCE_YOUR_CALM, self._flood.exhausted)
-            return False
-        return True
-
-    def _dispatch(self, ev: h2.events.Event) -> bool:
-        """Handle one h2 event; False when the connection is over."""
-        if isinstance(ev, h2.events.PingReceived):
-            self._flood.spend("pings", trio.current_time())  # h2 queued the ACK
-        elif isinstance(ev, h2.events.DataReceived):
-            flow = ev.flow_controlled_length or 0
-            # Connection credit now: the bytes sit in the call's bounded queue.
-            self._conn_unacked += flow
-            call = self.calls.get(ev.stream_id)
-            if call is not None:
-                call.deliver(bytes(ev.data or b""), flow)
-        elif isinstance(ev, h2.events.RequestReceived):
-            self._on_request(ev)
-        elif isinstance(ev, h2.events.StreamEnded):
-            if (call := self.calls.get(ev.stream_id)) is not None:
-                call.remote_ended()
-        elif isinstance(ev, h2.events.StreamReset):
-            self._flood.spend("resets", trio.current_time())
-            if (call := self.calls.get(ev.stream_id)) is not None:
-                call.client_gone(f"stream reset by the client (error code {ev.error_code})")
-        elif isinstance(ev, h2.events.WindowUpdated):
-            if ev.stream_id == 0:
-                for call in self.calls.values():
-                    call.window_opened()
-            elif (call := self.calls.get(ev.stream_id)) is not None:
-                call.window_opened()
-        elif isinstance(ev, h2.events.RemoteSettingsChanged):
+        if self.server.settings_received:
             self._preface_seen.set()
-            self._flood.spend("settings", trio.current_time())
-            changed = ev.changed_settings
-            if (
-                h2.settings.SettingCodes.INITIAL_WINDOW_SIZE in changed
-                or h2.settings.SettingCodes.MAX_FRAME_SIZE in changed
-            ):
-                for call in self.calls.values():
-                    call.window_opened()
-        elif isinstance(ev, h2.events.ConnectionTerminated):
-            # h2 refuses every frame after a GOAWAY in either direction, so a
+        return all(self._dispatch(e) for e in events)
+
+    def _dispatch(self, e: ev.Event) -> bool:
+        """Handle one server event; False when the connection is over."""
+        if isinstance(e, ev.MessageReceived):
+            if (call := self.calls.get(e.stream_id)) is not None:
+                call.deliver(e.message, e.flow_len)
+        elif isinstance(e, ev.CallWritable):
+            if (call := self.calls.get(e.stream_id)) is not None:
+                call.progress.unpark_all()
+        elif isinstance(e, ev.CallStarted):
+            self._start_call(e)
+        elif isinstance(e, ev.CallHalfClosed):
+            if (call := self.calls.get(e.stream_id)) is not None:
+                call.deliver_end(None)
+        elif isinstance(e, ev.BadMessage):
+            if (call := self.calls.get(e.stream_id)) is not None:
+                call.deliver_end(e.error)
+        elif isinstance(e, ev.CallCancelled):
+            if (call := self.calls.get(e.stream_id)) is not None:
+                call.client_gone(f"stream reset by the client (error code {e.error_code})")
+        elif isinstance(e, ev.CallRefused):
+            # Every refusal but our own (draining) is the client's fault.
+            if e.reason != REFUSED_STREAM:
+                self.metrics.bad_input.labels(FRONTEND, e.reason).inc()
+        elif isinstance(e, ev.ConnectionEnded):
+            # h2 accepts no frame after a GOAWAY in either direction, so a
             # client's GOAWAY ends the connection for its calls too.
-            log.debug("gRPC frontend: client sent GOAWAY (%s)", ev.error_code)
+            log.debug("gRPC frontend: client sent GOAWAY (%s)", e.error_code)
             return False
         return True
 
-    def _flush_conn_credit(self) -> None:
-        # Batched: an eighth of the window keeps the client streaming.
-        if self._conn_unacked >= self.settings.connection_window // 8:
-            try:
-                self.h2.increment_flow_control_window(self._conn_unacked)
-            except h2.exceptions.ProtocolError:
-                pass
-            self._conn_unacked = 0
-            self.wake_writer()
-
-    def credit_stream(self, stream_id: int, n: int) -> None:
-        if n <= 0:
-            return
-        try:
-            self.h2.increment_flow_control_window(n, stream_id=stream_id)
-        # KeyError: h2 already purged the closed stream (bare dict lookup).
-        except (h2.exceptions.ProtocolError, KeyError):
-            pass  # the stream is closed; nothing to credit
-        self.wake_writer()
-
-    # ------------------------------------------------------------ requests
-
-    def _on_request(self, ev: h2.events.RequestReceived) -> None:
-        sid = ev.stream_id
-        headers: dict[str, str] = {}
-        for name, value in ev.headers or ():
-            headers[str(name)] = str(value)
-        if self._goaway_sent or self.fe.draining:
-            self._reset(sid, h2.errors.ErrorCodes.REFUSED_STREAM)
-            return
-        if headers.get(":method") != "POST":
-            self._http_error(sid, 405)
-            return
-        if not headers.get("content-type", "").startswith(_GRPC_CONTENT_TYPE):
-            # The gRPC spec's answer to a non-gRPC content type.
-            self._http_error(sid, 415)
-            return
-        path = headers.get(":path", "")
-        if path != METHOD_PATH:
-            self.metrics.bad_input.labels(FRONTEND, "unknown_method").inc()
-            self._trailers_only(sid, GrpcStatus.UNIMPLEMENTED, _unknown_method(path))
-            return
-        encoding = headers.get("grpc-encoding", "identity")
-        if encoding != "identity":
-            self.metrics.bad_input.labels(FRONTEND, "grpc_encoding").inc()
-            self._trailers_only(
-                sid,
-                GrpcStatus.UNIMPLEMENTED,
-                f'grpc: Decompressor is not installed for grpc-encoding "{encoding}"',
-                extra=[("grpc-accept-encoding", "identity")],
-            )
-            return
-        timeout: float | None = None
-        if "grpc-timeout" in headers:
-            timeout = parse_timeout(headers["grpc-timeout"])
-            if timeout is None:
-                self.metrics.bad_input.labels(FRONTEND, "grpc_timeout").inc()
-                self._trailers_only(
-                    sid, GrpcStatus.INTERNAL, f"malformed grpc-timeout: {headers['grpc-timeout']}"
-                )
-                return
+    def _start_call(self, e: ev.CallStarted) -> None:
         assert self._calls_nursery is not None
-        call = _ProxyCall(self, sid, timeout)
-        self.calls[sid] = call
+        call = _ProxyCall(self, e.stream_id, e.deadline)
+        self.calls[e.stream_id] = call
         self.calls_served += 1
         self._calls_nursery.start_soon(call.run)
 
     def call_done(self, call: _ProxyCall) -> None:
         self.calls.pop(call.stream_id, None)
-        if self._goaway_sent and not self.calls:
+        if self.server.goaway_sent and not self.calls:
             self._close_when_flushed()
 
-    def _goaway_now(self, code: int, reason: str = "") -> None:
-        """End the connection with GOAWAY(``code``); the final flush sends it."""
-        try:
-            self.h2.close_connection(error_code=code, additional_data=reason.encode() or None)
-        except h2.exceptions.ProtocolError:
-            pass  # h2 already closed the connection
-        self._goaway_sent = True
-        self._violation = True
 
-    def _reset(self, sid: int, code: int) -> None:
-        self._flood.spend("resets", trio.current_time())
-        try:
-            self.h2.reset_stream(sid, error_code=code)
-        except h2.exceptions.ProtocolError:
-            pass
-        self.wake_writer()
+class _Open(enum.Enum):
+    """The client may still send on the call."""
 
-    def _http_error(self, sid: int, status: int) -> None:
-        self.metrics.bad_input.labels(FRONTEND, f"http_{status}").inc()
-        self._flood.spend("resets", trio.current_time())
-        try:
-            self.h2.send_headers(sid, [(":status", str(status))], end_stream=True)
-        except h2.exceptions.ProtocolError:
-            pass
-        self.end_request(sid)
-
-    def _trailers_only(
-        self,
-        sid: int,
-        status: GrpcStatus,
-        message: str,
-        extra: list[tuple[str, str]] | None = None,
-    ) -> None:
-        self._flood.spend("resets", trio.current_time())  # a refused call
-        headers = [
-            (":status", "200"),
-            ("content-type", _GRPC_CONTENT_TYPE),
-            *(extra or []),
-            *grpc_trailers(status, message),
-        ]
-        try:
-            self.h2.send_headers(sid, headers, end_stream=True)
-        except h2.exceptions.ProtocolError:
-            pass
-        self.end_request(sid)
-
-    def end_request(self, sid: int) -> None:
-        """After our response ended: stop a client still sending (RST NO_ERROR).
-
-        That is what HTTP/2 (RFC 9113 section 8.1) and grpc-go do; a stream
-        the client already ended is fully closed and h2 refuses the reset,
-        which is fine.
-        """
-        try:
-            self.h2.reset_stream(sid, error_code=h2.errors.ErrorCodes.NO_ERROR)
-        except h2.exceptions.ProtocolError:
-            pass
-        self.wake_writer()
+    OPEN = "open"
 
 
-def unsent_bytes(conn: h2.connection.H2Connection) -> int:
-    """Bytes h2 holds for the transport (its private buffer; gone once this
-    connection runs on :class:`protocol.h2base.H2Base`)."""
-    return len(getattr(conn, "_data_to_send", b""))
-
-
-def _unknown_method(path: str) -> str:
-    # grpc-go's wording, so kube-apiserver logs read the same.
-    service, _, method = path.lstrip("/").partition("/")
-    if service == "ProxyService":
-        return f"unknown method {method} for service ProxyService"
-    return f"unknown service {service}"
+#: How a call's request stream ended: None for a clean half-close, the
+#: framing error that ended it, or not yet.
+_End = RemoteProtocolError | None | _Open
 
 
 class _ProxyCall:
@@ -614,53 +456,52 @@ class _ProxyCall:
 
     def __init__(self, conn: _Connection, stream_id: int, timeout: float | None) -> None:
         self.conn = conn
+        self.server = conn.server
         self.fe = conn.fe
         self.metrics = conn.metrics
         self.settings = conn.settings
         self.stream_id = stream_id
         self.timeout = timeout
-        # Upstream: raw h2 DATA not yet decoded, bounded by the stream window.
-        self._inbound: collections.deque[tuple[bytes, int]] = collections.deque()
-        self._decoder = GrpcMessageDecoder(self.settings.max_message_size)
-        self._messages: collections.deque[bytes] = collections.deque()
-        self._uncredited = 0  # flow-controlled bytes fed but not yet credited
-        self._remote_ended = False
-        self._gone: str | None = None
-        self._readable = trio.Event()
-        self._writable = trio.Event()
+        self.phase = Phase.IDLE
+        #: The phase the call was in when its ending was decided.
+        self.ended_in = Phase.IDLE
+        self.ending: Ending | None = None
+        # Upstream: whole messages, bounded by the stream window (their
+        # credit returns only once handled), then how the stream ended.
+        self._messages: collections.deque[tuple[bytes, int]] = collections.deque()
+        self._end: _End = _Open.OPEN
+        self._readable = trio.lowlevel.ParkingLot()
+        #: Senders waiting for the call's queued output to reach HTTP/2.
+        self.progress = trio.lowlevel.ParkingLot()
         # Downstream: whole messages only, one sender at a time.
         self._send_lock = trio.Lock()
-        self._headers_sent = False
-        self._broken = False  # a message was cut short: only a reset can follow
         # Dial and tunnel.
         self._dial_random: int | None = None
-        self._dialing = False
         self.ts: TunnelStream | None = None
         self.connect_id = 0
-        self._ending: _Ending | None = None
         self._nursery: trio.Nursery | None = None
+
+    def _move(self, what: PhaseInput) -> None:
+        try:
+            self.phase = PHASES[self.phase, what]
+        except KeyError:
+            raise AssertionError(f"Proxy call: {what.value} in phase {self.phase.value}") from None
 
     # ---------------------------------------------- fed by the connection
 
-    def deliver(self, data: bytes, flow: int) -> None:
-        if self._ending is not None:
-            return  # no longer read; the connection already has its credit
-        self._inbound.append((data, flow))
-        self._readable.set()
+    def deliver(self, message: bytes, flow: int) -> None:
+        self._messages.append((message, flow))
+        self._readable.unpark_all()
 
-    def remote_ended(self) -> None:
-        self._remote_ended = True
-        self._readable.set()
-
-    def window_opened(self) -> None:
-        self._writable.set()
+    def deliver_end(self, end: _End) -> None:
+        self._end = end
+        self._readable.unpark_all()
 
     def client_gone(self, reason: str) -> None:
-        if self._gone is None:
-            self._gone = reason
-        self._readable.set()
-        self._writable.set()
-        self._finish(_CLIENT_GONE)
+        log.debug("Proxy call %d: %s", self.stream_id, reason)
+        self._finish(CLIENT_GONE)
+        self._readable.unpark_all()
+        self.progress.unpark_all()
 
     # ------------------------------------------------------------------ run
 
@@ -669,8 +510,8 @@ class _ProxyCall:
             await self._serve()
         except Exception:
             log.exception("gRPC Proxy call %d failed", self.stream_id)
-            self._finish(_Ending("internal_error", GrpcStatus.INTERNAL, "internal error"))
-            self._end_stream(self._ending or _CLIENT_GONE)
+            self._finish(INTERNAL_ERROR)
+            self._end_stream(self.ending or CLIENT_GONE)
         finally:
             self.conn.call_done(self)
             if self.ts is not None:
@@ -683,13 +524,13 @@ class _ProxyCall:
             if self.timeout is not None:
                 nursery.cancel_scope.deadline = trio.current_time() + self.timeout
             nursery.start_soon(self._guard, self._upstream)
-        if self._ending is None:  # only the grpc-timeout deadline gets here
-            self._ending = _Ending(
-                "deadline", GrpcStatus.DEADLINE_EXCEEDED, "context deadline exceeded"
-            )
-        ending = self._ending
-        if self._dialing:  # one count per dial: its outcome as the client saw it
-            label = "200" if self.connect_id else ending.label
+        if self.ending is None:  # only the grpc-timeout deadline gets here
+            self._finish(DEADLINE)
+        ending = self.ending
+        assert ending is not None
+        if self.ended_in is not Phase.IDLE:
+            # One count per dial: its outcome as the client saw it.
+            label = "200" if self.ended_in is Phase.CONNECTED else ending.label
             self.metrics.frontend_requests.labels(FRONTEND, label).inc()
         log.debug("Proxy call %d ended: %s", self.stream_id, ending.label)
         self._end_stream(ending)
@@ -697,10 +538,12 @@ class _ProxyCall:
         if ts is not None:
             await self._dispose_tunnel(ts, ending.tunnel)
 
-    def _finish(self, ending: _Ending) -> None:
+    def _finish(self, ending: Ending) -> None:
         """Record how the call ends (first caller wins) and stop its tasks."""
-        if self._ending is None:
-            self._ending = ending
+        if self.ending is None:
+            self.ending = ending
+            self.ended_in = self.phase
+            self._move(PhaseInput.END)
         if self._nursery is not None:
             self._nursery.cancel_scope.cancel()
 
@@ -708,65 +551,52 @@ class _ProxyCall:
         try:
             await fn(*args)
         except _ClientGone:
-            self._finish(_CLIENT_GONE)
+            self._finish(CLIENT_GONE)
 
     # ----------------------------------------------------------- upstream
 
-    async def _next_packet(self) -> pb.Packet | None:
-        """The client's next packet; None when it half-closed the call.
-
-        Stream credit for a chunk is returned once every message it completed
-        has been handled, i.e. here, when the next packet is wanted. Bytes of
-        a message still incomplete are credited on arrival: the message
-        cannot be handled before the client sends the rest, and the decoder
-        bounds it by the maximum message size.
-        """
+    async def _next_message(self) -> tuple[bytes, int] | None:
+        """The client's next message and its credit; None when it half-closed.
+        Raises the framing error that ended its stream."""
         while True:
+            if self.ending is CLIENT_GONE:
+                raise _ClientGone("call reset")
             if self._messages:
-                raw = self._messages.popleft()
+                return self._messages.popleft()
+            if self._end is None:
+                return None
+            if self._end is not _Open.OPEN:
+                raise self._end
+            await self._readable.park()
+
+    async def _upstream(self) -> None:
+        while self.ending is None:
+            try:
+                item = await self._next_message()
+                if item is None:
+                    # konnectivity-server: the client's EOF ends the call, and
+                    # what is behind it is closed (not reset).
+                    self._finish(Ending("client_half_close", tunnel=Disposal.CLOSE))
+                    return
+                raw, flow = item
                 try:
-                    return packets.decode_packet(raw)
+                    pkt = packets.decode_packet(raw)
                 except InvalidMessage as exc:
                     # konnectivity-server ignores packets it does not expect.
                     self.metrics.bad_input.labels(FRONTEND, exc.reason).inc()
                     log.info("Proxy call %d: packet ignored: %s", self.stream_id, exc)
-                    continue
-            # Batched, as a quarter window keeps the client streaming; always
-            # before waiting, as the client may be waiting for exactly this.
-            if self._uncredited >= self.settings.stream_window // 4 or (
-                self._uncredited and not self._inbound
-            ):
-                self.conn.credit_stream(self.stream_id, self._uncredited)
-                self._uncredited = 0
-            if self._gone is not None:
-                raise _ClientGone(self._gone)
-            if self._inbound:
-                data, flow = self._inbound.popleft()
-                self._uncredited += flow
-                self._messages.extend(self._decoder.feed(data))
-                continue
-            if self._remote_ended:
-                self._decoder.end_of_stream_check()
-                return None
-            self._readable = trio.Event()
-            await self._readable.wait()
-
-    async def _upstream(self) -> None:
-        while self._ending is None:
-            try:
-                pkt = await self._next_packet()
+                    pkt = None
             except ProtocolError as exc:
                 status, message = status_for_error(exc)
                 self.metrics.bad_input.labels(FRONTEND, exc.reason).inc()
                 log.warning("Proxy call %d: %s: %s", self.stream_id, status.name, message)
-                self._finish(_Ending(exc.reason, status, message))
+                self._finish(Ending(exc.reason, status, message))
                 return
-            if pkt is None:
-                # konnectivity-server: the client's EOF ends the call, and
-                # what is behind it is closed (not reset).
-                self._finish(_Ending("client_half_close", tunnel=_Tunnel.CLOSE))
-                return
-            await self._on_packet(pkt)
+            if pkt is not None:
+                await self._on_packet(pkt)
+            # Handled: only now may the client send more on this call.
+            self.server.acknowledge(self.stream_id, flow)
+            self.conn.wake_writer()
 
     async def _on_packet(self, pkt: pb.Packet) -> None:
         if pkt.type == pb.DIAL_REQ:
@@ -775,17 +605,17 @@ class _ProxyCall:
             await self._on_data(pkt.data)
         elif pkt.type == pb.CLOSE_REQ:
             cid = pkt.closeRequest.connectID
-            if self.ts is not None and cid == self.connect_id:
+            if self.phase is Phase.CONNECTED and cid == self.connect_id:
                 await self._send_final(
-                    packets.close_response(cid), _Ending("client_close", tunnel=_Tunnel.CLOSE)
+                    packets.close_response(cid), Ending("client_close", tunnel=Disposal.CLOSE)
                 )
             else:
                 await self._send(packets.close_response(cid, "unknown connectID"))
         elif pkt.type == pb.DIAL_CLS:
             random = pkt.closeDial.random
-            if self._dialing and self.ts is None and random == self._dial_random:
+            if self.phase is Phase.DIALING and random == self._dial_random:
                 log.info("Proxy call %d: dial cancelled by the client (DIAL_CLS)", self.stream_id)
-                self._finish(_Ending("dial_cancelled"))
+                self._finish(Ending("dial_cancelled"))
             else:
                 log.info("Proxy call %d: DIAL_CLS for no pending dial ignored", self.stream_id)
         else:
@@ -822,9 +652,9 @@ class _ProxyCall:
                 )
         if error:
             self.metrics.frontend_requests.labels(FRONTEND, "400").inc()
-            await self._send_final(packets.dial_response(req.random, error=error), _Ending("400"))
+            await self._send_final(packets.dial_response(req.random, error=error), Ending("400"))
             return
-        self._dialing = True
+        self._move(PhaseInput.DIAL)
         assert self._nursery is not None
         self._nursery.start_soon(self._guard, self._dial, req.random, req.address)
 
@@ -836,12 +666,12 @@ class _ProxyCall:
             )
         except DialError as exc:
             await self._send_final(
-                packets.dial_response(random, error=exc.message),
-                _Ending(str(exc.http_status)),
+                packets.dial_response(random, error=exc.message), Ending(str(exc.http_status))
             )
             return
         self.ts = ts  # from here on, every way out disposes of it
         self.connect_id = next(_CONNECT_IDS)
+        self._move(PhaseInput.CONNECTED)
         self.metrics.established.labels(FRONTEND).inc()
         log.debug(
             "Proxy call %d: %s connected as connectID %d", self.stream_id, address, self.connect_id
@@ -855,9 +685,9 @@ class _ProxyCall:
         if cid == 0:
             self.metrics.bad_input.labels(FRONTEND, "data_without_connect_id").inc()
             return  # as konnectivity-server: logged and skipped
-        if self.ts is None:
+        if self.phase is not Phase.CONNECTED or self.ts is None:
             await self._send_final(
-                packets.close_response(cid, "backend not initialized"), _Ending("data_too_early")
+                packets.close_response(cid, "backend not initialized"), Ending("data_too_early")
             )
             return
         if cid != self.connect_id:
@@ -865,7 +695,7 @@ class _ProxyCall:
             await self._send(packets.close_response(cid, "mismatched connection IDs"))
             await self._send_final(
                 packets.close_response(self.connect_id, "mismatched connection IDs"),
-                _Ending("mismatched_connect_id"),
+                Ending("mismatched_connect_id"),
             )
             return
         payload = data.data
@@ -887,12 +717,12 @@ class _ProxyCall:
             except StreamAborted as exc:
                 await self._send_final(
                     packets.close_response(cid, f"connection aborted: {exc}"),
-                    _Ending("target_reset"),
+                    Ending("target_reset"),
                 )
                 return
             if chunk is None:
                 await self._send_final(
-                    packets.close_response(cid), _Ending("target_closed", tunnel=_Tunnel.CLOSE)
+                    packets.close_response(cid), Ending("target_closed", tunnel=Disposal.CLOSE)
                 )
                 return
             # Coalesce what is already buffered (no checkpoint while pieces
@@ -908,7 +738,7 @@ class _ProxyCall:
             data = b"".join(pieces)
             for off in range(0, len(data), MAX_DATA_PAYLOAD):
                 await self._send(packets.data_packet(cid, data[off : off + MAX_DATA_PAYLOAD]))
-            # Only now may the agent send more: h2 holds the bytes.
+            # Only now may the agent send more: HTTP/2 holds the bytes.
             ts.acknowledge(flow)
             down.inc(len(data))
 
@@ -916,83 +746,67 @@ class _ProxyCall:
 
     async def _send(self, pkt: pb.Packet) -> None:
         """Send one packet as a whole message; dropped once the call is ending."""
-        message = encode_message(packets.encode_packet(pkt))
         async with self._send_lock:
-            if self._ending is not None:
+            if self.ending is not None:
                 return
-            await self._send_bytes(message)
+            await self._send_message(packets.encode_packet(pkt))
 
-    async def _send_final(self, pkt: pb.Packet, ending: _Ending) -> None:
+    async def _send_final(self, pkt: pb.Packet, ending: Ending) -> None:
         """Send the packet that ends the call, then end it.
 
         The ending is claimed first, under the send lock, so no other task
-        can slip a packet in after the final one.
+        can slip a packet in after the final one. A client that does not
+        take it in time gets a reset instead of trailers (see _end_stream).
         """
-        message = encode_message(packets.encode_packet(pkt))
         async with self._send_lock:
-            if self._ending is not None:
+            if self.ending is not None:
                 return
-            self._ending = ending
+            self._finish_later(ending)
             with trio.move_on_after(FINAL_SEND_TIMEOUT) as scope:
-                await self._send_bytes(message)
+                await self._send_message(packets.encode_packet(pkt))
             if scope.cancelled_caught:
                 log.info("Proxy call %d: client not reading; resetting it", self.stream_id)
-                self._broken = True
         self._finish(ending)
 
-    async def _send_bytes(self, data: bytes) -> None:
-        """Hand ``data`` to h2 within the client's windows, one frame at a time."""
-        h2c = self.conn.h2
-        sid = self.stream_id
-        view = memoryview(data)
-        try:
-            if not self._headers_sent:
-                h2c.send_headers(sid, [(":status", "200"), ("content-type", _GRPC_CONTENT_TYPE)])
-                self._headers_sent = True
-            while view:
-                if self._gone is not None:
-                    raise _ClientGone(self._gone)
-                # Re-read both on every frame: a SETTINGS frame changes them.
-                window = h2c.local_flow_control_window(sid)
-                if window <= 0:  # it can go negative
-                    self._writable = trio.Event()
-                    await self._writable.wait()
-                    continue
-                n = min(window, h2c.max_outbound_frame_size, len(view))
-                h2c.send_data(sid, bytes(view[:n]))
-                view = view[n:]
-                self.conn.wake_writer()
-                await self.conn.wait_flushed_below(n)
-        except h2.exceptions.ProtocolError as exc:
-            raise _ClientGone(f"stream closed: {exc}") from None
-        except BaseException:
-            if len(view) not in (0, len(data)):
-                self._broken = True
-            raise
-        finally:
-            self.conn.wake_writer()
+    def _finish_later(self, ending: Ending) -> None:
+        """Claim the ending without stopping the tasks yet (the final packet
+        is still to be sent)."""
+        self.ending = ending
+        self.ended_in = self.phase
+        self._move(PhaseInput.END)
 
-    def _end_stream(self, ending: _Ending) -> None:
+    async def _send_message(self, message: bytes) -> None:
+        """Queue ``message`` on the call and wait until HTTP/2 took all of
+        it (within the client's windows) and the socket keeps up."""
+        sid = self.stream_id
+        if self.conn.lost or self.server.call_state(sid) not in SENDING:
+            raise _ClientGone("call reset")
+        self.server.send_message(sid, message)
+        self.conn.wake_writer()
+        while self.server.unsent(sid):
+            await self.progress.park()
+            if self.conn.lost:
+                raise _ClientGone("connection lost")
+        if self.server.call_state(sid) is None:
+            raise _ClientGone("call reset")
+        await self.conn.wait_flushed_below()
+
+    def _end_stream(self, ending: Ending) -> None:
         """Trailers with the status, or a reset when no clean end is possible."""
-        if ending.client_gone or self._gone is not None or self.conn.lost:
+        sid = self.stream_id
+        if ending.status is None or self.conn.lost or self.server.call_state(sid) is None:
             return
-        h2c = self.conn.h2
-        try:
-            if self._broken:
-                h2c.reset_stream(self.stream_id, error_code=h2.errors.ErrorCodes.CANCEL)
-                self.conn.wake_writer()
-                return
-            trailers = grpc_trailers(ending.status, ending.message)
-            if not self._headers_sent:  # trailers-only response
-                trailers = [(":status", "200"), ("content-type", _GRPC_CONTENT_TYPE), *trailers]
-            h2c.send_headers(self.stream_id, trailers, end_stream=True)
-        except h2.exceptions.ProtocolError:
-            pass
-        self.conn.end_request(self.stream_id)
+        if self.server.unsent(sid):
+            # A message was cut short (or the client would not take the
+            # final one): only a reset can follow.
+            self.server.reset_call(sid)
+        else:
+            self.server.end_call(sid, ending.status, ending.message)
+        self.conn.wake_writer()
 
     # -------------------------------------------------------------- tunnel
 
-    async def _dispose_tunnel(self, ts: TunnelStream, how: _Tunnel) -> None:
+    async def _dispose_tunnel(self, ts: TunnelStream, how: Disposal) -> None:
         """Close or reset the tunnel; a clean close lingers so data is not cut.
 
         A FIN follows everything already sent, but resetting right after it
@@ -1001,7 +815,7 @@ class _ProxyCall:
         """
         done = False
         try:
-            if how is _Tunnel.CLOSE and not ts.aborted:
+            if how is Disposal.CLOSE and not ts.aborted:
                 ts.send_eof()
                 with trio.move_on_after(self.settings.linger):
                     while (chunk := await ts.receive()) is not None:
@@ -1009,8 +823,6 @@ class _ProxyCall:
                     done = True
         except (StreamAborted, TunnelClosed):
             done = True
-        except h2.exceptions.ProtocolError:
-            pass
         finally:
             if not done:
                 self._reset_tunnel(ts)
@@ -1023,8 +835,5 @@ class _ProxyCall:
             self.ts = None
             self.metrics.established.labels(FRONTEND).dec()
         if not ts.aborted:
-            try:
-                ts.reset()
-            except h2.exceptions.ProtocolError:
-                pass
+            ts.reset()
         ts.conn.forget(ts.stream_id)

@@ -137,8 +137,11 @@ class _Call:
     decoder: GrpcMessageDecoder
     state: CallState = CallState.OPEN
     headers_sent: bool = False
-    #: Response bytes (framed messages) not yet handed to HTTP/2.
-    outbox: bytearray = attrs.field(factory=bytearray)
+    #: Framed response messages not yet (wholly) handed to HTTP/2; the
+    #: first has ``offset`` bytes gone, and ``unsent`` counts what is left.
+    outbox: collections.deque[bytes] = attrs.field(factory=collections.deque)
+    offset: int = 0
+    unsent: int = 0
     trailers: list[tuple[str, str]] | None = None  # queued by end_call
     #: Stream credit acknowledged but not yet returned, and messages
     #: delivered but not yet acknowledged.
@@ -171,6 +174,8 @@ class GrpcServer:
         self._events: list[ev.Event] | None = None
         #: Bytes moved into HTTP/2 since the last :meth:`data_to_send`.
         self._moved = 0
+        #: A WINDOW_UPDATE or SETTINGS in the read being handled gave room.
+        self._window_opened = False
 
     # ------------------------------------------------------------ connection
 
@@ -219,7 +224,16 @@ class GrpcServer:
         events: list[ev.Event] = []
         self._events = events
         try:
-            self.base.receive_data(data, now, lambda h2ev: self._on_h2(h2ev, events, now))
+            try:
+                self.base.receive_data(data, now, lambda h2ev: self._on_h2(h2ev, events, now))
+            except RemoteProtocolError:
+                self._connection_over()
+                raise
+            # Windows that opened are used only now, after H2Base counted
+            # the replies h2 queued on its own: our DATA is none of them.
+            if self._window_opened:
+                self._window_opened = False
+                self._pump_all()
         finally:
             self._events = None
         return events
@@ -234,7 +248,7 @@ class GrpcServer:
     def unsent(self, stream_id: int) -> int:
         """Bytes queued on the call that HTTP/2 has not taken yet (0 once gone)."""
         call = self.calls.get(stream_id)
-        return 0 if call is None else len(call.outbox)
+        return 0 if call is None else call.unsent
 
     def send_message(self, stream_id: int, message: bytes) -> None:
         """Queue one whole message (response headers go first, once).
@@ -252,8 +266,10 @@ class GrpcServer:
             self._send_headers(call, [(":status", "200"), ("content-type", CONTENT_TYPE)])
             if call.state is not CallState.OPEN and call.state is not CallState.REMOTE_ENDED:
                 return
-        call.outbox += encode_message(message)
-        self._pump(call, len(call.outbox))
+        framed = encode_message(message)
+        call.outbox.append(framed)
+        call.unsent += len(framed)
+        self._pump(call, call.unsent)
         self._park(call)
 
     def end_call(
@@ -312,9 +328,16 @@ class GrpcServer:
             raise LocalProtocolError(f"no call on stream {stream_id}", reason="call_unknown")
         return call
 
+    def _connection_over(self) -> None:
+        """No frame can be sent any more: every call is reset."""
+        for call in list(self.calls.values()):
+            self._drop(call)
+        self._ready.clear()
+
     def _drop(self, call: _Call) -> None:
         call.state = transition(call.state, CallInput.RESET)
         call.outbox.clear()
+        call.offset = call.unsent = 0
         call.trailers = None
         self.calls.pop(call.stream_id, None)
 
@@ -335,15 +358,26 @@ class GrpcServer:
         Returns the bytes moved."""
         moved = 0
         sid = call.stream_id
-        if call.outbox and limit > 0:
-            n = min(limit, len(call.outbox), self.base.send_window(sid))
-            if n > 0:
-                with memoryview(call.outbox) as view:
-                    self.base.send_data(sid, view[:n])
-                del call.outbox[:n]
-                moved = n
-                self._moved += n
-        if call.outbox:
+        while call.unsent and moved < limit:
+            n = min(limit - moved, call.unsent, self.base.send_window(sid))
+            if n <= 0:
+                break
+            head = call.outbox[0]
+            n = min(n, len(head) - call.offset)
+            try:
+                self.base.send_data(sid, memoryview(head)[call.offset : call.offset + n])
+            except h2.exceptions.ProtocolError:
+                # h2 has the stream (or the connection) closed: the call is over.
+                self._drop(call)
+                return moved
+            moved += n
+            self._moved += n
+            call.unsent -= n
+            call.offset += n
+            if call.offset == len(head):
+                call.outbox.popleft()
+                call.offset = 0
+        if call.unsent:
             return moved
         if call.trailers is not None:
             trailers, call.trailers = call.trailers, None
@@ -361,7 +395,7 @@ class GrpcServer:
 
     def _park(self, call: _Call) -> None:
         """A call with output left waits for a window to open."""
-        if call.outbox and not call.queued and self.calls.get(call.stream_id) is call:
+        if call.unsent and not call.queued and self.calls.get(call.stream_id) is call:
             call.queued = True
             self._ready.append(call)
 
@@ -378,7 +412,7 @@ class GrpcServer:
             for call in turn:
                 if self.calls.get(call.stream_id) is not call:
                     continue
-                if self._pump(call, quantum) and call.outbox:
+                if self._pump(call, quantum) and call.unsent:
                     again.append(call)
                 else:
                     self._park(call)  # drained, or blocked on a window
@@ -407,7 +441,7 @@ class GrpcServer:
                 self._drop(call)
                 events.append(ev.CallCancelled(h2ev.stream_id, int(h2ev.error_code or 0)))
         elif isinstance(h2ev, h2.events.WindowUpdated):
-            self._pump_all()
+            self._window_opened = True
         elif isinstance(h2ev, h2.events.RemoteSettingsChanged):
             self.settings_received = True
             changed = h2ev.changed_settings
@@ -417,12 +451,9 @@ class GrpcServer:
             ):
                 for call in self.calls.values():
                     self._park(call)
-                self._pump_all()
+                self._window_opened = True
         elif isinstance(h2ev, h2.events.ConnectionTerminated):
-            for call in list(self.calls.values()):
-                if call.state is not CallState.CLOSED:
-                    self._drop(call)
-            self.calls.clear()
+            self._connection_over()
             events.append(ev.ConnectionEnded(int(h2ev.error_code or 0)))
 
     def _on_data(self, events: list[ev.Event], stream_id: int, data: bytes, flow: int) -> None:
