@@ -36,6 +36,7 @@ import msgpack
 
 from protocol import events as E
 from protocol import framing, grpc_framing, messages, packets, session
+from protocol import grpc_events as G
 from protocol.codes import CloseCode, DialFailCode
 from protocol.connect_request import (
     MAX_REQUEST_HEADER_BYTES,
@@ -46,6 +47,7 @@ from protocol.connect_request import (
     render_response,
 )
 from protocol.errors import ProtocolError
+from protocol.grpc_server import SENDING, CallState, GrpcServer, GrpcServerSettings
 from protocol.messages import split_host_port
 
 Target = Callable[[bytes], None]
@@ -530,6 +532,231 @@ def fuzz_session(data: bytes) -> None:
             piece = b""
 
 
+# ---------------------------------------------------------------- gRPC server
+
+_GRPC_PATHS = ["/ProxyService/Proxy", "/ProxyService/Proxy", "/ProxyService/Nope", "/a/b", ""]
+_STARTED = (CallState.OPEN, CallState.REMOTE_ENDED, CallState.ENDING, None)
+_GRPC_REFUSALS = {"http_405", "http_415", "unknown_method", "grpc_encoding", "grpc_timeout"}
+
+
+class _GrpcClient:
+    """A hostile gRPC client (kube-apiserver's place), frame by frame."""
+
+    def __init__(self, fdp: atheris.FuzzedDataProvider) -> None:
+        self.fdp = fdp
+        self.encoder = hpack.Encoder()
+        self.next_sid = 1
+
+    def sid(self) -> int:
+        fdp = self.fdp
+        pick = fdp.ConsumeIntInRange(0, 5)
+        if pick == 0:
+            return 0
+        if pick == 1:
+            return int(fdp.ConsumeIntInRange(0, 2**31 - 1))
+        return max(1, self.next_sid - 2 * int(fdp.ConsumeIntInRange(1, 4)))  # a recent call
+
+    def request(self) -> bytes:
+        fdp = self.fdp
+        headers = [
+            (":method", fdp.PickValueInList(["POST", "POST", "POST", "GET"])),
+            (":scheme", "http"),
+            (":authority", "broker"),
+            (":path", fdp.PickValueInList(_GRPC_PATHS)),
+            (
+                "content-type",
+                fdp.PickValueInList(["application/grpc", "application/grpc+proto", "text/plain"]),
+            ),
+            ("te", "trailers"),
+        ]
+        if fdp.ConsumeIntInRange(0, 3) == 0:
+            headers.append(("grpc-encoding", fdp.PickValueInList(["identity", "gzip"])))
+        if fdp.ConsumeIntInRange(0, 2) == 0:
+            timeout = fdp.PickValueInList(["10S", "1H", "5m", "x", "123456789S", "0n"])
+            headers.append(("grpc-timeout", timeout))
+        if fdp.ConsumeIntInRange(0, 7) == 0:
+            headers.append(
+                (fdp.ConsumeUnicodeNoSurrogates(8).lower(), fdp.ConsumeUnicodeNoSurrogates(16))
+            )
+        block = self.encoder.encode(headers)
+        flags = _END_HEADERS | (_END_STREAM if fdp.ConsumeIntInRange(0, 7) == 0 else 0)
+        sid = self.next_sid if fdp.ConsumeIntInRange(0, 5) else self.sid()
+        self.next_sid = max(self.next_sid, sid + 2 if sid % 2 else sid + 1)
+        return _frame(_HEADERS, flags, sid, block)
+
+    def frame(self) -> bytes:
+        fdp = self.fdp
+        op = fdp.ConsumeIntInRange(0, 11)
+        if op in (0, 1):
+            return self.request()
+        if op in (2, 3, 4):
+            if op == 2:  # whole messages, Packet bodies or not
+                body = b"".join(
+                    grpc_framing.encode_message(fdp.ConsumeBytes(fdp.ConsumeIntInRange(0, 300)))
+                    for _ in range(fdp.ConsumeIntInRange(1, 3))
+                )
+            elif op == 3:  # a message header announcing any length, any flag
+                body = bytes([fdp.PickValueInList([0, 0, 1, 2])]) + struct.pack(
+                    ">I", fdp.ConsumeIntInRange(0, 70000)
+                )
+                body += fdp.ConsumeBytes(fdp.ConsumeIntInRange(0, 600))
+            else:
+                body = fdp.ConsumeBytes(fdp.ConsumeIntInRange(0, 600))
+            flags = fdp.PickValueInList([0, 0, _END_STREAM, _PADDED])
+            if flags & _PADDED:
+                pad = fdp.ConsumeIntInRange(0, 255)
+                body = bytes([pad]) + body + b"\x00" * pad
+            return _frame(_DATA, flags, self.sid(), body)
+        if op == 5:
+            code = fdp.PickValueInList([0, 1, 2, 8, 11, 0xFFFFFFFF])
+            return _frame(_RST, 0, self.sid(), struct.pack(">I", code))
+        if op == 6:
+            inc = fdp.PickValueInList(
+                [0, 1, 16384, 65535, 2**20, 2**31 - 1, fdp.ConsumeInt(4) & 0xFFFFFFFF]
+            )
+            return _frame(_WINDOW, 0, fdp.PickValueInList([0, self.sid()]), struct.pack(">I", inc))
+        if op == 7:
+            if fdp.ConsumeBool():
+                return _frame(_SETTINGS, _ACK, 0, b"")
+            pairs = b"".join(
+                struct.pack(">HI", fdp.ConsumeIntInRange(0, 9), fdp.ConsumeInt(4) & 0xFFFFFFFF)
+                for _ in range(fdp.ConsumeIntInRange(0, 4))
+            )
+            return _frame(_SETTINGS, 0, 0, pairs)
+        if op == 8:
+            return _frame(_PING, fdp.PickValueInList([0, _ACK]), 0, fdp.ConsumeBytes(8).ljust(8))
+        if op == 9:
+            code = fdp.PickValueInList([0, 1, 11])
+            return _frame(_GOAWAY, 0, 0, struct.pack(">II", fdp.ConsumeIntInRange(0, 99), code))
+        if op == 10:
+            kind = fdp.PickValueInList([_CONT, _PUSH, _PRIORITY, 0x0A, 0xFF])
+            flags = fdp.ConsumeIntInRange(0, 255)
+            return _frame(kind, flags, self.sid(), fdp.ConsumeBytes(fdp.ConsumeIntInRange(0, 64)))
+        return bytes(fdp.ConsumeBytes(fdp.ConsumeIntInRange(0, 32)))
+
+
+class _ProxyServer:
+    """What the broker's gRPC frontend does with server events and between
+    reads (broker.grpc_frontend): every call here must not raise, and the
+    events must be consistent with the calls the server reports."""
+
+    def __init__(self, server: GrpcServer, fdp: atheris.FuzzedDataProvider) -> None:
+        self.server = server
+        self.fdp = fdp
+        self.calls: set[int] = set()
+        self.owed: list[tuple[int, int]] = []
+
+    def handle(self, events: list[G.Event]) -> None:
+        server = self.server
+        for ev in events:
+            if isinstance(ev, G.CallStarted):
+                assert ev.stream_id not in self.calls, ev
+                # Later events of the same read may have moved it on already.
+                assert server.call_state(ev.stream_id) in _STARTED, ev
+                assert ev.deadline is None or ev.deadline >= 0, ev
+                self.calls.add(ev.stream_id)
+            elif isinstance(ev, G.CallRefused):
+                assert ev.reason in _GRPC_REFUSALS | {"refused"}, ev
+                assert server.call_state(ev.stream_id) is None, ev
+            elif isinstance(ev, G.MessageReceived):
+                assert ev.stream_id in self.calls and ev.flow_len >= 0, ev
+                self.owed.append((ev.stream_id, ev.flow_len))
+            elif isinstance(ev, G.BadMessage):
+                assert ev.stream_id in self.calls, ev
+                status, text = grpc_framing.status_for_error(ev.error)
+                assert status != grpc_framing.GrpcStatus.OK
+                server.end_call(ev.stream_id, status, text)
+            elif isinstance(ev, G.CallHalfClosed):
+                assert server.call_state(ev.stream_id) in (CallState.REMOTE_ENDED, None), ev
+            elif isinstance(ev, G.CallCancelled):
+                assert server.call_state(ev.stream_id) is None, ev
+                self.calls.discard(ev.stream_id)
+            elif isinstance(ev, G.CallWritable):
+                assert server.unsent(ev.stream_id) == 0, ev
+            elif isinstance(ev, G.ConnectionEnded):
+                assert not server.calls, ev
+        server.data_to_send()
+
+    def act(self) -> None:
+        server, fdp = self.server, self.fdp
+        self.calls &= set(server.calls)
+        sid = fdp.PickValueInList(sorted(self.calls) or [1])
+        op = fdp.ConsumeIntInRange(0, 7)
+        if op == 0 and self.owed:
+            for stream_id, n in self.owed:
+                server.acknowledge(stream_id, n)
+            self.owed.clear()
+        elif op in (1, 2):
+            # The frontend checks the call first (it may have been reset).
+            if server.call_state(sid) in SENDING:
+                server.send_message(sid, fdp.ConsumeBytes(fdp.ConsumeIntInRange(0, 70000)))
+        elif op == 3:
+            if server.call_state(sid) in SENDING:
+                server.end_call(sid, grpc_framing.GrpcStatus.OK)
+        elif op == 4:
+            server.reset_call(sid)
+        elif op == 5:
+            server.goaway()
+        elif op == 6:
+            server.refuse_new_calls()
+        for stream_id in self.calls:
+            assert server.unsent(stream_id) >= 0
+        server.data_to_send()
+
+
+def _grpc_preface() -> bytes:
+    """A client preface: magic and SETTINGS (a window of 1 MiB per stream)."""
+    return _PREFACE + _frame(_SETTINGS, 0, 0, struct.pack(">HI", 0x4, 1 << 20))
+
+
+def fuzz_grpc_server(data: bytes) -> None:
+    """``GrpcServer`` (the broker's gRPC frontend without its I/O) after a
+    valid client preface: raw bytes, or a frame-by-frame hostile client
+    (calls with good and bad headers, messages whole, cut and oversized,
+    resets, windows, settings, pings, GOAWAY) interleaved with what the
+    frontend does (acknowledge, send, end, reset, GOAWAY)."""
+    if not data:
+        return
+    fdp = atheris.FuzzedDataProvider(data[1:])
+    server = GrpcServer(
+        GrpcServerSettings(max_message_size=fdp.PickValueInList([100, 4096, 1 << 20])),
+        methods={"/ProxyService/Proxy"},
+        now=0.0,
+    )
+    server.initiate()
+    server.data_to_send()
+    proxy = _ProxyServer(server, fdp)
+    if data[0] & 1:
+        size = fdp.ConsumeIntInRange(1, 4096)
+        pieces: Iterator[bytes] = _chunks(
+            _grpc_preface() + fdp.ConsumeBytes(fdp.remaining_bytes()), [size]
+        )
+    else:
+        client = _GrpcClient(fdp)
+
+        def frames() -> Iterator[bytes]:
+            yield _grpc_preface()
+            while fdp.remaining_bytes():
+                yield b"".join(client.frame() for _ in range(fdp.ConsumeIntInRange(1, 4)))
+                proxy.act()
+
+        pieces = frames()
+    now = 0.0
+    for piece in pieces:
+        now += 0.001
+        while True:  # as the frontend's reader does: drain a burst's backlog
+            try:
+                events = server.receive_data(piece, now)
+            except ProtocolError:
+                server.data_to_send()  # the GOAWAY; must not raise either
+                assert not server.calls
+                return
+            proxy.handle(events)
+            if not server.backlog:
+                break
+            piece = b""
+
+
 # ------------------------------------------------------------ CONNECT request
 
 
@@ -580,5 +807,6 @@ TARGETS: dict[str, Target] = {
     "data_stream": fuzz_data_stream,
     "grpc": fuzz_grpc,
     "session": fuzz_session,
+    "grpc_server": fuzz_grpc_server,
     "connect": fuzz_connect,
 }

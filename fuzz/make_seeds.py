@@ -85,6 +85,34 @@ def seeds() -> dict[str, list[bytes]]:
         h2_wire[len(_preface()) :] if h2_wire.startswith(_preface()) else h2_wire[24:]
     )
 
+    grpc_client = h2.connection.H2Connection(
+        h2.config.H2Configuration(client_side=True, header_encoding="utf-8")
+    )
+    grpc_client.initiate_connection()
+    for sid, path, extra in (
+        (1, "/ProxyService/Proxy", [("grpc-timeout", "10S")]),
+        (3, "/ProxyService/Nope", []),
+        (5, "/ProxyService/Proxy", [("grpc-encoding", "gzip")]),
+        (7, "/ProxyService/Proxy", []),
+    ):
+        grpc_client.send_headers(
+            sid,
+            [
+                (":method", "POST"),
+                (":scheme", "http"),
+                (":authority", "broker"),
+                (":path", path),
+                ("content-type", "application/grpc"),
+                ("te", "trailers"),
+                *extra,
+            ],
+        )
+    grpc_client.send_data(1, grpc_stream)
+    grpc_client.send_data(7, grpc_stream[:30], end_stream=True)
+    grpc_client.increment_flow_control_window(1 << 20)
+    grpc_client.reset_stream(1)
+    grpc_wire = grpc_client.data_to_send()[24:]  # the target sends the magic itself
+
     return {
         "messages": [b"\x00" + m for m in msgs] + [b"\x01" + b"\x00\x03" * 20],
         "control": [
@@ -101,6 +129,11 @@ def seeds() -> dict[str, list[bytes]]:
             b"\x01\x10\x00" + raw_after_preface,
             b"\x00" + bytes(range(256)) * 4,
             b"\x00" + b"\x00\x00\x01\x00\x01\x03\x01\x04\x00\x00\x05" * 40,
+        ],
+        "grpc_server": [
+            b"\x01\x02\x10\x00" + grpc_wire,
+            b"\x00" + bytes(range(256)) * 4,
+            b"\x00\x01" + b"\x00\x02\x01\x03\x00\x06\x05" * 60,
         ],
         "connect": [
             CHUNKS + b"CONNECT 10.0.0.5:10250 HTTP/1.1\r\nHost: 10.0.0.5:10250\r\n\r\nearly",

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-NAMES = ("messages", "control", "data_stream", "grpc", "session", "connect")
+NAMES = ("messages", "control", "data_stream", "grpc", "session", "grpc_server", "connect")
 #: Largest input per target: frame-level targets get room for many frames.
 MAX_LEN = {"session": 16384, "connect": 20000}
 _DONE = re.compile(rb"Done (\d+) runs in (\d+) second")
