@@ -67,8 +67,9 @@ from protocol.grpc_framing import (
     status_for_error,
 )
 from protocol.messages import split_host_port
+from tether.netio.h2driver import linger
 from tether.netio.logs import event, limited
-from tether.netio.tunnel import StreamAborted, TunnelClosed, TunnelStream, linger
+from tether.netio.tunnel import StreamAborted, TunnelClosed, TunnelStream
 
 log = logging.getLogger("tether.broker.grpc")
 
