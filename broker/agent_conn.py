@@ -16,6 +16,7 @@ from broker.dialing import DialError, DialOutcome
 from protocol import events, messages
 from protocol.budget import Grant
 from protocol.identifiers import AgentIdentifiers, Allowance
+from protocol.outcomes import CloseReason
 from tether.netio.logs import event, limited
 from tether.netio.tunnel import TunnelClosed, TunnelConnection, TunnelStream
 
@@ -251,7 +252,9 @@ class AgentConnection:
             )
             replaced.fail_all("replaced by a new connection")
             if replaced.conn is not None:
-                replaced.conn.abort("replaced by a new connection from the same agent")
+                replaced.conn.abort(
+                    CloseReason.REPLACED, "replaced by a new connection from the same agent"
+                )
         self._identifiers_changed(AgentIdentifiers(), self.identifiers, "register")
         log.info(
             "agent connected: id=%s cluster=%s from=%s identifiers=%s",

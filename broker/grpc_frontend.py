@@ -63,8 +63,9 @@ from protocol.grpc_framing import (
 from protocol.grpc_server import REFUSED_STREAM, SENDING, GrpcServer, GrpcServerSettings
 from protocol.h2base import H2Settings
 from protocol.messages import split_host_port
+from tether.netio.h2driver import linger
 from tether.netio.logs import event, limited
-from tether.netio.tunnel import StreamAborted, TunnelClosed, TunnelStream, linger
+from tether.netio.tunnel import StreamAborted, TunnelClosed, TunnelStream
 
 log = logging.getLogger("tether.broker.grpc")
 

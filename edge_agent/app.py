@@ -19,6 +19,7 @@ from protocol.backoff import Backoff
 from protocol.budget import BufferBudget, Grant
 from protocol.codes import DialFailCode
 from protocol.errors import ProtocolError
+from protocol.outcomes import CloseReason
 from protocol.session import Role, SessionConfig, TunnelSession
 from tether.netio import sockopts, tls
 from tether.netio.http import serve_http, text
@@ -659,7 +660,7 @@ class Agent:
                 with trio.move_on_after(cfg.connect_timeout):
                     await link.accepted.wait()
                 if not link.accepted.is_set():
-                    conn.abort("control stream not accepted in time")
+                    conn.abort(CloseReason.HANDSHAKE_TIMEOUT, "control stream not accepted in time")
                     return
                 outcome = self._register(link)
                 reported = True
@@ -667,7 +668,9 @@ class Agent:
                 if outcome == "duplicate":
                     conn.goaway("duplicate connection")
                     await conn.flush()
-                    conn.abort(f"duplicate connection to broker {link.server_id}")
+                    conn.abort(
+                        CloseReason.DUPLICATE, f"duplicate connection to broker {link.server_id}"
+                    )
 
             nursery.start_soon(handshake)
             await conn.run()

@@ -107,10 +107,13 @@ class PingAcked:
 
 @attrs.frozen
 class ConnectionClosed:
-    """GOAWAY received, or the control stream ended: the session is over."""
+    """GOAWAY received, or the control stream ended or was reset: the
+    session is over."""
 
     error_code: int
     reason: str
+    #: True for a GOAWAY; False when the control stream ended or was reset.
+    goaway: bool = True
 
 
 Event = (

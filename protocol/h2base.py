@@ -56,7 +56,7 @@ import h2.exceptions
 import h2.settings
 import hyperframe.frame
 
-from protocol import states
+from protocol import flow, states
 from protocol.errors import ProtocolError, RemoteProtocolError
 from protocol.flood import FloodDetected, FloodGuard, FloodLimits, FrameSizeGuard, FrameTooLarge
 from protocol.states import ConnInput, ConnState
@@ -313,7 +313,7 @@ class H2Base:
         return True
 
     def _flush_conn_credit(self) -> None:
-        if self._conn_unacked >= self.settings.connection_window // 8:
+        if flow.connection_credit_due(self._conn_unacked, self.settings.connection_window):
             try:
                 self.h2.increment_flow_control_window(self._conn_unacked)
             except h2.exceptions.ProtocolError:

@@ -40,7 +40,7 @@ import h2.exceptions
 import h2.settings
 import msgpack
 
-from protocol import events, framing, h2base, messages, states
+from protocol import events, flow, framing, h2base, messages, states
 from protocol.errors import LocalProtocolError, ProtocolError, RemoteProtocolError
 from protocol.flood import ControlGuard, FloodLimits
 from protocol.states import ControlInput, ControlState, DataInput, DataState, Side
@@ -347,8 +347,7 @@ class TunnelSession:
         stream = self._streams.get(stream_id)
         if stream is None or stream.local_ended or self.closed:
             return 0
-        room = min(self._base.send_window(stream_id), self.config.send_chunk + 5) - 5
-        return max(room, 0)
+        return flow.payload_room(self._base.send_window(stream_id), self.config.send_chunk)
 
     def send_data(self, stream_id: int, data: bytes | memoryview) -> int:
         """Send up to :meth:`send_capacity` payload bytes; return how many."""
@@ -412,9 +411,8 @@ class TunnelSession:
 
     def _earn(self, stream: _Stream, n: int) -> None:
         stream.unacked += n
-        # Batch WINDOW_UPDATEs; a quarter window keeps the sender streaming,
-        # and a blocked sender always has at least that much outstanding.
-        if stream.unacked >= stream.window // 4:
+        # Batched WINDOW_UPDATEs (see protocol.flow).
+        if flow.stream_credit_due(stream.unacked, stream.window):
             self._credit_stream(stream)
 
     def stream_window(self, stream_id: int) -> int:
@@ -564,11 +562,11 @@ class TunnelSession:
 
     def _on_data(self, ev: h2.events.DataReceived, out: list[events.Event]) -> None:
         sid = ev.stream_id
-        flow = ev.flow_controlled_length or 0
+        flow_len = ev.flow_controlled_length or 0
         data = bytes(ev.data or b"")
-        padding = flow - len(data)
+        padding = flow_len - len(data)
         if sid == self._control_id:
-            self._on_control_data(sid, data, flow, out)
+            self._on_control_data(sid, data, flow_len, out)
             return
         stream = self._streams.get(sid)
         if stream is None:
@@ -593,14 +591,16 @@ class TunnelSession:
                 self._earn(stream, item.wire_len)
                 out.append(events.StreamClosed(sid, item.close))
 
-    def _on_control_data(self, sid: int, data: bytes, flow: int, out: list[events.Event]) -> None:
+    def _on_control_data(
+        self, sid: int, data: bytes, flow_len: int, out: list[events.Event]
+    ) -> None:
         if self._control_state is ControlState.REJECTED:
             if self.role is Role.AGENT:
                 self._on_rejection_body(data, out)
             return
         if self.role is Role.AGENT and self._control_state is not ControlState.OPEN:
             return  # no response yet: h2 refuses DATA before HEADERS
-        self._base.credit_stream(sid, flow)
+        self._base.credit_stream(sid, flow_len)
         # A ProtocolError closes the connection; so does a spent budget.
         for msg, size in self._control_decoder.feed_sized(data):
             if self._control is not None and not self._control.admit(msg, size, self._clock()):
@@ -629,7 +629,7 @@ class TunnelSession:
                 self._report_refusal("", out)  # a rejection without a body
                 return
             self._control_move(ControlInput.CLOSE, Side.REMOTE)
-            out.append(events.ConnectionClosed(0, "control stream ended"))
+            out.append(events.ConnectionClosed(0, "control stream ended", goaway=False))
             return
         stream = self._streams.get(sid)
         if stream is None:
@@ -655,7 +655,11 @@ class TunnelSession:
                     reason="h2",
                 )
             self._control_move(ControlInput.CLOSE, Side.REMOTE)
-            out.append(events.ConnectionClosed(int(ev.error_code or 0), "control stream reset"))
+            out.append(
+                events.ConnectionClosed(
+                    int(ev.error_code or 0), "control stream reset", goaway=False
+                )
+            )
             return
         stream = self._streams.pop(sid, None)
         if stream is not None:

@@ -26,6 +26,7 @@ from test_tunnel_memory import (
 from protocol import budget
 from protocol.budget import BufferBudget, Grant, outbox_limit, stream_cost
 from protocol.errors import LocalProtocolError
+from protocol.outcomes import CloseReason
 from protocol.session import SessionConfig
 from tether.netio.tunnel import Keepalive, StreamAborted, TunnelConnection, TunnelStream
 
@@ -267,7 +268,7 @@ async def test_every_grant_comes_back_once_however_the_stream_ends() -> None:
         with trio.move_on_after(0.5):
             await pairs[0][0].send_all(b"z" * 4 * MiB)  # nobody reads: stalls
         assert b_agent.reserved == sum(g.cost for g in grants if g)
-        agent.abort("test says so")
+        agent.abort(CloseReason.ABORTED, "test says so")
         with trio.fail_after(5):
             while b_agent.reserved:
                 await trio.sleep(0.01)
