@@ -63,7 +63,8 @@ from protocol.grpc_framing import (
 from protocol.grpc_server import REFUSED_STREAM, SENDING, GrpcServer, GrpcServerSettings
 from protocol.h2base import H2Settings
 from protocol.messages import split_host_port
-from tether.netio.h2driver import linger
+from protocol.outcomes import CloseReason
+from tether.netio.h2driver import H2Driver
 from tether.netio.logs import event, limited
 from tether.netio.tunnel import StreamAborted, TunnelClosed, TunnelStream
 
@@ -71,7 +72,6 @@ log = logging.getLogger("tether.broker.grpc")
 
 METHOD_PATH = "/ProxyService/Proxy"
 FRONTEND = "grpc"  # metric label
-READ_SIZE = 256 * 1024
 #: Largest payload put into one downstream DATA packet; far below the 4 MiB a
 #: grpc client accepts by default, large enough to keep per-message cost low.
 MAX_DATA_PAYLOAD = 256 * 1024
@@ -208,31 +208,72 @@ class GrpcFrontend:
             conn.goaway()
 
 
+class _Engine:
+    """The connection's GrpcServer as the driver's engine: violations are
+    logged and counted here, where they happen, and every time the writer
+    takes output the senders waiting for room are woken."""
+
+    def __init__(self, conn: _Connection) -> None:
+        self.conn = conn
+        self.server = conn.server
+
+    @property
+    def backlog(self) -> bool:
+        return self.server.backlog
+
+    def receive_data(self, data: bytes) -> list[ev.Event]:
+        conn = self.conn
+        try:
+            events = self.server.receive_data(data)
+        except FloodDetected as exc:
+            conn.metrics.bad_input.labels(FRONTEND, exc.reason).inc()
+            log.warning("gRPC frontend: client flood (%s): GOAWAY ENHANCE_YOUR_CALM", exc.reason)
+            raise
+        except RemoteProtocolError as exc:
+            if exc.reason == "header_encoding":
+                conn.metrics.bad_input.labels(FRONTEND, "header_encoding").inc()
+                log.warning("gRPC frontend: header field is not UTF-8; closing")
+            else:
+                conn.metrics.bad_input.labels(FRONTEND, "h2_protocol").inc()
+                log.warning("gRPC frontend: %s", exc)
+            raise
+        if self.server.settings_received:
+            conn.driver.handshake_done()
+        return events
+
+    def data_to_send(self) -> bytes:
+        data = self.server.data_to_send()
+        self.conn.output_taken.unpark_all()
+        return data
+
+
 class _Connection:
-    """One h2c connection: a reader, a single writer, and a task per call."""
+    """One h2c connection: GrpcServer run by the shared driver (reader,
+    single writer, final flush, linger, handshake deadline), and a task per
+    call."""
 
     def __init__(self, frontend: GrpcFrontend, transport: trio.abc.Stream) -> None:
         self.fe = frontend
         self.settings = frontend.settings
         self.metrics = frontend.metrics
-        self.transport = transport
         self.server = GrpcServer(
-            self.settings.server_settings(), methods={METHOD_PATH}, now=trio.current_time()
+            self.settings.server_settings(), methods={METHOD_PATH}, clock=trio.current_time
         )
         if frontend.draining:
             self.server.refuse_new_calls()
+        self.driver = H2Driver(
+            transport,
+            _Engine(self),
+            self._dispatch,
+            handshake_timeout=self.settings.handshake_timeout,
+            on_handshake_timeout=self._on_handshake_timeout,
+        )
         self.calls: dict[int, _ProxyCall] = {}
         self.calls_served = 0
         self.lost = False
-        self._violation = False  # a GOAWAY for a protocol error or a flood is queued
-        self._want_write = trio.Event()
-        #: Every task waiting for the writer's progress parks here and every
-        #: write wakes them all: a waiter can never take another's wake-up.
-        self._write_progress = trio.lowlevel.ParkingLot()
-        self._pending_out = 0  # taken by the writer, not yet written
-        self._writing = False
-        self._preface_seen = trio.Event()
-        self._io_scope: trio.CancelScope | None = None
+        #: Senders waiting for the writer to take output park here; every
+        #: take wakes them all, so a waiter can never lose another's wake-up.
+        self.output_taken = trio.lowlevel.ParkingLot()
         self._calls_nursery: trio.Nursery | None = None
 
     # ------------------------------------------------------------------ run
@@ -242,45 +283,19 @@ class _Connection:
             async with trio.open_nursery() as calls:
                 self._calls_nursery = calls
                 try:
-                    await self._run_io()
+                    self.server.initiate()
+                    await self.driver.run()
                 finally:
                     # Calls outlive the connection only to dispose of their
                     # tunnels; tell them no client is left.
                     self.lost = True
-                    self._write_progress.unpark_all()
+                    self.output_taken.unpark_all()
                     for call in list(self.calls.values()):
                         call.client_gone("connection lost")
         except Exception:
             log.exception("gRPC frontend connection failed")
         finally:
-            await trio.aclose_forcefully(self.transport)
             log.debug("gRPC frontend connection closed after %d call(s)", self.calls_served)
-
-    async def _run_io(self) -> None:
-        self.server.initiate()
-        self.wake_writer()
-        try:
-            with trio.CancelScope() as self._io_scope:
-                async with trio.open_nursery() as io:
-                    io.start_soon(self._writer)
-                    io.start_soon(self._handshake_deadline)
-                    await self._reader()
-                    # The writer may hold the last frames (a GOAWAY):
-                    # cancelling it mid-write would lose them.
-                    with trio.move_on_after(1):
-                        while self._want_write.is_set() or self._writing:
-                            await self._write_progress.park()
-                    io.cancel_scope.cancel()
-        finally:
-            with trio.CancelScope(shield=True):
-                await self._final_flush()
-                if self._violation and not self._writing:
-                    await linger(self.transport)
-                await trio.aclose_forcefully(self.transport)
-
-    def abort(self) -> None:
-        if self._io_scope is not None:
-            self._io_scope.cancel()
 
     def goaway(self) -> None:
         """Ask the client to open no new calls here; existing ones may finish."""
@@ -293,113 +308,30 @@ class _Connection:
             self._close_when_flushed()
 
     def _close_when_flushed(self) -> None:
-        # _run_io's shielded final flush sends what is queued before closing.
-        self.abort()
+        # The driver's final flush sends what is queued before closing.
+        self.driver.abort(CloseReason.DRAIN)
 
-    async def _handshake_deadline(self) -> None:
-        with trio.move_on_after(self.settings.handshake_timeout):
-            await self._preface_seen.wait()
-            return
+    def _on_handshake_timeout(self) -> None:
         self.metrics.bad_input.labels(FRONTEND, "handshake_timeout").inc()
         log.info("gRPC frontend: no HTTP/2 preface within %gs", self.settings.handshake_timeout)
-        self.abort()
-
-    # ------------------------------------------------------------- writing
 
     def wake_writer(self) -> None:
-        self._want_write.set()
-
-    async def _writer(self) -> None:
-        while True:
-            await self._want_write.wait()
-            self._want_write = trio.Event()
-            data = self.server.data_to_send()
-            if not data:
-                self._write_progress.unpark_all()
-                continue
-            self._pending_out += len(data)
-            self._writing = True
-            try:
-                await self.transport.send_all(data)
-            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                log.debug("gRPC frontend: write failed: %r", exc)
-                self.abort()
-                return
-            finally:
-                # A cancelled send_all leaves the stream unusable: the
-                # connection is over either way, so no retry.
-                self._writing = False
-                self._pending_out -= len(data)
-                self._write_progress.unpark_all()
+        self.driver.wake_writer()
 
     async def wait_flushed_below(self) -> None:
-        """Backpressure from the socket: wait while too much is unwritten
-        (what the writer holds plus what HTTP/2 queued since it last took)."""
-        while self._pending_out + self.server.queued_output > self.settings.write_buffer:
+        """Backpressure from the socket: wait while HTTP/2 holds more than
+        the write buffer that the writer has not taken yet (it takes the
+        next batch only once the socket took the last)."""
+        while self.server.queued_output > self.settings.write_buffer:
             if self.lost:
                 raise _ClientGone("connection lost")
-            await self._write_progress.park()
-
-    async def _final_flush(self) -> None:
-        if self._writing:
-            return  # a half-written frame is on the wire; more would corrupt it
-        data = self.server.data_to_send()
-        if not data:
-            return
-        with trio.move_on_after(1):
-            try:
-                await self.transport.send_all(data)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                pass
+            await self.output_taken.park()
 
     # ------------------------------------------------------------- reading
 
-    async def _reader(self) -> None:
-        """Feed the server what the client sends. It waits for nothing but
-        the socket: calls take their messages from their own queues."""
-        while True:
-            try:
-                data = await self.transport.receive_some(READ_SIZE)
-            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                log.debug("gRPC frontend: read failed: %r", exc)
-                return
-            if not data:
-                return
-            if not self._receive(bytes(data)):
-                return
-            # A burst of new calls is fed to h2 in parts, letting the calls
-            # of each part run (and a reset one end) before the next starts.
-            while self.server.backlog:
-                await trio.lowlevel.checkpoint()
-                if not self._receive(b""):
-                    return
-
-    def _receive(self, data: bytes) -> bool:
-        """Feed the server and handle its events; False when the connection is over."""
-        try:
-            events = self.server.receive_data(data, trio.current_time())
-        except FloodDetected as exc:
-            self._violation = True
-            self.metrics.bad_input.labels(FRONTEND, exc.reason).inc()
-            log.warning("gRPC frontend: client flood (%s): GOAWAY ENHANCE_YOUR_CALM", exc.reason)
-            return False
-        except RemoteProtocolError as exc:
-            self._violation = True
-            if exc.reason == "header_encoding":
-                self.metrics.bad_input.labels(FRONTEND, "header_encoding").inc()
-                log.warning("gRPC frontend: header field is not UTF-8; closing")
-            else:
-                self.metrics.bad_input.labels(FRONTEND, "h2_protocol").inc()
-                log.warning("gRPC frontend: %s", exc)
-            return False
-        finally:
-            self.wake_writer()
-        if self.server.settings_received:
-            self._preface_seen.set()
-        return all(self._dispatch(e) for e in events)
-
     def _dispatch(self, e: ev.Event) -> bool:
-        """Handle one server event; False when the connection is over."""
+        """Handle one server event (in the reader, which waits for nothing
+        but the socket); True when the connection is over."""
         if isinstance(e, ev.MessageReceived):
             if (call := self.calls.get(e.stream_id)) is not None:
                 call.deliver(e.message, e.flow_len)
@@ -425,8 +357,8 @@ class _Connection:
             # h2 accepts no frame after a GOAWAY in either direction, so a
             # client's GOAWAY ends the connection for its calls too.
             log.debug("gRPC frontend: client sent GOAWAY (%s)", e.error_code)
-            return False
-        return True
+            return True
+        return False
 
     def _start_call(self, e: ev.CallStarted) -> None:
         assert self._calls_nursery is not None

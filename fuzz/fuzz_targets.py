@@ -721,10 +721,11 @@ def fuzz_grpc_server(data: bytes) -> None:
     if not data:
         return
     fdp = atheris.FuzzedDataProvider(data[1:])
+    clock = [0.0]
     server = GrpcServer(
         GrpcServerSettings(max_message_size=fdp.PickValueInList([100, 4096, 1 << 20])),
         methods={"/ProxyService/Proxy"},
-        now=0.0,
+        clock=lambda: clock[0],
     )
     server.initiate()
     server.data_to_send()
@@ -744,12 +745,11 @@ def fuzz_grpc_server(data: bytes) -> None:
                 proxy.act()
 
         pieces = frames()
-    now = 0.0
     for piece in pieces:
-        now += 0.001
+        clock[0] += 0.001
         while True:  # as the frontend's reader does: drain a burst's backlog
             try:
-                events = server.receive_data(piece, now)
+                events = server.receive_data(piece)
             except ProtocolError:
                 server.data_to_send()  # the GOAWAY; must not raise either
                 assert not server.calls

@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import collections
 import enum
-from collections.abc import Collection, Iterable
+from collections.abc import Callable, Collection, Iterable
 
 import attrs
 import h2.errors
@@ -158,11 +158,13 @@ class GrpcServer:
         settings: GrpcServerSettings,
         *,
         methods: Collection[str],
-        now: float,
+        clock: Callable[[], float],
     ) -> None:
         self.settings = settings
         self.methods = frozenset(methods)
-        self.base = H2Base(settings.h2, client=False, now=now)
+        #: The caller's clock (seconds), read for the flood budgets only.
+        self.clock = clock
+        self.base = H2Base(settings.h2, client=False, now=clock())
         self.calls: dict[int, _Call] = {}
         #: Every request from now on is refused (REFUSED_STREAM): the server
         #: is draining and wants no new calls, even on a new connection.
@@ -185,7 +187,7 @@ class GrpcServer:
 
     @property
     def backlog(self) -> bool:
-        """Received bytes not yet processed: call ``receive_data(b"", now)``
+        """Received bytes not yet processed: call ``receive_data(b"")``
         (after handling the events) until False."""
         return self.base.backlog
 
@@ -214,13 +216,14 @@ class GrpcServer:
     def refuse_new_calls(self) -> None:
         self.refusing = True
 
-    def receive_data(self, data: bytes, now: float) -> list[ev.Event]:
+    def receive_data(self, data: bytes) -> list[ev.Event]:
         """Feed bytes from the client; return what they caused.
 
         Raises :class:`~protocol.errors.RemoteProtocolError` (including
         :class:`~protocol.flood.FloodDetected`) when the client broke
         HTTP/2 or spent a flood budget; the GOAWAY is queued already.
         """
+        now = self.clock()
         events: list[ev.Event] = []
         self._events = events
         try:

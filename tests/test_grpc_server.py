@@ -44,7 +44,7 @@ class Pair:
         self.server = GrpcServer(
             GrpcServerSettings(H2Settings(initial_window=window), max_message_size=max_message),
             methods={METHOD},
-            now=0.0,
+            clock=lambda: 0.0,
         )
         self.server.initiate()
         self.client = h2.connection.H2Connection(
@@ -58,9 +58,9 @@ class Pair:
         self.exchange()
 
     def to_server(self) -> list[Any]:
-        events = self.server.receive_data(self.client.data_to_send(), 0.0)
+        events = self.server.receive_data(self.client.data_to_send())
         while self.server.backlog:
-            events += self.server.receive_data(b"", 0.0)
+            events += self.server.receive_data(b"")
         return events
 
     def to_client(self) -> list[Any]:
@@ -323,7 +323,7 @@ def test_client_goaway_ends_every_call() -> None:
 def test_http2_violation_raises_remote_protocol_error() -> None:
     p = Pair()
     with pytest.raises(RemoteProtocolError):
-        p.server.receive_data(b"\x00\x00\x04\x08\x00\x00\x00\x00\x01\x00\x00\x00\x01", 0.0)
+        p.server.receive_data(b"\x00\x00\x04\x08\x00\x00\x00\x00\x01\x00\x00\x00\x01")
     assert p.server.closed
 
 
