@@ -59,6 +59,10 @@ class AgentConfig:
     max_buffered_bytes: int = budget.AGENT_DEFAULT
     log_format: str = "text"
     log_level: str = "info"
+    log_file: str = ""
+    #: MiB, as klog's flag of the same name (0: unlimited).
+    log_file_max_size: int = 1800
+    log_stderr: bool = True
     config_file: str = ""
     cert_reload_interval: float = 5.0
     metrics: bool = False
