@@ -7,7 +7,6 @@ import logging
 from typing import Protocol
 
 import attrs
-import h2.errors
 import trio
 from cryptography import x509
 
@@ -386,7 +385,7 @@ class AgentConnection:
                     ev.dial_id,
                     self.refused_streams,
                 )
-            self.conn.session.reset_stream(ev.stream_id, h2.errors.ErrorCodes.CANCEL)
+            self.conn.session.reset_stream(ev.stream_id)  # RST_STREAM(CANCEL)
             self.conn.wake_writer()
             return
         ts = self.conn.add_stream(ev.stream_id, ev.dial_id, pending.grant)
