@@ -71,8 +71,8 @@ class BrokerConfig:
     agent_token_file: str = ""
     kubeconfig: str = ""
     enable_lease_controller: bool = False
-    lease_namespace: str = "kube-system"
-    lease_label: str = "k8s-app=konnectivity-server"
+    lease_namespace: str = leases.DEFAULT_NAMESPACE
+    lease_label: str = leases.DEFAULT_LABEL
     authentication_audience: str = ""
     agent_namespace: str = ""
     agent_service_account: str = ""
