@@ -52,6 +52,9 @@ class Roster(Protocol):
     def joined(self, agent: AgentConnection) -> None:
         """``agent`` was told it is accepted: close the connection it replaced."""
 
+    def refresh(self, agent: AgentConnection) -> None:
+        """``agent``'s identifiers changed: route by the new ones."""
+
 
 class AgentConnection:
     """Handler for one agent's tunnel connection (see ConnectionHandler)."""
@@ -203,6 +206,7 @@ class AgentConnection:
             else:
                 # Before any checkpoint, so no dial is routed by unchecked claims.
                 self.identifiers = self._restrict(self._claimed)
+                self.roster.refresh(self)
         if status != 200:
             reason = error.split(":", 1)[0]
             self.metrics.agent_rejected.labels(reason).inc()
@@ -364,6 +368,7 @@ class AgentConnection:
                 log.warning("agent %s sent bad identifiers: %s", self.agent_id, exc)
             else:
                 old, self.identifiers = self.identifiers, self._restrict(claimed)
+                self.roster.refresh(self)
                 self._identifiers_changed(old, self.identifiers, "update")
         else:
             self.metrics.bad_input.labels("agent", "unexpected_message").inc()

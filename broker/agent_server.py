@@ -97,6 +97,10 @@ class AgentServer:
             )
             replaced.abort("replaced by a new connection from the same agent")
 
+    def refresh(self, agent: AgentConnection) -> None:
+        """``agent``'s identifiers changed: the registry routes by the new ones."""
+        self.registry.refresh(agent)
+
     async def handle(self, tcp: trio.SocketStream) -> None:
         """Serve one agent connection; every failure stays inside."""
         try:

@@ -5,12 +5,16 @@ Strategies are konnectivity's names, tried in order:
 ``defaultRoute`` (agents that declared ``default-route=true``) and
 ``default`` (any agent of the cluster). Within ``destHost`` the most
 specific match wins: an exact ``host=``/``ipv4=``/``ipv6=`` over the longest
-containing ``cidr=`` over shorter ones. Among the candidates of the winning
-tier the least-loaded agent wins and ties break at random.
+containing ``cidr=`` over shorter ones. Among the usable candidates of the
+winning tier the less loaded of two drawn at random wins (a tier of a few
+agents is compared in full: the least loaded, ties at random). The lookup
+reads per-cluster indexes (:mod:`broker.routing_index`), so a dial costs
+the same with ten agents or ten thousand.
 
 Membership: one live connection per (cluster, agent id), kept by the agent
 server (:mod:`broker.agent_server`), which adds, removes and closes the
-connection a newcomer replaces; the registry only sees the
+connection a newcomer replaces, and tells the registry when an agent's
+identifiers change (:meth:`Registry.refresh`); the registry only sees the
 :class:`RoutableAgent` side of a connection. A newcomer replaces
 it only when both were authenticated by the same credential (a reconnect
 after a stale link); otherwise the live one wins and the newcomer is refused
@@ -31,7 +35,8 @@ import trio
 
 from broker.dialing import DialError, DialOutcome
 from broker.metrics import BrokerMetrics
-from protocol.identifiers import AgentIdentifiers, match_rank
+from broker.routing_index import ClusterIndex
+from protocol.identifiers import AgentIdentifiers
 from protocol.messages import split_host_port
 from tether.netio.logs import event
 from tether.netio.tunnel import TunnelStream
@@ -65,7 +70,9 @@ class RoutableAgent(Protocol):
     def identifiers(self) -> AgentIdentifiers: ...
 
     @property
-    def usable(self) -> bool: ...
+    def usable(self) -> bool:
+        """Whether it takes dials. Once False it may stay False for good: an
+        agent that becomes usable again must be :meth:`Registry.refresh`-ed."""
 
     @property
     def load(self) -> int: ...
@@ -113,10 +120,12 @@ class Registry:
         self.metrics = metrics
         self.strategies = tuple(strategies)
         self._clusters: dict[str, dict[str, RoutableAgent]] = {}
+        self._indexes: dict[str, ClusterIndex[RoutableAgent]] = {}
         self._members: dict[RoutableAgent, Membership] = {}
         self._capped: dict[str, int] = {}  # live connections per capped credential
         self._dial_ids = itertools.count(1)
         self._rng = rng or random.Random()
+        self._randbelow = self._rng.randrange
 
     # -------------------------------------------------------- membership
 
@@ -162,9 +171,12 @@ class Registry:
                     f"this credential already holds {held} agent id(s), its cap is "
                     f"{membership.cap}",
                 )
+        index = self._indexes.setdefault(agent.cluster, ClusterIndex())
         if old is not None:
             self._forget(old)
+            index.remove(old)
         agents[agent.agent_id] = agent
+        index.add(agent)
         self._members[agent] = membership
         if membership.cap_key is not None:
             self._capped[membership.cap_key] = self._capped.get(membership.cap_key, 0) + 1
@@ -185,9 +197,17 @@ class Registry:
         if agents.get(agent.agent_id) is agent:
             del agents[agent.agent_id]
             self._forget(agent)
+            self._indexes[agent.cluster].remove(agent)
             if not agents:
                 del self._clusters[agent.cluster]
+                del self._indexes[agent.cluster]
             self._update()
+
+    def refresh(self, agent: RoutableAgent) -> None:
+        """``agent``'s identifiers changed, or it became usable again: route
+        by what it declares now. A no-op unless it is the registered one."""
+        if self._clusters.get(agent.cluster, {}).get(agent.agent_id) is agent:
+            self._indexes[agent.cluster].refresh(agent)
 
     def _update(self) -> None:
         self.metrics.ready_backends.set(self.count())
@@ -205,18 +225,16 @@ class Registry:
     # ----------------------------------------------------------- routing
 
     def choose(self, cluster: str, host: str) -> RoutableAgent | None:
-        usable = [a for a in self._clusters.get(cluster, {}).values() if a.usable]
-        for strategy in self.strategies:
-            if strategy == "destHost":
-                candidates = most_specific(usable, host)
-            elif strategy == "defaultRoute":
-                candidates = [a for a in usable if a.identifiers.default_route]
-            else:
-                candidates = usable
-            if candidates:
-                least = min(a.load for a in candidates)
-                return self._rng.choice([a for a in candidates if a.load == least])
-        return None
+        index = self._indexes.get(cluster)
+        if index is None:
+            return None
+        return index.choose(self.strategies, host, self._randbelow)
+
+    def eligible(self, cluster: str, host: str) -> list[RoutableAgent]:
+        """Every usable agent :meth:`choose` may pick for ``host`` in
+        ``cluster`` (the winning tier in full): for tests and diagnostics."""
+        index = self._indexes.get(cluster)
+        return index.eligible(self.strategies, host) if index is not None else []
 
     def next_dial_id(self) -> int:
         return next(self._dial_ids)
@@ -259,17 +277,3 @@ class Registry:
             ),
         )
         return stream, agent
-
-
-def most_specific(agents: Sequence[RoutableAgent], host: str) -> list[RoutableAgent]:
-    """The agents whose identifiers name ``host`` most specifically."""
-    best: int | None = None
-    found: list[RoutableAgent] = []
-    for agent in agents:
-        rank = match_rank(agent.identifiers, host)
-        if rank is None or (best is not None and rank < best):
-            continue
-        if best is None or rank > best:
-            best, found = rank, []
-        found.append(agent)
-    return found
