@@ -226,7 +226,7 @@ def test_the_index_answers_what_the_scan_would(
         elif kind == "replace":  # the same id reconnects with the same credential
             newcomer = FakeAgent(agent.agent_id, step[2], agent.cluster)
             assert registry.add(newcomer, Membership(f"cred-{agent.agent_id}")) is agent
-            registry.remove(agent)  # the stale one ends later: no-op
+            registry.remove(live[at])  # the stale one ends later: a no-op
             live[at] = newcomer
         elif kind == "identifiers":
             agent.identifiers = step[2]
