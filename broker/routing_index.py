@@ -210,10 +210,7 @@ class ClusterIndex(Generic[A]):
         by_name = self._pools.get(("host", host.lower()))
         if by_name is not None:
             exact.append(by_name)
-        try:
-            addr = ipaddress.ip_address(host.strip("[]"))
-        except ValueError:
-            addr = None
+        addr = _address(host.strip("[]"))
         if addr is not None:
             by_addr = self._pools.get(("addr", addr))
             if by_addr is not None:
@@ -267,6 +264,18 @@ class ClusterIndex(Generic[A]):
         least = min(load for load, _ in loads)
         ties = [agent for load, agent in loads if load == least]
         return ties[randbelow(len(ties))]
+
+
+def _address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """``ipaddress.ip_address(text)``, or None; a name that cannot be an
+    address (neither ``:`` nor only digits and dots) is not parsed, since a
+    failed parse costs more than the rest of the lookup."""
+    if ":" not in text and not text.replace(".", "").isdigit():
+        return None
+    try:
+        return ipaddress.ip_address(text)
+    except ValueError:
+        return None
 
 
 def _at(pools: list[Pool[A]], index: int) -> A:

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 from broker.metrics import BrokerMetrics
 from broker.registry import Membership, Registry, RoutableAgent
-from broker.routing_index import SCAN_LIMIT, ClusterIndex, Pool
+from broker.routing_index import SCAN_LIMIT, ClusterIndex, Pool, _address
 from protocol.identifiers import AgentIdentifiers, match_rank
 from tether.netio.tunnel import TunnelStream
 
@@ -335,3 +335,13 @@ def test_prefix_lengths_in_use_are_kept_longest_first() -> None:
     rng = random.Random(0)
     assert index.choose(("destHost",), "10.2.0.1", rng.randrange) is b
     assert index.choose(("destHost",), "10.2.0.2", rng.randrange) is c
+
+
+@settings(max_examples=300, deadline=None)
+@given(text=st.text(alphabet="0123456789.:abcdefx%٣", max_size=24) | st.sampled_from(QUERIES))
+def test_the_address_shortcut_parses_what_ip_address_parses(text: str) -> None:
+    try:
+        want: object = ipaddress.ip_address(text)
+    except ValueError:
+        want = None
+    assert _address(text) == want
