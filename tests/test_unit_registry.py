@@ -289,3 +289,34 @@ def test_agent_connections_reach_the_registry_only_through_the_server() -> None:
     assert not hasattr(agent, "registry") and agent.roster is server
     agent.fail_all("gone")  # leaves the registry alone: the server removes
     assert agent.closed and not agent.usable
+
+
+@attrs.define
+class _Tunnel:
+    """What an AgentConnection's load and usable read of its tunnel."""
+
+    streams: dict[int, object] = attrs.Factory(dict)
+
+
+def test_an_identifiers_update_reroutes_at_once() -> None:
+    """A connection's new identifiers reach the registry's indexes through
+    the agent server (``Roster.refresh``), before the next dial."""
+    from protocol import messages
+
+    registry = _registry("destHost")
+    server = _server(registry)
+    agent = AgentConnection(
+        registry.metrics, server, server.server, server.authenticator, None, "127.0.0.1:1"
+    )
+    agent.conn = _Tunnel()  # type: ignore[assignment]
+    agent.identity = Identity("c", "n1", "mtls", "cert:aa")
+    agent.cluster, agent.agent_id = "c", "n1"
+    agent.identifiers = AgentIdentifiers.parse("ipv4=10.0.0.5")
+    assert server.join(agent) is None
+    assert registry.choose("c", "10.0.0.5") is agent
+    agent.on_message(messages.Identifiers(value="ipv4=10.0.0.7&cidr=10.9.0.0/16"))
+    assert registry.choose("c", "10.0.0.5") is None
+    assert registry.choose("c", "10.0.0.7") is agent
+    assert registry.choose("c", "10.9.1.1") is agent
+    agent.draining = True  # usability is read when drawn: no notice needed
+    assert registry.choose("c", "10.0.0.7") is None
