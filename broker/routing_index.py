@@ -66,28 +66,47 @@ A = TypeVar("A", bound=Routable)
 
 
 class Pool(Generic[A]):
-    """A set of agents that can be drawn from uniformly in O(1)."""
+    """A set of agents that can be drawn from uniformly in O(1). Small
+    pools (most are: one host, one address) keep no position map and find
+    an agent by a scan of at most :data:`SCAN_LIMIT` entries."""
 
     __slots__ = ("_pos", "items")
 
     def __init__(self) -> None:
         self.items: list[A] = []
-        self._pos: dict[A, int] = {}
+        self._pos: dict[A, int] | None = None
 
     def __len__(self) -> int:
         return len(self.items)
 
+    def _find(self, agent: A) -> int | None:
+        if self._pos is not None:
+            return self._pos.get(agent)
+        for at, member in enumerate(self.items):
+            if member is agent:
+                return at
+        return None
+
     def add(self, agent: A) -> None:
-        if agent not in self._pos:
-            self._pos[agent] = len(self.items)
-            self.items.append(agent)
+        if self._find(agent) is not None:
+            return
+        self.items.append(agent)
+        if self._pos is not None:
+            self._pos[agent] = len(self.items) - 1
+        elif len(self.items) > SCAN_LIMIT:
+            self._pos = {member: at for at, member in enumerate(self.items)}
 
     def remove(self, agent: A) -> None:
-        at = self._pos.pop(agent)
+        at = self._find(agent)
+        if at is None:
+            raise KeyError(agent)
         last = self.items.pop()
+        if self._pos is not None:
+            del self._pos[agent]
         if last is not agent:
             self.items[at] = last
-            self._pos[last] = at
+            if self._pos is not None:
+                self._pos[last] = at
 
 
 def agent_keys(idents: AgentIdentifiers) -> frozenset[Key]:
@@ -109,9 +128,9 @@ class ClusterIndex(Generic[A]):
 
     def __init__(self) -> None:
         self._pools: dict[Key, Pool[A]] = {}
-        #: The keys each filed agent is under, as filed (its identifiers may
-        #: have changed since; removal uses these).
-        self._filed: dict[A, frozenset[Key]] = {}
+        #: The identifiers each agent was filed by (they may have changed
+        #: since; removal uses these).
+        self._filed: dict[A, AgentIdentifiers] = {}
         #: Members found unusable, out of every pool until refreshed.
         self._parked: set[A] = set()
         #: Per IP version: prefix length -> how many network pools have it.
@@ -127,9 +146,8 @@ class ClusterIndex(Generic[A]):
     def add(self, agent: A) -> None:
         """File ``agent`` under its current identifiers."""
         self.remove(agent)
-        keys = agent_keys(agent.identifiers)
-        self._filed[agent] = keys
-        for key in keys:
+        idents = self._filed[agent] = agent.identifiers
+        for key in agent_keys(idents):
             pool = self._pools.get(key)
             if pool is None:
                 pool = self._pools[key] = Pool()
@@ -145,7 +163,10 @@ class ClusterIndex(Generic[A]):
         self.add(agent)
 
     def _unfile(self, agent: A) -> None:
-        for key in self._filed.pop(agent, ()):
+        idents = self._filed.pop(agent, None)
+        if idents is None:
+            return
+        for key in agent_keys(idents):
             pool = self._pools[key]
             pool.remove(agent)
             if not pool:

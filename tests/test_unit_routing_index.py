@@ -265,6 +265,26 @@ def test_pool_adds_removes_by_swapping_with_the_last() -> None:
     assert pool.items == [agents[3]]
     pool.remove(agents[3])
     assert len(pool) == 0
+    with pytest.raises(KeyError):
+        pool.remove(agents[3])
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.tuples(st.booleans(), st.integers(0, 3 * SCAN_LIMIT)), max_size=200))
+def test_pool_is_a_set_small_or_large(steps: list[tuple[bool, int]]) -> None:
+    """Across the size where the position map is built, a pool holds what
+    a set would, each agent once."""
+    agents = _agents(3 * SCAN_LIMIT + 1)
+    pool: Pool[FakeAgent] = Pool()
+    model: set[str] = set()
+    for adding, i in steps:
+        if adding:
+            pool.add(agents[i])
+            model.add(agents[i].agent_id)
+        elif agents[i].agent_id in model:
+            pool.remove(agents[i])
+            model.discard(agents[i].agent_id)
+        assert sorted(a.agent_id for a in pool.items) == sorted(model)
 
 
 def test_a_large_tier_compares_two_and_spreads_dials() -> None:
