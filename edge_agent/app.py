@@ -84,6 +84,21 @@ def cause_label(cause: str) -> str:
 UNREACHABLE_CAUSES = ("connect failed", "connect timed out")
 
 
+#: TEST ONLY (tests/test_e2e_drain_race.py): seconds the drain waits between
+#: its GOAWAYs and stopping the connection loop, as a slow device's event
+#: loop does. Unset (the default, and in production) it has no effect.
+TEST_ONLY_DRAIN_PAUSE_ENV = "TETHER_TEST_ONLY_DRAIN_PAUSE_S"
+
+
+def drain_pause_test_only() -> float:
+    """The test-only drain pause (see ``TEST_ONLY_DRAIN_PAUSE_ENV``); 0 unless set."""
+    raw = os.environ.get(TEST_ONLY_DRAIN_PAUSE_ENV, "")
+    try:
+        return max(0.0, min(float(raw), 30.0)) if raw else 0.0
+    except ValueError:
+        return 0.0
+
+
 class BrokerLink:
     """Handler for one broker connection: answers dials, tracks readiness."""
 
@@ -507,6 +522,9 @@ class Agent:
             assert link.conn is not None
             link.conn.goaway("agent shutting down")
             await link.conn.flush()
+        pause = drain_pause_test_only()
+        if pause:
+            await trio.sleep(pause)
         loop_scope.cancel()
         log.info("agent stopped", extra=event("stopped", agent_id=self.cfg.agent_id))
 
