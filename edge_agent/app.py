@@ -14,7 +14,7 @@ from edge_agent import sdnotify
 from edge_agent.config import AgentConfig
 from edge_agent.dialer import DialFailed, dial_target
 from edge_agent.policy import Policy
-from protocol import messages, session
+from protocol import handshake, messages, session
 from protocol.backoff import Backoff
 from protocol.budget import BufferBudget, Grant
 from protocol.codes import DialFailCode
@@ -121,12 +121,15 @@ class BrokerLink:
         raise AssertionError("agents do not receive requests")
 
     def on_control_accepted(self, ev: session.ControlAccepted) -> None:
-        self.server_id = ev.headers.get("tether-server-id", "")
-        count = ev.headers.get("tether-server-count", "1")
-        ok = count.isascii() and count.isdigit() and 0 < int(count) <= 1000
-        self.server_count = int(count) if ok else 1
-        codes = ev.headers.get("tether-dial-fail-codes", "")
-        self.broker_knows_busy = "busy" in codes.split(",")
+        try:
+            welcome = handshake.Welcome.from_headers(ev.headers)
+        except handshake.HandshakeError as exc:
+            assert self.conn is not None
+            self.conn.abort(f"protocol error: broker welcome: {exc}")
+            return
+        self.server_id = welcome.server_id
+        self.server_count = welcome.server_count
+        self.broker_knows_busy = "busy" in welcome.dial_fail_codes
         self.accepted.set()
 
     def on_message(self, msg: messages.Message) -> None:
@@ -637,24 +640,23 @@ class Agent:
             return
         sess = TunnelSession(Role.AGENT, self.session_config)
         sess.initiate()
-        headers = {
-            "tether-agent-id": cfg.agent_id,
-            "tether-agent-identifiers": cfg.agent_identifiers,
-        }
-        if cfg.cluster:
-            headers["tether-cluster"] = cfg.cluster
-        if self.links:
-            # Lets a replica we already hold refuse us (409) without touching
-            # the live link.
-            headers["tether-connected-servers"] = ",".join(sorted(self.links))
+        token = None
         if cfg.service_account_token_path:
             token = self._read_token()
             if token is None:
                 await trio.aclose_forcefully(stream)
                 task_status.started("token file unreadable or empty")
                 return
-            headers["authorization"] = f"Bearer {token}"
-        sess.open_control(headers, self.authority)
+        hello = handshake.Hello(
+            agent_id=cfg.agent_id,
+            identifiers=cfg.agent_identifiers,
+            cluster=cfg.cluster,
+            # Lets a replica we already hold refuse us (409) without touching
+            # the live link.
+            connected_servers=tuple(self.links),
+            token=token,
+        )
+        sess.open_control(hello.to_headers(), self.authority)
         reported = False
         started_at = trio.current_time()
         async with trio.open_nursery() as nursery:
@@ -672,7 +674,7 @@ class Agent:
                 conn.set_rtt_observer(self.metrics.keepalive_rtt.observe)
                 conn.set_stall_observer(self.metrics.window_stalls.inc)
 
-            async def handshake() -> None:
+            async def await_welcome() -> None:
                 nonlocal reported
                 with trio.move_on_after(cfg.connect_timeout):
                     await link.accepted.wait()
@@ -687,7 +689,7 @@ class Agent:
                     await conn.flush()
                     conn.abort(f"duplicate connection to broker {link.server_id}")
 
-            nursery.start_soon(handshake)
+            nursery.start_soon(await_welcome)
             await conn.run()
             nursery.cancel_scope.cancel()
         was_registered = self.links.get(link.server_id) is link
@@ -745,7 +747,7 @@ class Agent:
     def _link_ended(self, link: BrokerLink, conn: TunnelConnection) -> str:
         if isinstance(conn.protocol_error, HandshakeRejected):
             err = conn.protocol_error
-            if err.status == 409 and err.error.startswith("duplicate"):
+            if handshake.Refusal.reason_of(err.refusal) is handshake.RefusalReason.DUPLICATE:
                 log.info("balancer chose a replica we already hold: %s", err.error)
                 return "duplicate"
             log.error(
@@ -756,7 +758,8 @@ class Agent:
                     "auth_rejected",
                     agent_id=self.cfg.agent_id,
                     status=err.status,
-                    reason=err.error.split(":", 1)[0],
+                    # An older broker sends no token: its body text starts with one.
+                    reason=err.refusal or err.error.split(":", 1)[0],
                 ),
             )
             self.backoff.rejected()
