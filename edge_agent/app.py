@@ -114,13 +114,7 @@ class BrokerLink:
         raise AssertionError("agents do not receive requests")
 
     def on_control_accepted(self, ev: session.ControlAccepted) -> None:
-        try:
-            welcome = handshake.Welcome.from_headers(ev.headers)
-        except handshake.HandshakeError as exc:
-            assert self.conn is not None
-            self.ended_by = Cause.PROTOCOL_ERROR
-            self.conn.abort(f"protocol error: broker welcome: {exc}")
-            return
+        welcome = handshake.Welcome.from_headers(ev.headers, lenient=True)
         self.server_id = welcome.server_id
         self.server_count = welcome.server_count
         self.broker_knows_busy = "busy" in welcome.dial_fail_codes

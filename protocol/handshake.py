@@ -151,14 +151,19 @@ class Welcome:
         return headers
 
     @classmethod
-    def from_headers(cls, headers: Mapping[str, str]) -> Welcome:
+    def from_headers(cls, headers: Mapping[str, str], *, lenient: bool = False) -> Welcome:
+        """``lenient``: what agents have always done with a welcome that does
+        not validate: a server count outside 1..1000 counts as one replica,
+        and any server id is taken as it is."""
         server_id = headers.get(SERVER_ID, "")
-        if server_id and not _server_id_ok(server_id):
+        if server_id and not lenient and not _server_id_ok(server_id):
             raise HandshakeError("bad_server_id", f"invalid {SERVER_ID} header")
         # Absent: a broker from before HA, which is one replica.
         count = headers.get(SERVER_COUNT, "1")
         if not (count.isascii() and count.isdigit() and 0 < int(count) <= MAX_SERVER_COUNT):
-            raise HandshakeError("bad_server_count", f"invalid {SERVER_COUNT} header {count!r}")
+            if not lenient:
+                raise HandshakeError("bad_server_count", f"invalid {SERVER_COUNT} header {count!r}")
+            count = "1"
         codes = frozenset(c for c in headers.get(DIAL_FAIL_CODES, "").split(",") if c)
         return cls(server_id=server_id, server_count=int(count), dial_fail_codes=codes)
 

@@ -83,6 +83,11 @@ def test_a_bad_server_count_is_refused(count: str) -> None:
     with pytest.raises(HandshakeError) as err:
         Welcome.from_headers({"tether-server-id": "b", "tether-server-count": count})
     assert err.value.reason == "bad_server_count"
+    # What agents have always done with it: one replica.
+    lenient = Welcome.from_headers(
+        {"tether-server-id": "b", "tether-server-count": count}, lenient=True
+    )
+    assert lenient == Welcome("b", 1)
 
 
 def test_refusal_token_travels_in_a_header() -> None:
