@@ -5,7 +5,8 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
-PYTEST_ARGS ?=
+# The 25 slowest tests are listed at the end, so CI logs show where the time goes.
+PYTEST_ARGS ?= --durations=25
 
 .PHONY: venv venv-runtime demo test lint pytest proto proto-check sysdeps soak clean fuzz bench bench-quick
 

@@ -4,23 +4,20 @@ pending dials and the data streams that answer them."""
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import attrs
-import h2.errors
 import trio
 from cryptography import x509
 
 from broker.auth import Authenticator, AuthError, Identity
 from broker.dialing import DialError, DialOutcome
+from broker.metrics import BrokerMetrics
 from protocol import handshake, messages, session
 from protocol.budget import Grant
 from protocol.identifiers import AgentIdentifiers, Allowance
 from tether.netio.logs import event, limited
 from tether.netio.tunnel import TunnelClosed, TunnelConnection, TunnelStream
-
-if TYPE_CHECKING:
-    from broker.registry import Registry
 
 
 @attrs.define
@@ -45,19 +42,31 @@ class PendingDial:
     grant: Grant | None = None
 
 
+class Roster(Protocol):
+    """Where an authenticated agent joins the routable set: the agent server,
+    which owns registry membership (:mod:`broker.agent_server`)."""
+
+    def join(self, agent: AgentConnection) -> handshake.Refusal | None:
+        """Register ``agent``; None when admitted, else the refusal to send."""
+
+    def joined(self, agent: AgentConnection) -> None:
+        """``agent`` was told it is accepted: close the connection it replaced."""
+
+
 class AgentConnection:
     """Handler for one agent's tunnel connection (see ConnectionHandler)."""
 
     def __init__(
         self,
-        registry: Registry,
+        metrics: BrokerMetrics,
+        roster: Roster,
         server: ServerInfo,
         authenticator: Authenticator,
         peer_der: bytes | None,
         remote: str,
     ) -> None:
-        self.registry = registry
-        self.metrics = registry.metrics
+        self.metrics = metrics
+        self.roster = roster
         self.server = server
         self.authenticator = authenticator
         self.peer_der = peer_der
@@ -188,19 +197,9 @@ class AgentConnection:
                 handshake.RefusalReason.DUPLICATE.value,
                 f"duplicate: agent already holds a connection to server {self.server.server_id}",
             )
-        replaced: AgentConnection | None = None
         if refusal is None:
-            from broker.registry import Membership, RegistryRefused
-
-            assert self.identity is not None
-            membership = Membership(
-                self.identity.credential, self.identity.cap_key, self.identity.cap
-            )
-            try:
-                replaced = self.registry.add(self, membership)
-            except RegistryRefused as exc:
-                refusal = handshake.Refusal(exc.status, exc.reason, str(exc))
-            else:
+            refusal = self.roster.join(self)
+            if refusal is None:
                 # Before any checkpoint, so no dial is routed by unchecked claims.
                 self.identifiers = self._restrict(self._claimed)
         if refusal is not None:
@@ -245,13 +244,7 @@ class AgentConnection:
         )
         self.conn.session.accept_control(welcome.to_headers())
         self.conn.wake_writer()
-        if replaced is not None:
-            log.info(
-                "agent %s/%s reconnected; closing its old connection", self.cluster, self.agent_id
-            )
-            replaced.fail_all("replaced by a new connection")
-            if replaced.conn is not None:
-                replaced.conn.abort("replaced by a new connection from the same agent")
+        self.roster.joined(self)
         self._identifiers_changed(AgentIdentifiers(), self.identifiers, "register")
         log.info(
             "agent connected: id=%s cluster=%s from=%s identifiers=%s",
@@ -393,7 +386,7 @@ class AgentConnection:
                     ev.dial_id,
                     self.refused_streams,
                 )
-            self.conn.session.reset_stream(ev.stream_id, h2.errors.ErrorCodes.CANCEL)
+            self.conn.session.reset_stream(ev.stream_id)  # RST_STREAM(CANCEL)
             self.conn.wake_writer()
             return
         ts = self.conn.add_stream(ev.stream_id, ev.dial_id, pending.grant)
@@ -405,10 +398,16 @@ class AgentConnection:
 
     # -------------------------------------------------------- teardown
 
+    def abort(self, reason: str) -> None:
+        """Close this connection now (a newcomer replaced it): its pending
+        dials fail at once and its streams are aborted."""
+        self.fail_all(reason)
+        if self.conn is not None:
+            self.conn.abort(reason)
+
     def fail_all(self, reason: str) -> None:
         """The connection died: every pending dial fails at once."""
         self.closed = True
-        self.registry.remove(self)  # a no-op unless this connection is the registered one
         for pending in self.pending.values():
             if not pending.done.is_set():
                 pending.error = DialError(

@@ -58,8 +58,6 @@ log = logging.getLogger("tether.broker")
 
 _ENTRY = re.compile(r"^sha256:([0-9a-fA-F]{64})\s+(\S+)\s+(\S+)((?:\s+\S+)*)$")
 _GLOB_CHARS = frozenset("*?[")
-#: The node a bound ServiceAccount token was issued for (TokenReview extra).
-NODE_NAME_KEY = "authentication.kubernetes.io/node-name"
 
 
 @attrs.frozen

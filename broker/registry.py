@@ -1,6 +1,6 @@
 """Connected agents by cluster, and the choice of agent for each dial.
 
-Strategies are konnectivity's names, tried in order (design section 4):
+Strategies are konnectivity's names, tried in order:
 ``destHost`` (identifiers name the host, or a ``cidr`` contains it),
 ``defaultRoute`` (agents that declared ``default-route=true``) and
 ``default`` (any agent of the cluster). Within ``destHost`` the most
@@ -8,7 +8,10 @@ specific match wins: an exact ``host=``/``ipv4=``/``ipv6=`` over the longest
 containing ``cidr=`` over shorter ones. Among the candidates of the winning
 tier the least-loaded agent wins and ties break at random.
 
-Membership: one live connection per (cluster, agent id). A newcomer replaces
+Membership: one live connection per (cluster, agent id), kept by the agent
+server (:mod:`broker.agent_server`), which adds, removes and closes the
+connection a newcomer replaces; the registry only sees the
+:class:`RoutableAgent` side of a connection. A newcomer replaces
 it only when both were authenticated by the same credential (a reconnect
 after a stale link); otherwise the live one wins and the newcomer is refused
 (``identity_in_use``). Token entries with an id glob cap how many ids they
@@ -21,14 +24,14 @@ import itertools
 import logging
 import random
 from collections.abc import Sequence
+from typing import Protocol
 
 import attrs
 import trio
 
-from broker.agent_conn import AgentConnection
 from broker.dialing import DialError, DialOutcome
 from broker.metrics import BrokerMetrics
-from protocol.identifiers import match_rank
+from protocol.identifiers import AgentIdentifiers, match_rank
 from protocol.messages import split_host_port
 from tether.netio.logs import event
 from tether.netio.tunnel import TunnelStream
@@ -46,6 +49,33 @@ def parse_strategies(text: str) -> tuple[str, ...]:
     if not names:
         raise ValueError("at least one proxy strategy is required")
     return names
+
+
+class RoutableAgent(Protocol):
+    """What the registry needs of an agent connection: who it is, what it
+    declared, whether it takes dials and how loaded it is, and the dial."""
+
+    @property
+    def cluster(self) -> str: ...
+
+    @property
+    def agent_id(self) -> str: ...
+
+    @property
+    def identifiers(self) -> AgentIdentifiers: ...
+
+    @property
+    def usable(self) -> bool: ...
+
+    @property
+    def load(self) -> int: ...
+
+    async def dial(
+        self, dial_id: int, addr: str, timeout: float, early: bytes | None = None
+    ) -> TunnelStream: ...
+
+    def abort(self, reason: str) -> None:
+        """Close the connection at once (a newcomer replaced it)."""
 
 
 @attrs.frozen
@@ -82,18 +112,17 @@ class Registry:
     ) -> None:
         self.metrics = metrics
         self.strategies = tuple(strategies)
-        self._clusters: dict[str, dict[str, AgentConnection]] = {}
-        self._members: dict[AgentConnection, Membership] = {}
+        self._clusters: dict[str, dict[str, RoutableAgent]] = {}
+        self._members: dict[RoutableAgent, Membership] = {}
         self._capped: dict[str, int] = {}  # live connections per capped credential
         self._dial_ids = itertools.count(1)
         self._rng = rng or random.Random()
-        self.changed = trio.Event()  # set on every add/remove (tests, HA)
 
     # -------------------------------------------------------- membership
 
     def add(
-        self, agent: AgentConnection, membership: Membership | None = None
-    ) -> AgentConnection | None:
+        self, agent: RoutableAgent, membership: Membership | None = None
+    ) -> RoutableAgent | None:
         """Register ``agent``; return the connection it replaces, if any.
 
         A reconnecting agent replaces its stale connection at once rather than
@@ -142,7 +171,7 @@ class Registry:
         self._update()
         return old
 
-    def _forget(self, agent: AgentConnection) -> None:
+    def _forget(self, agent: RoutableAgent) -> None:
         member = self._members.pop(agent, None)
         if member is not None and member.cap_key is not None:
             left = self._capped.get(member.cap_key, 0) - 1
@@ -151,7 +180,7 @@ class Registry:
             else:
                 self._capped.pop(member.cap_key, None)
 
-    def remove(self, agent: AgentConnection) -> None:
+    def remove(self, agent: RoutableAgent) -> None:
         agents = self._clusters.get(agent.cluster, {})
         if agents.get(agent.agent_id) is agent:
             del agents[agent.agent_id]
@@ -162,22 +191,20 @@ class Registry:
 
     def _update(self) -> None:
         self.metrics.ready_backends.set(self.count())
-        self.changed.set()
-        self.changed = trio.Event()
 
     def count(self, cluster: str | None = None) -> int:
         if cluster is not None:
             return len(self._clusters.get(cluster, {}))
         return sum(len(a) for a in self._clusters.values())
 
-    def agents(self, cluster: str | None = None) -> list[AgentConnection]:
+    def agents(self, cluster: str | None = None) -> list[RoutableAgent]:
         if cluster is not None:
             return list(self._clusters.get(cluster, {}).values())
         return [a for agents in self._clusters.values() for a in agents.values()]
 
     # ----------------------------------------------------------- routing
 
-    def choose(self, cluster: str, host: str) -> AgentConnection | None:
+    def choose(self, cluster: str, host: str) -> RoutableAgent | None:
         usable = [a for a in self._clusters.get(cluster, {}).values() if a.usable]
         for strategy in self.strategies:
             if strategy == "destHost":
@@ -196,7 +223,7 @@ class Registry:
 
     async def dial(
         self, cluster: str, addr: str, timeout: float, early: bytes | None = None
-    ) -> tuple[TunnelStream, AgentConnection]:
+    ) -> tuple[TunnelStream, RoutableAgent]:
         """Route and perform one dial; raise DialError with the outcome."""
         started = trio.current_time()
         try:
@@ -234,10 +261,10 @@ class Registry:
         return stream, agent
 
 
-def most_specific(agents: Sequence[AgentConnection], host: str) -> list[AgentConnection]:
+def most_specific(agents: Sequence[RoutableAgent], host: str) -> list[RoutableAgent]:
     """The agents whose identifiers name ``host`` most specifically."""
     best: int | None = None
-    found: list[AgentConnection] = []
+    found: list[RoutableAgent] = []
     for agent in agents:
         rank = match_rank(agent.identifiers, host)
         if rank is None or (best is not None and rank < best):

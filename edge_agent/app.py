@@ -335,9 +335,22 @@ class Agent:
         self.notifier = sdnotify.Notifier.from_environment()
         self.metrics: AgentMetrics | None = None
         if cfg.metrics:
-            from edge_agent.metrics import AgentMetrics  # lazy: see that module
+            from edge_agent.metrics import AgentGauges, AgentMetrics  # lazy: see that module
 
-            self.metrics = AgentMetrics(self)
+            # The gauges read the agent's own state, supplied here.
+            self.metrics = AgentMetrics(
+                AgentGauges(
+                    open_links=lambda: len(self.links),
+                    server_count=lambda: self.server_count,
+                    pending_dials=lambda: sum(len(link.dials) for link in self.links.values()),
+                    open_endpoints=lambda: self.active_streams,
+                    tunnel_streams=lambda: sum(
+                        len(link.conn.streams)
+                        for link in self.links.values()
+                        if link.conn is not None
+                    ),
+                )
+            )
             self.metrics.watch_certificate(self.tls)
             self.metrics.watch_budget(self.budget)
 
