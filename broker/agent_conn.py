@@ -13,7 +13,7 @@ from cryptography import x509
 from broker.auth import Authenticator, AuthError, Identity
 from broker.dialing import DialError, DialOutcome
 from broker.metrics import BrokerMetrics
-from protocol import messages, session
+from protocol import handshake, messages, session
 from protocol.budget import Grant
 from protocol.identifiers import AgentIdentifiers, Allowance
 from tether.netio.logs import event, limited
@@ -46,8 +46,8 @@ class Roster(Protocol):
     """Where an authenticated agent joins the routable set: the agent server,
     which owns registry membership (:mod:`broker.agent_server`)."""
 
-    def join(self, agent: AgentConnection) -> tuple[int, str] | None:
-        """Register ``agent``; None when admitted, else (status, error) to refuse."""
+    def join(self, agent: AgentConnection) -> handshake.Refusal | None:
+        """Register ``agent``; None when admitted, else the refusal to send."""
 
     def joined(self, agent: AgentConnection) -> None:
         """``agent`` was told it is accepted: close the connection it replaced."""
@@ -83,6 +83,7 @@ class AgentConnection:
         self.identity: Identity | None = None
         self._claimed = AgentIdentifiers()  # as declared at connect, before the check
         self._identifiers_value: str | None = None  # of the last identifiers message
+        self._held: tuple[str, ...] = ()  # server ids the agent already holds (hello)
         self.conn: TunnelConnection | None = None
         self.nursery: trio.Nursery | None = None
         self.pending: dict[int, PendingDial] = {}
@@ -188,27 +189,25 @@ class AgentConnection:
     async def _answer_control(self, ev: session.ControlRequested) -> None:
         """Authenticate the agent from its certificate or token and headers."""
         assert self.conn is not None
-        status, error = await self._authenticate(ev.headers)
+        refusal = await self._authenticate(ev.headers)
         if self.conn.closed_reason is not None:
             return
-        held = ev.headers.get("tether-connected-servers", "")
-        if status == 200 and self.server.server_id in held.split(","):
+        if refusal is None and self.server.server_id in self._held:
             # HA: the balancer sent an agent back to a replica it already
             # holds. Refuse before registering, so its live link stays.
-            status, error = (
+            refusal = handshake.Refusal(
                 409,
-                (f"duplicate: agent already holds a connection to server {self.server.server_id}"),
+                handshake.RefusalReason.DUPLICATE.value,
+                f"duplicate: agent already holds a connection to server {self.server.server_id}",
             )
-        if status == 200:
+        if refusal is None:
             refusal = self.roster.join(self)
-            if refusal is not None:
-                status, error = refusal
-            else:
+            if refusal is None:
                 # Before any checkpoint, so no dial is routed by unchecked claims.
                 self.identifiers = self._restrict(self._claimed)
                 self.roster.refresh(self)
-        if status != 200:
-            reason = error.split(":", 1)[0]
+        if refusal is not None:
+            status, reason, error = refusal.status, refusal.token, refusal.text
             self.metrics.agent_rejected.labels(reason).inc()
             # A 409 duplicate is routine with several replicas behind a balancer;
             # a live agent defending its id against another credential is not.
@@ -234,21 +233,20 @@ class AgentConnection:
                     extra=fields,
                     key=f"auth_rejected/{reason}",
                 )
-            self.conn.session.reject_control(status, error)
+            self.conn.session.reject_control(status, error, refusal.to_headers())
             self.conn.wake_writer()
             self.closed = True
             self.settled.set()
             return
-        self.conn.session.accept_control(
-            {
-                "tether-server-id": self.server.server_id,
-                "tether-server-count": str(self.server.server_count),
-                # dial_fail codes beyond the first release's: an agent sends
-                # them only to a broker that names them (older ones would
-                # drop the connection on an unknown code).
-                "tether-dial-fail-codes": "busy",
-            }
+        welcome = handshake.Welcome(
+            self.server.server_id,
+            self.server.server_count,
+            # dial_fail codes beyond the first release's: an agent sends
+            # them only to a broker that names them (older ones would
+            # drop the connection on an unknown code).
+            dial_fail_codes=frozenset({"busy"}),
         )
+        self.conn.session.accept_control(welcome.to_headers())
         self.conn.wake_writer()
         self.roster.joined(self)
         self._identifiers_changed(AgentIdentifiers(), self.identifiers, "register")
@@ -271,22 +269,25 @@ class AgentConnection:
         self.registered.set()
         self.settled.set()
 
-    async def _authenticate(self, headers: dict[str, str]) -> tuple[int, str]:
+    async def _authenticate(self, headers: dict[str, str]) -> handshake.Refusal | None:
+        """None: authenticated; else why not."""
         source = self.remote.rsplit(":", 1)[0] if ":" in self.remote else self.remote
         try:
             identity = await self.authenticator.authenticate(self.peer_der, headers, source)
-            claimed = AgentIdentifiers.parse(headers.get("tether-agent-identifiers", ""))
+            hello = handshake.Hello.from_headers(headers)
+            claimed = AgentIdentifiers.parse(hello.identifiers)
         except AuthError as exc:
-            return exc.status, str(exc)
-        except ValueError as exc:
-            return 403, f"bad_identifiers: {exc}"
+            return handshake.Refusal(exc.status, exc.reason, str(exc))
+        except handshake.HandshakeError as exc:
+            return handshake.Refusal(403, exc.reason, str(exc))
+        self._held = hello.connected_servers
         self.identity = identity
         self.agent_id = identity.agent_id
         self.cluster = identity.cluster
         self.auth_method = identity.method
         self.allowed = identity.allowed
         self._claimed = claimed
-        return 200, ""
+        return None
 
     def _restrict(self, claimed: AgentIdentifiers) -> AgentIdentifiers:
         """The part of ``claimed`` this agent's credential allows; the rest

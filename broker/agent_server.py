@@ -16,6 +16,7 @@ import trio
 from broker.agent_conn import AgentConnection, ServerInfo
 from broker.auth import Authenticator
 from broker.registry import Membership, Registry, RegistryRefused, RoutableAgent
+from protocol import handshake
 from protocol.budget import BufferBudget
 from protocol.errors import ProtocolError
 from protocol.flood import FloodDetected, FloodPenalties
@@ -73,8 +74,8 @@ class AgentServer:
 
     # ------------------------------------------------------ membership
 
-    def join(self, agent: AgentConnection) -> tuple[int, str] | None:
-        """Register an authenticated ``agent``; (status, error) when refused."""
+    def join(self, agent: AgentConnection) -> handshake.Refusal | None:
+        """Register an authenticated ``agent``; the refusal to send when refused."""
         assert agent.identity is not None
         identity = agent.identity
         try:
@@ -82,7 +83,7 @@ class AgentServer:
                 agent, Membership(identity.credential, identity.cap_key, identity.cap)
             )
         except RegistryRefused as exc:
-            return exc.status, str(exc)
+            return handshake.Refusal(exc.status, exc.reason, str(exc))
         if replaced is not None:
             self._replacing[agent] = replaced
         return None

@@ -55,7 +55,9 @@ class HandshakeRejected(ProtocolError):
 
     reason = "rejected"
 
-    def __init__(self, status: int, error: str) -> None:
+    def __init__(self, status: int, error: str, refusal: str = "") -> None:
         super().__init__(f"broker rejected the connection: {status} {error}")
         self.status = status
         self.error = error
+        #: The broker's refusal token (protocol/handshake.py); "" from older brokers.
+        self.refusal = refusal

@@ -36,7 +36,7 @@ import h2.exceptions
 import h2.settings
 import msgpack
 
-from protocol import framing, h2compat, messages
+from protocol import framing, h2compat, handshake, messages
 from protocol.errors import HandshakeRejected, ProtocolError, SessionError
 from protocol.flood import (
     ControlGuard,
@@ -48,10 +48,10 @@ from protocol.flood import (
     unsent_bytes,
 )
 
-CONTROL_PATH = "/tether.v1/connect"
-STREAM_PATH = "/tether.v1/stream"
-CONTENT_TYPE = "application/msgpack"
-DIAL_ID_HEADER = "tether-dial-id"
+CONTROL_PATH = handshake.CONTROL_PATH
+STREAM_PATH = handshake.STREAM_PATH
+CONTENT_TYPE = handshake.CONTENT_TYPE
+DIAL_ID_HEADER = handshake.DIAL_ID
 
 
 class Role(enum.Enum):
@@ -259,6 +259,7 @@ class TunnelSession:
         self._conn_unacked = 0
         self._closed = False
         self._rejected_status = 0
+        self._refusal = ""  # the refusal token of a rejected control stream
 
     # ------------------------------------------------------------- lifecycle
 
@@ -344,8 +345,11 @@ class TunnelSession:
             return
         self._control_open = True
 
-    def reject_control(self, status: int, error: str) -> None:
-        """Broker: answer the control stream with an error and close."""
+    def reject_control(
+        self, status: int, error: str, headers: dict[str, str] | None = None
+    ) -> None:
+        """Broker: answer the control stream with an error and close;
+        ``headers``: the refusal's (:class:`protocol.handshake.Refusal`)."""
         self._require(Role.BROKER)
         if self._control_id is None:
             raise SessionError("no control stream to reject")
@@ -353,7 +357,11 @@ class TunnelSession:
         try:
             self._h2.send_headers(
                 self._control_id,
-                [(":status", str(status)), ("content-type", CONTENT_TYPE)],
+                [
+                    (":status", str(status)),
+                    ("content-type", CONTENT_TYPE),
+                    *sorted((headers or {}).items()),
+                ],
             )
             self._h2.send_data(self._control_id, body, end_stream=True)
         except h2.exceptions.ProtocolError:
@@ -680,6 +688,7 @@ class TunnelSession:
                 out.append(ControlAccepted(headers))
             else:
                 self._rejected_status = int(status) if status.isascii() and status.isdigit() else 0
+                self._refusal = handshake.Refusal.token_from_headers(headers)
             return
         if ev.stream_id in self._streams:
             if status == "200":
@@ -740,12 +749,12 @@ class TunnelSession:
         except Exception:
             error = data[:200].decode("utf-8", "replace")
         self._closed = True
-        raise HandshakeRejected(status, error)
+        raise HandshakeRejected(status, error, self._refusal)
 
     def _on_stream_ended(self, sid: int, out: list[Event]) -> None:
         if sid == self._control_id:
             if self.role is Role.AGENT and not self._control_open:
-                raise HandshakeRejected(self._rejected_status, "")
+                raise HandshakeRejected(self._rejected_status, "", self._refusal)
             self._closed = True
             out.append(ConnectionClosed(0, "control stream ended"))
             return

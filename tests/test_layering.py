@@ -71,16 +71,8 @@ RANDOM_ALLOWED = frozenset({"Random"})
 #: (file, stripped line) pairs of today's ``startswith`` on reason text.
 PENDING_STARTSWITH_EXEMPTIONS = frozenset(
     {
-        ("edge_agent/app.py", "if cause.startswith(prefix):"),
-        ("edge_agent/app.py", "unreachable = cause.startswith(UNREACHABLE_CAUSES)"),
-        (
-            "edge_agent/app.py",
-            'if err.status == 409 and err.error.startswith("duplicate"):',
-        ),
-        (
-            "edge_agent/app.py",
-            'if link.accepted.is_set() and not reason.startswith("duplicate"):',
-        ),
+        # cause_of_close: the tunnel's close reason, until it is typed.
+        ("edge_agent/app.py", "if reason.startswith(prefix):"),
         (
             "broker/agent_server.py",
             'if (conn.closed_reason or "").startswith("control stream unusable"):',

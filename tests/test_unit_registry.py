@@ -266,14 +266,15 @@ def test_the_agent_server_joins_replaces_and_refuses() -> None:
     assert first.aborted == ["replaced by a new connection from the same agent"]
     # Another credential: refused with the registry's status and reason.
     intruder = _joining("n1", "cert:bb")
-    status, error = server.join(intruder)  # type: ignore[arg-type,misc]
-    assert status == 409 and error.startswith("identity_in_use:")
+    refused = server.join(intruder)  # type: ignore[arg-type]
+    assert refused is not None and (refused.status, refused.token) == (409, "identity_in_use")
+    assert refused.text.startswith("identity_in_use: ")
     assert registry.agents() == [second] and second.aborted == []
     # A capped credential holds at most its cap.
     capped = [_joining(f"e{i}", None, cap_key="token:x", cap=1) for i in range(2)]
     assert server.join(capped[0]) is None  # type: ignore[arg-type]
     refusal = server.join(capped[1])  # type: ignore[arg-type]
-    assert refusal is not None and refusal[0] == 403
+    assert refusal is not None and (refusal.status, refusal.token) == (403, "token_cap")
 
 
 def test_agent_connections_reach_the_registry_only_through_the_server() -> None:
