@@ -448,6 +448,7 @@ class Agent:
             leases.parse_labels(self.cfg.lease_label),
             self._lease_count_changed,
             interval_s=min(leases.RENEW_S, self.cfg.sync_interval_cap),
+            on_list=self.metrics.lease_listed if self.metrics is not None else None,
         )
         await counter.run(task_status=task_status)
 

@@ -84,8 +84,27 @@ class AgentMetrics(TunnelMetrics):
             ["cause"],
             registry=r,
         )
+        self.lease_lists = prom.Counter(
+            f"{NS}_lease_lists",
+            "Lease list calls to the apiserver (--count-server-leases), by HTTP status "
+            "(0: no answer) and reason (ok, error, unreachable).",
+            ["http_response_code", "reason"],
+            registry=r,
+        )
+        self.lease_list_latency = prom.Histogram(
+            f"{NS}_lease_list_latency_seconds",
+            "Time of one lease list call, by HTTP status.",
+            ["http_response_code"],
+            registry=r,
+            buckets=(0.005, 0.025, 0.1, 0.5, 2.5, 10, 30),
+        )
         self._up = self.bytes_relayed.labels("up")
         self._down = self.bytes_relayed.labels("down")
+
+    def lease_listed(self, status: int, reason: str, seconds: float) -> None:
+        """``LeaseCounter`` callback."""
+        self.lease_lists.labels(str(status), reason).inc()
+        self.lease_list_latency.labels(str(status)).observe(seconds)
 
     def count_relayed(self, direction: str, n: int) -> None:
         """``relay`` callback. On the agent the socket is the target, so the
