@@ -48,6 +48,7 @@ import sys
 import tempfile
 import threading
 import time
+import traceback
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
@@ -499,6 +500,7 @@ class Smoke:
             raise
         except Exception as exc:
             log(f"FAIL {name} ({time.monotonic() - start:.1f}s): {type(exc).__name__}: {exc}")
+            traceback.print_exc(file=sys.stdout)
             raise StepFailed(name) from exc
         log(f"PASS {name} ({time.monotonic() - start:.1f}s): {detail}")
         self.passed.append(name)
@@ -817,10 +819,13 @@ class Smoke:
             self.step("drain", lambda: self.do_drain(servers))
             self.step("restart", lambda: self.do_restart(servers))
 
-    def cleanup(self) -> None:
-        """Every process this run started, by its PID (the mounts go with them)."""
+    def cleanup(self, failed: bool) -> None:
+        """Every process this run started, by its PID (the mounts go with them);
+        after a failure, the end of each one's log."""
         for proc in reversed(self.procs):
             proc.stop()
+            if failed:
+                log(f"--- last lines of {proc.name} ({proc.log_path}):\n    {proc.tail(20)}")
 
 
 def _interrupt(_sig: int, _frame: object) -> None:
@@ -870,13 +875,18 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         log("FAIL arm64-smoke: interrupted")
     finally:
-        smoke.cleanup()
-        if args.keep or not ok:
-            log(f"logs: {tmp / 'logs'}")
-            with contextlib.suppress(OSError):
-                shutil.rmtree(tmp / "overlay")
-        else:
+        smoke.cleanup(failed=not ok)
+        if args.keep:
+            log(f"kept: {tmp}")
+        elif ok:
             shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            for item in tmp.iterdir():
+                if item.is_dir() and item.name != "logs":
+                    shutil.rmtree(item, ignore_errors=True)
+                elif item.is_file():
+                    item.unlink()
+            log(f"logs: {tmp / 'logs'}")
     took = time.monotonic() - started
     if ok:
         log(f"arm64-smoke: all {len(smoke.passed)} steps passed in {took:.0f}s")
