@@ -197,7 +197,7 @@ def root_valid(root: Path) -> bool:
                 "-c",
                 "import platform; print(platform.machine())",
             ],
-            timeout=120,
+            timeout=300,
             what="python3 in the root",
             env=chroot_env(),
         )
@@ -512,7 +512,7 @@ class Smoke:
         if root_valid(root):
             return f"reused {root} ({ROOT_KEY})"
         if root.exists() or (root / STAMP).exists():
-            log(f"  {root} is absent, stale or broken: building it again")
+            log(f"  {root} is stale or broken: building it again")
         build_root(root, self.logs)
         if not root_valid(root):
             raise StepFailed(f"the new root {root} does not run python3 as aarch64")
