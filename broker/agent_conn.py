@@ -4,24 +4,21 @@ pending dials and the data streams that answer them."""
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import attrs
-import h2.errors
 import trio
 from cryptography import x509
 
 from broker.auth import Authenticator, AuthError, Identity
 from broker.dialing import DialError, DialOutcome
-from protocol import events, messages
+from broker.metrics import BrokerMetrics
+from protocol import events, handshake, messages
 from protocol.budget import Grant
 from protocol.identifiers import AgentIdentifiers, Allowance
 from protocol.outcomes import CloseReason
 from tether.netio.logs import event, limited
 from tether.netio.tunnel import TunnelClosed, TunnelConnection, TunnelStream
-
-if TYPE_CHECKING:
-    from broker.registry import Registry
 
 
 @attrs.define
@@ -46,19 +43,34 @@ class PendingDial:
     grant: Grant | None = None
 
 
+class Roster(Protocol):
+    """Where an authenticated agent joins the routable set: the agent server,
+    which owns registry membership (:mod:`broker.agent_server`)."""
+
+    def join(self, agent: AgentConnection) -> handshake.Refusal | None:
+        """Register ``agent``; None when admitted, else the refusal to send."""
+
+    def joined(self, agent: AgentConnection) -> None:
+        """``agent`` was told it is accepted: close the connection it replaced."""
+
+    def refresh(self, agent: AgentConnection) -> None:
+        """``agent``'s identifiers changed: route by the new ones."""
+
+
 class AgentConnection:
     """Handler for one agent's tunnel connection (see ConnectionHandler)."""
 
     def __init__(
         self,
-        registry: Registry,
+        metrics: BrokerMetrics,
+        roster: Roster,
         server: ServerInfo,
         authenticator: Authenticator,
         peer_der: bytes | None,
         remote: str,
     ) -> None:
-        self.registry = registry
-        self.metrics = registry.metrics
+        self.metrics = metrics
+        self.roster = roster
         self.server = server
         self.authenticator = authenticator
         self.peer_der = peer_der
@@ -72,6 +84,7 @@ class AgentConnection:
         self.identity: Identity | None = None
         self._claimed = AgentIdentifiers()  # as declared at connect, before the check
         self._identifiers_value: str | None = None  # of the last identifiers message
+        self._held: tuple[str, ...] = ()  # server ids the agent already holds (hello)
         self.conn: TunnelConnection | None = None
         self.nursery: trio.Nursery | None = None
         self.pending: dict[int, PendingDial] = {}
@@ -177,34 +190,25 @@ class AgentConnection:
     async def _answer_control(self, ev: events.ControlRequested) -> None:
         """Authenticate the agent from its certificate or token and headers."""
         assert self.conn is not None
-        status, error = await self._authenticate(ev.headers)
+        refusal = await self._authenticate(ev.headers)
         if self.conn.closed_reason is not None:
             return
-        held = ev.headers.get("tether-connected-servers", "")
-        if status == 200 and self.server.server_id in held.split(","):
+        if refusal is None and self.server.server_id in self._held:
             # HA: the balancer sent an agent back to a replica it already
             # holds. Refuse before registering, so its live link stays.
-            status, error = (
+            refusal = handshake.Refusal(
                 409,
-                (f"duplicate: agent already holds a connection to server {self.server.server_id}"),
+                handshake.RefusalReason.DUPLICATE.value,
+                f"duplicate: agent already holds a connection to server {self.server.server_id}",
             )
-        replaced: AgentConnection | None = None
-        if status == 200:
-            from broker.registry import Membership, RegistryRefused
-
-            assert self.identity is not None
-            membership = Membership(
-                self.identity.credential, self.identity.cap_key, self.identity.cap
-            )
-            try:
-                replaced = self.registry.add(self, membership)
-            except RegistryRefused as exc:
-                status, error = exc.status, str(exc)
-            else:
+        if refusal is None:
+            refusal = self.roster.join(self)
+            if refusal is None:
                 # Before any checkpoint, so no dial is routed by unchecked claims.
                 self.identifiers = self._restrict(self._claimed)
-        if status != 200:
-            reason = error.split(":", 1)[0]
+                self.roster.refresh(self)
+        if refusal is not None:
+            status, reason, error = refusal.status, refusal.token, refusal.text
             self.metrics.agent_rejected.labels(reason).inc()
             # A 409 duplicate is routine with several replicas behind a balancer;
             # a live agent defending its id against another credential is not.
@@ -230,31 +234,22 @@ class AgentConnection:
                     extra=fields,
                     key=f"auth_rejected/{reason}",
                 )
-            self.conn.session.reject_control(status, error)
+            self.conn.session.reject_control(status, error, refusal.to_headers())
             self.conn.wake_writer()
             self.closed = True
             self.settled.set()
             return
-        self.conn.session.accept_control(
-            {
-                "tether-server-id": self.server.server_id,
-                "tether-server-count": str(self.server.server_count),
-                # dial_fail codes beyond the first release's: an agent sends
-                # them only to a broker that names them (older ones would
-                # drop the connection on an unknown code).
-                "tether-dial-fail-codes": "busy",
-            }
+        welcome = handshake.Welcome(
+            self.server.server_id,
+            self.server.server_count,
+            # dial_fail codes beyond the first release's: an agent sends
+            # them only to a broker that names them (older ones would
+            # drop the connection on an unknown code).
+            dial_fail_codes=frozenset({"busy"}),
         )
+        self.conn.session.accept_control(welcome.to_headers())
         self.conn.wake_writer()
-        if replaced is not None:
-            log.info(
-                "agent %s/%s reconnected; closing its old connection", self.cluster, self.agent_id
-            )
-            replaced.fail_all("replaced by a new connection")
-            if replaced.conn is not None:
-                replaced.conn.abort(
-                    CloseReason.REPLACED, "replaced by a new connection from the same agent"
-                )
+        self.roster.joined(self)
         self._identifiers_changed(AgentIdentifiers(), self.identifiers, "register")
         log.info(
             "agent connected: id=%s cluster=%s from=%s identifiers=%s",
@@ -275,22 +270,25 @@ class AgentConnection:
         self.registered.set()
         self.settled.set()
 
-    async def _authenticate(self, headers: dict[str, str]) -> tuple[int, str]:
+    async def _authenticate(self, headers: dict[str, str]) -> handshake.Refusal | None:
+        """None: authenticated; else why not."""
         source = self.remote.rsplit(":", 1)[0] if ":" in self.remote else self.remote
         try:
             identity = await self.authenticator.authenticate(self.peer_der, headers, source)
-            claimed = AgentIdentifiers.parse(headers.get("tether-agent-identifiers", ""))
+            hello = handshake.Hello.from_headers(headers)
+            claimed = AgentIdentifiers.parse(hello.identifiers)
         except AuthError as exc:
-            return exc.status, str(exc)
-        except ValueError as exc:
-            return 403, f"bad_identifiers: {exc}"
+            return handshake.Refusal(exc.status, exc.reason, str(exc))
+        except handshake.HandshakeError as exc:
+            return handshake.Refusal(403, exc.reason, str(exc))
+        self._held = hello.connected_servers
         self.identity = identity
         self.agent_id = identity.agent_id
         self.cluster = identity.cluster
         self.auth_method = identity.method
         self.allowed = identity.allowed
         self._claimed = claimed
-        return 200, ""
+        return None
 
     def _restrict(self, claimed: AgentIdentifiers) -> AgentIdentifiers:
         """The part of ``claimed`` this agent's credential allows; the rest
@@ -372,6 +370,7 @@ class AgentConnection:
                 log.warning("agent %s sent bad identifiers: %s", self.agent_id, exc)
             else:
                 old, self.identifiers = self.identifiers, self._restrict(claimed)
+                self.roster.refresh(self)
                 self._identifiers_changed(old, self.identifiers, "update")
         else:
             self.metrics.bad_input.labels("agent", "unexpected_message").inc()
@@ -393,7 +392,7 @@ class AgentConnection:
                     ev.dial_id,
                     self.refused_streams,
                 )
-            self.conn.session.reset_stream(ev.stream_id, h2.errors.ErrorCodes.CANCEL)
+            self.conn.session.reset_stream(ev.stream_id)  # RST_STREAM(CANCEL)
             self.conn.wake_writer()
             return
         ts = self.conn.add_stream(ev.stream_id, ev.dial_id, pending.grant)
@@ -405,10 +404,16 @@ class AgentConnection:
 
     # -------------------------------------------------------- teardown
 
+    def abort(self, reason: str) -> None:
+        """Close this connection now (a newcomer replaced it): its pending
+        dials fail at once and its streams are aborted."""
+        self.fail_all(reason)
+        if self.conn is not None:
+            self.conn.abort(CloseReason.REPLACED, reason)
+
     def fail_all(self, reason: str) -> None:
         """The connection died: every pending dial fails at once."""
         self.closed = True
-        self.registry.remove(self)  # a no-op unless this connection is the registered one
         for pending in self.pending.values():
             if not pending.done.is_set():
                 pending.error = DialError(

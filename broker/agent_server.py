@@ -1,5 +1,10 @@
 """The agent listener: TLS with ALPN ``h2`` and mandatory client
-certificates, then one tunnel session per connection."""
+certificates, then one tunnel session per connection.
+
+The agent server owns registry membership: an authenticated agent joins the
+registry here (:meth:`AgentServer.join`), the connection it replaces is
+closed here (:meth:`AgentServer.joined`), and it leaves when its connection
+ends."""
 
 from __future__ import annotations
 
@@ -10,7 +15,8 @@ import trio
 
 from broker.agent_conn import AgentConnection, ServerInfo
 from broker.auth import Authenticator
-from broker.registry import Registry
+from broker.registry import Membership, Registry, RegistryRefused, RoutableAgent
+from protocol import handshake
 from protocol.budget import BufferBudget
 from protocol.errors import ProtocolError
 from protocol.flood import FloodDetected, FloodPenalties
@@ -36,6 +42,7 @@ class AgentServer:
         session_config: SessionConfig,
         keepalive: Keepalive,
         handshake_timeout: float,
+        socket_options: sockopts.TunnelSocketOptions,
         max_handshakes_per_ip: int = 128,
         budget: BufferBudget | None = None,
         flood_penalty_after: int = 3,
@@ -55,11 +62,46 @@ class AgentServer:
         #: Addresses whose connections keep ending in a flood (protocol/flood.py).
         self.penalties = FloodPenalties(free=flood_penalty_after)
         self.connections: set[TunnelConnection] = set()
-        self.socket_options = sockopts.TunnelSocketOptions(
-            user_timeout=keepalive.interval + keepalive.timeout,
-            keepalive_idle=keepalive.interval,
-        )
+        #: Every agent connection being served, registered or not.
+        self.agents: set[AgentConnection] = set()
+        #: Connections a newly admitted agent replaces, closed once it is told.
+        self._replacing: dict[AgentConnection, RoutableAgent] = {}
+        self.socket_options = socket_options
         self.draining = False
+
+    def stream_count(self) -> int:
+        """Data streams open on every agent connection (a metrics gauge)."""
+        return sum(len(conn.streams) for conn in self.connections)
+
+    # ------------------------------------------------------ membership
+
+    def join(self, agent: AgentConnection) -> handshake.Refusal | None:
+        """Register an authenticated ``agent``; the refusal to send when refused."""
+        assert agent.identity is not None
+        identity = agent.identity
+        try:
+            replaced = self.registry.add(
+                agent, Membership(identity.credential, identity.cap_key, identity.cap)
+            )
+        except RegistryRefused as exc:
+            return handshake.Refusal(exc.status, exc.reason, str(exc))
+        if replaced is not None:
+            self._replacing[agent] = replaced
+        return None
+
+    def joined(self, agent: AgentConnection) -> None:
+        """A reconnecting agent replaces its stale connection at once rather
+        than waiting for keepalive to notice that the old one is dead."""
+        replaced = self._replacing.pop(agent, None)
+        if replaced is not None:
+            log.info(
+                "agent %s/%s reconnected; closing its old connection", agent.cluster, agent.agent_id
+            )
+            replaced.abort("replaced by a new connection from the same agent")
+
+    def refresh(self, agent: AgentConnection) -> None:
+        """``agent``'s identifiers changed: the registry routes by the new ones."""
+        self.registry.refresh(agent)
 
     async def handle(self, tcp: trio.SocketStream) -> None:
         """Serve one agent connection; every failure stays inside."""
@@ -139,7 +181,8 @@ class AgentServer:
             await trio.aclose_forcefully(tls)
             return
         agent = AgentConnection(
-            self.registry,
+            self.metrics,
+            self,
             self.server,
             self.authenticator,
             tls.getpeercert(binary_form=True),
@@ -166,6 +209,7 @@ class AgentServer:
         conn.set_bad_stream_observer(bad_stream)
         agent.conn = conn
         self.connections.add(conn)
+        self.agents.add(agent)
         try:
             async with trio.open_nursery() as nursery:
                 agent.nursery = nursery
@@ -174,6 +218,9 @@ class AgentServer:
                 nursery.cancel_scope.cancel()
         finally:
             self.connections.discard(conn)
+            self.agents.discard(agent)
+            self._replacing.pop(agent, None)
+            self.registry.remove(agent)  # a no-op unless this connection is the registered one
             agent.fail_all(conn.closed_reason or "closed")
             if conn.close_reason is CloseReason.CONTROL_UNUSABLE:
                 # Not reading its control stream (a window that stays shut).
@@ -256,7 +303,7 @@ class AgentServer:
         GOAWAY, so GOAWAY waits for :meth:`close_all`.
         """
         self.draining = True
-        for agent in self.registry.agents():
+        for agent in self.agents:
             agent.draining = True
         conns = list(self.connections)
         for conn in conns:

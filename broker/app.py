@@ -103,15 +103,15 @@ class Broker:
             SessionConfig(stream_window=cfg.stream_window, connection_window=cfg.connection_window),
             Keepalive(cfg.keepalive_time, cfg.keepalive_timeout),
             cfg.handshake_timeout,
+            sockopts.TunnelSocketOptions(
+                user_timeout=cfg.keepalive_time + cfg.keepalive_timeout,
+                keepalive_idle=cfg.keepalive_time,
+                congestion=cfg.tcp_congestion or None,
+                notsent_lowat=cfg.tcp_notsent_lowat or None,
+            ),
             cfg.max_handshakes_per_ip,
             budget=self.budget,
             flood_penalty_after=cfg.flood_penalty_after,
-        )
-        self.agent_server.socket_options = sockopts.TunnelSocketOptions(
-            user_timeout=cfg.keepalive_time + cfg.keepalive_timeout,
-            keepalive_idle=cfg.keepalive_time,
-            congestion=cfg.tcp_congestion or None,
-            notsent_lowat=cfg.tcp_notsent_lowat or None,
         )
         self.frontend_trust: roles.FrontendTrust | None = None
         self.frontend_tls: tls.ReloadableContext | None = None
@@ -130,9 +130,7 @@ class Broker:
             )
             for line in self.frontend_trust.migration_warnings(self.authenticator.ca_files):
                 log.warning(line, extra=event("pki_migration_needed"))
-        self.metrics.active_streams.set_function(
-            lambda: sum(len(conn.streams) for conn in self.agent_server.connections)
-        )
+        self.metrics.active_streams.set_function(self.agent_server.stream_count)
         for ctx in self._tls_contexts():
             self.metrics.watch_certificate(ctx)
         self.grpc_frontends = {

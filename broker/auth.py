@@ -51,14 +51,13 @@ from broker.tokenreview import (
     TokenReviewError,
     load_kubeconfig,
 )
+from protocol import handshake
 from protocol.identifiers import Allowance, valid_name
 
 log = logging.getLogger("tether.broker")
 
 _ENTRY = re.compile(r"^sha256:([0-9a-fA-F]{64})\s+(\S+)\s+(\S+)((?:\s+\S+)*)$")
 _GLOB_CHARS = frozenset("*?[")
-#: The node a bound ServiceAccount token was issued for (TokenReview extra).
-NODE_NAME_KEY = "authentication.kubernetes.io/node-name"
 
 
 @attrs.frozen
@@ -268,17 +267,17 @@ class Authenticator:
     async def _authenticate(
         self, peer_der: bytes | None, headers: dict[str, str], source: str
     ) -> Identity:
-        agent_id = headers.get("tether-agent-id", "")
-        claimed_cluster = headers.get("tether-cluster", "")
+        agent_id = headers.get(handshake.AGENT_ID, "")
+        claimed_cluster = headers.get(handshake.CLUSTER, "")
         if not valid_name(agent_id):
-            raise AuthError(403, "bad_agent_id", "missing or invalid tether-agent-id header")
+            raise AuthError(403, "bad_agent_id", f"missing or invalid {handshake.AGENT_ID} header")
         if claimed_cluster and not valid_name(claimed_cluster):
-            raise AuthError(403, "bad_cluster", "invalid tether-cluster header")
+            raise AuthError(403, "bad_cluster", f"invalid {handshake.CLUSTER} header")
         if peer_der:
             return self._by_certificate(peer_der, agent_id, claimed_cluster)
-        auth = headers.get("authorization", "")
-        if auth.lower().startswith("bearer ") and len(auth) > 7:
-            return await self._by_token(auth[7:].strip(), agent_id, claimed_cluster, source)
+        token = handshake.bearer_token(headers)
+        if token is not None:
+            return await self._by_token(token, agent_id, claimed_cluster, source)
         raise AuthError(401, "unauthenticated", "no client certificate and no bearer token")
 
     def _by_certificate(self, der: bytes, agent_id: str, claimed: str) -> Identity:
@@ -365,7 +364,7 @@ class Authenticator:
         elif len(self.reviewers) == 1:
             cluster = next(iter(self.reviewers))
         else:
-            raise AuthError(403, "bad_cluster", "several clusters: send tether-cluster")
+            raise AuthError(403, "bad_cluster", f"several clusters: send {handshake.CLUSTER}")
         reviewer, allowed = self.reviewers[cluster]
         key = (cluster, hashlib.sha256(token.encode()).digest())
         now = trio.current_time()

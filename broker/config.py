@@ -71,8 +71,8 @@ class BrokerConfig:
     agent_token_file: str = ""
     kubeconfig: str = ""
     enable_lease_controller: bool = False
-    lease_namespace: str = "kube-system"
-    lease_label: str = "k8s-app=konnectivity-server"
+    lease_namespace: str = leases.DEFAULT_NAMESPACE
+    lease_label: str = leases.DEFAULT_LABEL
     authentication_audience: str = ""
     agent_namespace: str = ""
     agent_service_account: str = ""
@@ -83,6 +83,10 @@ class BrokerConfig:
     agent_allowed_identifiers: str = ""
     log_format: str = "text"
     log_level: str = "info"
+    log_file: str = ""
+    #: MiB, as klog's flag of the same name (0: unlimited).
+    log_file_max_size: int = 1800
+    log_stderr: bool = True
     config_file: str = ""
     cert_reload_interval: float = 5.0
     #: konnectivity flags accepted without a meaning here (logged at start); not a setting.

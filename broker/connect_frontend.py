@@ -56,11 +56,13 @@ async def handle_connect(
     settings: ConnectSettings,
 ) -> None:
     """Serve one frontend connection; never raises for client trouble."""
+    metrics.http_connections.inc()
     try:
         await _serve(stream, registry, metrics, settings)
     except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
         log.debug("frontend client went away: %r", exc)
     finally:
+        metrics.http_connections.dec()
         await trio.aclose_forcefully(stream)
 
 

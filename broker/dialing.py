@@ -22,7 +22,7 @@ class DialOutcome(enum.Enum):
     BUSY = "busy"
 
 
-#: HTTP status a CONNECT client sees for each outcome (design section 3).
+#: HTTP status a CONNECT client sees for each outcome.
 HTTP_STATUS = {
     DialOutcome.NO_AGENT: 503,
     DialOutcome.FORBIDDEN: 403,

@@ -43,6 +43,17 @@ class BrokerMetrics(TunnelMetrics):
             ["frontend"],
             registry=r,
         )
+        self.http_connections = prom.Gauge(
+            f"{NS}_http_connections",
+            "HTTP CONNECT frontend connections open now (UDS and TCP).",
+            registry=r,
+        )
+        self.grpc_connections = prom.Gauge(
+            f"{NS}_grpc_connections",
+            "gRPC frontend calls open now, by method (Proxy).",
+            ["service_method"],
+            registry=r,
+        )
         self.frontend_requests = prom.Counter(
             "tether_frontend_requests_total",
             "Frontend requests by frontend and outcome (HTTP-style status).",

@@ -1,14 +1,21 @@
 """Connected agents by cluster, and the choice of agent for each dial.
 
-Strategies are konnectivity's names, tried in order (design section 4):
+Strategies are konnectivity's names, tried in order:
 ``destHost`` (identifiers name the host, or a ``cidr`` contains it),
 ``defaultRoute`` (agents that declared ``default-route=true``) and
 ``default`` (any agent of the cluster). Within ``destHost`` the most
 specific match wins: an exact ``host=``/``ipv4=``/``ipv6=`` over the longest
-containing ``cidr=`` over shorter ones. Among the candidates of the winning
-tier the least-loaded agent wins and ties break at random.
+containing ``cidr=`` over shorter ones. Among the usable candidates of the
+winning tier the less loaded of two drawn at random wins (a tier of a few
+agents is compared in full: the least loaded, ties at random). The lookup
+reads per-cluster indexes (:mod:`broker.routing_index`), so a dial costs
+the same with ten agents or ten thousand.
 
-Membership: one live connection per (cluster, agent id). A newcomer replaces
+Membership: one live connection per (cluster, agent id), kept by the agent
+server (:mod:`broker.agent_server`), which adds, removes and closes the
+connection a newcomer replaces, and tells the registry when an agent's
+identifiers change (:meth:`Registry.refresh`); the registry only sees the
+:class:`RoutableAgent` side of a connection. A newcomer replaces
 it only when both were authenticated by the same credential (a reconnect
 after a stale link); otherwise the live one wins and the newcomer is refused
 (``identity_in_use``). Token entries with an id glob cap how many ids they
@@ -21,14 +28,15 @@ import itertools
 import logging
 import random
 from collections.abc import Sequence
+from typing import Protocol
 
 import attrs
 import trio
 
-from broker.agent_conn import AgentConnection
 from broker.dialing import DialError, DialOutcome
 from broker.metrics import BrokerMetrics
-from protocol.identifiers import match_rank
+from broker.routing_index import ClusterIndex
+from protocol.identifiers import AgentIdentifiers
 from protocol.messages import split_host_port
 from tether.netio.logs import event
 from tether.netio.tunnel import TunnelStream
@@ -46,6 +54,35 @@ def parse_strategies(text: str) -> tuple[str, ...]:
     if not names:
         raise ValueError("at least one proxy strategy is required")
     return names
+
+
+class RoutableAgent(Protocol):
+    """What the registry needs of an agent connection: who it is, what it
+    declared, whether it takes dials and how loaded it is, and the dial."""
+
+    @property
+    def cluster(self) -> str: ...
+
+    @property
+    def agent_id(self) -> str: ...
+
+    @property
+    def identifiers(self) -> AgentIdentifiers: ...
+
+    @property
+    def usable(self) -> bool:
+        """Whether it takes dials. Once False it may stay False for good: an
+        agent that becomes usable again must be :meth:`Registry.refresh`-ed."""
+
+    @property
+    def load(self) -> int: ...
+
+    async def dial(
+        self, dial_id: int, addr: str, timeout: float, early: bytes | None = None
+    ) -> TunnelStream: ...
+
+    def abort(self, reason: str) -> None:
+        """Close the connection at once (a newcomer replaced it)."""
 
 
 @attrs.frozen
@@ -82,18 +119,19 @@ class Registry:
     ) -> None:
         self.metrics = metrics
         self.strategies = tuple(strategies)
-        self._clusters: dict[str, dict[str, AgentConnection]] = {}
-        self._members: dict[AgentConnection, Membership] = {}
+        self._clusters: dict[str, dict[str, RoutableAgent]] = {}
+        self._indexes: dict[str, ClusterIndex[RoutableAgent]] = {}
+        self._members: dict[RoutableAgent, Membership] = {}
         self._capped: dict[str, int] = {}  # live connections per capped credential
         self._dial_ids = itertools.count(1)
         self._rng = rng or random.Random()
-        self.changed = trio.Event()  # set on every add/remove (tests, HA)
+        self._randbelow = self._rng.randrange
 
     # -------------------------------------------------------- membership
 
     def add(
-        self, agent: AgentConnection, membership: Membership | None = None
-    ) -> AgentConnection | None:
+        self, agent: RoutableAgent, membership: Membership | None = None
+    ) -> RoutableAgent | None:
         """Register ``agent``; return the connection it replaces, if any.
 
         A reconnecting agent replaces its stale connection at once rather than
@@ -133,16 +171,19 @@ class Registry:
                     f"this credential already holds {held} agent id(s), its cap is "
                     f"{membership.cap}",
                 )
+        index = self._indexes.setdefault(agent.cluster, ClusterIndex())
         if old is not None:
             self._forget(old)
+            index.remove(old)
         agents[agent.agent_id] = agent
+        index.add(agent)
         self._members[agent] = membership
         if membership.cap_key is not None:
             self._capped[membership.cap_key] = self._capped.get(membership.cap_key, 0) + 1
         self._update()
         return old
 
-    def _forget(self, agent: AgentConnection) -> None:
+    def _forget(self, agent: RoutableAgent) -> None:
         member = self._members.pop(agent, None)
         if member is not None and member.cap_key is not None:
             left = self._capped.get(member.cap_key, 0) - 1
@@ -151,52 +192,56 @@ class Registry:
             else:
                 self._capped.pop(member.cap_key, None)
 
-    def remove(self, agent: AgentConnection) -> None:
+    def remove(self, agent: RoutableAgent) -> None:
         agents = self._clusters.get(agent.cluster, {})
         if agents.get(agent.agent_id) is agent:
             del agents[agent.agent_id]
             self._forget(agent)
+            self._indexes[agent.cluster].remove(agent)
             if not agents:
                 del self._clusters[agent.cluster]
+                del self._indexes[agent.cluster]
             self._update()
+
+    def refresh(self, agent: RoutableAgent) -> None:
+        """``agent``'s identifiers changed, or it became usable again: route
+        by what it declares now. A no-op unless it is the registered one."""
+        if self._clusters.get(agent.cluster, {}).get(agent.agent_id) is agent:
+            self._indexes[agent.cluster].refresh(agent)
 
     def _update(self) -> None:
         self.metrics.ready_backends.set(self.count())
-        self.changed.set()
-        self.changed = trio.Event()
 
     def count(self, cluster: str | None = None) -> int:
         if cluster is not None:
             return len(self._clusters.get(cluster, {}))
         return sum(len(a) for a in self._clusters.values())
 
-    def agents(self, cluster: str | None = None) -> list[AgentConnection]:
+    def agents(self, cluster: str | None = None) -> list[RoutableAgent]:
         if cluster is not None:
             return list(self._clusters.get(cluster, {}).values())
         return [a for agents in self._clusters.values() for a in agents.values()]
 
     # ----------------------------------------------------------- routing
 
-    def choose(self, cluster: str, host: str) -> AgentConnection | None:
-        usable = [a for a in self._clusters.get(cluster, {}).values() if a.usable]
-        for strategy in self.strategies:
-            if strategy == "destHost":
-                candidates = most_specific(usable, host)
-            elif strategy == "defaultRoute":
-                candidates = [a for a in usable if a.identifiers.default_route]
-            else:
-                candidates = usable
-            if candidates:
-                least = min(a.load for a in candidates)
-                return self._rng.choice([a for a in candidates if a.load == least])
-        return None
+    def choose(self, cluster: str, host: str) -> RoutableAgent | None:
+        index = self._indexes.get(cluster)
+        if index is None:
+            return None
+        return index.choose(self.strategies, host, self._randbelow)
+
+    def eligible(self, cluster: str, host: str) -> list[RoutableAgent]:
+        """Every usable agent :meth:`choose` may pick for ``host`` in
+        ``cluster`` (the winning tier in full): for tests and diagnostics."""
+        index = self._indexes.get(cluster)
+        return index.eligible(self.strategies, host) if index is not None else []
 
     def next_dial_id(self) -> int:
         return next(self._dial_ids)
 
     async def dial(
         self, cluster: str, addr: str, timeout: float, early: bytes | None = None
-    ) -> tuple[TunnelStream, AgentConnection]:
+    ) -> tuple[TunnelStream, RoutableAgent]:
         """Route and perform one dial; raise DialError with the outcome."""
         started = trio.current_time()
         try:
@@ -232,17 +277,3 @@ class Registry:
             ),
         )
         return stream, agent
-
-
-def most_specific(agents: Sequence[AgentConnection], host: str) -> list[AgentConnection]:
-    """The agents whose identifiers name ``host`` most specifically."""
-    best: int | None = None
-    found: list[AgentConnection] = []
-    for agent in agents:
-        rank = match_rank(agent.identifiers, host)
-        if rank is None or (best is not None and rank < best):
-            continue
-        if best is None or rank > best:
-            best, found = rank, []
-        found.append(agent)
-    return found

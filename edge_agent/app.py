@@ -4,22 +4,24 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import ssl
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+import attrs
 import trio
 
 from edge_agent import sdnotify
 from edge_agent.config import AgentConfig
 from edge_agent.dialer import DialFailed, dial_target
 from edge_agent.policy import Policy
-from protocol import events, messages
-from protocol.backoff import Backoff
+from protocol import events, handshake, messages
 from protocol.budget import BufferBudget, Grant
 from protocol.codes import DialFailCode
 from protocol.errors import ProtocolError
 from protocol.outcomes import CloseReason
+from protocol.reconnect import Cause, Decision, Kind, LinkOutcome, ReconnectPolicy, Schedule
 from protocol.session import Role, SessionConfig, TunnelSession
 from tether.netio import sockopts, tls
 from tether.netio.http import serve_http, text
@@ -34,23 +36,6 @@ if TYPE_CHECKING:
     from edge_agent.metrics import AgentMetrics
 
 log = logging.getLogger("tether.agent")
-
-#: Reconnect causes (metric label, log field), by the start of the cause text
-#: produced in this module and in tether/netio/tunnel.py.
-_CAUSES = (
-    ("drain", "drain"),
-    ("rejected", "rejected"),
-    ("connect timed out", "connect_timeout"),
-    ("connect failed", "connect_failed"),
-    ("TLS handshake failed", "tls_handshake"),
-    ("broker did not negotiate h2", "no_h2"),
-    ("token file", "token_unreadable"),
-    ("control stream not accepted", "control_timeout"),
-    ("keepalive", "keepalive_timeout"),
-    ("protocol error", "protocol_error"),
-    ("peer closed", "broker_closed"),
-    ("transport error", "transport_error"),
-)
 
 
 def connect_error_text(exc: OSError, host: str, port: int) -> str:
@@ -73,16 +58,38 @@ def connect_error_text(exc: OSError, host: str, port: int) -> str:
     return f"{host}:{port}: {', '.join(reasons) or str(exc)}"
 
 
-def cause_label(cause: str) -> str:
-    """A bounded label for a reconnect cause (the text itself is unbounded)."""
-    for prefix, label in _CAUSES:
-        if cause.startswith(prefix):
-            return label
-    return "other"
+#: The cause of a link that ``TunnelConnection`` closed, by its close reason.
+_CLOSE_CAUSES = {
+    CloseReason.KEEPALIVE_TIMEOUT: Cause.KEEPALIVE_TIMEOUT,
+    CloseReason.PROTOCOL_ERROR: Cause.PROTOCOL_ERROR,
+    CloseReason.FLOOD: Cause.PROTOCOL_ERROR,
+    CloseReason.CONTROL_UNUSABLE: Cause.PROTOCOL_ERROR,
+    CloseReason.PEER_CLOSED: Cause.BROKER_CLOSED,
+    CloseReason.GOAWAY: Cause.BROKER_CLOSED,
+    CloseReason.CONTROL_CLOSED: Cause.BROKER_CLOSED,
+    CloseReason.TRANSPORT_ERROR: Cause.TRANSPORT_ERROR,
+}
 
 
-#: Failures before any byte reached a broker process: the network's fault.
-UNREACHABLE_CAUSES = ("connect failed", "connect timed out")
+def cause_of_close(reason: CloseReason | None) -> Cause:
+    """The cause of a link that ``TunnelConnection`` closed, from its typed
+    ``close_reason`` (tether/netio/tunnel.py)."""
+    return _CLOSE_CAUSES.get(reason, Cause.OTHER) if reason is not None else Cause.OTHER
+
+
+#: TEST ONLY (tests/test_e2e_drain_race.py): seconds the drain waits between
+#: its GOAWAYs and stopping the connection loop, as a slow device's event
+#: loop does. Unset (the default, and in production) it has no effect.
+TEST_ONLY_DRAIN_PAUSE_ENV = "TETHER_TEST_ONLY_DRAIN_PAUSE_S"
+
+
+def drain_pause_test_only() -> float:
+    """The test-only drain pause (see ``TEST_ONLY_DRAIN_PAUSE_ENV``); 0 unless set."""
+    raw = os.environ.get(TEST_ONLY_DRAIN_PAUSE_ENV, "")
+    try:
+        return max(0.0, min(float(raw), 30.0)) if raw else 0.0
+    except ValueError:
+        return 0.0
 
 
 class BrokerLink:
@@ -96,6 +103,10 @@ class BrokerLink:
         self.server_id = ""
         self.server_count = 1
         self.drain_hint: float | None = None
+        #: Set when this agent ends the link itself, with the cause to report.
+        self.ended_by: Cause | None = None
+        #: We closed it: the balancer chose a replica we already hold.
+        self.duplicate = False
         self.dials: dict[int, trio.CancelScope] = {}
         #: The broker knows the ``busy`` dial_fail code (older ones do not).
         self.broker_knows_busy = False
@@ -107,12 +118,10 @@ class BrokerLink:
         raise AssertionError("agents do not receive requests")
 
     def on_control_accepted(self, ev: events.ControlAccepted) -> None:
-        self.server_id = ev.headers.get("tether-server-id", "")
-        count = ev.headers.get("tether-server-count", "1")
-        ok = count.isascii() and count.isdigit() and 0 < int(count) <= 1000
-        self.server_count = int(count) if ok else 1
-        codes = ev.headers.get("tether-dial-fail-codes", "")
-        self.broker_knows_busy = "busy" in codes.split(",")
+        welcome = handshake.Welcome.from_headers(ev.headers, lenient=True)
+        self.server_id = welcome.server_id
+        self.server_count = welcome.server_count
+        self.broker_knows_busy = "busy" in welcome.dial_fail_codes
         self.accepted.set()
 
     def on_message(self, msg: messages.Message) -> None:
@@ -304,16 +313,13 @@ class Agent:
             congestion=cfg.tcp_congestion or None,
             notsent_lowat=cfg.tcp_notsent_lowat or None,
         )
-        self.backoff = Backoff(cfg.sync_interval, cfg.sync_interval_cap, cfg.stable_after)
-        # While the broker cannot even be reached (link down, no route), a
-        # probe is one cheap SYN: keep probing often, so service resumes
-        # within seconds of the link coming back. A broker that answers and
-        # refuses, drops us or asks us to drain gets the full backoff above.
-        self.probe = Backoff(
-            min(cfg.sync_interval, cfg.probe_interval_cap),
-            cfg.probe_interval_cap,
-            cfg.stable_after,
-            rng=self.backoff.rng,
+        #: When to dial again, and whether at all (protocol/reconnect.py).
+        self.reconnect = ReconnectPolicy(
+            base=cfg.sync_interval,
+            cap=cfg.sync_interval_cap,
+            stable_after=cfg.stable_after,
+            probe_cap=cfg.probe_interval_cap,
+            rng=random.Random(),
         )
         #: Accepted connections by broker server id.
         self.links: dict[str, BrokerLink] = {}
@@ -325,18 +331,30 @@ class Agent:
             from tether.netio import kubeapi  # lazy: PyYAML and the client
 
             self._lease_api = kubeapi.load(cfg.kubeconfig)  # KubeApiError: a start-up error
-        self.stopping = False
         self.active_streams = 0
         self._idle = trio.Event()
         self._links_changed = trio.Event()
-        self._lost: list[str] = []
+        self._lost: list[LinkOutcome] = []
         self.ever_connected = trio.Event()
         self.notifier = sdnotify.Notifier.from_environment()
         self.metrics: AgentMetrics | None = None
         if cfg.metrics:
-            from edge_agent.metrics import AgentMetrics  # lazy: see that module
+            from edge_agent.metrics import AgentGauges, AgentMetrics  # lazy: see that module
 
-            self.metrics = AgentMetrics(self)
+            # The gauges read the agent's own state, supplied here.
+            self.metrics = AgentMetrics(
+                AgentGauges(
+                    open_links=lambda: len(self.links),
+                    server_count=lambda: self.server_count,
+                    pending_dials=lambda: sum(len(link.dials) for link in self.links.values()),
+                    open_endpoints=lambda: self.active_streams,
+                    tunnel_streams=lambda: sum(
+                        len(link.conn.streams)
+                        for link in self.links.values()
+                        if link.conn is not None
+                    ),
+                )
+            )
             self.metrics.watch_certificate(self.tls)
             self.metrics.watch_budget(self.budget)
 
@@ -346,6 +364,11 @@ class Agent:
     def ssl_context(self) -> ssl.SSLContext:
         """The context for the next broker connection (see ``self.tls``)."""
         return self.tls.current
+
+    @property
+    def stopping(self) -> bool:
+        """Draining (SIGTERM): the policy never dials again."""
+        return self.reconnect.stopping
 
     @property
     def ready(self) -> bool:
@@ -429,6 +452,7 @@ class Agent:
             leases.parse_labels(self.cfg.lease_label),
             self._lease_count_changed,
             interval_s=min(leases.RENEW_S, self.cfg.sync_interval_cap),
+            on_list=self.metrics.lease_listed if self.metrics is not None else None,
         )
         await counter.run(task_status=task_status)
 
@@ -484,8 +508,14 @@ class Agent:
             nursery.cancel_scope.cancel()
 
     async def drain(self, loop_scope: trio.CancelScope) -> None:
-        """Tell every broker, let open tunnels finish, then stop."""
-        self.stopping = True
+        """SIGTERM: the agent's drain, all of it (docs/protocol.md, 7. Shutdown).
+
+        The policy stops first, before any checkpoint, so that a link ending
+        from here on (the broker closing after our GOAWAY, however slow this
+        device) is never dialed again. Then every broker hears ``drain``, open
+        tunnels get ``--drain-timeout`` to finish, GOAWAY goes out and the
+        connection loop is cancelled."""
+        self.reconnect.stop()
         self.notifier.stopping()
         self.notifier.status(self.readiness()[1])
         links = [link for link in self.links.values() if link.conn is not None]
@@ -508,6 +538,9 @@ class Agent:
             assert link.conn is not None
             link.conn.goaway("agent shutting down")
             await link.conn.flush()
+        pause = drain_pause_test_only()
+        if pause:
+            await trio.sleep(pause)
         loop_scope.cancel()
         log.info("agent stopped", extra=event("stopped", agent_id=self.cfg.agent_id))
 
@@ -515,64 +548,53 @@ class Agent:
 
     async def _connection_loop(self) -> None:
         async with trio.open_nursery() as links_nursery:
-            while True:
+            while self.reconnect.may_dial:
                 if self._lost:
                     # A working link died: back off before dialing again, so
                     # a broker that accepts and drops cannot make us spin.
-                    await self._back_off(self._lost.pop(), None)
+                    await self._follow(self._lost.pop())
                     continue
                 if self.links and len(self.links) >= self.server_count:
                     await self._links_changed.wait()
                     continue
-                started = trio.current_time()
-                outcome = await links_nursery.start(self._run_link)
-                if outcome == "connected":
-                    self.probe.attempt = 0
-                    continue  # maybe more replicas to reach; no delay
-                if outcome == "duplicate":
-                    # The balancer sent us to a replica we already hold.
-                    await trio.sleep(self.backoff.rng.uniform(0, self.cfg.sync_interval))
-                    continue
-                await self._back_off(outcome, trio.current_time() - started)
+                await self._follow(await links_nursery.start(self._run_link))
+            # Stopping: never dial again; the drain cancels this loop when done.
+            await trio.sleep_forever()
 
-    async def _back_off(self, cause: str, healthy_for: float | None) -> None:
-        unreachable = cause.startswith(UNREACHABLE_CAUSES)
-        schedule = self.probe if unreachable else self.backoff
-        if healthy_for is not None:
-            schedule.connected_for(healthy_for)
-        ceiling = schedule.ceiling()
-        delay = schedule.next_delay()
-        label = cause_label(cause)
+    async def _follow(self, outcome: LinkOutcome) -> None:
+        """Do what the policy says after ``outcome``: log, count and wait."""
+        decision = self.reconnect.after(outcome)
+        if decision.logged:
+            self._log_reconnect(outcome, decision)
+        if decision.redial and decision.schedule is not Schedule.NOW:
+            await trio.sleep(decision.delay)
+
+    def _log_reconnect(self, outcome: LinkOutcome, decision: Decision) -> None:
         # One failure is the network's or the broker's business; a broker that
         # stays unreachable is the operator's: WARNING from the third attempt
         # on (every tenth after that), so a long outage is visible but not noisy.
-        attempt = schedule.attempt
-        level = (
-            logging.WARNING if attempt == 3 or (attempt > 3 and attempt % 10 == 0) else logging.INFO
-        )
         log.log(
-            level,
+            logging.WARNING if decision.loud else logging.INFO,
             "reconnecting in %.2fs (attempt %d, %s ceiling %.1fs, cause: %s)",
-            delay,
-            schedule.attempt,
-            "probe" if unreachable else "backoff",
-            ceiling,
-            cause,
+            decision.delay,
+            decision.attempt,
+            decision.schedule.value,
+            decision.ceiling,
+            outcome.detail,
             extra=event(
                 "reconnect",
-                delay_s=round(delay, 3),
-                attempt=schedule.attempt,
-                ceiling_s=ceiling,
-                cause=label,
-                reason=cause,
-                schedule="probe" if unreachable else "backoff",
+                delay_s=round(decision.delay, 3),
+                attempt=decision.attempt,
+                ceiling_s=decision.ceiling,
+                cause=outcome.label,
+                reason=outcome.detail,
+                schedule=decision.schedule.value,
             ),
         )
         if self.metrics is not None:
-            self.metrics.reconnects.labels(label).inc()
-        await trio.sleep(delay)
+            self.metrics.reconnects.labels(outcome.label).inc()
 
-    async def _open_transport(self) -> TLSStream | str:
+    async def _open_transport(self) -> TLSStream | LinkOutcome:
         cfg = self.cfg
         try:
             with trio.fail_after(cfg.connect_timeout):
@@ -590,10 +612,10 @@ class Agent:
                     await trio.aclose_forcefully(stream)
                     raise
         except trio.TooSlowError:
-            return "connect timed out"
+            return LinkOutcome.failed(Cause.CONNECT_TIMEOUT, "connect timed out")
         except OSError as exc:
             where = connect_error_text(exc, cfg.proxy_server_host, cfg.proxy_server_port)
-            return f"connect failed: {where}"
+            return LinkOutcome.failed(Cause.CONNECT_FAILED, f"connect failed: {where}")
         except trio.BrokenResourceError as exc:
             detail = str(exc.__cause__ or exc)
             diagnosis = tls.tls_diagnosis(detail)
@@ -603,41 +625,51 @@ class Agent:
                     diagnosis,
                     extra=event("tls_handshake_failed", listener="broker", reason=diagnosis),
                 )
-            return f"TLS handshake failed: {diagnosis or detail}"
+            return LinkOutcome.failed(
+                Cause.TLS_HANDSHAKE, f"TLS handshake failed: {diagnosis or detail}"
+            )
         if stream.selected_alpn_protocol() != "h2":
             await trio.aclose_forcefully(stream)
-            return "broker did not negotiate h2"
+            return LinkOutcome.failed(Cause.NO_H2, "broker did not negotiate h2")
         return stream
 
-    async def _run_link(self, *, task_status: trio.TaskStatus[str]) -> None:
-        """One connection's life. Reports "connected", "duplicate" or a
-        failure cause through ``task_status`` as soon as that is known; a
-        connected link then keeps running until it ends."""
+    async def _run_link(self, *, task_status: trio.TaskStatus[LinkOutcome]) -> None:
+        """One connection's life. Reports a :class:`LinkOutcome` (connected,
+        duplicate, stopped or failed) through ``task_status`` as soon as that
+        is known; a connected link then keeps running until it ends, and is
+        handed to the loop as lost unless the agent is stopping."""
         cfg = self.cfg
+        dialed_at = trio.current_time()
+
+        def failed(outcome: LinkOutcome) -> LinkOutcome:
+            return attrs.evolve(outcome, lasted=trio.current_time() - dialed_at)
+
         stream = await self._open_transport()
-        if isinstance(stream, str):
-            task_status.started(stream)
+        if isinstance(stream, LinkOutcome):
+            task_status.started(failed(stream))
             return
         sess = TunnelSession(Role.AGENT, self.session_config, clock=trio.current_time)
         sess.initiate()
-        headers = {
-            "tether-agent-id": cfg.agent_id,
-            "tether-agent-identifiers": cfg.agent_identifiers,
-        }
-        if cfg.cluster:
-            headers["tether-cluster"] = cfg.cluster
-        if self.links:
-            # Lets a replica we already hold refuse us (409) without touching
-            # the live link.
-            headers["tether-connected-servers"] = ",".join(sorted(self.links))
+        token = None
         if cfg.service_account_token_path:
             token = self._read_token()
             if token is None:
                 await trio.aclose_forcefully(stream)
-                task_status.started("token file unreadable or empty")
+                unreadable = LinkOutcome.failed(
+                    Cause.TOKEN_UNREADABLE, "token file unreadable or empty"
+                )
+                task_status.started(failed(unreadable))
                 return
-            headers["authorization"] = f"Bearer {token}"
-        sess.open_control(headers, self.authority)
+        hello = handshake.Hello(
+            agent_id=cfg.agent_id,
+            identifiers=cfg.agent_identifiers,
+            cluster=cfg.cluster,
+            # Lets a replica we already hold refuse us (409) without touching
+            # the live link.
+            connected_servers=tuple(self.links),
+            token=token,
+        )
+        sess.open_control(hello.to_headers(), self.authority)
         reported = False
         started_at = trio.current_time()
         async with trio.open_nursery() as nursery:
@@ -655,39 +687,47 @@ class Agent:
                 conn.set_rtt_observer(self.metrics.keepalive_rtt.observe)
                 conn.set_stall_observer(self.metrics.window_stalls.inc)
 
-            async def handshake() -> None:
+            async def await_welcome() -> None:
                 nonlocal reported
                 with trio.move_on_after(cfg.connect_timeout):
                     await link.accepted.wait()
                 if not link.accepted.is_set():
+                    link.ended_by = Cause.CONTROL_TIMEOUT
                     conn.abort(CloseReason.HANDSHAKE_TIMEOUT, "control stream not accepted in time")
                     return
-                outcome = self._register(link)
                 reported = True
+                if self.stopping:
+                    # The drain began while this link was being set up: it
+                    # never registers, so the drain's GOAWAYs missed it.
+                    task_status.started(LinkOutcome(Kind.STOPPED))
+                    conn.goaway("agent shutting down")
+                    await conn.flush()
+                    conn.abort(CloseReason.DRAIN, "agent shutting down")
+                    return
+                outcome = self._register(link)
                 task_status.started(outcome)
-                if outcome == "duplicate":
+                if outcome.kind is Kind.DUPLICATE:
+                    link.duplicate = True
                     conn.goaway("duplicate connection")
                     await conn.flush()
                     conn.abort(
                         CloseReason.DUPLICATE, f"duplicate connection to broker {link.server_id}"
                     )
 
-            nursery.start_soon(handshake)
+            nursery.start_soon(await_welcome)
             await conn.run()
             nursery.cancel_scope.cancel()
         was_registered = self.links.get(link.server_id) is link
         if was_registered:
             del self.links[link.server_id]
             self._changed()
-        cause = self._link_ended(link, conn)
+        outcome = self._link_ended(link, conn)
         if not reported:
-            task_status.started(cause)
+            task_status.started(failed(outcome))
         elif was_registered and not self.stopping:
             # A working link died: the loop reconnects after a backoff.
-            self.backoff.connected_for(trio.current_time() - started_at)
-            if link.drain_hint is not None:
-                self.backoff.drain_hint(link.drain_hint)
-            self._lost.append(cause)
+            lost = attrs.evolve(outcome, kind=Kind.LOST, lasted=trio.current_time() - started_at)
+            self._lost.append(lost)
             self._changed()
 
     def _read_token(self) -> str | None:
@@ -700,10 +740,10 @@ class Agent:
             return None
         return token or None
 
-    def _register(self, link: BrokerLink) -> str:
+    def _register(self, link: BrokerLink) -> LinkOutcome:
         if link.server_id in self.links:
             log.info("already connected to broker %s; closing the duplicate", link.server_id)
-            return "duplicate"
+            return LinkOutcome.duplicate(f"already connected to broker {link.server_id}")
         if not self.lease_count and link.server_count != self.server_count:
             log.info("broker reports %d replica(s) (was %d)", link.server_count, self.server_count)
             self.server_count = link.server_count
@@ -725,14 +765,14 @@ class Agent:
                 expected=self.server_count,
             ),
         )
-        return "connected"
+        return LinkOutcome.connected()
 
-    def _link_ended(self, link: BrokerLink, conn: TunnelConnection) -> str:
+    def _link_ended(self, link: BrokerLink, conn: TunnelConnection) -> LinkOutcome:
         if conn.rejection is not None:
             err = conn.rejection
-            if err.status == 409 and err.message.startswith("duplicate"):
+            if handshake.Refusal.reason_of(err.reason_token) is handshake.RefusalReason.DUPLICATE:
                 log.info("balancer chose a replica we already hold: %s", err.message)
-                return "duplicate"
+                return LinkOutcome.duplicate(err.message)
             log.error(
                 "broker rejected this agent (%d): %s",
                 err.status,
@@ -741,22 +781,31 @@ class Agent:
                     "auth_rejected",
                     agent_id=self.cfg.agent_id,
                     status=err.status,
-                    reason=err.message.split(":", 1)[0],
+                    # An older broker sends no token: its body text starts with one.
+                    reason=err.reason_token or err.message.split(":", 1)[0],
                 ),
             )
-            self.backoff.rejected()
-            return f"rejected: {err.status} {err.message}"
+            return LinkOutcome.failed(
+                Cause.REJECTED,
+                f"rejected: {err.status} {err.message}",
+                refusal=err.reason_token,
+            )
         reason = conn.closed_reason or "closed"
-        diagnosis = None if link.accepted.is_set() else tls.tls_diagnosis(reason)
+        accepted = link.accepted.is_set()
+        diagnosis = None if accepted else tls.tls_diagnosis(reason)
         if diagnosis is not None:  # a TLS 1.3 alert: it arrives with the first read
             log.error(
                 "%s",
                 diagnosis,
                 extra=event("tls_handshake_failed", listener="broker", reason=diagnosis),
             )
-            return f"TLS handshake failed: {diagnosis}"
-        if link.accepted.is_set() and not reason.startswith("duplicate"):
-            log.warning(
+            return LinkOutcome.failed(Cause.TLS_HANDSHAKE, f"TLS handshake failed: {diagnosis}")
+        cause = link.ended_by or cause_of_close(conn.close_reason)
+        drained = link.drain_hint is not None
+        if accepted and not link.duplicate:
+            # While we drain, the broker closing after our GOAWAY is the plan.
+            log.log(
+                logging.INFO if self.stopping else logging.WARNING,
                 "disconnected from broker %s: %s",
                 link.server_id,
                 reason,
@@ -764,11 +813,12 @@ class Agent:
                     "agent_disconnected",
                     agent_id=self.cfg.agent_id,
                     server_id=link.server_id,
-                    cause=cause_label("drain" if link.drain_hint is not None else reason),
+                    cause=Cause.DRAIN.value if drained else cause.value,
                     reason=reason,
                 ),
             )
-        if link.drain_hint is not None:
-            self.backoff.drain_hint(link.drain_hint)
-            return f"drain: {reason}"
-        return reason
+        if drained:
+            return LinkOutcome.failed(
+                Cause.DRAIN, f"drain: {reason}", accepted=accepted, drain_retry=link.drain_hint
+            )
+        return LinkOutcome.failed(cause, reason, accepted=accepted)

@@ -59,14 +59,18 @@ class AgentConfig:
     max_buffered_bytes: int = budget.AGENT_DEFAULT
     log_format: str = "text"
     log_level: str = "info"
+    log_file: str = ""
+    #: MiB, as klog's flag of the same name (0: unlimited).
+    log_file_max_size: int = 1800
+    log_stderr: bool = True
     config_file: str = ""
     cert_reload_interval: float = 5.0
     metrics: bool = False
     state_dir: str = "/var/lib/tether-agent"
     count_server_leases: bool = False
     kubeconfig: str = ""
-    lease_namespace: str = "kube-system"
-    lease_label: str = "k8s-app=konnectivity-server"
+    lease_namespace: str = leases.DEFAULT_NAMESPACE
+    lease_label: str = leases.DEFAULT_LABEL
     #: How agent_id was chosen ("flag", "NODE_NAME", "host name", "state file ..."); not a setting.
     agent_id_source: str = "setting"
     #: konnectivity flags accepted without a meaning here (logged at start); not a setting.
@@ -216,12 +220,16 @@ def _own_identifiers(text: str) -> AgentIdentifiers:
     return AgentIdentifiers.parse(text, check_hosts=True)
 
 
+#: Settings whose value must parse. A file or environment value is checked as
+#: it is read (the error names the key there); a flag's in :func:`from_args`.
+CHECKS = {"allow": Policy.parse, "agent_identifiers": _own_identifiers}
+
 SPEC = settings.Spec(
     config_class=AgentConfig,
     env_prefix="TETHER_AGENT_",
     default_file=DEFAULT_CONFIG_FILE,
     list_keys=frozenset({"allow"}),
-    checks={"allow": Policy.parse, "agent_identifiers": _own_identifiers},
+    checks=CHECKS,
     compat=compat.AGENT,
 )
 
@@ -287,14 +295,12 @@ def from_args(argv: list[str] | None, environ: Mapping[str, str] | None = None) 
         problems.append("give --agent-cert/--agent-key or --service-account-token-path")
     if cfg.sync_interval_cap < cfg.sync_interval:
         problems.append("--sync-interval-cap must be >= --sync-interval")
-    try:
-        Policy.parse(cfg.allow)
-    except ValueError as exc:
-        problems.append(f"--allow: {exc}")
-    try:
-        _own_identifiers(cfg.agent_identifiers)
-    except ValueError as exc:
-        problems.append(f"--agent-identifiers: {exc}")
+    for key, check in CHECKS.items():
+        if resolved.sources.get(key, "").startswith("flag "):  # others: checked as read
+            try:
+                check(getattr(cfg, key))
+            except ValueError as exc:
+                problems.append(f"{settings.where(resolved, key)}: {exc}")
     if cfg.count_server_leases:
         try:
             leases.parse_labels(cfg.lease_label)

@@ -31,6 +31,7 @@ class LeaseCounter:
         *,
         clock: Callable[[], float] = time.time,
         interval_s: float = leases.RENEW_S,
+        on_list: Callable[[int, str, float], None] | None = None,
     ) -> None:
         self.client = client
         self.namespace = namespace
@@ -38,13 +39,26 @@ class LeaseCounter:
         self.on_count = on_count
         self.clock = clock
         self.interval_s = interval_s
+        #: Told of every list call: (HTTP status, 0 when none came back;
+        #: reason token; seconds), for konnectivity's lease_lists_total.
+        self.on_list = on_list
         #: Live Leases at the last successful count; 0 until one succeeded.
         self.count = 0
         self._failing = False
 
     async def poll_once(self) -> int:
-        found = await list_leases(self.client, self.namespace, self.labels)
+        started = trio.current_time()
+        try:
+            found = await list_leases(self.client, self.namespace, self.labels)
+        except KubeApiError as exc:
+            self._observe(exc.status, "error" if exc.status else "unreachable", started)
+            raise
+        self._observe(200, "ok", started)
         return len(leases.live(found, self.clock()))
+
+    def _observe(self, status: int, reason: str, started: float) -> None:
+        if self.on_list is not None:
+            self.on_list(status, reason, trio.current_time() - started)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()

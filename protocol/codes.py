@@ -6,7 +6,7 @@ import enum
 
 
 class DialFailCode(enum.StrEnum):
-    """Codes an agent puts in ``dial_fail`` (design section 2)."""
+    """Codes an agent puts in ``dial_fail`` (``docs/protocol.md`` section 2)."""
 
     REFUSED = "refused"
     TIMEOUT = "timeout"

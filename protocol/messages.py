@@ -1,4 +1,5 @@
-"""Control-stream messages and the data-stream ``close`` map (design section 2).
+"""Control-stream messages and the data-stream ``close`` map (``docs/protocol.md``
+sections 2 and 3).
 
 Messages are attrs value classes. :func:`encode` turns one into msgpack bytes;
 :func:`decode` validates a decoded msgpack map strictly (types, ranges, sizes)
@@ -18,7 +19,8 @@ from protocol.addresses import parse_address
 from protocol.codes import CloseCode, DialFailCode
 from protocol.errors import InvalidMessage, MessageTooLarge
 
-#: Largest encoded control message, and largest ``close`` map (design section 2).
+#: Largest encoded control message, and largest ``close`` map (``docs/protocol.md``
+#: section 2, "Control messages").
 MAX_MESSAGE_SIZE = 64 * 1024
 #: Largest ``early`` payload that rides inside a ``dial`` message.
 MAX_EARLY_DATA = 32 * 1024

@@ -40,18 +40,15 @@ import h2.exceptions
 import h2.settings
 import msgpack
 
-from protocol import events, flow, framing, h2base, messages, states
+from protocol import events, flow, framing, h2base, handshake, messages, states
 from protocol.errors import LocalProtocolError, ProtocolError, RemoteProtocolError
 from protocol.flood import ControlGuard, FloodLimits
 from protocol.states import ControlInput, ControlState, DataInput, DataState, Side
 
-CONTROL_PATH = "/tether.v1/connect"
-STREAM_PATH = "/tether.v1/stream"
-CONTENT_TYPE = "application/msgpack"
-DIAL_ID_HEADER = "tether-dial-id"
-#: Response header of a rejected control stream: the broker's stable refusal
-#: token (see :class:`protocol.events.ControlRejected`).
-REFUSAL_HEADER = "tether-refusal"
+CONTROL_PATH = handshake.CONTROL_PATH
+STREAM_PATH = handshake.STREAM_PATH
+CONTENT_TYPE = handshake.CONTENT_TYPE
+DIAL_ID_HEADER = handshake.DIAL_ID
 
 
 class Role(enum.Enum):
@@ -249,8 +246,11 @@ class TunnelSession:
             return
         self._control_move(ControlInput.ACCEPT, Side.LOCAL)
 
-    def reject_control(self, status: int, error: str) -> None:
-        """Broker: answer the control stream with an error and close."""
+    def reject_control(
+        self, status: int, error: str, headers: dict[str, str] | None = None
+    ) -> None:
+        """Broker: answer the control stream with an error and close;
+        ``headers``: the refusal's (:class:`protocol.handshake.Refusal`)."""
         self._require(Role.BROKER)
         if self._control_id is None:
             raise LocalProtocolError("no control stream to reject", reason="no_control_stream")
@@ -260,7 +260,11 @@ class TunnelSession:
         try:
             self._h2.send_headers(
                 self._control_id,
-                [(":status", str(status)), ("content-type", CONTENT_TYPE)],
+                [
+                    (":status", str(status)),
+                    ("content-type", CONTENT_TYPE),
+                    *sorted((headers or {}).items()),
+                ],
             )
             self._base.send_data(self._control_id, body, end_stream=True)
         except h2.exceptions.ProtocolError:
@@ -546,7 +550,7 @@ class TunnelSession:
             else:
                 self._control_move(ControlInput.REJECT, Side.REMOTE)
                 code = int(status) if status.isascii() and status.isdigit() else 0
-                self._refusal = (code, headers.get(REFUSAL_HEADER, ""))
+                self._refusal = (code, handshake.Refusal.token_from_headers(headers))
             return
         stream = self._streams.get(ev.stream_id)
         if stream is not None:

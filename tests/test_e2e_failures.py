@@ -1,5 +1,5 @@
 """Failure semantics through the real commands: slow consumers, dying
-agents, broker restarts and hostile input (design section 5)."""
+agents, broker restarts and hostile input."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """Broker HA: three replicas behind HAProxy (a plain TCP load balancer), and
-agents that end up connected to every replica (design section 4)."""
+agents that end up connected to every replica (``docs/protocol.md`` section 6)."""
 
 from __future__ import annotations
 

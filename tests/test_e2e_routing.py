@@ -1,5 +1,5 @@
 """Routing, multi-cluster isolation, agent identity, tokens and the agent's
-destination policy, through the real commands (design section 4)."""
+destination policy, through the real commands."""
 
 from __future__ import annotations
 

@@ -14,7 +14,7 @@ import trio
 from hypothesis import given
 from hypothesis import strategies as st
 from kube_standin import LeaseStore, kubeconfig, serve_leases
-from procs import BrokerHandle, Proc, wait_for
+from procs import BrokerHandle, Proc, free_port, http_get, wait_for
 
 from broker.leases import LeasePublisher
 from protocol import leases
@@ -110,10 +110,13 @@ async def test_agent_counts_live_leases(
     store.put(_other("tether-broker-b", "b", now + 3600))
     store.put(_other("tether-broker-c", "c", now - 600))  # expired: not counted
     broker = broker_factory()
+    admin = free_port()
     agent = agent_factory(
         broker,
         "--count-server-leases",
         f"--kubeconfig={kubeconfig(tmp_path / 'kc', pki, port, 'agent-token')}",
+        "--metrics",
+        f"--admin-server-port={admin}",
     )
     await broker.ready(agents=1)
 
@@ -127,6 +130,13 @@ async def test_agent_counts_live_leases(
     assert any(
         target.startswith(leases.collection_path("kube-system")) for _, target in store.requests
     )
+    # konnectivity-agent's lease metrics, by status and reason.
+    status, body = await http_get(admin, "/metrics")
+    assert status == 200
+    text = body.decode()
+    ok = 'konnectivity_network_proxy_agent_lease_lists_total{http_response_code="200",reason="ok"}'
+    assert ok in text, text[-2000:]
+    assert "konnectivity_network_proxy_agent_lease_list_latency_seconds_count" in text
 
 
 @pytest.mark.timeout(60)

@@ -3,6 +3,7 @@ and parsed with prometheus_client's own parser while real traffic flows."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from collections.abc import Callable
@@ -129,6 +130,7 @@ async def test_metrics_move_with_real_traffic(
     await bulk_echo(tunnel, BULK)
     b1, a1 = await broker.metrics(), await scrape(agent_health)
     assert value(b1, f"{SRV}_established_connections", frontend="tcp") == 1
+    assert value(b1, f"{SRV}_http_connections") == 1
     assert value(b1, "tether_active_streams") == 1
     assert value(a1, "tether_active_streams") == 1
     assert value(a1, f"{AG}_open_endpoint_connections") == 1
@@ -141,7 +143,10 @@ async def test_metrics_move_with_real_traffic(
         await failed.aclose()
 
     async def settled() -> bool:
-        return value(await scrape(agent_health), f"{AG}_open_endpoint_connections") == 0
+        return (
+            value(await scrape(agent_health), f"{AG}_open_endpoint_connections") == 0
+            and value(await broker.metrics(), f"{SRV}_http_connections") == 0
+        )
 
     await wait_for(settled, 10, "the tunnel to close at the agent")
     b2, a2 = await broker.metrics(), await scrape(agent_health)
@@ -152,9 +157,18 @@ async def test_metrics_move_with_real_traffic(
         assert value(text, "tether_stream_window_stalls_total") > 0
         assert value(text, "tether_active_streams") == 0
     assert value(b2, f"{SRV}_dial_duration_seconds_count") == 1
+    # Every metric either command exports is in docs/operations.md (issue 15 item 12).
+    docs = (Path(__file__).parent.parent / "docs" / "operations.md").read_text()
+    for text in (b2, a2):
+        families = re.findall(r"^# TYPE (\S+) ", text, re.MULTILINE)
+        assert len(families) > 10
+        exported = [name for name in families if not name.endswith("_created")]
+        undocumented = [name for name in exported if f"`{name}" not in docs]
+        assert not undocumented, undocumented
     assert value(b2, f"{SRV}_dial_failure_count_total", reason="refused") == 1
     assert value(b2, f"{SRV}_dial_failure_count_total", reason="forbidden") == 1
     assert value(b2, f"{SRV}_established_connections", frontend="tcp") == 0
+    assert value(b2, f"{SRV}_http_connections") == 0
     assert value(a2, f"{AG}_dial_duration_seconds_count") == 1
     assert value(a2, f"{AG}_endpoint_dial_failure_total", reason="refused") == 1
     assert value(a2, f"{AG}_endpoint_dial_failure_total", reason="forbidden") == 1

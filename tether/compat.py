@@ -10,7 +10,8 @@ here with konnectivity's meaning:
 - flags whose meaning exists under another name are renamed
   (``--graceful-shutdown-timeout`` is ``--drain-timeout``);
 - klog's flags map to our logging (``--v=4`` is ``--log-level=debug``;
-  ``--logtostderr`` is what we always do);
+  ``--logtostderr=false --log-file=F`` writes F only, ``--alsologtostderr``
+  both);
 - flags with no meaning here (profiling, channel sizes) are accepted and
   dropped with a one-line WARNING that says why.
 
@@ -37,6 +38,10 @@ class Kind(enum.Enum):
     RENAMED = "renamed"
     #: klog's verbosity: mapped to --log-level.
     VERBOSITY = "verbosity"
+    #: klog's --logtostderr: false with --log-file means the file only.
+    TO_STDERR = "to_stderr"
+    #: klog's --alsologtostderr: stderr as well as --log-file.
+    ALSO_STDERR = "also_stderr"
     #: Go's TLS version names (VersionTLS12): mapped to our --agent-tls-min-version.
     TLS_VERSION = "tls_version"
 
@@ -67,11 +72,10 @@ _CHANNELS = (
 #: klog's flags, on both commands.
 KLOG: tuple[Flag, ...] = (
     Flag("v", True, Kind.VERBOSITY),
-    _same("logtostderr", False, "logs always go to stderr"),
-    _same("alsologtostderr", False, "logs always go to stderr"),
-    _ignored("log-file", True, "logs go to stderr only (journald or the kubelet keep them)"),
-    _ignored("log-dir", True, "logs go to stderr only (journald or the kubelet keep them)"),
-    _ignored("log-file-max-size", True, "logs go to stderr only"),
+    # --log-file and --log-file-max-size are ours by the same name and meaning.
+    Flag("logtostderr", False, Kind.TO_STDERR),
+    Flag("alsologtostderr", False, Kind.ALSO_STDERR),
+    _ignored("log-dir", True, "lines go to stderr and --log-file; there are no per-level files"),
     _ignored("stderrthreshold", True, "every line goes to stderr; filter with --log-level"),
     _same("one-output", False, "each line is written once"),
     _ignored("skip-headers", False, "the line format is --log-format's"),
@@ -160,6 +164,7 @@ def translate(argv: Sequence[str], flags: Sequence[Flag]) -> Translation:
     front: list[str] = []
     warnings: list[str] = []
     seen: set[str] = set()
+    stderr: dict[Kind, bool] = {}
     i = 0
     args = list(argv)
     while i < len(args):
@@ -174,7 +179,9 @@ def translate(argv: Sequence[str], flags: Sequence[Flag]) -> Translation:
         name, eq, value = arg.lstrip("-").partition("=")
         flag = table.get(name)
         if flag is None:
-            out.append(arg)
+            # Go takes -flag as --flag; argparse only takes one-letter short flags.
+            single = not arg.startswith("--") and len(name) > 1
+            out.append("-" + arg if single else arg)
             continue
         if flag.takes_value:
             if not eq:
@@ -204,9 +211,19 @@ def translate(argv: Sequence[str], flags: Sequence[Flag]) -> Translation:
                 raise CompatError(f"invalid value {value!r} for --{name}: want a number") from None
             # klog's V(2) and above are debugging detail in konnectivity
             front = [f"--log-level={'debug' if level >= 2 else 'info'}"]
+        elif flag.kind in (Kind.TO_STDERR, Kind.ALSO_STDERR):
+            stderr[flag.kind] = value.lower() in _TRUE if eq else True
         elif flag.kind is Kind.IGNORED and name not in seen:
             warnings.append(
                 f"{spelled}: accepted for konnectivity compatibility, ignored: {flag.note}"
             )
         seen.add(name)
+    if stderr.get(Kind.TO_STDERR) is False and not stderr.get(Kind.ALSO_STDERR):
+        if any(a == "--log-file" or a.startswith("--log-file=") for a in out):
+            front.append("--no-log-stderr")
+        else:
+            warnings.append(
+                "--logtostderr=false without --log-file: lines still go to stderr "
+                "(klog would write per-level files under --log-dir)"
+            )
     return Translation(front + out, warnings)

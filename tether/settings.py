@@ -104,6 +104,17 @@ def non_negative(text: str) -> float:
     return value
 
 
+def non_negative_int(text: str) -> int:
+    """argparse type: a whole number, 0 or more."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
+    return value
+
+
 def _port_from(text: str, lowest: int) -> int:
     try:
         value = int(text)
@@ -241,6 +252,24 @@ def add_common_arguments(
         choices=["debug", "info", "warning", "error"],
         default=d.log_level,
         help="lowest level written",
+    )
+    group.add_argument(
+        "--log-file",
+        default=d.log_file,
+        help="also write every line to this file (appended; created 0640); at "
+        "--log-file-max-size it is renamed to FILE.1 and a new one started; '' for none",
+    )
+    group.add_argument(
+        "--log-file-max-size",
+        type=non_negative_int,
+        default=d.log_file_max_size,
+        help="megabytes (MiB) --log-file may grow to before it is rotated; 0: unlimited",
+    )
+    group.add_argument(
+        "--log-stderr",
+        action=argparse.BooleanOptionalAction,
+        default=d.log_stderr,
+        help="write lines to stderr; --no-log-stderr needs --log-file",
     )
     group.add_argument(
         "--cert-reload-interval",

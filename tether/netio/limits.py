@@ -42,9 +42,6 @@ class PerPeerLimiter:
         self._warned.add(peer)
         return True
 
-    def held(self, peer: str) -> int:
-        return self._counts.get(peer, 0)
-
     def _release(self, peer: str) -> None:
         count = self._counts.get(peer, 0) - 1
         if count <= 0:

@@ -194,11 +194,6 @@ def _clear_stale(path: str) -> bool:
     return True
 
 
-def open_unix_listener(path: str, *, mode: int = 0o660, backlog: int = 512) -> trio.SocketListener:
-    """Bind a UDS at ``path`` with ``mode``; replace a stale socket, nothing else."""
-    return bind_unix_socket(UnixSocketSpec(path, mode), backlog=backlog).listener()
-
-
 class ListenError(OSError):
     """A listener could not be opened; the message names it, its address and the reason."""
 

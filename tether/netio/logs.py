@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import json
 import logging
+import logging.handlers
+import os
 import re
 import sys
 import time
@@ -159,11 +161,52 @@ class TextFormatter(logging.Formatter):
         return escape_controls(redact(super().format(record)))
 
 
-def setup_logging(fmt: str, level: str) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+class LogFileError(ValueError):
+    """--log-file cannot be used (one line, for a start-up error)."""
+
+
+class _LogFile(logging.handlers.RotatingFileHandler):
+    """--log-file: rotated to FILE.1 at the size cap, so it never takes more
+    than twice that. A write that fails (disk full, file gone read-only) is
+    reported once on stderr instead of a traceback per line."""
+
+    failed = False
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        if not self.failed:
+            self.failed = True
+            exc = sys.exc_info()[1]
+            print(f"tether: cannot write --log-file {self.baseFilename}: {exc}", file=sys.stderr)
+
+
+def setup_logging(
+    fmt: str,
+    level: str,
+    *,
+    file: str = "",
+    file_max_mib: int = 0,
+    to_stderr: bool = True,
+) -> None:
+    """Send every line to stderr and/or ``file``; raises :class:`LogFileError`."""
+    formatter = JsonFormatter() if fmt == "json" else TextFormatter()
+    handlers: list[logging.Handler] = []
+    if not to_stderr and not file:
+        raise LogFileError("--no-log-stderr needs --log-file: no line would be written anywhere")
+    if file:
+        try:
+            # Created with a mode of our choosing; the handler then appends.
+            os.close(os.open(file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640))
+            handlers.append(
+                _LogFile(file, maxBytes=file_max_mib * 1024 * 1024, backupCount=1, encoding="utf-8")
+            )
+        except OSError as exc:
+            raise LogFileError(f"cannot open --log-file {file}: {exc.strerror or exc}") from None
+    if to_stderr:
+        handlers.append(logging.StreamHandler(sys.stderr))
+    for handler in handlers:
+        handler.setFormatter(formatter)
     root = logging.getLogger()
-    root.handlers[:] = [handler]
+    root.handlers[:] = handlers
     root.setLevel(level.upper())
     # h2 and hpack log every frame and header at DEBUG: far too much to be useful,
     # and headers include the agent's Authorization.

@@ -47,15 +47,6 @@ def available_congestion_controls() -> list[str]:
         return []
 
 
-def congestion_of(sock: socket.socket) -> str | None:
-    """The congestion control a connected socket uses (None if unknown)."""
-    try:
-        raw = sock.getsockopt(socket.IPPROTO_TCP, TCP_CONGESTION, 16)
-    except OSError:
-        return None
-    return raw.split(b"\0", 1)[0].decode() or None
-
-
 def apply(sock: socket.socket, opts: TunnelSocketOptions) -> None:
     if sock.family not in (socket.AF_INET, socket.AF_INET6):
         return
