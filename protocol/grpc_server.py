@@ -502,7 +502,7 @@ class GrpcServer:
                 stream_id,
                 headers[":path"],
                 None if timeout_text is None else parse_timeout(timeout_text),
-                {k: v for k, v in headers.items() if not k.startswith(":")},
+                {k: v for k, v in headers.items() if k[:1] != ":"},  # no pseudo-headers
             )
         )
 
