@@ -13,7 +13,6 @@ import logging
 from collections.abc import Callable
 
 import attrs
-import h11
 import trio
 
 from broker.dialing import DialError
@@ -23,7 +22,6 @@ from protocol.connect_request import (
     ConnectRefusal,
     ConnectRequestParser,
     ConnectTarget,
-    render_response,
 )
 from protocol.messages import MAX_EARLY_DATA
 from tether.netio.logs import event, limited
@@ -68,14 +66,14 @@ async def handle_connect(
 
 async def _respond(
     stream: trio.abc.Stream,
-    conn: h11.Connection,
+    parser: ConnectRequestParser,
     metrics: BrokerMetrics,
     settings: ConnectSettings,
     status: int,
     message: str,
 ) -> None:
     metrics.frontend_requests.labels(settings.frontend, str(status)).inc()
-    data = render_response(conn, status, message)
+    data = parser.error_response(status, message)
     with trio.move_on_after(5):
         await stream.send_all(data)
 
@@ -87,7 +85,6 @@ async def _serve(
     settings: ConnectSettings,
 ) -> None:
     parser = ConnectRequestParser()
-    conn = parser.conn
     parsed: ConnectTarget | ConnectRefusal | None = None
     with trio.move_on_after(settings.header_timeout):
         while parsed is None:
@@ -117,11 +114,11 @@ async def _serve(
             source,
             extra=event("bad_input", source="frontend", remote=source, reason=parsed.reason),
         )
-        await _respond(stream, conn, metrics, settings, parsed.status, parsed.message)
+        await _respond(stream, parser, metrics, settings, parsed.status, parsed.message)
         return
     if settings.draining():
         await _respond(
-            stream, conn, metrics, settings, 503, "broker is draining: retry on another replica"
+            stream, parser, metrics, settings, 503, "broker is draining: retry on another replica"
         )
         return
     target = parsed.target
@@ -130,10 +127,7 @@ async def _serve(
     # arrive while it is under way are sent once the stream exists.
     early = parsed.early[:MAX_EARLY_DATA]
     later = bytearray(parsed.early[MAX_EARLY_DATA:])
-    established_reply = (
-        conn.send(h11.Response(status_code=200, headers=[], reason=b"Connection established"))
-        or b""
-    )
+    established_reply = parser.established_response()
     if settings.optimistic:
         # Answer at once so the client's first flight (a TLS ClientHello,
         # say) travels with the dial: one link round trip saved. A dial that
@@ -150,7 +144,7 @@ async def _serve(
             log.info("frontend: optimistic tunnel to %s aborted: %s", target, exc.message)
             set_linger_zero(stream)
             return
-        await _respond(stream, conn, metrics, settings, exc.http_status, exc.message)
+        await _respond(stream, parser, metrics, settings, exc.http_status, exc.message)
         return
     except _ClientGone:
         metrics.frontend_requests.labels(settings.frontend, "client_gone").inc()

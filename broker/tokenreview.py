@@ -18,11 +18,9 @@ keep-alive HTTPS connections instead of a TLS handshake each.
 
 from __future__ import annotations
 
-import json
 import logging
 
 import attrs
-import h11
 import trio
 
 from tether.netio import kubeapi
@@ -30,7 +28,6 @@ from tether.netio.kubeapi import ApiServer
 
 log = logging.getLogger("tether.broker")
 
-MAX_RESPONSE = 1024 * 1024
 #: Seconds a failed review is answered from memory.
 FAILURE_TTL = 10.0
 FAILURE_CACHE_SIZE = 10_000
@@ -43,6 +40,7 @@ GLOBAL_BURST = 100
 MAX_SOURCES = 4096
 #: Concurrent (kept-alive) HTTPS connections to the apiserver.
 POOL_SIZE = 4
+REVIEW_PATH = "/apis/authentication.k8s.io/v1/tokenreviews"
 
 
 class FailureCache:
@@ -146,19 +144,10 @@ def load_kubeconfig(path: str) -> ApiServer:
         raise TokenReviewError(str(exc)) from None
 
 
-@attrs.define(eq=False)
-class _Link:
-    """One kept-alive HTTPS connection to the apiserver."""
-
-    stream: trio.SSLStream[trio.SocketStream]
-    http: h11.Connection
-
-
-class _Stale(Exception):
-    """A kept-alive connection turned out closed before answering."""
-
-
 class TokenReviewer:
+    """Reviews over at most ``pool_size`` kept-alive apiserver connections
+    (:class:`tether.netio.kubeapi.KubeClient`, one request at a time each)."""
+
     def __init__(
         self,
         apiserver: ApiServer,
@@ -169,27 +158,37 @@ class TokenReviewer:
         self.apiserver = apiserver
         self.audience = audience
         self.timeout = timeout
-        self._idle: list[_Link] = []
+        self._clients = [kubeapi.KubeClient(apiserver, timeout) for _ in range(pool_size)]
+        self._idle = list(self._clients)
         self._slots = trio.Semaphore(pool_size)
-        #: TLS connections opened so far (a metric's worth; tests read it too).
-        self.connections_opened = 0
+
+    @property
+    def connections_opened(self) -> int:
+        """TLS connections opened so far (a metric's worth; tests read it too)."""
+        return sum(client.connections_opened for client in self._clients)
 
     async def review(self, token: str) -> ReviewResult:
-        body = json.dumps(
-            {
-                "apiVersion": "authentication.k8s.io/v1",
-                "kind": "TokenReview",
-                "spec": {
-                    "token": token,
-                    **({"audiences": [self.audience]} if self.audience else {}),
-                },
-            }
-        ).encode()
-        status, data = await self._post("/apis/authentication.k8s.io/v1/tokenreviews", body)
+        body = {
+            "apiVersion": "authentication.k8s.io/v1",
+            "kind": "TokenReview",
+            "spec": {
+                "token": token,
+                **({"audiences": [self.audience]} if self.audience else {}),
+            },
+        }
+        async with self._slots:
+            client = self._idle.pop()
+            try:
+                status, answer = await client.request("POST", REVIEW_PATH, body)
+            except kubeapi.KubeApiError as exc:
+                raise TokenReviewError(str(exc)) from None
+            finally:
+                self._idle.append(client)
         if status != 201 and status != 200:
-            raise TokenReviewError(f"apiserver answered {status}: {data[:200]!r}")
+            message = str(answer.get("message", ""))[:200]
+            raise TokenReviewError(f"apiserver answered {status}: {message}")
         try:
-            st = json.loads(data).get("status", {})
+            st = answer.get("status") or {}
             user = st.get("user") or {}
             extra = user.get("extra") or {}
             nodes = extra.get("authentication.kubernetes.io/node-name") or []
@@ -203,92 +202,7 @@ class TokenReviewer:
         except (ValueError, AttributeError) as exc:
             raise TokenReviewError(f"unreadable TokenReview answer: {exc}") from None
 
-    async def _post(self, path: str, body: bytes) -> tuple[int, bytes]:
-        api = self.apiserver
-        headers = [
-            ("host", f"{api.host}:{api.port}"),
-            ("content-type", "application/json"),
-            ("accept", "application/json"),
-            ("content-length", str(len(body))),
-        ]
-        try:
-            token = kubeapi.bearer_token(api)
-        except kubeapi.KubeApiError as exc:
-            raise TokenReviewError(str(exc)) from None
-        if token:
-            headers.append(("authorization", f"Bearer {token}"))
-        async with self._slots:
-            try:
-                with trio.fail_after(self.timeout):
-                    while True:
-                        link = self._idle.pop() if self._idle else None
-                        fresh = link is None
-                        if link is None:
-                            link = await self._open()
-                        try:
-                            status, data = await self._exchange(link, path, headers, body)
-                        except (_Stale, trio.BrokenResourceError, trio.ClosedResourceError):
-                            await trio.aclose_forcefully(link.stream)
-                            if fresh:
-                                raise TokenReviewError("apiserver closed the connection") from None
-                            continue  # an idle connection the apiserver closed: try another
-                        except BaseException:
-                            await trio.aclose_forcefully(link.stream)
-                            raise
-                        if link.http.our_state is h11.DONE and link.http.their_state is h11.DONE:
-                            link.http.start_next_cycle()
-                            self._idle.append(link)
-                        else:
-                            await trio.aclose_forcefully(link.stream)
-                        return status, data
-            except trio.TooSlowError:
-                raise TokenReviewError(
-                    f"apiserver did not answer within {self.timeout:g}s"
-                ) from None
-            except (OSError, trio.BrokenResourceError, h11.ProtocolError) as exc:
-                raise TokenReviewError(f"apiserver unreachable: {exc!r}") from None
-
-    async def _open(self) -> _Link:
-        api = self.apiserver
-        tcp = await trio.open_tcp_stream(api.host, api.port)
-        stream = trio.SSLStream(tcp, api.ssl_context, server_hostname=api.server_hostname)
-        try:
-            await stream.do_handshake()
-        except BaseException:
-            await trio.aclose_forcefully(stream)
-            raise
-        self.connections_opened += 1
-        return _Link(stream, h11.Connection(h11.CLIENT))
-
-    @staticmethod
-    async def _exchange(
-        link: _Link, path: str, headers: list[tuple[str, str]], body: bytes
-    ) -> tuple[int, bytes]:
-        conn, stream = link.http, link.stream
-        out = conn.send(h11.Request(method="POST", target=path, headers=headers))
-        out = (out or b"") + (conn.send(h11.Data(data=body)) or b"")
-        out += conn.send(h11.EndOfMessage()) or b""
-        await stream.send_all(out)
-        status, data = 0, b""
-        while True:
-            event = conn.next_event()
-            if event is h11.NEED_DATA:
-                conn.receive_data(bytes(await stream.receive_some(65536)))
-            elif isinstance(event, h11.Response):
-                status = event.status_code
-            elif isinstance(event, h11.Data):
-                data += bytes(event.data)
-                if len(data) > MAX_RESPONSE:
-                    raise TokenReviewError("TokenReview answer too large")
-            elif isinstance(event, h11.EndOfMessage):
-                return status, data
-            elif isinstance(event, h11.ConnectionClosed):
-                if status == 0:
-                    raise _Stale()
-                return status, data
-
     async def aclose(self) -> None:
         """Close the kept-alive connections."""
-        idle, self._idle = self._idle, []
-        for link in idle:
-            await trio.aclose_forcefully(link.stream)
+        for client in self._clients:
+            await client.aclose()

@@ -77,6 +77,15 @@ class ConnectRequestParser:
     def __init__(self) -> None:
         self.conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST_HEADER_BYTES)
 
+    def error_response(self, status: int, message: str) -> bytes:
+        """The bytes of an error answer to this request (see :func:`render_response`)."""
+        return render_response(self.conn, status, message)
+
+    def established_response(self) -> bytes:
+        """``200 Connection established``: from here on the bytes are the tunnel's."""
+        reply = h11.Response(status_code=200, headers=[], reason=b"Connection established")
+        return self.conn.send(reply) or b""
+
     def feed(self, data: bytes) -> ConnectTarget | ConnectRefusal | None:
         """Add received bytes (``b""``: the client closed); None: need more."""
         conn = self.conn

@@ -38,8 +38,6 @@ RUNTIME = ("tether.netio", "tether.settings", "tether.compat", "tether.pki")
 #: directly. The engine work empties it.
 PENDING_H2_EXEMPTIONS = frozenset(
     {
-        "broker/connect_frontend.py",  # h11: the CONNECT frontend's HTTP/1.1
-        "broker/tokenreview.py",  # h11: the TokenReview client's HTTP/1.1
     }
 )
 HTTP_LIBRARIES = ("h2", "hyperframe", "h11")

@@ -154,6 +154,8 @@ class KubeClient:
         self._stream: trio.SSLStream[trio.SocketStream] | None = None
         self._conn: h11.Connection | None = None
         self._lock = trio.Lock()
+        #: TLS connections opened so far.
+        self.connections_opened = 0
 
     async def request(
         self, method: str, path: str, body: object | None = None
@@ -190,7 +192,12 @@ class KubeClient:
             stream = trio.SSLStream(
                 tcp, self.api.ssl_context, server_hostname=self.api.server_hostname
             )
-            await stream.do_handshake()
+            try:
+                await stream.do_handshake()
+            except BaseException:
+                await trio.aclose_forcefully(stream)
+                raise
+            self.connections_opened += 1
             self._stream, self._conn = stream, h11.Connection(h11.CLIENT)
         return self._stream, self._conn
 
