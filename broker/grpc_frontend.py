@@ -242,9 +242,7 @@ class _Engine:
         return events
 
     def data_to_send(self) -> bytes:
-        data = self.server.data_to_send()
-        self.conn.output_taken.unpark_all()
-        return data
+        return self.server.data_to_send()
 
 
 class _Connection:
@@ -265,15 +263,13 @@ class _Connection:
             transport,
             _Engine(self),
             self._dispatch,
+            write_buffer=self.settings.write_buffer,
             handshake_timeout=self.settings.handshake_timeout,
             on_handshake_timeout=self._on_handshake_timeout,
         )
         self.calls: dict[int, _ProxyCall] = {}
         self.calls_served = 0
         self.lost = False
-        #: Senders waiting for the writer to take output park here; every
-        #: take wakes them all, so a waiter can never lose another's wake-up.
-        self.output_taken = trio.lowlevel.ParkingLot()
         self._calls_nursery: trio.Nursery | None = None
 
     # ------------------------------------------------------------------ run
@@ -289,7 +285,6 @@ class _Connection:
                     # Calls outlive the connection only to dispose of their
                     # tunnels; tell them no client is left.
                     self.lost = True
-                    self.output_taken.unpark_all()
                     for call in list(self.calls.values()):
                         call.client_gone("connection lost")
         except Exception:
@@ -317,15 +312,6 @@ class _Connection:
 
     def wake_writer(self) -> None:
         self.driver.wake_writer()
-
-    async def wait_flushed_below(self) -> None:
-        """Backpressure from the socket: wait while HTTP/2 holds more than
-        the write buffer that the writer has not taken yet (it takes the
-        next batch only once the socket took the last)."""
-        while self.server.queued_output > self.settings.write_buffer:
-            if self.lost:
-                raise _ClientGone("connection lost")
-            await self.output_taken.park()
 
     # ------------------------------------------------------------- reading
 
@@ -722,7 +708,10 @@ class _ProxyCall:
                 raise _ClientGone("connection lost")
         if self.server.call_state(sid) is None:
             raise _ClientGone("call reset")
-        await self.conn.wait_flushed_below()
+        # Socket backpressure: the shared driver's (its waiters park and
+        # recheck, so none loses another's wake-up).
+        if not await self.conn.driver.wait_writable(len(message)):
+            raise _ClientGone("connection lost")
 
     def _end_stream(self, ending: Ending) -> None:
         """Trailers with the status, or a reset when no clean end is possible."""

@@ -113,7 +113,9 @@ class H2Driver(Generic[EventT]):
         #: trio time of the last read that brought bytes.
         self.last_rx = trio.current_time()
         self._want_write = trio.Event()
-        self._flushed = trio.Event()
+        #: Woken (all at once) after every write and at the end: waiters park
+        #: and recheck, so no wake-up is ever lost between two of them.
+        self._progress = trio.lowlevel.ParkingLot()
         self._handshaken = trio.Event()
         self._pending_out = 0  # taken by the writer, not yet written
         self._queued = 0  # declared by senders (wait_writable), not yet taken
@@ -155,7 +157,7 @@ class H2Driver(Generic[EventT]):
                     nursery.cancel_scope.cancel()
         finally:
             self.note_close(CloseReason.CLOSED, "closed")
-            self._flushed.set()
+            self._progress.unpark_all()
             if on_closed is not None:
                 on_closed()
             with trio.CancelScope(shield=True):
@@ -203,8 +205,7 @@ class H2Driver(Generic[EventT]):
         """Wait (bounded) until everything queued so far reached the socket."""
         with trio.move_on_after(timeout):
             while not self.closed and (self._want_write.is_set() or self._pending_out):
-                self._flushed = trio.Event()
-                await self._flushed.wait()
+                await self._progress.park()
 
     async def wait_writable(self, queued: int) -> bool:
         """Backpressure from the socket: a sender that just queued ``queued``
@@ -215,14 +216,12 @@ class H2Driver(Generic[EventT]):
         while self._pending_out + self._queued > self.write_buffer:
             if self.closed:
                 return False
-            self._flushed = trio.Event()
-            await self._flushed.wait()
+            await self._progress.park()
         return not self.closed
 
     async def _writer_idle(self) -> None:
         while self._want_write.is_set() or self._pending_out:
-            self._flushed = trio.Event()
-            await self._flushed.wait()
+            await self._progress.park()
 
     def _take_output(self) -> bytes:
         self._queued = 0
@@ -255,7 +254,7 @@ class H2Driver(Generic[EventT]):
                     self._want_write.set()  # more queued: come back after this write
             data = self._take_output()
             if not data:
-                self._flushed.set()
+                self._progress.unpark_all()
                 continue
             self._pending_out += len(data)
             self._write_interrupted = True
@@ -271,7 +270,7 @@ class H2Driver(Generic[EventT]):
                 # connection is doomed either way, so no retry here.
                 self._writing = False
                 self._pending_out -= len(data)
-                self._flushed.set()
+                self._progress.unpark_all()
 
     async def _final_flush(self) -> None:
         if self._write_interrupted:
@@ -297,10 +296,10 @@ class H2Driver(Generic[EventT]):
                 self.note_close(CloseReason.PEER_CLOSED, "peer closed the connection")
                 return
             self.last_rx = trio.current_time()
-            if self._feed(bytes(data)):
+            if await self._feed(bytes(data)):
                 return
 
-    def _feed(self, data: bytes) -> bool:
+    async def _feed(self, data: bytes) -> bool:
         """Hand one read to the engine; True when the connection is over."""
         while True:
             try:
@@ -320,7 +319,9 @@ class H2Driver(Generic[EventT]):
             if not self.engine.backlog:
                 return False
             # A burst of new streams, a part at a time: each part's refusals
-            # close its streams before h2 counts the next.
+            # close its streams before h2 counts the next, and other
+            # connections run in between.
+            await trio.lowlevel.checkpoint()
             data = b""
 
 
