@@ -126,7 +126,7 @@ class Fleet:
         except (OSError, trio.TooSlowError, trio.BrokenResourceError):
             self.handshake_failures += 1
             return False
-        sess = TunnelSession(Role.AGENT, SessionConfig())
+        sess = TunnelSession(Role.AGENT, SessionConfig(), clock=trio.current_time)
         sess.initiate()
         sess.open_control(
             {

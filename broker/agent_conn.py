@@ -13,9 +13,10 @@ from cryptography import x509
 from broker.auth import Authenticator, AuthError, Identity
 from broker.dialing import DialError, DialOutcome
 from broker.metrics import BrokerMetrics
-from protocol import handshake, messages, session
+from protocol import events, handshake, messages
 from protocol.budget import Grant
 from protocol.identifiers import AgentIdentifiers, Allowance
+from protocol.outcomes import CloseReason
 from tether.netio.logs import event, limited
 from tether.netio.tunnel import TunnelClosed, TunnelConnection, TunnelStream
 
@@ -181,12 +182,12 @@ class AgentConnection:
 
     # ------------------------------------------------ ConnectionHandler
 
-    def on_control_requested(self, ev: session.ControlRequested) -> None:
+    def on_control_requested(self, ev: events.ControlRequested) -> None:
         # Authentication may need a TokenReview round trip: answer from a task.
         assert self.nursery is not None
         self.nursery.start_soon(self._answer_control, ev)
 
-    async def _answer_control(self, ev: session.ControlRequested) -> None:
+    async def _answer_control(self, ev: events.ControlRequested) -> None:
         """Authenticate the agent from its certificate or token and headers."""
         assert self.conn is not None
         refusal = await self._authenticate(ev.headers)
@@ -337,7 +338,7 @@ class AgentConnection:
             ),
         )
 
-    def on_control_accepted(self, ev: session.ControlAccepted) -> None:
+    def on_control_accepted(self, ev: events.ControlAccepted) -> None:
         raise AssertionError("brokers do not receive responses")
 
     def on_message(self, msg: messages.Message) -> None:
@@ -375,7 +376,7 @@ class AgentConnection:
             self.metrics.bad_input.labels("agent", "unexpected_message").inc()
             log.warning("agent %s sent unexpected %s", self.agent_id, type(msg).__name__)
 
-    def on_data_stream_requested(self, ev: session.DataStreamRequested) -> None:
+    def on_data_stream_requested(self, ev: events.DataStreamRequested) -> None:
         assert self.conn is not None
         pending = self.pending.get(ev.dial_id)
         if pending is None or pending.done.is_set():
@@ -408,7 +409,7 @@ class AgentConnection:
         dials fail at once and its streams are aborted."""
         self.fail_all(reason)
         if self.conn is not None:
-            self.conn.abort(reason)
+            self.conn.abort(CloseReason.REPLACED, reason)
 
     def fail_all(self, reason: str) -> None:
         """The connection died: every pending dial fails at once."""

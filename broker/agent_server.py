@@ -21,6 +21,7 @@ from protocol.budget import BufferBudget
 from protocol.errors import ProtocolError
 from protocol.flood import FloodDetected, FloodPenalties
 from protocol.messages import Drain
+from protocol.outcomes import CloseReason
 from protocol.session import Role, SessionConfig, TunnelSession
 from tether.netio import sockopts
 from tether.netio.limits import PeerSlot, PerPeerLimiter
@@ -187,7 +188,7 @@ class AgentServer:
             tls.getpeercert(binary_form=True),
             remote,
         )
-        sess = TunnelSession(Role.BROKER, self.session_config)
+        sess = TunnelSession(Role.BROKER, self.session_config, clock=trio.current_time)
         sess.initiate()
         conn = TunnelConnection(
             tls, sess, agent, keepalive=self.keepalive, name=f"agent {remote}", budget=self.budget
@@ -221,7 +222,7 @@ class AgentServer:
             self._replacing.pop(agent, None)
             self.registry.remove(agent)  # a no-op unless this connection is the registered one
             agent.fail_all(conn.closed_reason or "closed")
-            if (conn.closed_reason or "").startswith("control stream unusable"):
+            if conn.close_reason is CloseReason.CONTROL_UNUSABLE:
                 # Not reading its control stream (a window that stays shut).
                 self.metrics.bad_input.labels("agent", "control_stream_stalled").inc()
             if isinstance(conn.protocol_error, FloodDetected):
@@ -293,7 +294,7 @@ class AgentServer:
             )
         else:
             await trio.sleep(0.5)  # let the rejection body reach the agent
-        conn.abort("no accepted control stream")
+        conn.abort(CloseReason.HANDSHAKE_TIMEOUT, "no accepted control stream")
 
     async def drain(self, retry_ms: int) -> None:
         """Tell every agent to go elsewhere within ``retry_ms``; stop new ones.
@@ -331,16 +332,22 @@ def _host(remote: str) -> str:
     return remote.rpartition(":")[0] or remote
 
 
+#: The ``cause`` label of ``agent_disconnects`` for each close reason
+#: (anything else: ``shutdown``).
+_CAUSES = {
+    CloseReason.PROTOCOL_ERROR: "protocol_error",
+    CloseReason.FLOOD: "protocol_error",
+    CloseReason.CONTROL_UNUSABLE: "protocol_error",
+    CloseReason.KEEPALIVE_TIMEOUT: "keepalive_timeout",
+    CloseReason.REPLACED: "replaced",
+    CloseReason.TRANSPORT_ERROR: "peer_closed",
+    CloseReason.PEER_CLOSED: "peer_closed",
+    CloseReason.GOAWAY: "peer_closed",
+    CloseReason.CONTROL_CLOSED: "peer_closed",
+}
+
+
 def _cause(conn: TunnelConnection) -> str:
-    reason = conn.closed_reason or ""
     if conn.protocol_error is not None:
         return "protocol_error"
-    if reason.startswith("keepalive"):
-        return "keepalive_timeout"
-    if reason.startswith("control stream unusable"):
-        return "protocol_error"
-    if "replaced" in reason:
-        return "replaced"
-    if reason.startswith("transport") or reason.startswith("peer"):
-        return "peer_closed"
-    return "shutdown"
+    return _CAUSES.get(conn.close_reason, "shutdown") if conn.close_reason else "shutdown"

@@ -53,10 +53,10 @@ import trio
 from broker.dialing import DialError
 from broker.metrics import BrokerMetrics
 from broker.registry import Registry
-from protocol import h2compat, packets
+from protocol import h2base, packets
 from protocol import konnectivity_pb2 as pb
 from protocol.errors import InvalidMessage, ProtocolError
-from protocol.flood import FloodGuard, FloodLimits, FrameSizeGuard, FrameTooLarge, unsent_bytes
+from protocol.flood import FloodGuard, FloodLimits, FrameSizeGuard, FrameTooLarge
 from protocol.grpc_framing import (
     DEFAULT_MAX_MESSAGE_SIZE,
     GrpcMessageDecoder,
@@ -67,8 +67,9 @@ from protocol.grpc_framing import (
     status_for_error,
 )
 from protocol.messages import split_host_port
+from tether.netio.h2driver import linger
 from tether.netio.logs import event, limited
-from tether.netio.tunnel import StreamAborted, TunnelClosed, TunnelStream, linger
+from tether.netio.tunnel import StreamAborted, TunnelClosed, TunnelStream
 
 log = logging.getLogger("tether.broker.grpc")
 
@@ -226,14 +227,16 @@ class _Connection:
 
     async def _run_io(self) -> None:
         s = self.settings
-        h2compat.initiate(
+        h2base.initiate(
             self.h2,
+            h2base.H2Settings(
+                initial_window=s.stream_window,
+                connection_window=s.connection_window,
+                max_frame_size=s.max_frame_size,
+                max_concurrent_streams=s.max_concurrent_streams,
+                max_header_list_size=16 * 1024,
+            ),
             client=False,
-            max_concurrent_streams=s.max_concurrent_streams,
-            stream_window=s.stream_window,
-            max_frame_size=s.max_frame_size,
-            max_header_list_size=16 * 1024,
-            connection_window=s.connection_window,
         )
         self.wake_writer()
         try:
@@ -590,6 +593,12 @@ class _Connection:
         except h2.exceptions.ProtocolError:
             pass
         self.wake_writer()
+
+
+def unsent_bytes(conn: h2.connection.H2Connection) -> int:
+    """Bytes h2 holds for the transport (its private buffer; gone once this
+    connection runs on :class:`protocol.h2base.H2Base`)."""
+    return len(getattr(conn, "_data_to_send", b""))
 
 
 def _unknown_method(path: str) -> str:

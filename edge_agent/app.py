@@ -16,10 +16,11 @@ from edge_agent import sdnotify
 from edge_agent.config import AgentConfig
 from edge_agent.dialer import DialFailed, dial_target
 from edge_agent.policy import Policy
-from protocol import handshake, messages, session
+from protocol import events, handshake, messages
 from protocol.budget import BufferBudget, Grant
 from protocol.codes import DialFailCode
-from protocol.errors import HandshakeRejected, ProtocolError
+from protocol.errors import ProtocolError
+from protocol.outcomes import CloseReason
 from protocol.reconnect import Cause, Decision, Kind, LinkOutcome, ReconnectPolicy, Schedule
 from protocol.session import Role, SessionConfig, TunnelSession
 from tether.netio import sockopts, tls
@@ -57,20 +58,24 @@ def connect_error_text(exc: OSError, host: str, port: int) -> str:
     return f"{host}:{port}: {', '.join(reasons) or str(exc)}"
 
 
-def cause_of_close(reason: str) -> Cause:
-    """The cause of a link that ``TunnelConnection`` closed, from its
-    ``closed_reason`` text (tether/netio/tunnel.py). The one place that
-    reads that text; it goes once the close reason is typed."""
-    for prefix, cause in (
-        ("keepalive", Cause.KEEPALIVE_TIMEOUT),
-        ("protocol error", Cause.PROTOCOL_ERROR),
-        ("control stream unusable", Cause.PROTOCOL_ERROR),
-        ("peer closed", Cause.BROKER_CLOSED),
-        ("transport error", Cause.TRANSPORT_ERROR),
-    ):
-        if reason.startswith(prefix):
-            return cause
-    return Cause.OTHER
+#: The cause of a link that ``TunnelConnection`` closed, from its typed
+#: :class:`CloseReason`; any other reason is ``other``.
+_CLOSE_CAUSES = {
+    CloseReason.KEEPALIVE_TIMEOUT: Cause.KEEPALIVE_TIMEOUT,
+    CloseReason.PROTOCOL_ERROR: Cause.PROTOCOL_ERROR,
+    CloseReason.FLOOD: Cause.PROTOCOL_ERROR,
+    CloseReason.CONTROL_UNUSABLE: Cause.PROTOCOL_ERROR,
+    CloseReason.PEER_CLOSED: Cause.BROKER_CLOSED,
+    CloseReason.GOAWAY: Cause.BROKER_CLOSED,
+    CloseReason.CONTROL_CLOSED: Cause.BROKER_CLOSED,
+    CloseReason.TRANSPORT_ERROR: Cause.TRANSPORT_ERROR,
+}
+
+
+def cause_of_close(reason: CloseReason | None) -> Cause:
+    """The cause of a link that ``TunnelConnection`` closed (its
+    :attr:`~tether.netio.tunnel.TunnelConnection.close_reason`)."""
+    return _CLOSE_CAUSES.get(reason, Cause.OTHER) if reason is not None else Cause.OTHER
 
 
 #: TEST ONLY (tests/test_e2e_drain_race.py): seconds the drain waits between
@@ -107,13 +112,13 @@ class BrokerLink:
         #: The broker knows the ``busy`` dial_fail code (older ones do not).
         self.broker_knows_busy = False
 
-    def on_control_requested(self, ev: session.ControlRequested) -> None:
+    def on_control_requested(self, ev: events.ControlRequested) -> None:
         raise AssertionError("agents do not receive requests")
 
-    def on_data_stream_requested(self, ev: session.DataStreamRequested) -> None:
+    def on_data_stream_requested(self, ev: events.DataStreamRequested) -> None:
         raise AssertionError("agents do not receive requests")
 
-    def on_control_accepted(self, ev: session.ControlAccepted) -> None:
+    def on_control_accepted(self, ev: events.ControlAccepted) -> None:
         welcome = handshake.Welcome.from_headers(ev.headers, lenient=True)
         self.server_id = welcome.server_id
         self.server_count = welcome.server_count
@@ -644,7 +649,7 @@ class Agent:
         if isinstance(stream, LinkOutcome):
             task_status.started(failed(stream))
             return
-        sess = TunnelSession(Role.AGENT, self.session_config)
+        sess = TunnelSession(Role.AGENT, self.session_config, clock=trio.current_time)
         sess.initiate()
         token = None
         if cfg.service_account_token_path:
@@ -689,7 +694,7 @@ class Agent:
                     await link.accepted.wait()
                 if not link.accepted.is_set():
                     link.ended_by = Cause.CONTROL_TIMEOUT
-                    conn.abort("control stream not accepted in time")
+                    conn.abort(CloseReason.HANDSHAKE_TIMEOUT, "control stream not accepted in time")
                     return
                 reported = True
                 if self.stopping:
@@ -698,7 +703,7 @@ class Agent:
                     task_status.started(LinkOutcome(Kind.STOPPED))
                     conn.goaway("agent shutting down")
                     await conn.flush()
-                    conn.abort("agent shutting down")
+                    conn.abort(CloseReason.ABORTED, "agent shutting down")
                     return
                 outcome = self._register(link)
                 task_status.started(outcome)
@@ -706,7 +711,9 @@ class Agent:
                     link.duplicate = True
                     conn.goaway("duplicate connection")
                     await conn.flush()
-                    conn.abort(f"duplicate connection to broker {link.server_id}")
+                    conn.abort(
+                        CloseReason.DUPLICATE, f"duplicate connection to broker {link.server_id}"
+                    )
 
             nursery.start_soon(await_welcome)
             await conn.run()
@@ -762,25 +769,27 @@ class Agent:
         return LinkOutcome.connected()
 
     def _link_ended(self, link: BrokerLink, conn: TunnelConnection) -> LinkOutcome:
-        if isinstance(conn.protocol_error, HandshakeRejected):
-            err = conn.protocol_error
-            if handshake.Refusal.reason_of(err.refusal) is handshake.RefusalReason.DUPLICATE:
-                log.info("balancer chose a replica we already hold: %s", err.error)
-                return LinkOutcome.duplicate(err.error)
+        if conn.rejection is not None:
+            err = conn.rejection
+            if handshake.Refusal.reason_of(err.reason_token) is handshake.RefusalReason.DUPLICATE:
+                log.info("balancer chose a replica we already hold: %s", err.message)
+                return LinkOutcome.duplicate(err.message)
             log.error(
                 "broker rejected this agent (%d): %s",
                 err.status,
-                err.error,
+                err.message,
                 extra=event(
                     "auth_rejected",
                     agent_id=self.cfg.agent_id,
                     status=err.status,
                     # An older broker sends no token: its body text starts with one.
-                    reason=err.refusal or err.error.split(":", 1)[0],
+                    reason=err.reason_token or err.message.split(":", 1)[0],
                 ),
             )
             return LinkOutcome.failed(
-                Cause.REJECTED, f"rejected: {err.status} {err.error}", refusal=err.refusal
+                Cause.REJECTED,
+                f"rejected: {err.status} {err.message}",
+                refusal=err.reason_token,
             )
         reason = conn.closed_reason or "closed"
         accepted = link.accepted.is_set()
@@ -792,7 +801,7 @@ class Agent:
                 extra=event("tls_handshake_failed", listener="broker", reason=diagnosis),
             )
             return LinkOutcome.failed(Cause.TLS_HANDSHAKE, f"TLS handshake failed: {diagnosis}")
-        cause = link.ended_by or cause_of_close(reason)
+        cause = link.ended_by or cause_of_close(conn.close_reason)
         drained = link.drain_hint is not None
         if accepted and not link.duplicate:
             # While we drain, the broker closing after our GOAWAY is the plan.

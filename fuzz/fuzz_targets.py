@@ -24,16 +24,21 @@ tail so that libFuzzer's mutations land on it directly.
 
 from __future__ import annotations
 
+import contextlib
 import struct
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import atheris  # type: ignore[import-untyped]
 import h2.errors
+import h2.events
+import h2.exceptions
 import hpack
 import msgpack
 
-from protocol import framing, grpc_framing, messages, packets, session
+from protocol import events as E
+from protocol import framing, grpc_framing, h2base, messages, packets, session
 from protocol.codes import CloseCode, DialFailCode
 from protocol.connect_request import (
     MAX_REQUEST_HEADER_BYTES,
@@ -43,7 +48,7 @@ from protocol.connect_request import (
     parse_connect_request,
     render_response,
 )
-from protocol.errors import ProtocolError
+from protocol.errors import ProtocolError, RemoteProtocolError
 from protocol.messages import split_host_port
 
 Target = Callable[[bytes], None]
@@ -429,26 +434,26 @@ class _Broker:
         self.streams: set[int] = set()
         self.owed: list[tuple[int, int]] = []
 
-    def handle(self, events: list[session.Event]) -> None:
+    def handle(self, events: list[E.Event]) -> None:
         sess, fdp = self.sess, self.fdp
         for ev in events:
-            if isinstance(ev, session.ControlRequested):
+            if isinstance(ev, E.ControlRequested):
                 if fdp.ConsumeIntInRange(0, 3):
                     sess.accept_control({"tether-server-id": "s1", "tether-server-count": "1"})
                 else:
                     sess.reject_control(403, "identity_mismatch: fuzz")
-            elif isinstance(ev, session.DataStreamRequested):
+            elif isinstance(ev, E.DataStreamRequested):
                 if ev.dial_id in self.pending:
                     self.pending.discard(ev.dial_id)  # a replay is refused
                     sess.accept_data_stream(ev.stream_id)
                     self.streams.add(ev.stream_id)
                 else:
                     sess.reset_stream(ev.stream_id, h2.errors.ErrorCodes.CANCEL)
-            elif isinstance(ev, session.StreamData):
+            elif isinstance(ev, E.StreamData):
                 self.owed.append((ev.stream_id, ev.flow_len))
-            elif isinstance(ev, session.StreamReset | session.StreamEnded):
+            elif isinstance(ev, E.StreamReset | E.StreamEnded):
                 self.streams.discard(ev.stream_id)
-            elif isinstance(ev, session.ControlAccepted | session.DataStreamAccepted):
+            elif isinstance(ev, E.ControlAccepted | E.DataStreamAccepted):
                 raise AssertionError(f"a broker session emitted {ev!r}")
         sess.data_to_send()
 
@@ -476,7 +481,7 @@ class _Broker:
             except ProtocolError:
                 pass
         elif op == 6:
-            sess.send_ping()
+            sess.send_ping(b"fuzzping")
         elif op == 7:
             sess.close(0, "fuzz")
         sess.send_capacity(sid)
@@ -490,13 +495,13 @@ def _preface() -> bytes:
 
 
 def fuzz_session(data: bytes) -> None:
-    """``TunnelSession(Role.BROKER)`` after a valid preface: raw bytes, or a
+    """``TunnelSession(Role.BROKER, clock=time.monotonic)`` after a valid preface: raw bytes, or a
     frame-by-frame hostile agent (control and data streams, resets, window
     updates, settings, pings) interleaved with the broker's own actions."""
     if not data:
         return
     fdp = atheris.FuzzedDataProvider(data[1:])
-    sess = session.TunnelSession(session.Role.BROKER)
+    sess = session.TunnelSession(session.Role.BROKER, clock=time.monotonic)
     sess.initiate()
     sess.data_to_send()
     broker = _Broker(sess, fdp)
@@ -524,6 +529,91 @@ def fuzz_session(data: bytes) -> None:
                 return
             broker.handle(events)
             if not sess.backlog:
+                break
+            piece = b""
+
+
+# ------------------------------------------------------ the HTTP/2 base (server)
+
+
+def fuzz_h2base(data: bytes) -> None:
+    """``H2Base`` in the server role after a valid preface, under a hostile
+    client (raw bytes, or frame by frame) while a generic server answers,
+    credits, refuses, resets, sends and drains at random. ``receive_data``
+    may raise only ``RemoteProtocolError`` (``FloodDetected`` is one); the
+    server-side calls and ``data_to_send`` raise nothing."""
+    if not data:
+        return
+    fdp = atheris.FuzzedDataProvider(data[1:])
+    now = 0.0
+    base = h2base.H2Base(
+        h2base.H2Settings(max_concurrent_streams=fdp.ConsumeIntInRange(1, 200)),
+        client=False,
+        now=now,
+    )
+    base.initiate()
+    base.data_to_send()
+    opened: list[int] = []
+
+    def handle(ev: h2.events.Event) -> None:
+        sid = getattr(ev, "stream_id", 0) or 0
+        if isinstance(ev, h2.events.RequestReceived):
+            h2base.header_dict(ev.headers)
+            opened.append(sid)
+            pick = fdp.ConsumeIntInRange(0, 3) if fdp.remaining_bytes() else 0
+            if pick == 1:
+                base.refuse(sid, h2.errors.ErrorCodes.REFUSED_STREAM, now)
+            elif pick == 2:
+                with contextlib.suppress(h2.exceptions.ProtocolError):
+                    base.h2.send_headers(sid, [(":status", "200")])
+        elif isinstance(ev, h2.events.DataReceived):
+            base.credit_stream(sid, ev.flow_controlled_length or 0)
+
+    def act() -> None:
+        if not fdp.remaining_bytes():
+            return
+        op = fdp.ConsumeIntInRange(0, 9)
+        sid = fdp.PickValueInList(opened) if opened else fdp.ConsumeIntInRange(0, 9)
+        if op == 0:
+            base.credit_stream(sid, fdp.ConsumeIntInRange(0, 2**31))
+        elif op == 1:
+            base.reset(sid, h2.errors.ErrorCodes.CANCEL)
+        elif op == 2:
+            base.goaway("fuzz")
+        elif op == 3:
+            room = min(base.send_window(sid), fdp.ConsumeIntInRange(0, 70_000))
+            if room > 0 and not base.closed:
+                with contextlib.suppress(h2.exceptions.ProtocolError):
+                    base.send_data(sid, b"d" * room, end_stream=fdp.ConsumeBool())
+        elif op == 4:
+            base.close(h2.errors.ErrorCodes.NO_ERROR, "fuzz")
+        base.data_to_send()
+
+    agent = _Agent(fdp)
+    if data[0] & 1:
+        size = fdp.ConsumeIntInRange(1, 4096)
+        wire = _preface() + fdp.ConsumeBytes(fdp.remaining_bytes())
+        pieces: Iterator[bytes] = _chunks(wire, [size])
+    else:
+
+        def frames() -> Iterator[bytes]:
+            yield _preface()
+            while fdp.remaining_bytes():
+                yield b"".join(agent.frame() for _ in range(fdp.ConsumeIntInRange(1, 4)))
+                act()
+
+        pieces = frames()
+    for piece in pieces:
+        now += 0.001
+        while True:
+            try:
+                base.receive_data(piece, now, handle)
+            except RemoteProtocolError:
+                base.data_to_send()  # the GOAWAY; must not raise either
+                assert base.closed
+                return
+            base.data_to_send()
+            if not base.backlog:
                 break
             piece = b""
 
@@ -578,5 +668,6 @@ TARGETS: dict[str, Target] = {
     "data_stream": fuzz_data_stream,
     "grpc": fuzz_grpc,
     "session": fuzz_session,
+    "h2base": fuzz_h2base,
     "connect": fuzz_connect,
 }

@@ -102,6 +102,10 @@ def seeds() -> dict[str, list[bytes]]:
             b"\x00" + bytes(range(256)) * 4,
             b"\x00" + b"\x00\x00\x01\x00\x01\x03\x01\x04\x00\x00\x05" * 40,
         ],
+        "h2base": [
+            b"\x01\x10\x00" + raw_after_preface,
+            b"\x00" + bytes(range(256)) * 4,
+        ],
         "connect": [
             CHUNKS + b"CONNECT 10.0.0.5:10250 HTTP/1.1\r\nHost: 10.0.0.5:10250\r\n\r\nearly",
             CHUNKS + b"CONNECT [::1]:22 HTTP/1.1\r\nHost: x\r\nUser-Agent: kube\r\n\r\n",

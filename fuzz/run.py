@@ -24,9 +24,9 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-NAMES = ("messages", "control", "data_stream", "grpc", "session", "connect")
+NAMES = ("messages", "control", "data_stream", "grpc", "session", "h2base", "connect")
 #: Largest input per target: frame-level targets get room for many frames.
-MAX_LEN = {"session": 16384, "connect": 20000}
+MAX_LEN = {"session": 16384, "h2base": 16384, "connect": 20000}
 _DONE = re.compile(rb"Done (\d+) runs in (\d+) second")
 #: Packages whose code coverage guides the fuzzer.
 INSTRUMENT = ["protocol", "broker", "h2", "hpack", "hyperframe", "h11", "fuzz_targets"]

@@ -21,10 +21,10 @@ from __future__ import annotations
 import attrs
 
 from protocol import messages
-from protocol.errors import ProtocolError
+from protocol.errors import RemoteProtocolError
 
 
-class FloodDetected(ProtocolError):
+class FloodDetected(RemoteProtocolError):
     """The peer exceeded a frame budget; ``reason`` names which one."""
 
     reason = "flood"
@@ -240,20 +240,10 @@ class FrameSizeGuard:
         return headers
 
 
-class FrameTooLarge(ProtocolError):
+class FrameTooLarge(RemoteProtocolError):
     """A frame header announced more than our MAX_FRAME_SIZE."""
 
     reason = "h2"
-
-
-def unsent_bytes(conn: object) -> int:
-    """Bytes an ``h2.connection.H2Connection`` holds for the transport.
-
-    h2 has no public way to ask without taking them; its output buffer has
-    been ``_data_to_send`` since h2 2.x.
-    """
-    buf = getattr(conn, "_data_to_send", b"")
-    return len(buf)
 
 
 @attrs.define

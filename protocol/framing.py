@@ -20,7 +20,7 @@ import attrs
 import msgpack
 
 from protocol import messages
-from protocol.errors import MalformedMessage, MessageTooLarge, ProtocolError, SessionError
+from protocol.errors import MalformedMessage, MessageTooLarge, ProtocolError, RemoteProtocolError
 
 #: Largest payload in one ``bin`` object on a data stream.
 MAX_PAYLOAD_OBJECT = 1024 * 1024
@@ -110,7 +110,7 @@ class ControlDecoder:
                 self._start = end
                 msg = messages.decode(obj)
                 if isinstance(msg, messages.Close):
-                    raise SessionError("close map is not valid on the control stream")
+                    raise RemoteProtocolError("close map is not valid on the control stream")
                 out.append((msg, size))
             if self.buffered >= self._max:
                 raise MessageTooLarge(f"control message exceeds {self._max} bytes")
@@ -165,7 +165,7 @@ class DataStreamDecoder:
                 view = self._feed_map(view, out)
                 continue
             if self._closed:
-                raise SessionError("data after close on a data stream")
+                raise RemoteProtocolError("data after close on a data stream")
             if not self._header:
                 first = view[0]
                 if first in _BIN_HEADERS:
@@ -220,7 +220,7 @@ class DataStreamDecoder:
         self._map = None
         msg = messages.decode(obj)
         if not isinstance(msg, messages.Close):
-            raise SessionError("only a close map may appear on a data stream")
+            raise RemoteProtocolError("only a close map may appear on a data stream")
         self._closed = True
         out.append(CloseReceived(msg, used))
         return view[used:]

@@ -1,15 +1,22 @@
-"""The tunnel session: a sans-IO state machine over ``h2.H2Connection``.
+"""The tunnel session: a sans-IO state machine over :class:`protocol.h2base.H2Base`.
 
 One :class:`TunnelSession` drives one agent-to-broker connection, in either
 role. The agent is the HTTP/2 client: it opens the control stream and one data
 stream per successful dial. The broker is the server: it accepts or rejects
 the control stream and pairs each data stream with a pending dial.
 
-Like h11 and h2, the session does no I/O. Feed it received bytes with
-:meth:`TunnelSession.receive_data`, act on the returned events, and send
-whatever :meth:`TunnelSession.data_to_send` returns after *every* call.
+Like h11 and h2, the session does no I/O and reads no clock. Feed it received
+bytes with :meth:`TunnelSession.receive_data`, act on the returned events
+(:mod:`protocol.events`), and send whatever :meth:`TunnelSession.data_to_send`
+returns after *every* call. The clock (for the flood budgets only) is passed
+in by the caller.
 
-Flow control follows design section 2:
+The control stream and each data stream move through the states of
+:mod:`protocol.states`; the guarded HTTP/2 connection underneath (frame-size
+guard, stream admission, flood budgets, connection credit, GOAWAY) is
+:mod:`protocol.h2base`.
+
+Flow control:
 
 * *Connection* credit is returned as soon as a DATA frame has been decoded
   into its stream's buffer, so stalled streams never hold it hostage.
@@ -23,12 +30,9 @@ Flow control follows design section 2:
 from __future__ import annotations
 
 import enum
-import os
-import time
 from collections.abc import Callable
 
 import attrs
-import h2.config
 import h2.connection
 import h2.errors
 import h2.events
@@ -36,22 +40,18 @@ import h2.exceptions
 import h2.settings
 import msgpack
 
-from protocol import framing, h2compat, handshake, messages
-from protocol.errors import HandshakeRejected, ProtocolError, SessionError
-from protocol.flood import (
-    ControlGuard,
-    FloodDetected,
-    FloodGuard,
-    FloodLimits,
-    FrameSizeGuard,
-    FrameTooLarge,
-    unsent_bytes,
-)
+from protocol import events, flow, framing, h2base, handshake, messages, states
+from protocol.errors import LocalProtocolError, ProtocolError, RemoteProtocolError
+from protocol.flood import ControlGuard, FloodLimits
+from protocol.states import ControlInput, ControlState, DataInput, DataState, Side
 
 CONTROL_PATH = handshake.CONTROL_PATH
 STREAM_PATH = handshake.STREAM_PATH
 CONTENT_TYPE = handshake.CONTENT_TYPE
 DIAL_ID_HEADER = handshake.DIAL_ID
+#: Response header of a rejected control stream: the broker's stable refusal
+#: token (see :class:`protocol.events.ControlRejected`).
+REFUSAL_HEADER = handshake.REFUSAL
 
 
 class Role(enum.Enum):
@@ -95,113 +95,6 @@ class SessionConfig:
             raise ValueError("max_frame_size must be between 16 KiB and 16 MiB")
 
 
-# ---------------------------------------------------------------------- events
-
-
-@attrs.frozen
-class ControlRequested:
-    """Broker: an agent opened the control stream. Accept or reject it."""
-
-    stream_id: int
-    headers: dict[str, str]
-
-
-@attrs.frozen
-class ControlAccepted:
-    """Agent: the broker accepted the control stream."""
-
-    headers: dict[str, str]
-
-
-@attrs.frozen
-class MessageReceived:
-    message: messages.Message
-
-
-@attrs.frozen
-class DataStreamRequested:
-    """Broker: the agent opened a data stream for ``dial_id``."""
-
-    stream_id: int
-    dial_id: int
-
-
-@attrs.frozen
-class DataStreamAccepted:
-    """Agent: the broker paired the data stream with its dial."""
-
-    stream_id: int
-
-
-@attrs.frozen
-class StreamData:
-    stream_id: int
-    data: bytes
-    #: Credit to hand back through :meth:`TunnelSession.acknowledge`.
-    flow_len: int
-
-
-@attrs.frozen
-class StreamClosed:
-    """The peer sent a ``close`` map: an error close, with its reason."""
-
-    stream_id: int
-    close: messages.Close
-
-
-@attrs.frozen
-class StreamEnded:
-    """The peer half-closed its direction (END_STREAM, a TCP FIN)."""
-
-    stream_id: int
-
-
-@attrs.frozen
-class StreamReset:
-    """The stream was aborted, by the peer (``remote``) or by the session."""
-
-    stream_id: int
-    error_code: int
-    remote: bool
-    reason: str = ""
-
-
-@attrs.frozen
-class WindowOpened:
-    """Send credit may have grown; ``stream_id`` None means every stream."""
-
-    stream_id: int | None
-
-
-@attrs.frozen
-class PingAcked:
-    payload: bytes
-
-
-@attrs.frozen
-class ConnectionClosed:
-    """GOAWAY received, or the control stream ended: the session is over."""
-
-    error_code: int
-    reason: str
-
-
-Event = (
-    ControlRequested
-    | ControlAccepted
-    | MessageReceived
-    | DataStreamRequested
-    | DataStreamAccepted
-    | StreamData
-    | StreamClosed
-    | StreamEnded
-    | StreamReset
-    | WindowOpened
-    | PingAcked
-    | ConnectionClosed
-)
-
-
 @attrs.define
 class _Stream:
     stream_id: int
@@ -209,113 +102,122 @@ class _Stream:
     decoder: framing.DataStreamDecoder
     #: Our receive window for it: what the peer may have in flight.
     window: int
+    state: DataState = DataState.PENDING
     unacked: int = 0  # stream credit earned but not yet sent as WINDOW_UPDATE
-    accepted: bool = False  # broker: answered 200 (paired with its dial)
-    local_ended: bool = False
-    remote_ended: bool = False
 
+    def move(self, event: DataInput, side: Side) -> None:
+        self.state = states.transition(states.DATA_TRANSITIONS, self.state, event, side)
 
-def _header_dict(headers: object) -> dict[str, str]:
-    """h2 decodes header names and values to str (header_encoding is set)."""
-    out: dict[str, str] = {}
-    for name, value in headers:  # type: ignore[attr-defined]
-        out[name] = f"{out[name]}, {value}" if name in out else value
-    return out
+    @property
+    def local_ended(self) -> bool:
+        return self.state not in states.DATA_SENDING
+
+    @property
+    def remote_ended(self) -> bool:
+        return self.state not in states.DATA_RECEIVING
 
 
 class TunnelSession:
-    """One tunnel connection's protocol state, in either role."""
+    """One tunnel connection's protocol state, in either role.
+
+    ``clock`` (seconds, any epoch) is read only for the flood budgets; the
+    trio runtime passes ``trio.current_time``.
+    """
 
     def __init__(
         self,
         role: Role,
         config: SessionConfig | None = None,
         *,
-        clock: Callable[[], float] = time.monotonic,
+        clock: Callable[[], float],
     ) -> None:
         self.role = role
         self.config = config or SessionConfig()
-        #: Only the flood budgets read it (the session does no I/O).
         self._clock = clock
-        self._flood = FloodGuard(self.config.flood, clock())
+        cfg = self.config
+        self._base = h2base.H2Base(
+            h2base.H2Settings(
+                initial_window=cfg.min_stream_window,
+                connection_window=cfg.connection_window,
+                max_frame_size=cfg.max_frame_size,
+                max_concurrent_streams=cfg.max_concurrent_streams,
+                max_header_list_size=cfg.max_header_list_size,
+                headers_per_call=cfg.headers_per_call,
+                flood=cfg.flood,
+            ),
+            client=role is Role.AGENT,
+            now=clock(),
+        )
         #: Per-type budgets for the agent's control messages (broker only).
-        self._control = ControlGuard(self._flood) if role is Role.BROKER else None
-        self._unread_replies = 0  # bytes h2 queued in reply since our last flush
-        self._frame_sizes = FrameSizeGuard(
-            self.config.max_frame_size, preface=24 if role is Role.BROKER else 0
-        )
-        self._backlog = b""  # received and scanned, not yet fed to h2
-        self._backlog_headers: list[int] = []  # offsets past HEADERS frame headers in it
-        h2_config = h2.config.H2Configuration(
-            client_side=role is Role.AGENT,
-            header_encoding="utf-8",
-            validate_inbound_headers=True,
-        )
-        self._h2 = h2.connection.H2Connection(config=h2_config)
+        self._control = ControlGuard(self._base.flood) if role is Role.BROKER else None
         self._control_id: int | None = None
+        self._control_state = ControlState.IDLE
         self._control_decoder = framing.ControlDecoder(self.config.max_message_size)
-        self._control_open = False
+        #: Status and refusal token of a rejected control stream, until its
+        #: body (the message) arrives and ControlRejected reports them.
+        self._refusal: tuple[int, str] | None = None
         self._streams: dict[int, _Stream] = {}
-        self._conn_unacked = 0
-        self._closed = False
-        self._rejected_status = 0
-        self._refusal = ""  # the refusal token of a rejected control stream
+
+    @property
+    def _h2(self) -> h2.connection.H2Connection:
+        return self._base.h2
 
     # ------------------------------------------------------------- lifecycle
 
     def initiate(self) -> None:
         """Send the connection preface and our settings."""
-        cfg = self.config
-        h2compat.initiate(
-            self._h2,
-            client=self.role is Role.AGENT,
-            max_concurrent_streams=cfg.max_concurrent_streams,
-            stream_window=cfg.min_stream_window,
-            max_frame_size=cfg.max_frame_size,
-            max_header_list_size=cfg.max_header_list_size,
-            connection_window=cfg.connection_window,
-        )
+        self._base.initiate()
 
     @property
     def closed(self) -> bool:
-        return self._closed
+        """Nothing new may be sent: GOAWAY either way, or the control stream
+        was rejected, ended or reset."""
+        return self._base.closed or self._control_state in (
+            ControlState.REJECTED,
+            ControlState.CLOSED,
+        )
+
+    @property
+    def control_state(self) -> ControlState:
+        return self._control_state
 
     @property
     def control_open(self) -> bool:
-        return self._control_open
+        return self._control_state is ControlState.OPEN
 
     @property
     def open_data_streams(self) -> int:
         return len(self._streams)
 
     def data_to_send(self) -> bytes:
-        self._unread_replies = 0
-        return self._h2.data_to_send()
+        return self._base.data_to_send()
 
     def close(self, error_code: int = 0, reason: str = "") -> None:
-        """Send GOAWAY. Streams already open may finish (graceful drain)."""
-        if not self._closed:
-            self._closed = True
-            try:
-                self._h2.close_connection(
-                    error_code=error_code, additional_data=reason.encode()[:256] or None
-                )
-            except h2.exceptions.ProtocolError:
-                pass  # h2 already closed it (a GOAWAY in the same read)
+        """Send GOAWAY. With ``error_code`` 0 it is graceful: streams already
+        open may finish, and what the peer sent before it saw our GOAWAY is
+        still taken. Any other code ends the connection."""
+        if error_code == 0:
+            self._base.goaway(reason)
+        else:
+            self._base.close(error_code, reason)
 
-    def send_ping(self) -> bytes:
-        payload = os.urandom(8)
-        if not self._closed:  # h2 refuses frames after GOAWAY; no ACK will come
+    def send_ping(self, payload: bytes) -> bytes:
+        """Queue a PING with the caller's 8 random bytes; return them."""
+        if not self.closed:  # after GOAWAY no ACK would come
             self._h2.ping(payload)
         return payload
+
+    def _control_move(self, event: ControlInput, side: Side) -> None:
+        self._control_state = states.transition(
+            states.CONTROL_TRANSITIONS, self._control_state, event, side
+        )
 
     # ------------------------------------------------------- control stream
 
     def open_control(self, headers: dict[str, str], authority: str) -> None:
         """Agent: open the control stream (the first request)."""
         self._require(Role.AGENT)
-        if self._control_id is not None:
-            raise SessionError("control stream already open")
+        self._control_move(ControlInput.REQUEST, Side.LOCAL)
         sid = self._h2.get_next_available_stream_id()
         request = [
             (":method", "POST"),
@@ -332,18 +234,20 @@ class TunnelSession:
     def accept_control(self, headers: dict[str, str]) -> None:
         """Broker: answer the control stream with 200."""
         self._require(Role.BROKER)
-        if self._control_id is None or self._control_open:
-            raise SessionError("no control stream to accept")
+        if self._control_id is None or self._control_state is ControlState.OPEN:
+            raise LocalProtocolError("no control stream to accept", reason="no_control_stream")
+        if self.closed:
+            return  # a GOAWAY in the same read as the request: nobody to answer
         response = [(":status", "200"), ("content-type", CONTENT_TYPE), *sorted(headers.items())]
         try:
             self._raise_window(self._control_id, self.config.stream_window)
             self._h2.send_headers(self._control_id, response)
         except h2.exceptions.ProtocolError:
-            # The agent reset the stream (or sent GOAWAY) in the same read as
-            # its request; the ConnectionClosed event after it ends things.
-            self._closed = True
+            # The agent reset the stream in the same read as its request;
+            # the ConnectionClosed event after it ends things.
+            self._control_move(ControlInput.CLOSE, Side.REMOTE)
             return
-        self._control_open = True
+        self._control_move(ControlInput.ACCEPT, Side.LOCAL)
 
     def reject_control(
         self, status: int, error: str, headers: dict[str, str] | None = None
@@ -352,7 +256,9 @@ class TunnelSession:
         ``headers``: the refusal's (:class:`protocol.handshake.Refusal`)."""
         self._require(Role.BROKER)
         if self._control_id is None:
-            raise SessionError("no control stream to reject")
+            raise LocalProtocolError("no control stream to reject", reason="no_control_stream")
+        if self._control_state is ControlState.REQUESTED:
+            self._control_move(ControlInput.REJECT, Side.LOCAL)
         body = msgpack.packb({"error": error[:1024]}, use_bin_type=True)
         try:
             self._h2.send_headers(
@@ -363,7 +269,7 @@ class TunnelSession:
                     *sorted((headers or {}).items()),
                 ],
             )
-            self._h2.send_data(self._control_id, body, end_stream=True)
+            self._base.send_data(self._control_id, body, end_stream=True)
         except h2.exceptions.ProtocolError:
             pass  # the agent already reset the stream: nobody to tell
         self.close(0, "rejected")
@@ -371,18 +277,23 @@ class TunnelSession:
     def send_message(self, msg: messages.Message) -> None:
         """Queue one control message. Control messages are small and rare;
         they bypass the payload flow-control dance and are sent at once when
-        the window allows, else h2 raises and the connection is doomed."""
-        if self._control_id is None or (self.role is Role.BROKER and not self._control_open):
-            raise SessionError("control stream is not open")
-        if self._closed:
-            raise SessionError("connection is closing")
+        the window allows, else the connection is doomed."""
+        if self._control_id is None or (self.role is Role.BROKER and not self.control_open):
+            raise LocalProtocolError("control stream is not open", reason="control_not_open")
+        if self.closed:
+            raise LocalProtocolError("connection is closing", reason="closing")
         data = messages.encode(msg)
         try:
             if self._h2.local_flow_control_window(self._control_id) < len(data):
-                raise SessionError("control stream window exhausted: peer is not reading")
-            self._send_frames(self._control_id, data)
+                raise RemoteProtocolError(
+                    "control stream window exhausted: peer is not reading",
+                    reason="control_stalled",
+                )
+            self._base.send_data(self._control_id, data)
         except h2.exceptions.ProtocolError as exc:
-            raise SessionError(f"control stream is closed: {exc!r}") from None
+            raise RemoteProtocolError(
+                f"control stream is closed: {exc!r}", reason="control_closed"
+            ) from None
         if self._control is not None and isinstance(msg, messages.Dial):
             self._control.dial_sent(msg.id)  # owed an answer: not a flood
 
@@ -392,8 +303,10 @@ class TunnelSession:
         """Agent: open the data stream for a successful dial. ``window``: our
         receive window for it (default ``stream_window``)."""
         self._require(Role.AGENT)
-        if not self._control_open:
-            raise SessionError("control stream is not open")
+        if not self.control_open:
+            raise LocalProtocolError("control stream is not open", reason="control_not_open")
+        if self.closed:
+            raise LocalProtocolError("connection is closing", reason="closing")
         window = self._window(window)
         sid = self._h2.get_next_available_stream_id()
         self._h2.send_headers(
@@ -420,37 +333,35 @@ class TunnelSession:
                 # The agent reset it in the same read as its request; the
                 # StreamReset event right after DataStreamRequested says so.
                 return
-            raise SessionError(f"no data stream {stream_id}")
+            raise LocalProtocolError(f"no data stream {stream_id}", reason="no_data_stream")
         stream = self._streams[stream_id]
-        stream.accepted = True
         stream.window = self._window(window)
+        if self._base.closed:
+            # GOAWAY arrived in the same read: the ConnectionClosed event
+            # that follows aborts every stream, this one included.
+            self._streams.pop(stream_id, None)
+            return
+        stream.move(DataInput.ACCEPT, Side.LOCAL)
         try:
             if not stream.remote_ended:
                 self._raise_window(stream_id, stream.window)
             self._h2.send_headers(stream_id, [(":status", "200"), ("content-type", CONTENT_TYPE)])
         except h2.exceptions.ProtocolError:
-            # GOAWAY arrived in the same read: the ConnectionClosed event
-            # that follows aborts every stream, this one included.
             self._streams.pop(stream_id, None)
 
     def send_capacity(self, stream_id: int) -> int:
         """Payload bytes that may be sent on ``stream_id`` right now."""
         stream = self._streams.get(stream_id)
-        if stream is None or stream.local_ended or self._closed:
+        if stream is None or stream.local_ended or self.closed:
             return 0
-        try:
-            window = self._h2.local_flow_control_window(stream_id)
-        except h2.exceptions.StreamClosedError:
-            return 0
-        room = min(window, self.config.send_chunk + 5) - 5
-        return max(room, 0)
+        return flow.payload_room(self._base.send_window(stream_id), self.config.send_chunk)
 
     def send_data(self, stream_id: int, data: bytes | memoryview) -> int:
         """Send up to :meth:`send_capacity` payload bytes; return how many."""
         n = min(len(data), self.send_capacity(stream_id))
         if n <= 0:
             return 0
-        self._send_frames(stream_id, framing.bin_header(n) + data[:n])
+        self._base.send_data(stream_id, framing.bin_header(n) + data[:n])
         return n
 
     def send_close(self, stream_id: int, close: messages.Close) -> bool:
@@ -460,23 +371,20 @@ class TunnelSession:
         resets the stream instead.
         """
         stream = self._streams.get(stream_id)
-        if stream is None or stream.local_ended or self._closed:
-            return False  # after GOAWAY h2 sends nothing more; the caller resets
+        if stream is None or stream.local_ended or self.closed:
+            return False  # after GOAWAY nothing more is sent; the caller resets
         data = messages.encode(close)
-        try:
-            if self._h2.local_flow_control_window(stream_id) < len(data):
-                return False
-        except h2.exceptions.StreamClosedError:
+        if self._base.send_window(stream_id) < len(data):
             return False
-        self._send_frames(stream_id, data)
+        self._base.send_data(stream_id, data)
         return self.end_stream(stream_id)
 
     def end_stream(self, stream_id: int) -> bool:
         """Half-close our direction (END_STREAM)."""
         stream = self._streams.get(stream_id)
-        if stream is None or stream.local_ended or self._closed:
+        if stream is None or stream.local_ended or self.closed:
             return False
-        stream.local_ended = True
+        stream.move(DataInput.END_LOCAL, Side.LOCAL)
         try:
             self._h2.end_stream(stream_id)
         except h2.exceptions.StreamClosedError:
@@ -490,13 +398,16 @@ class TunnelSession:
         stream = self._streams.pop(stream_id, None)
         if stream is None and stream_id != self._control_id:
             return
-        if stream is not None and self.role is Role.BROKER and not stream.accepted:
+        if (
+            stream is not None
+            and self.role is Role.BROKER
+            and stream.state not in states.DATA_ACCEPTED
+        ):
             # Refused (unknown or replayed dial id): counts like a rapid reset.
-            self._flood.spend("resets", self._clock())
-        try:
-            self._h2.reset_stream(stream_id, error_code=error_code)
-        except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
-            pass
+            self._base.spend("resets", self._clock())
+        if stream is not None:
+            stream.move(DataInput.RESET, Side.LOCAL)
+        self._base.reset(stream_id, error_code)
 
     def acknowledge(self, stream_id: int, flow_len: int) -> None:
         """The destination took ``flow_len`` wire bytes of this stream."""
@@ -507,9 +418,8 @@ class TunnelSession:
 
     def _earn(self, stream: _Stream, n: int) -> None:
         stream.unacked += n
-        # Batch WINDOW_UPDATEs; a quarter window keeps the sender streaming,
-        # and a blocked sender always has at least that much outstanding.
-        if stream.unacked >= stream.window // 4:
+        # Batched WINDOW_UPDATEs (see protocol.flow).
+        if flow.stream_credit_due(stream.unacked, stream.window):
             self._credit_stream(stream)
 
     def stream_window(self, stream_id: int) -> int:
@@ -517,16 +427,21 @@ class TunnelSession:
         stream = self._streams.get(stream_id)
         return stream.window if stream is not None else 0
 
+    def stream_state(self, stream_id: int) -> DataState | None:
+        """A data stream's state (None: not tracked, or already forgotten)."""
+        stream = self._streams.get(stream_id)
+        return stream.state if stream is not None else None
+
     def grow_window(self, stream_id: int, n: int) -> bool:
         """Raise a data stream's receive window by ``n`` (the caller asked
         its :class:`protocol.budget.BufferBudget` first); say whether it grew."""
         stream = self._streams.get(stream_id)
-        if stream is None or n <= 0 or stream.remote_ended or self._closed:
+        if stream is None or n <= 0 or stream.remote_ended or self.closed:
             return False
         if stream.window + n > 2**31 - 1:
             return False
         stream.window += n
-        self._credit_stream_now(stream_id, n)
+        self._base.credit_stream(stream_id, n)
         return True
 
     def _window(self, window: int | None) -> int:
@@ -534,14 +449,14 @@ class TunnelSession:
         if window is None:
             return cfg.stream_window
         if not cfg.min_stream_window <= window <= 2**31 - 1:
-            raise SessionError(f"stream window {window} below min_stream_window")
+            raise LocalProtocolError(
+                f"stream window {window} below min_stream_window", reason="window"
+            )
         return window
 
     def _raise_window(self, stream_id: int, window: int) -> None:
         """Raise a new stream from the announced initial window to ``window``."""
-        extra = window - self.config.min_stream_window
-        if extra > 0:
-            self._credit_stream_now(stream_id, extra)
+        self._base.credit_stream(stream_id, window - self.config.min_stream_window)
 
     # -------------------------------------------------------------- receive
 
@@ -549,73 +464,22 @@ class TunnelSession:
     def backlog(self) -> bool:
         """Received bytes still to process: call :meth:`receive_data` with
         ``b""`` (after handling the events) until this is False."""
-        return bool(self._backlog)
+        return self._base.backlog
 
-    def _next_input(self, data: bytes) -> bytes:
-        """What to feed h2 now: at most ``headers_per_call`` new streams' worth."""
-        try:
-            opened = self._frame_sizes.check(data)
-        except FrameTooLarge as exc:
-            self.close(h2.errors.ErrorCodes.FRAME_SIZE_ERROR, "frame too large")
-            raise SessionError(f"HTTP/2 protocol violation: {exc}", reason="h2") from None
-        limit = self.config.headers_per_call
-        if not self._backlog and len(opened) <= limit:
-            return data  # the common case: no copy
-        base = len(self._backlog)
-        self._backlog += data
-        self._backlog_headers += [base + offset for offset in opened]
-        cut = len(self._backlog)
-        if len(self._backlog_headers) > limit:
-            cut = self._backlog_headers[limit - 1]
-        chunk, self._backlog = self._backlog[:cut], self._backlog[cut:]
-        self._backlog_headers = [o - cut for o in self._backlog_headers[limit:]]
-        return chunk
-
-    def receive_data(self, data: bytes) -> list[Event]:
+    def receive_data(self, data: bytes) -> list[events.Event]:
         """Feed bytes from the transport; return the resulting events.
 
-        Raises :class:`ProtocolError` for a connection-level violation; a
-        GOAWAY is then queued in :meth:`data_to_send`. A peer over one of its
-        flood budgets gets GOAWAY(ENHANCE_YOUR_CALM) and :class:`FloodDetected`.
-        A burst of new streams is taken in parts: see :attr:`backlog`.
+        Raises :class:`RemoteProtocolError` for a connection-level violation;
+        a GOAWAY is then queued in :meth:`data_to_send`. A peer over one of
+        its flood budgets gets GOAWAY(ENHANCE_YOUR_CALM) and
+        :class:`protocol.flood.FloodDetected`. A burst of new streams is
+        taken in parts: see :attr:`backlog`.
         """
-        queued_before = unsent_bytes(self._h2)
-        data = self._next_input(data)
-        try:
-            h2_events = self._h2.receive_data(data)
-        except h2.exceptions.ProtocolError as exc:
-            self._closed = True
-            raise SessionError(f"HTTP/2 protocol violation: {exc}", reason="h2") from None
-        except UnicodeDecodeError:
-            # h2 decodes header bytes as UTF-8 (header_encoding) and lets the
-            # error escape, queueing no GOAWAY: a violation like any other.
-            self.close(h2.errors.ErrorCodes.PROTOCOL_ERROR, "header_encoding")
-            raise SessionError("header field is not UTF-8", reason="header_encoding") from None
-        out: list[Event] = []
-        try:
-            for ev in h2_events:
-                self._handle(ev, out)
-            self._flush_conn_credit()
-            # Replies h2 queued on its own (ACKs, RST_STREAMs) pile up while
-            # the transport is not flushed, i.e. while the peer is not reading.
-            self._unread_replies += max(0, unsent_bytes(self._h2) - queued_before)
-            if self._unread_replies > self.config.flood.max_unread_replies:
-                self._flood.exhausted = self._flood.exhausted or "flood_unread_replies"
-            self._flood.check()
-        except HandshakeRejected:
-            raise
-        except FloodDetected as exc:
-            # Answer none of the flood (its ACKs and RSTs); just the GOAWAY.
-            self._h2.clear_outbound_data_buffer()
-            self.close(h2.errors.ErrorCodes.ENHANCE_YOUR_CALM, exc.reason)
-            raise
-        except ProtocolError as exc:
-            # A control-stream violation: the whole connection goes.
-            self.close(h2.errors.ErrorCodes.PROTOCOL_ERROR, exc.reason)
-            raise
+        out: list[events.Event] = []
+        self._base.receive_data(data, self._clock(), lambda ev: self._handle(ev, out))
         return out
 
-    def _handle(self, ev: h2.events.Event, out: list[Event]) -> None:
+    def _handle(self, ev: h2.events.Event, out: list[events.Event]) -> None:
         if isinstance(ev, h2.events.DataReceived):
             self._on_data(ev, out)
         elif isinstance(ev, h2.events.RequestReceived):
@@ -627,24 +491,21 @@ class TunnelSession:
         elif isinstance(ev, h2.events.StreamReset):
             self._on_stream_reset(ev, out)
         elif isinstance(ev, h2.events.WindowUpdated):
-            out.append(WindowOpened(ev.stream_id or None))
+            out.append(events.WindowOpened(ev.stream_id or None))
         elif isinstance(ev, h2.events.RemoteSettingsChanged):
-            self._flood.spend("settings", self._clock())
             if h2.settings.SettingCodes.INITIAL_WINDOW_SIZE in ev.changed_settings:
-                out.append(WindowOpened(None))
-        elif isinstance(ev, h2.events.PingReceived):
-            self._flood.spend("pings", self._clock())  # h2 queued the ACK itself
+                out.append(events.WindowOpened(None))
         elif isinstance(ev, h2.events.PingAckReceived):
-            out.append(PingAcked(bytes(ev.ping_data)))
+            out.append(events.PingAcked(bytes(ev.ping_data)))
         elif isinstance(ev, h2.events.ConnectionTerminated):
-            self._closed = True
             reason = (ev.additional_data or b"").decode("utf-8", "replace")
-            out.append(ConnectionClosed(int(ev.error_code or 0), reason or "goaway"))
-        # Trailers (h2 emits StreamEnded for them separately), SETTINGS ACKs, PINGs (h2 answers them itself), priority and unknown
-        # frames need no action beyond flushing data_to_send().
+            out.append(events.ConnectionClosed(int(ev.error_code or 0), reason or "goaway"))
+        # Trailers (h2 emits StreamEnded for them separately), SETTINGS ACKs,
+        # PINGs (h2 answers them itself), priority and unknown frames need no
+        # action beyond flushing data_to_send().
 
-    def _on_request(self, ev: h2.events.RequestReceived, out: list[Event]) -> None:
-        headers = _header_dict(ev.headers)
+    def _on_request(self, ev: h2.events.RequestReceived, out: list[events.Event]) -> None:
+        headers = h2base.header_dict(ev.headers)
         sid = ev.stream_id
         method, path = headers.get(":method"), headers.get(":path")
         if self.role is Role.AGENT:
@@ -659,15 +520,16 @@ class TunnelSession:
             self._refuse(sid, h2.errors.ErrorCodes.NO_ERROR)
             return
         if path == CONTROL_PATH:
-            if self._control_id is not None:
+            if self._control_state is not ControlState.IDLE:
                 self._refuse(sid, h2.errors.ErrorCodes.PROTOCOL_ERROR)
                 return
+            self._control_move(ControlInput.REQUEST, Side.REMOTE)
             self._control_id = sid
-            out.append(ControlRequested(sid, headers))
+            out.append(events.ControlRequested(sid, headers))
             return
         raw_id = headers.get(DIAL_ID_HEADER, "")
         ok_id = raw_id.isascii() and raw_id.isdigit()  # isdigit() alone admits '²'
-        if not self._control_open or not ok_id or int(raw_id) >= 2**64:
+        if not self.control_open or not ok_id or int(raw_id) >= 2**64:
             self._refuse(sid, h2.errors.ErrorCodes.CANCEL)
             return
         # Until accept_data_stream raises it, the stream has the initial window.
@@ -677,156 +539,158 @@ class TunnelSession:
         self._streams[sid] = stream
         if self._control is not None:
             self._control.dial_answered(int(raw_id))
-        out.append(DataStreamRequested(sid, int(raw_id)))
+        out.append(events.DataStreamRequested(sid, int(raw_id)))
 
-    def _on_response(self, ev: h2.events.ResponseReceived, out: list[Event]) -> None:
-        headers = _header_dict(ev.headers)
+    def _on_response(self, ev: h2.events.ResponseReceived, out: list[events.Event]) -> None:
+        headers = h2base.header_dict(ev.headers)
         status = headers.get(":status", "")
         if ev.stream_id == self._control_id:
+            if self._control_state is not ControlState.REQUESTED:
+                return  # h2 lets only one response through; nothing to do
             if status == "200":
-                self._control_open = True
-                out.append(ControlAccepted(headers))
+                self._control_move(ControlInput.ACCEPT, Side.REMOTE)
+                out.append(events.ControlAccepted(headers))
             else:
-                self._rejected_status = int(status) if status.isascii() and status.isdigit() else 0
-                self._refusal = handshake.Refusal.token_from_headers(headers)
+                self._control_move(ControlInput.REJECT, Side.REMOTE)
+                code = int(status) if status.isascii() and status.isdigit() else 0
+                self._refusal = (code, handshake.Refusal.token_from_headers(headers))
             return
-        if ev.stream_id in self._streams:
+        stream = self._streams.get(ev.stream_id)
+        if stream is not None:
             if status == "200":
-                out.append(DataStreamAccepted(ev.stream_id))
+                if stream.state not in states.DATA_ACCEPTED:
+                    stream.move(DataInput.ACCEPT, Side.REMOTE)
+                out.append(events.DataStreamAccepted(ev.stream_id))
             else:
                 self.reset_stream(ev.stream_id)
-                out.append(StreamReset(ev.stream_id, 0, remote=True, reason=f"status {status}"))
+                out.append(
+                    events.StreamReset(ev.stream_id, 0, remote=True, reason=f"status {status}")
+                )
 
-    def _on_data(self, ev: h2.events.DataReceived, out: list[Event]) -> None:
+    def _on_data(self, ev: h2.events.DataReceived, out: list[events.Event]) -> None:
         sid = ev.stream_id
-        flow = ev.flow_controlled_length or 0
+        flow_len = ev.flow_controlled_length or 0
         data = bytes(ev.data or b"")
-        # Connection credit: the bytes now sit in a bounded per-stream buffer.
-        self._conn_unacked += flow
-        padding = flow - len(data)
+        padding = flow_len - len(data)
         if sid == self._control_id:
-            self._on_control_data(sid, data, flow, out)
+            self._on_control_data(sid, data, flow_len, out)
             return
         stream = self._streams.get(sid)
         if stream is None:
             return  # a stream we already reset; h2 still counts it
         if padding > 0:
-            self._credit_stream_now(sid, padding)
+            self._base.credit_stream(sid, padding)
         try:
             items = stream.decoder.feed(data)
         except ProtocolError as exc:
             self.reset_stream(sid, h2.errors.ErrorCodes.PROTOCOL_ERROR)
-            out.append(StreamReset(sid, h2.errors.ErrorCodes.PROTOCOL_ERROR, False, str(exc)))
+            out.append(
+                events.StreamReset(sid, h2.errors.ErrorCodes.PROTOCOL_ERROR, False, str(exc))
+            )
             return
         for item in items:
             if isinstance(item, framing.Payload):
                 if item.data:
-                    out.append(StreamData(sid, item.data, item.wire_len))
+                    out.append(events.StreamData(sid, item.data, item.wire_len))
                 else:
                     self._earn(stream, item.wire_len)
             else:
                 self._earn(stream, item.wire_len)
-                out.append(StreamClosed(sid, item.close))
+                out.append(events.StreamClosed(sid, item.close))
 
-    def _on_control_data(self, sid: int, data: bytes, flow: int, out: list[Event]) -> None:
-        if self.role is Role.AGENT and not self._control_open:
-            self._on_rejection_body(data, out)
+    def _on_control_data(
+        self, sid: int, data: bytes, flow_len: int, out: list[events.Event]
+    ) -> None:
+        if self._control_state is ControlState.REJECTED:
+            if self.role is Role.AGENT:
+                self._on_rejection_body(data, out)
             return
-        if flow:
-            self._credit_stream_now(sid, flow)
+        if self.role is Role.AGENT and self._control_state is not ControlState.OPEN:
+            return  # no response yet: h2 refuses DATA before HEADERS
+        self._base.credit_stream(sid, flow_len)
         # A ProtocolError closes the connection; so does a spent budget.
         for msg, size in self._control_decoder.feed_sized(data):
             if self._control is not None and not self._control.admit(msg, size, self._clock()):
                 return  # receive_data raises FloodDetected: none of it is handed out
             if msg is not None:
-                out.append(MessageReceived(msg))
+                out.append(events.MessageReceived(msg))
 
-    def _on_rejection_body(self, data: bytes, out: list[Event]) -> None:
-        status = self._rejected_status
+    def _on_rejection_body(self, data: bytes, out: list[events.Event]) -> None:
         try:
             body = msgpack.unpackb(data, raw=False)
             error = str(body.get("error", "")) if isinstance(body, dict) else ""
         except Exception:
             error = data[:200].decode("utf-8", "replace")
-        self._closed = True
-        raise HandshakeRejected(status, error, self._refusal)
+        self._report_refusal(error, out)
 
-    def _on_stream_ended(self, sid: int, out: list[Event]) -> None:
+    def _report_refusal(self, message: str, out: list[events.Event]) -> None:
+        """Agent: the one ControlRejected for a rejected control stream."""
+        if self._refusal is not None:
+            status, token = self._refusal
+            self._refusal = None
+            out.append(events.ControlRejected(status, token, message))
+
+    def _on_stream_ended(self, sid: int, out: list[events.Event]) -> None:
         if sid == self._control_id:
-            if self.role is Role.AGENT and not self._control_open:
-                raise HandshakeRejected(self._rejected_status, "", self._refusal)
-            self._closed = True
-            out.append(ConnectionClosed(0, "control stream ended"))
+            if self.role is Role.AGENT and self._control_state is ControlState.REJECTED:
+                self._report_refusal("", out)  # a rejection without a body
+                return
+            self._control_move(ControlInput.CLOSE, Side.REMOTE)
+            out.append(events.ConnectionClosed(0, "control stream ended", goaway=False))
             return
         stream = self._streams.get(sid)
         if stream is None:
             return
         if stream.decoder.mid_object:
             self.reset_stream(sid, h2.errors.ErrorCodes.PROTOCOL_ERROR)
-            out.append(StreamReset(sid, h2.errors.ErrorCodes.PROTOCOL_ERROR, False, "truncated"))
+            out.append(
+                events.StreamReset(sid, h2.errors.ErrorCodes.PROTOCOL_ERROR, False, "truncated")
+            )
             return
-        stream.remote_ended = True
-        out.append(StreamEnded(sid))
+        stream.move(DataInput.END_REMOTE, Side.REMOTE)
+        out.append(events.StreamEnded(sid))
         self._maybe_forget(stream)
 
-    def _on_stream_reset(self, ev: h2.events.StreamReset, out: list[Event]) -> None:
+    def _on_stream_reset(self, ev: h2.events.StreamReset, out: list[events.Event]) -> None:
         sid = ev.stream_id
-        self._flood.spend("resets", self._clock())
         if sid == self._control_id:
             if not ev.remote_reset:
                 # h2 reset it for a violation (say, a window overflow): the
                 # connection cannot go on without its control stream.
-                raise SessionError(
+                raise RemoteProtocolError(
                     f"control stream violation (error code {int(ev.error_code or 0)})",
                     reason="h2",
                 )
-            self._closed = True
-            out.append(ConnectionClosed(int(ev.error_code or 0), "control stream reset"))
+            self._control_move(ControlInput.CLOSE, Side.REMOTE)
+            out.append(
+                events.ConnectionClosed(
+                    int(ev.error_code or 0), "control stream reset", goaway=False
+                )
+            )
             return
-        if self._streams.pop(sid, None) is not None:
-            out.append(StreamReset(sid, int(ev.error_code or 0), remote=bool(ev.remote_reset)))
+        stream = self._streams.pop(sid, None)
+        if stream is not None:
+            stream.move(DataInput.RESET, Side.REMOTE)
+            out.append(
+                events.StreamReset(sid, int(ev.error_code or 0), remote=bool(ev.remote_reset))
+            )
 
     # ------------------------------------------------------------- helpers
 
     def _require(self, role: Role) -> None:
         if self.role is not role:
-            raise SessionError(f"only the {role.value} may do this")
+            raise LocalProtocolError(f"only the {role.value} may do this", reason="wrong_role")
 
     def _refuse(self, sid: int, code: int) -> None:
-        self._flood.spend("resets", self._clock())
-        try:
-            self._h2.reset_stream(sid, error_code=code)
-        except h2.exceptions.ProtocolError:
-            pass
-
-    def _send_frames(self, stream_id: int, data: bytes) -> None:
-        view = memoryview(data)
-        while view:
-            size = self._h2.max_outbound_frame_size
-            self._h2.send_data(stream_id, view[:size])
-            view = view[size:]
-
-    def _credit_stream_now(self, stream_id: int, n: int) -> None:
-        try:
-            self._h2.increment_flow_control_window(n, stream_id=stream_id)
-        # h2 looks the stream up with a bare dict access: a closed stream it
-        # has already purged (a new stream opened later in the same read)
-        # raises KeyError, not StreamClosedError.
-        except (h2.exceptions.ProtocolError, KeyError):
-            pass
+        self._base.refuse(sid, code, self._clock())
 
     def _credit_stream(self, stream: _Stream) -> None:
         if stream.unacked > 0 and not stream.remote_ended:
-            self._credit_stream_now(stream.stream_id, stream.unacked)
+            self._base.credit_stream(stream.stream_id, stream.unacked)
         stream.unacked = 0
 
-    def _flush_conn_credit(self) -> None:
-        if self._conn_unacked >= self.config.connection_window // 8:
-            self._h2.increment_flow_control_window(self._conn_unacked)
-            self._conn_unacked = 0
-
     def _maybe_forget(self, stream: _Stream) -> None:
-        if stream.local_ended and stream.remote_ended:
+        if stream.state is DataState.CLOSED:
             self._forget(stream.stream_id)
 
     def _forget(self, stream_id: int) -> None:

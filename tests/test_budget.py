@@ -25,7 +25,8 @@ from test_tunnel_memory import (
 
 from protocol import budget
 from protocol.budget import BufferBudget, Grant, outbox_limit, stream_cost
-from protocol.errors import SessionError
+from protocol.errors import LocalProtocolError
+from protocol.outcomes import CloseReason
 from protocol.session import SessionConfig
 from tether.netio.tunnel import Keepalive, StreamAborted, TunnelConnection, TunnelStream
 
@@ -152,7 +153,7 @@ def test_streams_start_at_the_floor_and_are_raised_to_their_grant() -> None:
     assert agent._h2.remote_flow_control_window(ctl) == cfg.stream_window
     small = agent.open_data_stream(1, AUTHORITY, window=cfg.min_stream_window)
     full = agent.open_data_stream(2, AUTHORITY)
-    with pytest.raises(SessionError, match="below min_stream_window"):
+    with pytest.raises(LocalProtocolError, match="below min_stream_window"):
         agent.open_data_stream(3, AUTHORITY, window=cfg.min_stream_window - 1)
     broker.receive_data(agent.data_to_send())
     broker.accept_data_stream(small, window=cfg.min_stream_window)
@@ -267,7 +268,7 @@ async def test_every_grant_comes_back_once_however_the_stream_ends() -> None:
         with trio.move_on_after(0.5):
             await pairs[0][0].send_all(b"z" * 4 * MiB)  # nobody reads: stalls
         assert b_agent.reserved == sum(g.cost for g in grants if g)
-        agent.abort("test says so")
+        agent.abort(CloseReason.ABORTED, "test says so")
         with trio.fail_after(5):
             while b_agent.reserved:
                 await trio.sleep(0.01)
@@ -303,7 +304,7 @@ async def test_a_busy_agent_answers_in_the_broker_s_vocabulary(knows_busy: bool)
     from edge_agent.app import BrokerLink
     from protocol import messages
     from protocol.codes import DialFailCode
-    from protocol.session import ControlAccepted
+    from protocol.events import ControlAccepted
 
     async with trio.open_nursery() as nursery:
         link = BrokerLink(_Agent(FLOOR), nursery)  # type: ignore[arg-type]

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from protocol import messages
 from protocol.codes import CloseCode, DialFailCode
-from protocol.errors import MalformedMessage, MessageTooLarge, ProtocolError, SessionError
+from protocol.errors import MalformedMessage, MessageTooLarge, ProtocolError, RemoteProtocolError
 from protocol.framing import (
     MAX_PAYLOAD_OBJECT,
     CloseReceived,
@@ -229,7 +229,7 @@ def test_control_burst_of_small_messages_over_64k_in_total() -> None:
 
 
 def test_control_rejects_close_map() -> None:
-    with pytest.raises(SessionError):
+    with pytest.raises(RemoteProtocolError):
         ControlDecoder().feed(messages.encode(Close(CloseCode.RESET, "x")))
 
 
@@ -370,8 +370,8 @@ def test_data_non_bin_non_map_is_malformed(data: bytes) -> None:
 @pytest.mark.parametrize(
     "body,exc",
     [
-        ({"t": "cancel", "id": 1}, SessionError),  # a control message is not a close
-        ({"t": "future"}, SessionError),  # unknown type: still not a close
+        ({"t": "cancel", "id": 1}, RemoteProtocolError),  # a control message is not a close
+        ({"t": "future"}, RemoteProtocolError),  # unknown type: still not a close
         ({"t": "close", "code": "bogus"}, ProtocolError),
         ({"t": "close", "code": 1}, ProtocolError),
         ({}, ProtocolError),
@@ -401,12 +401,12 @@ def test_data_close_map_over_the_limit() -> None:
 )
 def test_data_after_close_is_a_session_error(after: bytes) -> None:
     close = messages.encode(Close(CloseCode.RESET, "bye"))
-    with pytest.raises(SessionError):
+    with pytest.raises(RemoteProtocolError):
         DataStreamDecoder().feed(close + after)
     dec = DataStreamDecoder()
     items = dec.feed(close)
     assert items == [CloseReceived(Close(CloseCode.RESET, "bye"), len(close))]
-    with pytest.raises(SessionError):
+    with pytest.raises(RemoteProtocolError):
         dec.feed(after)
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import base64
 import sys
+import time
 from pathlib import Path
 
 import h2.config
@@ -26,9 +27,10 @@ import h2.connection
 import h2.errors
 import pytest
 
+from protocol import events as E
 from protocol import messages, session
 from protocol.codes import CloseCode
-from protocol.errors import SessionError
+from protocol.errors import LocalProtocolError, RemoteProtocolError
 from protocol.grpc_framing import decode_grpc_message
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "fuzz"))
@@ -70,7 +72,7 @@ CRASHES: dict[str, tuple[str, str]] = {
         "h6qikT8Uy8vLywAAAP/+AAALAAAAAAAEAADOAABkMC4xLjAuMC9TOWxaQ2Vyc7o/FMvLy8sAAAD//gAACwAAAAAA"
         "BAAAzgAAZDAuMS4wLjAvUzl2YWxhKA==",
     ),
-    # A control message (a dial) after the agent ended the control stream: StreamClosedError instead of SessionError.
+    # A control message (a dial) after the agent ended the control stream: StreamClosedError instead of a ProtocolError.
     "message_on_a_closed_control_stream": (
         "session",
         "IAAAAQD/////////////////////////////////////////////////////////////////////////////////"
@@ -134,7 +136,7 @@ def test_crashing_input_runs_clean(name: str) -> None:
 
 
 def _broker() -> session.TunnelSession:
-    sess = session.TunnelSession(session.Role.BROKER)
+    sess = session.TunnelSession(session.Role.BROKER, clock=time.monotonic)
     sess.initiate()
     sess.data_to_send()
     return sess
@@ -179,7 +181,7 @@ def test_header_not_utf8() -> None:
             (b"tether-agent-id", b"a\xff\xfe"),
         ],
     )
-    with pytest.raises(SessionError) as info:
+    with pytest.raises(RemoteProtocolError) as info:
         sess.receive_data(agent.data_to_send())
     assert info.value.reason == "header_encoding"
     assert sess.data_to_send()  # the GOAWAY
@@ -191,7 +193,7 @@ def test_control_stream_reset_in_the_same_read(accept: bool) -> None:
     agent.send_headers(1, _request(session.CONTROL_PATH, [("tether-agent-id", "a")]))
     agent.reset_stream(1)
     events = sess.receive_data(agent.data_to_send())
-    assert isinstance(events[-1], session.ConnectionClosed)
+    assert isinstance(events[-1], E.ConnectionClosed)
     if accept:
         sess.accept_control({})
     else:
@@ -214,7 +216,7 @@ def test_data_stream_accepted_after_goaway_in_the_same_read() -> None:
     agent.send_headers(3, _request(session.STREAM_PATH, [(session.DIAL_ID_HEADER, "7")]))
     agent.close_connection()
     events = sess.receive_data(agent.data_to_send())
-    (requested,) = [e for e in events if isinstance(e, session.DataStreamRequested)]
+    (requested,) = [e for e in events if isinstance(e, E.DataStreamRequested)]
     sess.accept_data_stream(requested.stream_id)
     sess.data_to_send()
 
@@ -223,7 +225,7 @@ def test_message_on_a_closed_control_stream() -> None:
     sess, agent = _accepted()
     agent.end_stream(1)
     sess.receive_data(agent.data_to_send())
-    with pytest.raises(SessionError):
+    with pytest.raises(LocalProtocolError):
         sess.send_message(messages.Dial(id=1, addr="a:1", timeout_ms=1000))
 
 
@@ -233,11 +235,11 @@ def test_sending_after_goaway() -> None:
     sess.receive_data(agent.data_to_send())
     sess.accept_data_stream(3)
     sess.close(h2.errors.ErrorCodes.NO_ERROR, "shutdown")
-    sess.send_ping()
+    sess.send_ping(b"fuzzping")
     assert sess.send_close(3, messages.Close(CloseCode.RESET, "x")) is False
     assert sess.end_stream(3) is False
     assert sess.send_data(3, b"data") == 0
-    with pytest.raises(SessionError):
+    with pytest.raises(LocalProtocolError):
         sess.send_message(messages.Cancel(id=7))
     sess.data_to_send()
 
@@ -253,5 +255,5 @@ def test_credit_for_a_stream_h2_already_purged() -> None:
     agent.reset_stream(1)
     agent.send_headers(3, _request(session.STREAM_PATH, [(session.DIAL_ID_HEADER, "1")]))
     events = sess.receive_data(agent.data_to_send())
-    assert isinstance(events[0], session.MessageReceived)
-    assert isinstance(events[1], session.ConnectionClosed)
+    assert isinstance(events[0], E.MessageReceived)
+    assert isinstance(events[1], E.ConnectionClosed)

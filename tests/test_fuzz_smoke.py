@@ -22,7 +22,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 RUNNER = ROOT / "fuzz" / "run.py"
-TARGETS = ("messages", "control", "data_stream", "grpc", "session", "connect")
+TARGETS = ("messages", "control", "data_stream", "grpc", "session", "h2base", "connect")
 SECONDS = 4
 PARALLEL = 3
 _DONE = re.compile(r"Done (\d+) runs in (\d+) second")

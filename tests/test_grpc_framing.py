@@ -9,7 +9,7 @@ from protocol.errors import (
     MalformedMessage,
     MessageTooLarge,
     ProtocolError,
-    SessionError,
+    RemoteProtocolError,
 )
 from protocol.grpc_framing import (
     REASON_BAD_FLAG,
@@ -174,7 +174,7 @@ def test_status_for_error_mapping() -> None:
     bad_pb = MalformedMessage("grpc: failed to unmarshal the received message: x")
     assert status_for_error(bad_pb) == (GrpcStatus.INTERNAL, str(bad_pb))
     assert status_for_error(InvalidMessage("mismatch"))[0] == GrpcStatus.INVALID_ARGUMENT
-    assert status_for_error(SessionError("x"))[0] == GrpcStatus.INTERNAL
+    assert status_for_error(RemoteProtocolError("x"))[0] == GrpcStatus.INTERNAL
 
 
 def test_status_codes() -> None:

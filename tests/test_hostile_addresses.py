@@ -32,13 +32,8 @@ from protocol import konnectivity_pb2 as pb
 from protocol import messages
 from protocol.addresses import REASONS, BadAddress, parse_address
 from protocol.codes import DialFailCode
-from protocol.session import (
-    ControlAccepted,
-    ControlRequested,
-    DataStreamRequested,
-    Role,
-    TunnelSession,
-)
+from protocol.events import ControlAccepted, ControlRequested, DataStreamRequested
+from protocol.session import Role, TunnelSession
 from tether.netio import tls
 from tether.netio.tls_stream import TLSStream
 from tether.netio.tunnel import Keepalive, TunnelConnection, TunnelStream
@@ -380,7 +375,7 @@ class HostileBroker:
             self.connections += 1
             stream = TLSStream(tcp, ctx, server_side=True)
             await stream.do_handshake()
-            sess = TunnelSession(Role.BROKER)
+            sess = TunnelSession(Role.BROKER, clock=trio.current_time)
             sess.initiate()
             self.conn = TunnelConnection(
                 stream, sess, self, keepalive=Keepalive(interval=math.inf), name="agent"

@@ -22,9 +22,10 @@ import trustme
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from protocol import events as E
 from protocol import messages, session
 from protocol.codes import DialFailCode
-from protocol.errors import ProtocolError, SessionError
+from protocol.errors import ProtocolError, RemoteProtocolError
 from protocol.flood import (
     MAX_IDENTIFIER_ENTRIES,
     Budget,
@@ -99,7 +100,7 @@ def _accepted(
     sess, agent = _broker(clock, limits), _agent()
     _control(agent)
     events = sess.receive_data(agent.data_to_send())
-    assert any(isinstance(e, session.ControlRequested) for e in events)
+    assert any(isinstance(e, E.ControlRequested) for e in events)
     sess.accept_control({})
     agent.receive_data(sess.data_to_send())
     return sess, agent
@@ -187,7 +188,7 @@ def test_a_burst_of_streams_is_taken_in_parts() -> None:
     parts, requested = 1, []
     while True:
         for ev in events:
-            if isinstance(ev, session.DataStreamRequested):
+            if isinstance(ev, E.DataStreamRequested):
                 requested.append(ev.dial_id)
                 sess.reset_stream(ev.stream_id)
         if not sess.backlog:
@@ -247,7 +248,7 @@ def test_unread_replies_are_bounded() -> None:
     )
     events = sess.receive_data(agent.data_to_send())
     sess.reset_stream(3)  # unknown dial id: refused, as the broker does
-    assert any(isinstance(e, session.DataStreamRequested) for e in events)
+    assert any(isinstance(e, E.DataStreamRequested) for e in events)
     empty_data = b"\x00\x00\x00\x00\x00\x00\x00\x00\x03"
     with pytest.raises(FloodDetected) as info:
         for _ in range(100):
@@ -270,7 +271,7 @@ def _opened(
     agent.receive_data(sess.data_to_send())
     _control(agent)
     events = sess.receive_data(agent.data_to_send())
-    assert any(isinstance(e, session.ControlRequested) for e in events)
+    assert any(isinstance(e, E.ControlRequested) for e in events)
     sess.accept_control({})
     _roundtrip(sess, agent, b"")
     return sess, agent
@@ -278,7 +279,7 @@ def _opened(
 
 def _roundtrip(
     sess: session.TunnelSession, agent: h2.connection.H2Connection, wire: bytes
-) -> list[session.Event]:
+) -> list[E.Event]:
     """Feed the broker; hand its answer (credit, dials) back to the agent."""
     events = sess.receive_data(wire)
     for ev in agent.receive_data(sess.data_to_send()):
@@ -300,7 +301,7 @@ def _send(
     for i in range(0, len(body), 16 * 1024):
         agent.send_data(1, body[i : i + 16 * 1024])
         events = _roundtrip(sess, agent, agent.data_to_send())
-        out += [e.message for e in events if isinstance(e, session.MessageReceived)]
+        out += [e.message for e in events if isinstance(e, E.MessageReceived)]
     return out
 
 
@@ -444,7 +445,7 @@ def test_the_agent_side_does_not_budget_the_broker() -> None:
         broker.send_message(messages.Dial(id=i, addr="10.0.0.1:80", timeout_ms=1000))
         broker.send_message(messages.Drain(retry_ms=1000))  # 1,000 drains: over any budget
     events = agent.receive_data(broker.data_to_send())
-    assert len([e for e in events if isinstance(e, session.MessageReceived)]) == 2000
+    assert len([e for e in events if isinstance(e, E.MessageReceived)]) == 2000
 
 
 @settings(max_examples=200, deadline=None)
@@ -479,7 +480,7 @@ def test_oversized_frame_refused_at_its_header() -> None:
     clock = Clock()
     sess, _ = _accepted(clock)
     header = b"\xff\xff\xff\x00\x00\x00\x00\x00\x01"  # DATA, 16 MiB, stream 1
-    with pytest.raises(SessionError) as info:
+    with pytest.raises(RemoteProtocolError) as info:
         sess.receive_data(header + b"x" * 10)
     assert "overlong frame" in str(info.value)
     assert _goaway_code(sess) == h2.errors.ErrorCodes.FRAME_SIZE_ERROR

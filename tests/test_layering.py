@@ -46,12 +46,7 @@ PENDING_H2_EXEMPTIONS = frozenset(
 HTTP_LIBRARIES = ("h2", "hyperframe", "h11")
 
 #: (file, what) pairs of clocks and randomness protocol/ still draws itself.
-PENDING_CLOCK_EXEMPTIONS = frozenset(
-    {
-        ("protocol/session.py", "time.monotonic"),
-        ("protocol/session.py", "os.urandom"),
-    }
-)
+PENDING_CLOCK_EXEMPTIONS: frozenset[tuple[str, str]] = frozenset()
 CLOCKS = frozenset(
     {
         "time.monotonic",
@@ -69,22 +64,7 @@ CLOCKS = frozenset(
 RANDOM_ALLOWED = frozenset({"Random"})
 
 #: (file, stripped line) pairs of today's ``startswith`` on reason text.
-PENDING_STARTSWITH_EXEMPTIONS = frozenset(
-    {
-        # cause_of_close: the tunnel's close reason, until it is typed.
-        ("edge_agent/app.py", "if reason.startswith(prefix):"),
-        (
-            "broker/agent_server.py",
-            'if (conn.closed_reason or "").startswith("control stream unusable"):',
-        ),
-        ("broker/agent_server.py", 'if reason.startswith("keepalive"):'),
-        ("broker/agent_server.py", 'if reason.startswith("control stream unusable"):'),
-        (
-            "broker/agent_server.py",
-            'if reason.startswith("transport") or reason.startswith("peer"):',
-        ),
-    }
-)
+PENDING_STARTSWITH_EXEMPTIONS: frozenset[tuple[str, str]] = frozenset()
 #: What text a ``startswith`` receiver holds when it is an outcome in words.
 REASON_TEXT = re.compile(r"reason|cause|error|\bmsg\b|message|detail", re.IGNORECASE)
 

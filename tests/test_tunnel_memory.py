@@ -7,27 +7,25 @@ Timers run on pytest-trio's autojump clock where the test is about time.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import random
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 import attrs
 import pytest
 import trio
+import trio.lowlevel
 import trio.testing
 
 from protocol import messages
 from protocol.codes import CloseCode, DialFailCode
-from protocol.session import (
-    ControlAccepted,
-    ControlRequested,
-    DataStreamRequested,
-    Role,
-    SessionConfig,
-    TunnelSession,
-)
+from protocol.events import ControlAccepted, ControlRequested, DataStreamRequested
+from protocol.outcomes import CloseReason
+from protocol.session import Role, SessionConfig, TunnelSession
 from tether.netio.tunnel import (
     Keepalive,
     StreamAborted,
@@ -114,14 +112,14 @@ class Tunnel:
 
 
 def agent_session(config: SessionConfig | None) -> TunnelSession:
-    sess = TunnelSession(Role.AGENT, config)
+    sess = TunnelSession(Role.AGENT, config, clock=time.monotonic)
     sess.initiate()
     sess.open_control({"tether-agent-id": "agent-1"}, AUTHORITY)
     return sess
 
 
 def broker_session(config: SessionConfig | None) -> TunnelSession:
-    sess = TunnelSession(Role.BROKER, config)
+    sess = TunnelSession(Role.BROKER, config, clock=time.monotonic)
     sess.initiate()
     return sess
 
@@ -371,6 +369,8 @@ async def test_keepalive_aborts_a_silent_peer(
         a_end, agent_session(None), handler, keepalive=Keepalive(interval, timeout)
     )
     handler.conn = conn
+    rtts: list[float] = []
+    conn.set_rtt_observer(rtts.append)
     healthy_for = 10 * interval
     async with trio.open_nursery() as n:
         n.start_soon(_silent_after, b_end, healthy_for)
@@ -381,7 +381,8 @@ async def test_keepalive_aborts_a_silent_peer(
         n.cancel_scope.cancel()
     assert handler.accepted.is_set()
     assert conn.closed_reason is not None and "keepalive" in conn.closed_reason
-    assert conn.rtt is not None  # PINGs were answered while the peer was alive
+    assert conn.close_reason is CloseReason.KEEPALIVE_TIMEOUT
+    assert rtts  # PINGs were answered while the peer was alive
     assert healthy_for < ended <= healthy_for + interval + timeout + 1e-6
 
 
@@ -487,7 +488,7 @@ async def test_closing_the_transport_aborts_every_stream(side: str) -> None:
 async def test_abort_aborts_every_stream() -> None:
     async with tunnel() as t:
         pairs = [await t.open_stream(i) for i in range(3)]
-        t.agent.abort("operator says so")
+        t.agent.abort(CloseReason.ABORTED, "operator says so")
         with trio.fail_after(5):
             await t.done["agent"].wait()
             await t.done["broker"].wait()
@@ -510,3 +511,48 @@ async def test_protocol_error_closes_the_connection_with_a_reason() -> None:
             await t.done["agent"].wait()
         assert t.broker.protocol_error is not None
         assert (t.broker.closed_reason or "").startswith("protocol error")
+
+
+@pytest.mark.parametrize("closer_role", ["agent", "broker"])
+async def test_clean_goaway_while_credit_is_in_flight_is_no_violation(closer_role: str) -> None:
+    """A drain's GOAWAY while a bulk transfer runs: the peer's WINDOW_UPDATEs
+    sent before it saw the GOAWAY are no protocol violation on the side that
+    sent it (they were: "RECV_WINDOW_UPDATE in state CLOSED"), and both ends
+    close cleanly."""
+    async with tunnel(SMALL) as t:
+        a, b = await t.open_stream(1)
+        closer, peer = (t.agent, t.broker) if closer_role == "agent" else (t.broker, t.agent)
+        src = a if closer_role == "agent" else b
+        dst = b if closer_role == "agent" else a
+        got = 0
+
+        async def sink() -> None:
+            nonlocal got
+            with contextlib.suppress(StreamAborted):
+                while (chunk := await dst.receive()) is not None:
+                    got += len(chunk.data)
+                    dst.acknowledge(chunk.flow_len)  # credit flows back at once
+
+        async def pump() -> None:
+            with contextlib.suppress(StreamAborted, TunnelClosed):
+                while True:
+                    await src.send_all(b"z" * 16 * 1024)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(sink)
+            nursery.start_soon(pump)
+            with trio.fail_after(5):
+                while got < 1024 * 1024:  # credit is flowing both ways
+                    await trio.lowlevel.checkpoint()
+            closer.goaway("shutting down")
+            with trio.fail_after(5):
+                await t.done[
+                    "agent" if peer is t.agent else "broker"
+                ].wait()  # the peer ends at the GOAWAY
+                await t.done["agent" if closer is t.agent else "broker"].wait()
+            nursery.cancel_scope.cancel()
+        assert closer.protocol_error is None, closer.closed_reason
+        assert peer.protocol_error is None, peer.closed_reason
+        assert peer.close_reason is CloseReason.GOAWAY
+        assert peer.closed_reason == "peer closed: shutting down"
+        assert closer.close_reason is CloseReason.PEER_CLOSED

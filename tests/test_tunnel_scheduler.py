@@ -10,7 +10,9 @@ import trio
 import trio.testing
 from test_tunnel_memory import tunnel
 
-from tether.netio.tunnel import BATCH, QUANTUM, TunnelStream
+from tether.netio.h2driver import BATCH
+from tether.netio.scheduler import QUANTUM
+from tether.netio.tunnel import TunnelStream
 
 MiB = 1024 * 1024
 

@@ -1,10 +1,12 @@
-"""Trio driver for :class:`protocol.session.TunnelSession`.
+"""The tunnel over a trio stream: :class:`TunnelConnection` and its streams.
 
 Both the broker and the agent run one :class:`TunnelConnection` per
-agent-to-broker connection. It owns the transport: one reader task feeds the
-session, one writer task flushes it, and a keepalive task detects dead links.
-Data-stream events are routed to :class:`TunnelStream` objects; everything
-else goes to the owner's :class:`ConnectionHandler`.
+agent-to-broker connection: a :class:`protocol.session.TunnelSession` run by
+the shared :class:`tether.netio.h2driver.H2Driver` (one reader, one writer),
+plus a keepalive task that detects dead links. Data-stream events are routed
+to :class:`TunnelStream` objects; everything else goes to the owner's
+:class:`ConnectionHandler`. Payload waits in each stream's small outbox; the
+writer's scheduler (:mod:`tether.netio.scheduler`) moves it into HTTP/2.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import collections
 import logging
 import math
+import os
 from collections.abc import Callable
 from typing import Protocol
 
@@ -20,27 +23,19 @@ import h2.errors
 import trio
 
 from protocol import budget as budgets
-from protocol import messages, session
+from protocol import events, flow, messages, session
 from protocol.codes import CloseCode
 from protocol.errors import ProtocolError
+from protocol.outcomes import CloseReason
+from tether.netio.h2driver import H2Driver
+from tether.netio.scheduler import RoundRobin
 
 log = logging.getLogger(__name__)
 
-READ_SIZE = 256 * 1024
 #: Payload a stream may queue for the scheduler before its writer waits (at
 #: full window; a stream with a smaller window queues less, see
 #: :func:`protocol.budget.outbox_limit`).
 OUTBOX_LIMIT = budgets.OUTBOX_LIMIT
-#: Bytes a stream gets per turn of the round-robin scheduler.
-QUANTUM = 16 * 1024
-#: Payload the scheduler moves into one socket write. Small enough that an
-#: interactive stream never waits behind more than this much bulk data in our
-#: process; large enough to keep per-write overhead low.
-BATCH = 256 * 1024
-#: The batch while the socket is the bottleneck (see ``_writer``).
-SMALL_BATCH = 32 * 1024
-#: After a GOAWAY for a violation, how long to drain what the peer still sends.
-LINGER = 1.0
 
 
 class TunnelClosed(Exception):
@@ -64,10 +59,10 @@ class Keepalive:
 class ConnectionHandler(Protocol):
     """What the owner of a connection reacts to (called from the reader)."""
 
-    def on_control_requested(self, ev: session.ControlRequested) -> None: ...
-    def on_control_accepted(self, ev: session.ControlAccepted) -> None: ...
+    def on_control_requested(self, ev: events.ControlRequested) -> None: ...
+    def on_control_accepted(self, ev: events.ControlAccepted) -> None: ...
     def on_message(self, msg: messages.Message) -> None: ...
-    def on_data_stream_requested(self, ev: session.DataStreamRequested) -> None: ...
+    def on_data_stream_requested(self, ev: events.DataStreamRequested) -> None: ...
 
 
 class TunnelStream:
@@ -88,7 +83,7 @@ class TunnelStream:
         self.grant = grant
         self._outbox_limit = budgets.outbox_limit(grant.window) if grant else OUTBOX_LIMIT
         self._forgotten = False
-        self._chunks: collections.deque[session.StreamData] = collections.deque()
+        self._chunks: collections.deque[events.StreamData] = collections.deque()
         self._buffered = 0
         self._eof = False
         self._abort: StreamAborted | None = None
@@ -100,11 +95,11 @@ class TunnelStream:
         self._outbox = bytearray()
         self._out_eof = False
         self._out_close: messages.Close | None = None
-        self._queued = False  # in the scheduler's round-robin queue
+        self.queued = False  # in the scheduler's round-robin line
 
     # -------------------------------------------------- fed by the reader
 
-    def _deliver(self, ev: session.StreamData) -> None:
+    def _deliver(self, ev: events.StreamData) -> None:
         self._chunks.append(ev)
         self._buffered += len(ev.data)
         self._readable.set()
@@ -136,7 +131,7 @@ class TunnelStream:
         if self._outbox or self._out_eof or self._out_close:
             self.conn.schedule(self)
 
-    def _take(self, limit: int) -> int:
+    def take(self, limit: int) -> int:
         """Scheduler: move up to ``limit`` queued bytes into h2; report how
         many. Finishes the stream (END_STREAM or close) once drained."""
         sess = self.conn.session
@@ -163,7 +158,7 @@ class TunnelStream:
         return sent
 
     @property
-    def _has_output(self) -> bool:
+    def has_output(self) -> bool:
         return bool(self._outbox) or self._out_eof or self._out_close is not None
 
     def _accept(self) -> None:
@@ -186,7 +181,7 @@ class TunnelStream:
         if self._abort is not None:
             raise self._abort
 
-    async def receive(self) -> session.StreamData | None:
+    async def receive(self) -> events.StreamData | None:
         """Next payload piece; ``None`` at END_STREAM. Raises StreamAborted.
 
         Call :meth:`acknowledge` with the piece's ``flow_len`` once its bytes
@@ -234,20 +229,19 @@ class TunnelStream:
             if self._abort is not None:
                 raise self._abort
             self.conn.check_open()
-            queued = len(self._outbox)
-            window = self.conn.session.send_capacity(self.stream_id) - queued
-            cap = min(window, self._outbox_limit - queued)
-            if cap > 0:
-                return cap
-            if window > 0:  # only our own outbox is full: not a stall
-                self._writable = trio.Event()
-                await self._writable.wait()
-                continue
-            if not stalled:
+            room = flow.writable(
+                self.conn.session.send_capacity(self.stream_id),
+                len(self._outbox),
+                self._outbox_limit,
+            )
+            if room.cap > 0:
+                return room.cap
+            if room.stalled and not stalled:
                 # Counted once per wait, and only here, off the fast path.
                 stalled = True
                 if self.conn._on_stall is not None:
                     self.conn._on_stall()
+            # Only our own outbox full (not a stall), or no window: wait.
             self._writable = trio.Event()
             await self._writable.wait()
 
@@ -287,7 +281,15 @@ class TunnelStream:
 
 
 class TunnelConnection:
-    """Drives a session over a trio stream until either side closes it."""
+    """Drives a session over a trio stream until either side closes it.
+
+    The reader, the writer, the final flush and the linger are the shared
+    :class:`tether.netio.h2driver.H2Driver`; the streams' payload reaches it
+    through the round-robin :class:`tether.netio.scheduler.RoundRobin`. This
+    class adds the tunnel: data-stream events routed to
+    :class:`TunnelStream` objects, the rest to the owner's
+    :class:`ConnectionHandler`, and the keepalive.
+    """
 
     def __init__(
         self,
@@ -308,100 +310,71 @@ class TunnelConnection:
         self.keepalive = keepalive or Keepalive()
         self.name = name
         self.streams: dict[int, TunnelStream] = {}
-        self.closed_reason: str | None = None
-        #: Set when the peer broke the protocol at connection level.
-        self.protocol_error: ProtocolError | None = None
-        self.rtt: float | None = None
-        self._want_write = trio.Event()
-        self._flushed = trio.Event()
-        self._pending_out = 0
-        #: A send_all was cut short (cancelled or failed): the transport may
-        #: hold half a frame, so nothing more may be written to it.
-        self._write_interrupted = False
-        self._last_rx = trio.current_time()
+        #: Agent: how the broker refused the control stream, if it did.
+        self.rejection: events.ControlRejected | None = None
+        self._scheduler = RoundRobin()
+        self._driver: H2Driver[events.Event] = H2Driver(
+            transport, sess, self._dispatch, scheduler=self._scheduler
+        )
         self._ping: tuple[bytes, trio.Event] | None = None
-        self._cancel: trio.CancelScope | None = None
         self._on_rtt: Callable[[float], None] | None = None
         self._on_stall: Callable[[], None] | None = None
         self._on_bad_stream: Callable[[int, str], None] | None = None
-        self._ready: collections.deque[TunnelStream] = collections.deque()
+
+    # ------------------------------------------------------------- outcome
+
+    @property
+    def close_reason(self) -> CloseReason | None:
+        """Why the connection ended (None while it runs)."""
+        return self._driver.close_reason
+
+    @property
+    def close_detail(self) -> str:
+        """The same for people: free text, never parsed."""
+        return self._driver.close_detail
+
+    @property
+    def closed_reason(self) -> str | None:
+        """:attr:`close_detail` once closed, else None (the text the owner
+        logs)."""
+        return self._driver.close_detail if self._driver.closed else None
+
+    @property
+    def protocol_error(self) -> ProtocolError | None:
+        """Set when the peer broke the protocol at connection level."""
+        return self._driver.protocol_error
 
     # --------------------------------------------------------------- run
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Run until the connection ends; always closes the transport."""
-        try:
-            with trio.CancelScope() as self._cancel:
-                self.wake_writer()
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(self._writer)
-                    nursery.start_soon(self._keepalive)
-                    task_status.started()
-                    await self._reader()
-                    # The writer may hold the last frames (a GOAWAY, an
-                    # RST_STREAM): cancelling it mid-write would lose them.
-                    with trio.move_on_after(1):
-                        await self._writer_idle()
-                    nursery.cancel_scope.cancel()
-        finally:
-            self._shutdown(self.closed_reason or "closed")
-            with trio.CancelScope(shield=True):
-                await self._final_flush()
-                if self.protocol_error is not None and not self._write_interrupted:
-                    await linger(self.transport)
-                await trio.aclose_forcefully(self.transport)
+        await self._driver.run(self._keepalive, on_closed=self._shutdown, task_status=task_status)
 
-    def abort(self, reason: str) -> None:
+    def abort(self, reason: CloseReason, detail: str = "") -> None:
         """Tear the connection down now (from any task)."""
-        if self.closed_reason is None:
-            self.closed_reason = reason
-        if self._cancel is not None:
-            self._cancel.cancel()
+        self._driver.abort(reason, detail)
 
     def goaway(self, reason: str = "shutdown") -> None:
-        """Send GOAWAY. Graceful draining happens before, with ``drain``
-        messages: h2 4.x allows no stream traffic after a GOAWAY."""
+        """Send a graceful GOAWAY: no new streams; the peer may finish what
+        it sent. Draining happens before, with ``drain`` messages."""
         self.session.close(0, reason)
         self.wake_writer()
 
     def check_open(self) -> None:
-        if self.closed_reason is not None:
-            raise TunnelClosed(self.closed_reason)
+        if self._driver.closed:
+            raise TunnelClosed(self._driver.close_detail)
 
     async def flush(self, timeout: float = 1.0) -> None:
         """Wait (bounded) until everything queued so far reached the socket."""
-        with trio.move_on_after(timeout):
-            while self.closed_reason is None and (self._want_write.is_set() or self._pending_out):
-                self._flushed = trio.Event()
-                await self._flushed.wait()
+        await self._driver.flush(timeout)
 
     def wake_writer(self) -> None:
-        self._want_write.set()
+        self._driver.wake_writer()
 
     def schedule(self, ts: TunnelStream) -> None:
         """Queue ``ts`` for the writer's round robin (once)."""
-        if not ts._queued:
-            ts._queued = True
-            self._ready.append(ts)
-        self._want_write.set()
-
-    def _fill(self, budget: int) -> None:
-        """Move queued stream data into h2: QUANTUM per stream per turn,
-        round robin, until ``budget`` bytes or nothing more can go."""
-        ready = self._ready
-        while ready and budget > 0:
-            ts = ready.popleft()
-            if ts.aborted:
-                ts._queued = False
-                continue
-            # Alone, a stream may fill the whole batch; with company, quanta.
-            sent = ts._take(min(QUANTUM, budget) if ready else budget)
-            budget -= sent
-            if ts._has_output and sent > 0:
-                ready.append(ts)  # more to send: back of the line
-            else:
-                # Drained, or blocked on window: WindowOpened reschedules it.
-                ts._queued = False
+        self._scheduler.schedule(ts)
+        self._driver.wake_writer()
 
     def forget(self, stream_id: int) -> None:
         """The owner is done with the stream. It stays tracked (and keeps its
@@ -410,14 +383,9 @@ class TunnelConnection:
         if ts is None:
             return
         ts._forgotten = True
-        if ts.aborted or not ts._has_output:
+        if ts.aborted or not ts.has_output:
             del self.streams[stream_id]
             ts._release()
-
-    async def _writer_idle(self) -> None:
-        while self._want_write.is_set() or self._pending_out:
-            self._flushed = trio.Event()
-            await self._flushed.wait()
 
     def send_message(self, msg: messages.Message) -> None:
         self.check_open()
@@ -426,7 +394,7 @@ class TunnelConnection:
         except ProtocolError as exc:
             # Control messages cannot wait for credit: a peer that does not
             # read its control stream, or closed it, loses the connection.
-            self.abort(f"control stream unusable: {exc}")
+            self.abort(CloseReason.CONTROL_UNUSABLE, f"control stream unusable: {exc}")
             raise TunnelClosed(str(exc)) from None
         self.wake_writer()
 
@@ -452,58 +420,27 @@ class TunnelConnection:
         a slow reader at the far end, or a link the windows cannot fill."""
         self._on_stall = fn
 
-    # ------------------------------------------------------------- tasks
+    # ------------------------------------------------------------- events
 
-    async def _reader(self) -> None:
-        while True:
-            try:
-                data = await self.transport.receive_some(READ_SIZE)
-            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                self.closed_reason = self.closed_reason or f"transport error: {exc!r}"
-                return
-            if not data:
-                self.closed_reason = self.closed_reason or "peer closed the connection"
-                return
-            self._last_rx = trio.current_time()
-            data = bytes(data)
-            while True:
-                try:
-                    events = self.session.receive_data(data)
-                except ProtocolError as exc:
-                    self.closed_reason = f"protocol error: {exc}"
-                    self.protocol_error = exc
-                    return
-                finally:
-                    self.wake_writer()
-                for ev in events:
-                    self._dispatch(ev)
-                    if isinstance(ev, session.ConnectionClosed):
-                        # h2 allows no stream traffic after GOAWAY: this is the end.
-                        return
-                if not self.session.backlog:
-                    break
-                # A burst of new streams, a part at a time: each part's
-                # refusals close its streams before h2 counts the next.
-                data = b""
-
-    def _dispatch(self, ev: session.Event) -> None:
-        if isinstance(ev, session.StreamData):
+    def _dispatch(self, ev: events.Event) -> bool:
+        """Route one event; True when the connection is over."""
+        if isinstance(ev, events.StreamData):
             ts = self.streams.get(ev.stream_id)
             if ts is not None:
                 ts._deliver(ev)
-        elif isinstance(ev, session.WindowOpened):
+        elif isinstance(ev, events.WindowOpened):
             if ev.stream_id is None:
                 for ts in self.streams.values():
                     ts._window_opened()
             elif (ts := self.streams.get(ev.stream_id)) is not None:
                 ts._window_opened()
-        elif isinstance(ev, session.StreamEnded):
+        elif isinstance(ev, events.StreamEnded):
             if (ts := self.streams.get(ev.stream_id)) is not None:
                 ts._ended()
-        elif isinstance(ev, session.StreamClosed):
+        elif isinstance(ev, events.StreamClosed):
             if (ts := self.streams.get(ev.stream_id)) is not None:
                 ts._aborted(StreamAborted(f"{ev.close.code.value}: {ev.close.msg}", ev.close))
-        elif isinstance(ev, session.StreamReset):
+        elif isinstance(ev, events.StreamReset):
             if (
                 not ev.remote
                 and ev.error_code == h2.errors.ErrorCodes.PROTOCOL_ERROR
@@ -513,75 +450,45 @@ class TunnelConnection:
             if (ts := self.streams.pop(ev.stream_id, None)) is not None:
                 who = "peer" if ev.remote else "protocol"
                 ts._aborted(StreamAborted(f"stream reset by {who} {ev.reason}".strip()))
-        elif isinstance(ev, session.DataStreamAccepted):
+        elif isinstance(ev, events.DataStreamAccepted):
             if (ts := self.streams.get(ev.stream_id)) is not None:
                 ts._accept()
-        elif isinstance(ev, session.MessageReceived):
+        elif isinstance(ev, events.MessageReceived):
             self.handler.on_message(ev.message)
-        elif isinstance(ev, session.DataStreamRequested):
+        elif isinstance(ev, events.DataStreamRequested):
             self.handler.on_data_stream_requested(ev)
-        elif isinstance(ev, session.ControlRequested):
+        elif isinstance(ev, events.ControlRequested):
             self.handler.on_control_requested(ev)
-        elif isinstance(ev, session.ControlAccepted):
+        elif isinstance(ev, events.ControlAccepted):
             self.handler.on_control_accepted(ev)
-        elif isinstance(ev, session.PingAcked):
+        elif isinstance(ev, events.PingAcked):
             if self._ping is not None and self._ping[0] == ev.payload:
                 self._ping[1].set()
-        elif isinstance(ev, session.ConnectionClosed):
-            self.closed_reason = self.closed_reason or f"peer closed: {ev.reason}"
+        elif isinstance(ev, events.ConnectionClosed):
+            # h2 allows no stream traffic after GOAWAY: this is the end.
+            reason = CloseReason.GOAWAY if ev.goaway else CloseReason.CONTROL_CLOSED
+            self._driver._set_reason(reason, f"peer closed: {ev.reason}")
+            return True
+        elif isinstance(ev, events.ControlRejected):
+            self.rejection = ev
+            self._driver._set_reason(
+                CloseReason.REJECTED, f"broker rejected the connection: {ev.status} {ev.message}"
+            )
+            return True
+        return False
 
-    async def _writer(self) -> None:
-        batch = BATCH
-        while True:
-            await self._want_write.wait()
-            self._want_write = trio.Event()
-            if self._ready:
-                # Stream data waits until the socket wants more. With
-                # TCP_NOTSENT_LOWAT that means the kernel's unsent queue is
-                # nearly empty, so bulk data queues here, where the scheduler
-                # lets interactive bytes overtake it, not in the kernel. A
-                # socket that made us wait is link-bound: small batches keep
-                # what sits ahead of an interactive byte small; a socket that
-                # never waits (loopback, fast links) gets large batches.
-                started = trio.current_time()
-                try:
-                    await self.transport.wait_send_all_might_not_block()
-                except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                    self.abort(f"transport error: {exc!r}")
-                    return
-                waited = trio.current_time() - started > 0.0005
-                batch = SMALL_BATCH if waited else min(BATCH, batch * 2)
-            self._fill(batch)
-            if self._ready:
-                self._want_write.set()  # more queued: come back after this write
-            data = self.session.data_to_send()
-            if not data:
-                self._flushed.set()
-                continue
-            self._pending_out += len(data)
-            self._write_interrupted = True
-            try:
-                await self.transport.send_all(data)
-                self._write_interrupted = False
-            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                self.abort(f"transport error: {exc!r}")
-                return
-            finally:
-                # A cancelled send_all leaves the TLS stream unusable: the
-                # connection is doomed either way, so no retry here.
-                self._pending_out -= len(data)
-                self._flushed.set()
+    # ------------------------------------------------------------- tasks
 
     async def _keepalive(self) -> None:
         interval, timeout = self.keepalive.interval, self.keepalive.timeout
         if not math.isfinite(interval) or interval <= 0:
             return
         while True:
-            idle_for = trio.current_time() - self._last_rx
+            idle_for = trio.current_time() - self._driver.last_rx
             if idle_for < interval:
                 await trio.sleep(interval - idle_for)
                 continue
-            payload = self.session.send_ping()
+            payload = self.session.send_ping(os.urandom(8))
             acked = trio.Event()
             self._ping = (payload, acked)
             self.wake_writer()
@@ -590,43 +497,17 @@ class TunnelConnection:
                 await acked.wait()
             self._ping = None
             if not acked.is_set():
-                self.abort(f"keepalive: no PING ACK within {timeout:g}s")
+                self.abort(
+                    CloseReason.KEEPALIVE_TIMEOUT, f"keepalive: no PING ACK within {timeout:g}s"
+                )
                 return
-            self.rtt = trio.current_time() - sent_at
             if self._on_rtt is not None:
-                self._on_rtt(self.rtt)
+                self._on_rtt(trio.current_time() - sent_at)
             await trio.sleep(interval)
 
     # ------------------------------------------------------------ teardown
 
-    def _shutdown(self, reason: str) -> None:
-        if self.closed_reason is None:
-            self.closed_reason = reason
+    def _shutdown(self) -> None:
         for ts in list(self.streams.values()):
-            ts._aborted(StreamAborted(f"tunnel connection lost: {self.closed_reason}"))
+            ts._aborted(StreamAborted(f"tunnel connection lost: {self._driver.close_detail}"))
         self.streams.clear()
-        self._flushed.set()
-
-    async def _final_flush(self) -> None:
-        data = self.session.data_to_send()
-        if data and not self._write_interrupted:
-            with trio.move_on_after(1):
-                try:
-                    await self.transport.send_all(data)
-                except (trio.BrokenResourceError, trio.ClosedResourceError):
-                    pass
-
-
-async def linger(transport: trio.abc.ReceiveStream, seconds: float = LINGER) -> None:
-    """Read and drop what the peer still sends, for a moment, before closing.
-
-    Closing a socket with unread input makes the kernel send RST, and an RST
-    can destroy our GOAWAY before the peer reads it: a peer that broke the
-    protocol (or flooded us) would never learn why it was cut off.
-    """
-    with trio.move_on_after(seconds):
-        try:
-            while await transport.receive_some(READ_SIZE):
-                pass
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass

@@ -1,0 +1,55 @@
+"""The flow-control rules, in one place (sans-IO, pure functions).
+
+- *Connection* credit goes back as soon as DATA lands in a bounded buffer,
+  batched per eighth of the connection window (:func:`connection_credit_due`,
+  applied by :mod:`protocol.h2base`), so stalled streams never hold it
+  hostage.
+- *Stream* credit goes back only once the destination took the bytes,
+  batched per quarter of the stream's window (:func:`stream_credit_due`):
+  a blocked sender always has at least that much outstanding, so it keeps
+  streaming. A stream's buffered bytes are therefore bounded by its window.
+- A sender takes from its source only what the peer's window and its own
+  outbox allow (:func:`writable`); what it may put into HTTP/2 now is
+  :func:`payload_room` (a tunnel payload is a msgpack ``bin`` with a header
+  of up to :data:`BIN_HEADER` bytes).
+- How much a stream may queue to send is :func:`protocol.budget.outbox_limit`.
+"""
+
+from __future__ import annotations
+
+import attrs
+
+#: Bytes of the largest msgpack ``bin`` header (``bin32``).
+BIN_HEADER = 5
+
+
+def connection_credit_due(unacked: int, connection_window: int) -> bool:
+    """Whether connection credit earned so far should go back now."""
+    return unacked >= connection_window // 8
+
+
+def stream_credit_due(unacked: int, window: int) -> bool:
+    """Whether a stream's earned credit should go back now (WINDOW_UPDATE)."""
+    return unacked >= window // 4
+
+
+def payload_room(send_window: int, send_chunk: int) -> int:
+    """Payload bytes one ``bin`` may carry now, given the peer's window."""
+    return max(min(send_window, send_chunk + BIN_HEADER) - BIN_HEADER, 0)
+
+
+@attrs.frozen
+class Writable:
+    #: Payload bytes the sender may queue now (0: it must wait).
+    cap: int
+    #: The wait is for the peer's window (a flow-control stall), not for
+    #: room in our own outbox.
+    stalled: bool
+
+
+def writable(capacity: int, queued: int, outbox_limit: int) -> Writable:
+    """What a stream's sender may queue: bounded by the peer's window
+    (``capacity``, minus what is ``queued`` already) and by its outbox."""
+    window = capacity - queued
+    cap = min(window, outbox_limit - queued)
+    return Writable(max(cap, 0), stalled=window <= 0)

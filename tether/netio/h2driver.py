@@ -1,0 +1,337 @@
+"""The one trio driver for a sans-IO HTTP/2 engine over a trio stream.
+
+An *engine* is anything with ``receive_data(bytes) -> events``,
+``data_to_send() -> bytes`` and ``backlog`` (see :class:`Engine`): the
+tunnel's :class:`protocol.session.TunnelSession`, or a gRPC server built on
+:class:`protocol.h2base.H2Base`. :class:`H2Driver` runs one over a
+transport:
+
+- one reader task feeds the engine every read, drains its backlog (a burst
+  of new streams is admitted in parts) and hands each event to ``handle``;
+- one writer task is the only one that writes: it asks the optional
+  scheduler (:class:`tether.netio.scheduler.RoundRobin`) to move queued
+  payload into HTTP/2, one batch per write, sized by whether the socket made
+  it wait, then writes what the engine has queued;
+- senders that queue output outside the scheduler respect the write buffer
+  with :meth:`H2Driver.wait_writable` (backpressure from the socket);
+- an optional handshake deadline (:meth:`H2Driver.handshake_done`);
+- at the end, the last frames (a GOAWAY, an RST_STREAM) are flushed, bounded,
+  and after a protocol violation the transport lingers, so the peer reads
+  our GOAWAY before the kernel's RST can destroy it.
+
+Why it ended is :attr:`H2Driver.close_reason` (a
+:class:`protocol.outcomes.CloseReason`) with :attr:`H2Driver.close_detail`.
+
+Creating this module's first driver applies the runtime's h2/hyperframe
+work-arounds (:func:`protocol.h2compat.quiet_data_frame_repr`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Generic, Protocol, TypeVar
+
+import trio
+
+from protocol import h2compat
+from protocol.errors import ProtocolError
+from protocol.flood import FloodDetected
+from protocol.outcomes import CloseReason
+
+READ_SIZE = 256 * 1024
+#: Payload the scheduler moves into one socket write. Small enough that an
+#: interactive stream never waits behind more than this much bulk data in our
+#: process; large enough to keep per-write overhead low.
+BATCH = 256 * 1024
+#: The batch while the socket is the bottleneck (see ``_writer``).
+SMALL_BATCH = 32 * 1024
+#: After a GOAWAY for a violation, how long to drain what the peer still sends.
+LINGER = 1.0
+#: Bytes handed to the socket but not yet written before senders wait.
+WRITE_BUFFER = 4 * 1024 * 1024
+#: How long the writer may take for the last frames once reading stopped.
+FINAL_FLUSH = 1.0
+
+EventT = TypeVar("EventT")
+EventT_co = TypeVar("EventT_co", covariant=True)
+
+h2compat.quiet_data_frame_repr()
+
+
+class Engine(Protocol[EventT_co]):
+    """A sans-IO HTTP/2 engine the driver can run."""
+
+    def receive_data(self, data: bytes) -> Sequence[EventT_co]: ...
+
+    def data_to_send(self) -> bytes: ...
+
+    @property
+    def backlog(self) -> bool: ...
+
+
+class Scheduler(Protocol):
+    """Queued payload the writer moves into the engine, a batch at a time."""
+
+    @property
+    def ready(self) -> bool: ...
+
+    def fill(self, budget: int) -> None: ...
+
+
+class H2Driver(Generic[EventT]):
+    """Runs ``engine`` over ``transport`` until either side ends it.
+
+    ``handle(event)`` runs in the reader for every event and returns True
+    when the connection is over (a GOAWAY: h2 allows no stream traffic
+    after it).
+    """
+
+    def __init__(
+        self,
+        transport: trio.abc.Stream,
+        engine: Engine[EventT],
+        handle: Callable[[EventT], bool],
+        *,
+        scheduler: Scheduler | None = None,
+        write_buffer: int = WRITE_BUFFER,
+        handshake_timeout: float | None = None,
+        on_handshake_timeout: Callable[[], None] | None = None,
+        linger: float = LINGER,
+    ) -> None:
+        self.transport = transport
+        self.engine = engine
+        self.handle = handle
+        self.scheduler = scheduler
+        self.write_buffer = write_buffer
+        self.handshake_timeout = handshake_timeout
+        self._on_handshake_timeout = on_handshake_timeout
+        self.linger = linger
+        self.close_reason: CloseReason | None = None
+        self.close_detail = ""
+        #: Set when the peer broke the protocol at connection level.
+        self.protocol_error: ProtocolError | None = None
+        #: trio time of the last read that brought bytes.
+        self.last_rx = trio.current_time()
+        self._want_write = trio.Event()
+        self._flushed = trio.Event()
+        self._handshaken = trio.Event()
+        self._pending_out = 0  # taken by the writer, not yet written
+        self._queued = 0  # declared by senders (wait_writable), not yet taken
+        #: A send_all was cut short (cancelled or failed): the transport may
+        #: hold half a frame, so nothing more may be written to it.
+        self._write_interrupted = False
+        self._writing = False
+        self._cancel: trio.CancelScope | None = None
+
+    # ------------------------------------------------------------------ run
+
+    async def run(
+        self,
+        *tasks: Callable[[], Awaitable[None]],
+        on_closed: Callable[[], None] | None = None,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Run until the connection ends; always closes the transport.
+
+        ``tasks`` run beside the reader and writer and are cancelled with
+        them; ``on_closed`` runs once reading and writing stopped, before
+        the final flush.
+        """
+        try:
+            with trio.CancelScope() as self._cancel:
+                self.wake_writer()
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._writer)
+                    if self.handshake_timeout is not None:
+                        nursery.start_soon(self._handshake_deadline, self.handshake_timeout)
+                    for task in tasks:
+                        nursery.start_soon(task)
+                    task_status.started()
+                    await self._reader()
+                    # The writer may hold the last frames (a GOAWAY, an
+                    # RST_STREAM): cancelling it mid-write would lose them.
+                    with trio.move_on_after(FINAL_FLUSH):
+                        await self._writer_idle()
+                    nursery.cancel_scope.cancel()
+        finally:
+            self._set_reason(CloseReason.CLOSED, "closed")
+            self._flushed.set()
+            if on_closed is not None:
+                on_closed()
+            with trio.CancelScope(shield=True):
+                await self._final_flush()
+                if self.protocol_error is not None and not self._write_interrupted:
+                    await linger(self.transport, self.linger)
+                await trio.aclose_forcefully(self.transport)
+
+    @property
+    def closed(self) -> bool:
+        return self.close_reason is not None
+
+    def _set_reason(self, reason: CloseReason, detail: str) -> None:
+        if self.close_reason is None:
+            self.close_reason = reason
+            self.close_detail = detail
+
+    def abort(self, reason: CloseReason, detail: str = "") -> None:
+        """Tear the connection down now (from any task); the first reason
+        recorded stays."""
+        self._set_reason(reason, detail or reason.value)
+        if self._cancel is not None:
+            self._cancel.cancel()
+
+    def handshake_done(self) -> None:
+        """The peer completed its handshake: the deadline no longer applies."""
+        self._handshaken.set()
+
+    async def _handshake_deadline(self, seconds: float) -> None:
+        with trio.move_on_after(seconds):
+            await self._handshaken.wait()
+            return
+        if self._on_handshake_timeout is not None:
+            self._on_handshake_timeout()
+        self.abort(CloseReason.HANDSHAKE_TIMEOUT, f"no handshake within {seconds:g}s")
+
+    # -------------------------------------------------------------- writing
+
+    def wake_writer(self) -> None:
+        self._want_write.set()
+
+    async def flush(self, timeout: float = 1.0) -> None:
+        """Wait (bounded) until everything queued so far reached the socket."""
+        with trio.move_on_after(timeout):
+            while not self.closed and (self._want_write.is_set() or self._pending_out):
+                self._flushed = trio.Event()
+                await self._flushed.wait()
+
+    async def wait_writable(self, queued: int) -> bool:
+        """Backpressure from the socket: a sender that just queued ``queued``
+        bytes in the engine waits while too much is unwritten. False once
+        the connection is over."""
+        self._queued += queued
+        self.wake_writer()
+        while self._pending_out + self._queued > self.write_buffer:
+            if self.closed:
+                return False
+            self._flushed = trio.Event()
+            await self._flushed.wait()
+        return not self.closed
+
+    async def _writer_idle(self) -> None:
+        while self._want_write.is_set() or self._pending_out:
+            self._flushed = trio.Event()
+            await self._flushed.wait()
+
+    def _take_output(self) -> bytes:
+        self._queued = 0
+        return self.engine.data_to_send()
+
+    async def _writer(self) -> None:
+        batch = BATCH
+        scheduler = self.scheduler
+        while True:
+            await self._want_write.wait()
+            self._want_write = trio.Event()
+            if scheduler is not None and scheduler.ready:
+                # Stream data waits until the socket wants more. With
+                # TCP_NOTSENT_LOWAT that means the kernel's unsent queue is
+                # nearly empty, so bulk data queues here, where the scheduler
+                # lets interactive bytes overtake it, not in the kernel. A
+                # socket that made us wait is link-bound: small batches keep
+                # what sits ahead of an interactive byte small; a socket that
+                # never waits (loopback, fast links) gets large batches.
+                started = trio.current_time()
+                try:
+                    await self.transport.wait_send_all_might_not_block()
+                except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                    self.abort(CloseReason.TRANSPORT_ERROR, f"transport error: {exc!r}")
+                    return
+                waited = trio.current_time() - started > 0.0005
+                batch = SMALL_BATCH if waited else min(BATCH, batch * 2)
+                scheduler.fill(batch)
+                if scheduler.ready:
+                    self._want_write.set()  # more queued: come back after this write
+            data = self._take_output()
+            if not data:
+                self._flushed.set()
+                continue
+            self._pending_out += len(data)
+            self._write_interrupted = True
+            self._writing = True
+            try:
+                await self.transport.send_all(data)
+                self._write_interrupted = False
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                self.abort(CloseReason.TRANSPORT_ERROR, f"transport error: {exc!r}")
+                return
+            finally:
+                # A cancelled send_all leaves the TLS stream unusable: the
+                # connection is doomed either way, so no retry here.
+                self._writing = False
+                self._pending_out -= len(data)
+                self._flushed.set()
+
+    async def _final_flush(self) -> None:
+        if self._write_interrupted:
+            return  # a half-written frame is on the wire; more would corrupt it
+        data = self._take_output()
+        if data:
+            with trio.move_on_after(FINAL_FLUSH):
+                try:
+                    await self.transport.send_all(data)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    pass
+
+    # -------------------------------------------------------------- reading
+
+    async def _reader(self) -> None:
+        while True:
+            try:
+                data = await self.transport.receive_some(READ_SIZE)
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                self._set_reason(CloseReason.TRANSPORT_ERROR, f"transport error: {exc!r}")
+                return
+            if not data:
+                self._set_reason(CloseReason.PEER_CLOSED, "peer closed the connection")
+                return
+            self.last_rx = trio.current_time()
+            if self._feed(bytes(data)):
+                return
+
+    def _feed(self, data: bytes) -> bool:
+        """Hand one read to the engine; True when the connection is over."""
+        while True:
+            try:
+                evs = self.engine.receive_data(data)
+            except ProtocolError as exc:
+                # This outcome replaces any recorded before: it is the cause.
+                flood = isinstance(exc, FloodDetected)
+                self.close_reason = CloseReason.FLOOD if flood else CloseReason.PROTOCOL_ERROR
+                self.close_detail = f"protocol error: {exc}"
+                self.protocol_error = exc
+                return True
+            finally:
+                self.wake_writer()
+            for ev in evs:
+                if self.handle(ev):
+                    return True
+            if not self.engine.backlog:
+                return False
+            # A burst of new streams, a part at a time: each part's refusals
+            # close its streams before h2 counts the next.
+            data = b""
+
+
+async def linger(transport: trio.abc.ReceiveStream, seconds: float = LINGER) -> None:
+    """Read and drop what the peer still sends, for a moment, before closing.
+
+    Closing a socket with unread input makes the kernel send RST, and an RST
+    can destroy our GOAWAY before the peer reads it: a peer that broke the
+    protocol (or flooded us) would never learn why it was cut off.
+    """
+    with trio.move_on_after(seconds):
+        try:
+            while await transport.receive_some(READ_SIZE):
+                pass
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
