@@ -260,16 +260,18 @@ class AgentConnection:
         self.roster.joined(self)
         self._identifiers_changed(AgentIdentifiers(), self.identifiers, "register")
         log.info(
-            "agent connected: id=%s cluster=%s from=%s identifiers=%s",
+            "agent connected: id=%s cluster=%s from=%s identifiers=%s instance=%s",
             self.agent_id,
             self.cluster,
             self.remote,
             self.identifiers.render(),
+            self.instance or "?",
             extra=event(
                 "agent_connected",
                 agent_id=self.agent_id,
                 cluster=self.cluster,
                 remote=self.remote,
+                instance=self.instance or None,
                 identifiers=self.identifiers.render(),
                 auth=self.auth_method,
                 cert_serial=_serial(self.peer_der),

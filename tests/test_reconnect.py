@@ -178,6 +178,7 @@ def test_labels_are_the_documented_tokens() -> None:
         "protocol_error",
         "broker_closed",
         "transport_error",
+        "replaced",
         "other",
     ]
     assert REFUSED.label == "connect_failed"
