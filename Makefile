@@ -8,7 +8,8 @@ STAMP  := $(VENV)/.installed
 # The 25 slowest tests are listed at the end, so CI logs show where the time goes.
 PYTEST_ARGS ?= --durations=25
 
-.PHONY: venv venv-runtime demo test lint pytest proto proto-check sysdeps soak clean fuzz bench bench-quick
+.PHONY: venv venv-runtime demo test lint pytest proto proto-check sysdeps soak clean fuzz bench bench-quick \
+	arm64-sysdeps arm64-smoke
 
 venv: $(STAMP)
 
@@ -84,6 +85,33 @@ WHEELHOUSE_PYTHON ?= 3.11
 wheelhouse: venv
 	$(PY) deploy/systemd/wheelhouse.py --clean --dest wheelhouse \
 	  $(foreach a,$(WHEELHOUSE_ARCH),--arch $(a)) $(foreach v,$(WHEELHOUSE_PYTHON),--python-version $(v))
+
+# The agent on arm64 (docs/operations.md, "Tested on arm64"): a Debian 12
+# arm64 root (debootstrap, cached in ARM64_ROOT and reused while its stamp
+# matches), qemu-user through binfmt_misc, install.sh from an aarch64
+# wheelhouse without network, and the installed agent tunnelling to a native
+# broker: a GET with sha256, an echo, a refused dial, a drain with exit 0.
+# Needs root; the first run downloads the root and takes about 10 minutes.
+ARM64_ROOT ?= /var/cache/tether/arm64-root
+ARM64_SYSDEPS := debootstrap:debootstrap qemu-aarch64-static:qemu-user-static \
+	unshare:util-linux chroot:coreutils
+
+arm64-sysdeps:
+	@missing=""; for pair in $(ARM64_SYSDEPS); do \
+	  cmd=$${pair%%:*}; pkg=$${pair#*:}; \
+	  command -v $$cmd >/dev/null 2>&1 || [ -x /usr/sbin/$$cmd ] || missing="$$missing $$pkg"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing:$$missing"; \
+	  for try in 1 2 3; do \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+	      apt-get install -y -qq --no-install-recommends $$missing && exit 0; \
+	    echo "apt-get failed (try $$try of 3)"; sleep 10; \
+	  done; exit 1; \
+	fi
+
+arm64-smoke: venv sysdeps arm64-sysdeps
+	$(PY) scripts/arm64_smoke.py --root $(ARM64_ROOT)
 
 # Benchmark harness (benchmarks/README.md): every contender over emulated
 # links; results in benchmarks/results/<time>/. Needs root for the link

@@ -59,8 +59,7 @@ def connect_error_text(exc: OSError, host: str, port: int) -> str:
     return f"{host}:{port}: {', '.join(reasons) or str(exc)}"
 
 
-#: The cause of a link that ``TunnelConnection`` closed, from its typed
-#: :class:`CloseReason`; any other reason is ``other``.
+#: The cause of a link that ``TunnelConnection`` closed, by its close reason.
 _CLOSE_CAUSES = {
     CloseReason.KEEPALIVE_TIMEOUT: Cause.KEEPALIVE_TIMEOUT,
     CloseReason.PROTOCOL_ERROR: Cause.PROTOCOL_ERROR,
@@ -74,8 +73,8 @@ _CLOSE_CAUSES = {
 
 
 def cause_of_close(reason: CloseReason | None) -> Cause:
-    """The cause of a link that ``TunnelConnection`` closed (its
-    :attr:`~tether.netio.tunnel.TunnelConnection.close_reason`)."""
+    """The cause of a link that ``TunnelConnection`` closed, from its typed
+    ``close_reason`` (tether/netio/tunnel.py)."""
     return _CLOSE_CAUSES.get(reason, Cause.OTHER) if reason is not None else Cause.OTHER
 
 
@@ -712,7 +711,7 @@ class Agent:
                     task_status.started(LinkOutcome(Kind.STOPPED))
                     conn.goaway("agent shutting down")
                     await conn.flush()
-                    conn.abort(CloseReason.ABORTED, "agent shutting down")
+                    conn.abort(CloseReason.DRAIN, "agent shutting down")
                     return
                 outcome = self._register(link)
                 task_status.started(outcome)

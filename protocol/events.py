@@ -31,8 +31,9 @@ class ControlAccepted:
 class ControlRejected:
     """Agent: the broker answered the control stream with an error status.
 
-    ``reason_token`` is the broker's stable refusal token (empty from a
-    broker that sends none); ``message`` the human-readable text.
+    ``reason_token`` is the broker's stable refusal token
+    (:class:`protocol.handshake.Refusal`; empty from a broker that sends
+    none); ``message`` the human-readable text.
     """
 
     status: int

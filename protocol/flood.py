@@ -209,20 +209,28 @@ class FrameSizeGuard:
         self.max_frame_size = max_frame_size
         self._skip = preface  # bytes before the next frame header
         self._header = bytearray()
+        self._in_goaway = False  # the bytes being skipped are a GOAWAY's payload
+        #: After :meth:`check`: the offset in its ``data`` just past the
+        #: first GOAWAY frame that ended there (None: no GOAWAY ended).
+        self.goaway_end: int | None = None
 
     def check(self, data: bytes) -> list[int]:
         """Raise :class:`FrameTooLarge` if ``data`` starts an oversized frame.
 
         Returns the offsets in ``data`` just past each HEADERS frame header
-        (where a new stream may open), so a burst can be fed to h2 in parts.
+        (where a new stream may open), so a burst can be fed to h2 in parts;
+        sets :attr:`goaway_end`.
         """
         view = memoryview(data)
         headers: list[int] = []
+        self.goaway_end = None
         while view:
             if self._skip:
                 n = min(self._skip, len(view))
                 self._skip -= n
                 view = view[n:]
+                if not self._skip:
+                    self._goaway_done(len(data) - len(view))
                 continue
             need = 9 - len(self._header)
             self._header += view[:need]
@@ -233,11 +241,22 @@ class FrameSizeGuard:
                     raise FrameTooLarge(
                         f"Received overlong frame: length {length}, max {self.max_frame_size}"
                     )
-                if self._header[3] == 0x1:  # HEADERS
+                kind = self._header[3]
+                if kind == 0x1:  # HEADERS
                     headers.append(len(data) - len(view))
                 self._skip = length
                 self._header.clear()
+                if kind == 0x7:  # GOAWAY
+                    self._in_goaway = True
+                    if not length:
+                        self._goaway_done(len(data) - len(view))
         return headers
+
+    def _goaway_done(self, offset: int) -> None:
+        if self._in_goaway:
+            self._in_goaway = False
+            if self.goaway_end is None:
+                self.goaway_end = offset
 
 
 class FrameTooLarge(RemoteProtocolError):

@@ -21,7 +21,10 @@ once for every protocol built on it:
   the window), and stream credit that tolerates streams h2 already purged;
 - a graceful GOAWAY written beside h2 (:meth:`goaway`): h2 4.x refuses every
   frame after its own GOAWAY, so streams already open could not finish;
-  :meth:`close` is the error GOAWAY that ends everything;
+  :meth:`close` is the error GOAWAY that ends everything; and since h2
+  refuses every frame after a GOAWAY it *received*, input after the peer's
+  GOAWAY (its credit and resets for streams it lets finish) is dropped, not
+  turned into a violation;
 - DATA split by the peer's frame size (:meth:`send_data`), and our own count
   of queued output (h2 keeps its buffer private).
 
@@ -137,6 +140,7 @@ class H2Base:
             settings.max_frame_size, preface=0 if client else PREFACE_LEN
         )
         self._backlog = b""  # received and scanned, not yet fed to h2
+        self._input_closed = False  # the peer's GOAWAY was fed to h2: no more input
         self._backlog_headers: list[int] = []  # offsets past HEADERS frame headers in it
         self._out = bytearray()  # output taken from h2 (or written beside it), in order
         self._unread_replies = 0  # bytes h2 queued in reply since the last data_to_send
@@ -229,12 +233,24 @@ class H2Base:
         return bool(self._backlog)
 
     def _next_input(self, data: bytes) -> bytes:
-        """What to feed h2 now: at most ``headers_per_call`` new streams' worth."""
+        """What to feed h2 now: at most ``headers_per_call`` new streams' worth,
+        and nothing after the peer's GOAWAY."""
+        if self._input_closed:
+            data = b""
         try:
             opened = self._frame_sizes.check(data)
         except FrameTooLarge as exc:
             self.close(h2.errors.ErrorCodes.FRAME_SIZE_ERROR, "frame too large")
             raise RemoteProtocolError(f"HTTP/2 protocol violation: {exc}", reason="h2") from None
+        end = self._frame_sizes.goaway_end
+        if end is not None:
+            # h2 refuses every frame after a GOAWAY it received, yet the peer
+            # may legitimately send more (credit and resets for the streams it
+            # lets finish): the connection is over for us, so the rest is
+            # dropped rather than turned into a violation.
+            data = data[:end]
+            opened = [offset for offset in opened if offset <= end]
+            self._input_closed = True
         limit = self.settings.headers_per_call
         if not self._backlog and len(opened) <= limit:
             return data  # the common case: no copy

@@ -49,9 +49,6 @@ CONTROL_PATH = handshake.CONTROL_PATH
 STREAM_PATH = handshake.STREAM_PATH
 CONTENT_TYPE = handshake.CONTENT_TYPE
 DIAL_ID_HEADER = handshake.DIAL_ID
-#: Response header of a rejected control stream: the broker's stable refusal
-#: token (see :class:`protocol.events.ControlRejected`).
-REFUSAL_HEADER = handshake.REFUSAL
 
 
 class Role(enum.Enum):

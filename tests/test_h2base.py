@@ -9,7 +9,7 @@ import pytest
 
 from protocol import h2base, states
 from protocol.errors import LocalProtocolError, RemoteProtocolError
-from protocol.flood import FloodDetected, FloodLimits
+from protocol.flood import FloodDetected, FloodLimits, FrameSizeGuard
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -169,3 +169,18 @@ def test_transitions_blame_the_right_side() -> None:
         states.transition(
             c, states.ControlState.OPEN, states.ControlInput.REQUEST, states.Side.LOCAL
         )
+
+
+@pytest.mark.parametrize("cut", [1, 5, 9, 12, 17, 20, 25])
+def test_the_guard_finds_where_a_goaway_ends_in_any_chunking(cut: int) -> None:
+    ping = b"\x00\x00\x08\x06\x00\x00\x00\x00\x00" + b"12345678"
+    goaway = b"\x00\x00\x08\x07\x00\x00\x00\x00\x00" + b"\x00\x00\x00\x01\x00\x00\x00\x00"
+    after = b"\x00\x00\x04\x08\x00\x00\x00\x00\x00\x00\x00\x00\x01"
+    wire = ping + goaway + after
+    guard = FrameSizeGuard(64 * 1024)
+    ends = []
+    for start in range(0, len(wire), cut):
+        guard.check(wire[start : start + cut])
+        if guard.goaway_end is not None:
+            ends.append(start + guard.goaway_end)
+    assert ends == [len(ping) + len(goaway)]

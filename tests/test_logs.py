@@ -91,9 +91,11 @@ def test_every_event_is_documented() -> None:
     [
         (CloseReason.KEEPALIVE_TIMEOUT, "keepalive_timeout"),
         (CloseReason.PROTOCOL_ERROR, "protocol_error"),
+        (CloseReason.FLOOD, "protocol_error"),
         (CloseReason.CONTROL_UNUSABLE, "protocol_error"),
         (CloseReason.PEER_CLOSED, "broker_closed"),
         (CloseReason.GOAWAY, "broker_closed"),
+        (CloseReason.CONTROL_CLOSED, "broker_closed"),
         (CloseReason.TRANSPORT_ERROR, "transport_error"),
         (CloseReason.ABORTED, "other"),
         (None, "other"),

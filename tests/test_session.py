@@ -1072,3 +1072,29 @@ def test_new_stream_after_our_goaway_is_refused(link: Link) -> None:
     ]
     evs = link.agent.receive_data(goaway)
     assert any(isinstance(e, ConnectionClosed) for e in evs)
+
+
+@pytest.mark.parametrize("closer_role", ["agent", "broker"])
+def test_frames_after_the_peers_goaway_in_one_read_are_no_violation(closer_role: str) -> None:
+    """After its graceful GOAWAY a side may still return credit (and reset
+    streams) for streams that finish; h2 refuses every frame after a GOAWAY
+    it received, so a read holding [GOAWAY, WINDOW_UPDATE] must end in
+    ConnectionClosed, not in a protocol violation."""
+    lk = Link(SMALL)
+    lk.handshake()
+    sid = lk.open_stream(1)
+    closer = lk.agent if closer_role == "agent" else lk.broker
+    peer = lk.peer(closer)
+    payload = stream_bytes(40 * 1024)
+    assert peer.send_data(sid, payload) == len(payload)
+    evs = closer.receive_data(peer.data_to_send())
+    closer.close(0, "shutdown")
+    for ev in evs:
+        if isinstance(ev, StreamData):
+            closer.acknowledge(sid, ev.flow_len)  # credit after our GOAWAY
+    wire = closer.data_to_send()
+    kinds = [f.type for f in data_frames([wire])]
+    assert 0x7 in kinds and kinds.index(0x7) < len(kinds) - 1  # frames follow the GOAWAY
+    got = peer.receive_data(wire)  # must not raise
+    assert [e for e in got if isinstance(e, ConnectionClosed)] == [ConnectionClosed(0, "shutdown")]
+    assert peer.receive_data(b"\x00\x00\x04\x08\x00\x00\x00\x00\x00\x00\x00\x10\x00") == []

@@ -154,7 +154,7 @@ class H2Driver(Generic[EventT]):
                         await self._writer_idle()
                     nursery.cancel_scope.cancel()
         finally:
-            self._set_reason(CloseReason.CLOSED, "closed")
+            self.note_close(CloseReason.CLOSED, "closed")
             self._flushed.set()
             if on_closed is not None:
                 on_closed()
@@ -168,7 +168,9 @@ class H2Driver(Generic[EventT]):
     def closed(self) -> bool:
         return self.close_reason is not None
 
-    def _set_reason(self, reason: CloseReason, detail: str) -> None:
+    def note_close(self, reason: CloseReason, detail: str) -> None:
+        """Record why the connection ends (the first reason recorded stays);
+        ``handle`` calls it for the peer's GOAWAY, say, then returns True."""
         if self.close_reason is None:
             self.close_reason = reason
             self.close_detail = detail
@@ -176,7 +178,7 @@ class H2Driver(Generic[EventT]):
     def abort(self, reason: CloseReason, detail: str = "") -> None:
         """Tear the connection down now (from any task); the first reason
         recorded stays."""
-        self._set_reason(reason, detail or reason.value)
+        self.note_close(reason, detail or reason.value)
         if self._cancel is not None:
             self._cancel.cancel()
 
@@ -289,10 +291,10 @@ class H2Driver(Generic[EventT]):
             try:
                 data = await self.transport.receive_some(READ_SIZE)
             except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                self._set_reason(CloseReason.TRANSPORT_ERROR, f"transport error: {exc!r}")
+                self.note_close(CloseReason.TRANSPORT_ERROR, f"transport error: {exc!r}")
                 return
             if not data:
-                self._set_reason(CloseReason.PEER_CLOSED, "peer closed the connection")
+                self.note_close(CloseReason.PEER_CLOSED, "peer closed the connection")
                 return
             self.last_rx = trio.current_time()
             if self._feed(bytes(data)):

@@ -470,11 +470,11 @@ class TunnelConnection:
         elif isinstance(ev, events.ConnectionClosed):
             # h2 allows no stream traffic after GOAWAY: this is the end.
             reason = CloseReason.GOAWAY if ev.goaway else CloseReason.CONTROL_CLOSED
-            self._driver._set_reason(reason, f"peer closed: {ev.reason}")
+            self._driver.note_close(reason, f"peer closed: {ev.reason}")
             return True
         elif isinstance(ev, events.ControlRejected):
             self.rejection = ev
-            self._driver._set_reason(
+            self._driver.note_close(
                 CloseReason.REJECTED, f"broker rejected the connection: {ev.status} {ev.message}"
             )
             return True
