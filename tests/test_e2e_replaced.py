@@ -136,7 +136,9 @@ class Relay:
         self._frozen: list[trio.Event] = []
 
     async def serve(self, nursery: trio.Nursery) -> None:
-        listeners = await nursery.start(functools.partial(trio.serve_tcp, self._handle, 0, host="127.0.0.1"))
+        listeners = await nursery.start(
+            functools.partial(trio.serve_tcp, self._handle, 0, host="127.0.0.1")
+        )
         self.port = int(listeners[0].socket.getsockname()[1])
 
     def freeze(self) -> None:
