@@ -431,8 +431,9 @@ class AgentConnection:
         if conn is None or self.nursery is None:
             return
         try:
+            # No GOAWAY: the agent must not close first, so the close reason
+            # stays ours (replaced) for the disconnect metric.
             conn.send_message(messages.Replaced(instance=by.instance, remote=by.remote))
-            conn.goaway("replaced")
         except (TunnelClosed, ProtocolError) as exc:
             log.debug("replaced notice to %s not sent: %s", conn.name, exc)
 
