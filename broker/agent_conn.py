@@ -15,6 +15,7 @@ from broker.dialing import DialError, DialOutcome
 from broker.metrics import BrokerMetrics
 from protocol import events, handshake, messages
 from protocol.budget import Grant
+from protocol.errors import ProtocolError
 from protocol.identifiers import AgentIdentifiers, Allowance
 from protocol.outcomes import CloseReason
 from tether.netio.logs import event, limited
@@ -47,8 +48,9 @@ class Roster(Protocol):
     """Where an authenticated agent joins the routable set: the agent server,
     which owns registry membership (:mod:`broker.agent_server`)."""
 
-    def join(self, agent: AgentConnection) -> handshake.Refusal | None:
-        """Register ``agent``; None when admitted, else the refusal to send."""
+    async def join(self, agent: AgentConnection) -> handshake.Refusal | None:
+        """Register ``agent``; None when admitted, else the refusal to send.
+        May probe (bounded) whether the connection it would replace is live."""
 
     def joined(self, agent: AgentConnection) -> None:
         """``agent`` was told it is accepted: close the connection it replaced."""
@@ -85,6 +87,10 @@ class AgentConnection:
         self._claimed = AgentIdentifiers()  # as declared at connect, before the check
         self._identifiers_value: str | None = None  # of the last identifiers message
         self._held: tuple[str, ...] = ()  # server ids the agent already holds (hello)
+        #: The agent process's instance id from its hello; "" from an older agent.
+        self.instance = ""
+        #: The last keepalive round trip, seconds (None before the first).
+        self.rtt: float | None = None
         self.conn: TunnelConnection | None = None
         self.nursery: trio.Nursery | None = None
         self.pending: dict[int, PendingDial] = {}
@@ -202,7 +208,9 @@ class AgentConnection:
                 f"duplicate: agent already holds a connection to server {self.server.server_id}",
             )
         if refusal is None:
-            refusal = self.roster.join(self)
+            refusal = await self.roster.join(self)
+            if self.conn.closed_reason is not None:
+                return  # the handshake deadline passed while the roster decided
             if refusal is None:
                 # Before any checkpoint, so no dial is routed by unchecked claims.
                 self.identifiers = self._restrict(self._claimed)
@@ -252,16 +260,18 @@ class AgentConnection:
         self.roster.joined(self)
         self._identifiers_changed(AgentIdentifiers(), self.identifiers, "register")
         log.info(
-            "agent connected: id=%s cluster=%s from=%s identifiers=%s",
+            "agent connected: id=%s cluster=%s from=%s identifiers=%s instance=%s",
             self.agent_id,
             self.cluster,
             self.remote,
             self.identifiers.render(),
+            self.instance or "?",
             extra=event(
                 "agent_connected",
                 agent_id=self.agent_id,
                 cluster=self.cluster,
                 remote=self.remote,
+                instance=self.instance or None,
                 identifiers=self.identifiers.render(),
                 auth=self.auth_method,
                 cert_serial=_serial(self.peer_der),
@@ -282,6 +292,7 @@ class AgentConnection:
         except handshake.HandshakeError as exc:
             return handshake.Refusal(403, exc.reason, str(exc))
         self._held = hello.connected_servers
+        self.instance = hello.instance
         self.identity = identity
         self.agent_id = identity.agent_id
         self.cluster = identity.cluster
@@ -410,6 +421,27 @@ class AgentConnection:
         self.fail_all(reason)
         if self.conn is not None:
             self.conn.abort(CloseReason.REPLACED, reason)
+
+    def replace(self, by: AgentConnection) -> None:
+        """``by`` took this connection's place: its pending dials fail at
+        once; the agent is told why (a ``replaced`` message, docs/protocol.md,
+        2. The control stream), then the connection closes."""
+        self.fail_all("replaced by a new connection")
+        conn = self.conn
+        if conn is None or self.nursery is None:
+            return
+        try:
+            # No GOAWAY: the agent must not close first, so the close reason
+            # stays ours (replaced) for the disconnect metric.
+            conn.send_message(messages.Replaced(instance=by.instance, remote=by.remote))
+        except (TunnelClosed, ProtocolError) as exc:
+            log.debug("replaced notice to %s not sent: %s", conn.name, exc)
+
+        async def close() -> None:
+            await conn.flush(0.5)
+            conn.abort(CloseReason.REPLACED, f"replaced by a new connection from {by.remote}")
+
+        self.nursery.start_soon(close)
 
     def fail_all(self, reason: str) -> None:
         """The connection died: every pending dial fails at once."""

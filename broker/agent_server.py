@@ -32,6 +32,15 @@ from tether.netio.tunnel import Keepalive, TunnelClosed, TunnelConnection
 log = logging.getLogger("tether.broker")
 
 
+class _Probe:
+    """One liveness probe of a registered connection and its result."""
+
+    def __init__(self) -> None:
+        self.done = trio.Event()
+        #: Unknown (the probe was cancelled) counts as live: the newcomer is refused.
+        self.live = True
+
+
 class AgentServer:
     def __init__(
         self,
@@ -66,6 +75,8 @@ class AgentServer:
         self.agents: set[AgentConnection] = set()
         #: Connections a newly admitted agent replaces, closed once it is told.
         self._replacing: dict[AgentConnection, RoutableAgent] = {}
+        #: Liveness probes in flight, per registered connection.
+        self._probes: dict[AgentConnection, _Probe] = {}
         self.socket_options = socket_options
         self.draining = False
 
@@ -75,10 +86,40 @@ class AgentServer:
 
     # ------------------------------------------------------ membership
 
-    def join(self, agent: AgentConnection) -> handshake.Refusal | None:
-        """Register an authenticated ``agent``; the refusal to send when refused."""
+    async def join(self, agent: AgentConnection) -> handshake.Refusal | None:
+        """Register an authenticated ``agent``; the refusal to send when refused.
+
+        A newcomer with the id and credential of a registered connection
+        replaces it at once when it is the same agent process (same instance
+        id): a reconnect whose old connection is stale. From another process
+        (or one that sends no instance id) it replaces the old connection
+        only if that is dead: heard from within the probe bound or answering
+        a PING within it, the old one is live and the newcomer is refused
+        (``agent_id_live``), so two devices sharing one identity never flap
+        (docs/security.md)."""
         assert agent.identity is not None
         identity = agent.identity
+        for _ in range(3):
+            old = self.registry.get(agent.cluster, agent.agent_id)
+            if not self._needs_probe(agent, old):
+                break
+            assert isinstance(old, AgentConnection)
+            if await self._live(old):
+                return handshake.Refusal(
+                    409,
+                    handshake.RefusalReason.AGENT_ID_LIVE.value,
+                    f"agent_id_live: agent id {agent.agent_id} is live on another connection from "
+                    f"{old.remote} (instance {old.instance or '?'}); two devices may "
+                    "share one identity",
+                )
+            if self.registry.get(agent.cluster, agent.agent_id) is old:
+                break  # dead: replace it below
+        else:
+            return handshake.Refusal(
+                409,
+                handshake.RefusalReason.AGENT_ID_LIVE.value,
+                f"agent_id_live: agent id {agent.agent_id} is contended by several connections",
+            )
         try:
             replaced = self.registry.add(
                 agent, Membership(identity.credential, identity.cap_key, identity.cap)
@@ -89,15 +130,64 @@ class AgentServer:
             self._replacing[agent] = replaced
         return None
 
+    @staticmethod
+    def _needs_probe(agent: AgentConnection, old: RoutableAgent | None) -> bool:
+        """Whether ``agent`` would replace ``old`` (same credential) without
+        being known as the same agent process."""
+        if not isinstance(old, AgentConnection) or old is agent or old.identity is None:
+            return False
+        assert agent.identity is not None
+        credential = agent.identity.credential
+        if credential is None or old.identity.credential != credential:
+            return False  # the registry refuses it (identity_in_use)
+        return not (agent.instance and agent.instance == old.instance)
+
+    def probe_timeout(self, old: AgentConnection) -> float:
+        """How long a registered connection gets to prove it is live:
+        max(1 s, 4 round trips), within half the handshake deadline."""
+        rtt = old.rtt or 0.0
+        return min(max(1.0, 4 * rtt), max(1.0, self.handshake_timeout / 2))
+
+    async def _live(self, old: AgentConnection) -> bool:
+        """Whether ``old`` is live; one probe per connection at a time, the
+        other newcomers wait for its result."""
+        pending = self._probes.get(old)
+        if pending is None:
+            pending = self._probes[old] = _Probe()
+            try:
+                assert old.conn is not None
+                pending.live = await old.conn.probe(self.probe_timeout(old))
+            finally:
+                pending.done.set()
+                del self._probes[old]
+        else:
+            await pending.done.wait()
+        return pending.live
+
     def joined(self, agent: AgentConnection) -> None:
         """A reconnecting agent replaces its stale connection at once rather
-        than waiting for keepalive to notice that the old one is dead."""
+        than waiting for keepalive to notice that the old one is dead; the
+        old one is told why before it closes."""
         replaced = self._replacing.pop(agent, None)
         if replaced is not None:
             log.info(
-                "agent %s/%s reconnected; closing its old connection", agent.cluster, agent.agent_id
+                "agent %s/%s reconnected from %s (instance %s); closing its old connection",
+                agent.cluster,
+                agent.agent_id,
+                agent.remote,
+                agent.instance or "?",
+                extra=event(
+                    "agent_replaced",
+                    agent_id=agent.agent_id,
+                    cluster=agent.cluster,
+                    remote=agent.remote,
+                    instance=agent.instance or None,
+                ),
             )
-            replaced.abort("replaced by a new connection from the same agent")
+            if isinstance(replaced, AgentConnection):
+                replaced.replace(agent)
+            else:
+                replaced.abort("replaced by a new connection from the same agent")
 
     def refresh(self, agent: AgentConnection) -> None:
         """``agent``'s identifiers changed: the registry routes by the new ones."""
@@ -193,7 +283,12 @@ class AgentServer:
         conn = TunnelConnection(
             tls, sess, agent, keepalive=self.keepalive, name=f"agent {remote}", budget=self.budget
         )
-        conn.set_rtt_observer(self.metrics.keepalive_rtt.observe)
+
+        def rtt_seen(rtt: float) -> None:
+            agent.rtt = rtt
+            self.metrics.keepalive_rtt.observe(rtt)
+
+        conn.set_rtt_observer(rtt_seen)
         conn.set_stall_observer(self.metrics.window_stalls.inc)
 
         def bad_stream(stream_id: int, reason: str) -> None:

@@ -212,6 +212,10 @@ class Registry:
     def _update(self) -> None:
         self.metrics.ready_backends.set(self.count())
 
+    def get(self, cluster: str, agent_id: str) -> RoutableAgent | None:
+        """The connection registered for ``cluster``/``agent_id``, if any."""
+        return self._clusters.get(cluster, {}).get(agent_id)
+
     def count(self, cluster: str | None = None) -> int:
         if cluster is not None:
             return len(self._clusters.get(cluster, {}))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import secrets
 import ssl
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -107,6 +108,8 @@ class BrokerLink:
         self.ended_by: Cause | None = None
         #: We closed it: the balancer chose a replica we already hold.
         self.duplicate = False
+        #: The broker said another connection with our id took this one's place.
+        self.replaced: messages.Replaced | None = None
         self.dials: dict[int, trio.CancelScope] = {}
         #: The broker knows the ``busy`` dial_fail code (older ones do not).
         self.broker_knows_busy = False
@@ -158,6 +161,8 @@ class BrokerLink:
                 extra=event("drain", initiator="broker", server_id=self.server_id, retry_s=retry),
             )
             self.drain_hint = retry
+        elif isinstance(msg, messages.Replaced):
+            self.replaced = msg  # logged once the link has ended (_link_ended)
         else:
             log.debug("ignoring %s from broker", type(msg).__name__)
 
@@ -286,6 +291,9 @@ class Agent:
 
     def __init__(self, cfg: AgentConfig) -> None:
         self.cfg = cfg
+        #: Drawn once per process start and sent in every hello: the broker
+        #: tells a reconnect of this process from another device with our id.
+        self.instance = secrets.token_hex(8)
         self.authority = f"{cfg.proxy_server_host}:{cfg.proxy_server_port}"
         # Rebuilt on SIGHUP or when the files change; each new broker
         # connection takes the current one, open connections keep theirs.
@@ -668,6 +676,7 @@ class Agent:
             # the live link.
             connected_servers=tuple(self.links),
             token=token,
+            instance=self.instance,
         )
         sess.open_control(hello.to_headers(), self.authority)
         reported = False
@@ -773,6 +782,26 @@ class Agent:
             if handshake.Refusal.reason_of(err.reason_token) is handshake.RefusalReason.DUPLICATE:
                 log.info("balancer chose a replica we already hold: %s", err.message)
                 return LinkOutcome.duplicate(err.message)
+            if (
+                handshake.Refusal.reason_of(err.reason_token)
+                is handshake.RefusalReason.AGENT_ID_LIVE
+            ):
+                log.warning(
+                    "broker refused this agent (409 agent_id_live): %s; if two devices share "
+                    "this identity, give each its own --agent-id and certificate",
+                    err.message,
+                    extra=event(
+                        "auth_rejected",
+                        agent_id=self.cfg.agent_id,
+                        status=err.status,
+                        reason=err.reason_token,
+                    ),
+                )
+                return LinkOutcome.failed(
+                    Cause.REJECTED,
+                    f"rejected: {err.status} {err.message}",
+                    refusal=err.reason_token,
+                )
             log.error(
                 "broker rejected this agent (%d): %s",
                 err.status,
@@ -801,6 +830,23 @@ class Agent:
             )
             return LinkOutcome.failed(Cause.TLS_HANDSHAKE, f"TLS handshake failed: {diagnosis}")
         cause = link.ended_by or cause_of_close(conn.close_reason)
+        if link.replaced is not None:
+            by = link.replaced
+            log.warning(
+                "replaced by another connection with agent id %s (instance %s) from %s: if two "
+                "devices share this identity, give each its own --agent-id and certificate",
+                self.cfg.agent_id,
+                by.instance or "?",
+                by.remote or "?",
+                extra=event(
+                    "agent_replaced",
+                    agent_id=self.cfg.agent_id,
+                    server_id=link.server_id,
+                    instance=by.instance or None,
+                    remote=by.remote or None,
+                ),
+            )
+            return LinkOutcome.failed(Cause.REPLACED, f"replaced: {reason}", accepted=accepted)
         drained = link.drain_hint is not None
         if accepted and not link.duplicate:
             # While we drain, the broker closing after our GOAWAY is the plan.

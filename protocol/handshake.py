@@ -30,6 +30,8 @@ AGENT_ID = "tether-agent-id"
 CLUSTER = "tether-cluster"
 AGENT_IDENTIFIERS = "tether-agent-identifiers"
 CONNECTED_SERVERS = "tether-connected-servers"
+#: The agent process's instance id, drawn once per start (absent: an older agent).
+AGENT_INSTANCE = "tether-agent-instance"
 AUTHORIZATION = "authorization"
 # The broker's welcome (200 response headers).
 SERVER_ID = "tether-server-id"
@@ -45,6 +47,8 @@ MAX_SERVER_COUNT = 1000
 _MAX_SERVER_ID = 253
 _MAX_TOKEN = 64
 _TOKEN_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789_")
+_MAX_INSTANCE = 32
+_INSTANCE_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789")
 
 
 class HandshakeError(ProtocolError):
@@ -63,11 +67,19 @@ class RefusalReason(enum.Enum):
     DUPLICATE = "duplicate"
     #: 409: a live agent with this id is connected with another credential.
     IDENTITY_IN_USE = "identity_in_use"
+    #: 409: this id is live on another connection with the same credential,
+    #: from another agent process (two devices sharing one identity).
+    AGENT_ID_LIVE = "agent_id_live"
 
 
 def valid_token(token: str) -> bool:
     """A refusal token: ``[a-z0-9_]{1,64}``."""
     return 0 < len(token) <= _MAX_TOKEN and set(token) <= _TOKEN_CHARS
+
+
+def valid_instance(instance: str) -> bool:
+    """An agent instance id: ``[a-z0-9]{1,32}``."""
+    return 0 < len(instance) <= _MAX_INSTANCE and set(instance) <= _INSTANCE_CHARS
 
 
 def _server_id_ok(server_id: str) -> bool:
@@ -87,6 +99,9 @@ class Hello:
     #: The bearer token (token mode), None without one.
     token: str | None = attrs.field(default=None, repr=False)
     version: str = PROTOCOL_VERSION
+    #: The agent process's instance id (:func:`valid_instance`); "" from an
+    #: older agent, which sends none.
+    instance: str = ""
 
     @property
     def path(self) -> str:
@@ -98,6 +113,8 @@ class Hello:
             headers[CLUSTER] = self.cluster
         if self.connected_servers:
             headers[CONNECTED_SERVERS] = ",".join(sorted(self.connected_servers))
+        if self.instance:
+            headers[AGENT_INSTANCE] = self.instance
         if self.token is not None:
             headers[AUTHORIZATION] = f"Bearer {self.token}"
         return headers
@@ -117,12 +134,16 @@ class Hello:
             raise HandshakeError("bad_identifiers", str(exc)) from None
         held = headers.get(CONNECTED_SERVERS, "")
         servers = tuple(s for s in held.split(",") if s)
+        instance = headers.get(AGENT_INSTANCE, "")
+        if instance and not valid_instance(instance):
+            raise HandshakeError("bad_instance", f"invalid {AGENT_INSTANCE} header")
         return cls(
             agent_id=agent_id,
             identifiers=identifiers,
             cluster=cluster,
             connected_servers=servers,
             token=bearer_token(headers),
+            instance=instance,
         )
 
 

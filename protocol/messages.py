@@ -62,6 +62,17 @@ class Drain:
 
 
 @attrs.frozen
+class Replaced:
+    """B→A just before the broker closes this connection: another connection
+    with the same agent id and credential took its place (docs/protocol.md,
+    2. The control stream). ``instance`` and ``remote``: the newcomer's
+    instance id ("" if it sent none) and address."""
+
+    instance: str = ""
+    remote: str = ""
+
+
+@attrs.frozen
 class DialFail:
     id: int
     code: DialFailCode
@@ -81,7 +92,7 @@ class Close:
     msg: str = ""
 
 
-Message = Dial | Cancel | Drain | DialFail | Identifiers
+Message = Dial | Cancel | Drain | DialFail | Identifiers | Replaced
 
 
 def split_host_port(addr: str) -> tuple[str, int]:
@@ -108,6 +119,8 @@ def encode(msg: Message | Close) -> bytes:
         body = {"t": "drain"}
         if msg.retry_ms is not None:
             body["retry_ms"] = msg.retry_ms
+    elif isinstance(msg, Replaced):
+        body = {"t": "replaced", "instance": msg.instance, "remote": msg.remote}
     elif isinstance(msg, DialFail):
         body = {"t": "dial_fail", "id": msg.id, "code": msg.code.value, "msg": msg.msg}
     elif isinstance(msg, Identifiers):
@@ -184,6 +197,11 @@ def decode(body: object) -> Message | Close | None:
         )
     if kind == "identifiers":
         return Identifiers(value=_text(body, "value"))
+    if kind == "replaced":
+        return Replaced(
+            instance=_text(body, "instance", optional=True),
+            remote=_text(body, "remote", optional=True),
+        )
     if kind == "close":
         return Close(code=_enum(body, "code", CloseCode), msg=_text(body, "msg", optional=True))
     return None

@@ -38,6 +38,8 @@ class Cause(enum.Enum):
     PROTOCOL_ERROR = "protocol_error"
     BROKER_CLOSED = "broker_closed"
     TRANSPORT_ERROR = "transport_error"
+    #: The broker replaced this link by another connection with our agent id.
+    REPLACED = "replaced"
     OTHER = "other"
 
 

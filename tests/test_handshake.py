@@ -123,3 +123,28 @@ def test_the_agent_session_reads_the_refusal_token(sent: dict[str, str], read: s
     assert [e for e in evs if isinstance(e, ControlRejected)] == [
         ControlRejected(409, read, "duplicate: already held")
     ]
+
+
+@pytest.mark.parametrize("bad", ["ABC", "a b", "x" * 33, "é1", "a-b"])
+def test_the_agent_instance_is_a_short_token(bad: str) -> None:
+    """The instance id travels in its own header, a short lowercase token;
+    an older agent sends none."""
+    hello = Hello(agent_id="a", instance="0123abcd")
+    assert hello.to_headers()["tether-agent-instance"] == "0123abcd"
+    assert Hello.from_headers(hello.to_headers()).instance == "0123abcd"
+    assert Hello.from_headers({"tether-agent-id": "a"}).instance == ""
+    assert "tether-agent-instance" not in Hello(agent_id="a").to_headers()
+    with pytest.raises(HandshakeError) as err:
+        Hello.from_headers({"tether-agent-id": "a", "tether-agent-instance": bad})
+    assert err.value.reason == "bad_instance"
+
+
+def test_the_replaced_message_round_trips_and_older_agents_ignore_unknown_types() -> None:
+    import msgpack
+
+    from protocol import messages
+
+    msg = messages.Replaced(instance="0123abcd", remote="10.0.0.9:4000")
+    assert messages.decode(msgpack.unpackb(messages.encode(msg))) == msg
+    assert messages.decode({"t": "replaced"}) == messages.Replaced()
+    assert messages.decode({"t": "something_newer"}) is None

@@ -58,6 +58,7 @@ async def control_status(
     source: str = "127.0.0.1",
     hold: list[trio.abc.Stream] | None = None,
     cert: tuple[Path, Path] | None = None,
+    instance: str = "",
 ) -> tuple[str, str]:
     """Open the control stream with a bearer token (or a client ``cert``),
     as an attacker's script would; the broker's answer (status, error text).
@@ -74,6 +75,7 @@ async def control_status(
                     ("tether-agent-id", agent_id),
                     ("tether-agent-identifiers", identifiers),
                     *([("authorization", f"Bearer {token}")] if token else []),
+                    *([("tether-agent-instance", instance)] if instance else []),
                 ],
             )
             await stream.send_all(
@@ -263,10 +265,16 @@ async def test_other_certificate_for_a_live_id_is_refused(
     assert re.search(r"WARNING.*rejected \(409\): identity_in_use", broker.proc.log())
     assert rejected_total(await broker.metrics(), "identity_in_use") >= 1
     impostor.stop()
-    # The live agent's own certificate (a reconnect after a stale link) replaces it.
+    # The live agent's own certificate from another process is refused while
+    # the agent answers (issue 15 item 4, tests/test_e2e_replaced.py) ...
     status, error = await control_status(broker, "agent-1", None, cert=pki.agent("agent-1"))
+    assert status == "409" and "agent_id_live" in error, error
+    # ... and from the same process (a reconnect after a stale link) replaces it.
+    status, error = await control_status(
+        broker, "agent-1", None, cert=pki.agent("agent-1"), instance=instance_of(broker, "agent-1")
+    )
     assert status == "200", error
-    assert await wait_log(broker, "reconnected; closing its old connection")
+    assert await wait_log(broker, "; closing its old connection")
     await broker.ready(agents=1)
     await _serving(broker, nursery)
 
@@ -360,9 +368,12 @@ async def test_tokenreview_binds_node_and_bounds_reviews(
     assert await wait_log(broker, "tokenreview_rate_limited")
 
     # A real node from another address is still reviewed and registers.
-    # node-a is live; the same node-bound credential may replace it (a
-    # reconnect after a stale link); the real agent then takes it back.
-    status, error = await control_status(broker, "node-a", NODE_A)
+    # node-a is live; the same node-bound credential from the same agent
+    # process may replace it (a reconnect after a stale link); the real
+    # agent then takes it back.
+    status, error = await control_status(
+        broker, "node-a", NODE_A, instance=instance_of(broker, "node-a")
+    )
     assert status == "200", error
     await broker.ready(agents=1)
     await _serving(broker, nursery)
@@ -431,6 +442,15 @@ async def test_identifier_claims_cannot_capture_other_nodes(
     assert dials_by(good).count(f"127.0.0.11:{p_exact}") == 40
     await peer.aclose()
     await _serving(broker, nursery)
+
+
+def instance_of(broker: BrokerHandle, agent_id: str) -> str:
+    """The instance id the live ``agent_id`` sent, from the broker's log."""
+    found = re.findall(
+        rf"agent connected: id={agent_id} .* instance=([0-9a-f]+)", broker.proc.log()
+    )
+    assert found, broker.proc.log()[-2000:]
+    return str(found[-1])
 
 
 async def _logged(proc: Proc, text: str) -> bool:

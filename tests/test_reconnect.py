@@ -178,7 +178,26 @@ def test_labels_are_the_documented_tokens() -> None:
         "protocol_error",
         "broker_closed",
         "transport_error",
+        "replaced",
         "other",
     ]
     assert REFUSED.label == "connect_failed"
     assert LinkOutcome.connected().label == "connected"
+
+
+def test_agent_id_live_backs_off_to_the_cap_and_replaced_uses_the_normal_backoff() -> None:
+    """Issue 15 item 4: a refused second device waits up to the cap every
+    time (it never takes over the live connection); a replaced agent comes
+    back on its normal backoff, never at once."""
+    p = policy()
+    live = LinkOutcome.failed(
+        Cause.REJECTED, "rejected: 409 agent_id_live: ...", refusal="agent_id_live"
+    )
+    for _ in range(3):
+        d = p.after(live)
+        assert (d.schedule, d.ceiling, d.delay) == (Schedule.BACKOFF, 30.0, 30.0)
+    q = policy()
+    replaced = LinkOutcome(Kind.LOST, Cause.REPLACED, "replaced", True, lasted=60.0)
+    d = q.after(replaced)
+    assert (d.redial, d.schedule, d.ceiling) == (True, Schedule.BACKOFF, 1.0)
+    assert d.logged and replaced.label == "replaced"

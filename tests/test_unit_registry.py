@@ -15,6 +15,7 @@ from typing import Any
 import attrs
 import pytest
 import trio
+import trio.testing
 
 from broker.agent_conn import AgentConnection, ServerInfo
 from broker.agent_server import AgentServer
@@ -231,6 +232,8 @@ class JoiningAgent(StubAgent):
     """What :meth:`AgentServer.join` reads of a connection: its identity."""
 
     identity: Identity | None = None
+    remote: str = "10.0.0.1:1"
+    instance: str = ""
 
 
 def _server(registry: Registry) -> AgentServer:
@@ -250,30 +253,30 @@ def _joining(agent_id: str, credential: str | None, **kw: Any) -> JoiningAgent:
     return JoiningAgent(agent_id, identity=Identity("c", agent_id, "mtls", credential, **kw))
 
 
-def test_the_agent_server_joins_replaces_and_refuses() -> None:
+async def test_the_agent_server_joins_replaces_and_refuses() -> None:
     registry = _registry()
     server = _server(registry)
     first = _joining("n1", "cert:aa")
-    assert server.join(first) is None  # type: ignore[arg-type]
+    assert await server.join(first) is None  # type: ignore[arg-type]
     server.joined(first)  # type: ignore[arg-type]
     assert registry.agents() == [first] and first.aborted == []
     # The same credential again: it replaces, and the old one is closed only
     # once the newcomer has been told it is accepted.
     second = _joining("n1", "cert:aa")
-    assert server.join(second) is None  # type: ignore[arg-type]
+    assert await server.join(second) is None  # type: ignore[arg-type]
     assert registry.agents() == [second] and first.aborted == []
     server.joined(second)  # type: ignore[arg-type]
     assert first.aborted == ["replaced by a new connection from the same agent"]
     # Another credential: refused with the registry's status and reason.
     intruder = _joining("n1", "cert:bb")
-    refused = server.join(intruder)  # type: ignore[arg-type]
+    refused = await server.join(intruder)  # type: ignore[arg-type]
     assert refused is not None and (refused.status, refused.token) == (409, "identity_in_use")
     assert refused.text.startswith("identity_in_use: ")
     assert registry.agents() == [second] and second.aborted == []
     # A capped credential holds at most its cap.
     capped = [_joining(f"e{i}", None, cap_key="token:x", cap=1) for i in range(2)]
-    assert server.join(capped[0]) is None  # type: ignore[arg-type]
-    refusal = server.join(capped[1])  # type: ignore[arg-type]
+    assert await server.join(capped[0]) is None  # type: ignore[arg-type]
+    refusal = await server.join(capped[1])  # type: ignore[arg-type]
     assert refusal is not None and (refusal.status, refusal.token) == (403, "token_cap")
 
 
@@ -299,7 +302,7 @@ class _Tunnel:
     streams: dict[int, object] = attrs.Factory(dict)
 
 
-def test_an_identifiers_update_reroutes_at_once() -> None:
+async def test_an_identifiers_update_reroutes_at_once() -> None:
     """A connection's new identifiers reach the registry's indexes through
     the agent server (``Roster.refresh``), before the next dial."""
     from protocol import messages
@@ -313,7 +316,7 @@ def test_an_identifiers_update_reroutes_at_once() -> None:
     agent.identity = Identity("c", "n1", "mtls", "cert:aa")
     agent.cluster, agent.agent_id = "c", "n1"
     agent.identifiers = AgentIdentifiers.parse("ipv4=10.0.0.5")
-    assert server.join(agent) is None
+    assert await server.join(agent) is None
     assert registry.choose("c", "10.0.0.5") is agent
     agent.on_message(messages.Identifiers(value="ipv4=10.0.0.7&cidr=10.9.0.0/16"))
     assert registry.choose("c", "10.0.0.5") is None
@@ -321,3 +324,76 @@ def test_an_identifiers_update_reroutes_at_once() -> None:
     assert registry.choose("c", "10.9.1.1") is agent
     agent.draining = True  # usability is read when drawn: no notice needed
     assert registry.choose("c", "10.0.0.7") is None
+
+
+@attrs.define
+class _Probed:
+    """A registered connection's tunnel as the liveness probe sees it."""
+
+    live: bool
+    calls: int = 0
+    streams: dict[int, object] = attrs.Factory(dict)
+    closed_reason: str | None = None
+
+    async def probe(self, timeout: float) -> bool:
+        self.calls += 1
+        await trio.sleep(timeout)
+        return self.live
+
+
+def _connection(server: AgentServer, instance: str, live: bool | None = None) -> AgentConnection:
+    agent = AgentConnection(
+        server.metrics, server, server.server, server.authenticator, None, f"10.0.0.{instance}:1"
+    )
+    agent.identity = Identity("c", "n1", "mtls", "cert:aa")
+    agent.cluster, agent.agent_id, agent.instance = "c", "n1", instance
+    if live is not None:
+        agent.conn = _Probed(live)  # type: ignore[assignment]
+    return agent
+
+
+@pytest.mark.timeout(10)
+async def test_a_live_connection_is_probed_once_and_stays(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Newcomers with the id and credential of a live connection but another
+    instance id are refused (agent_id_live) after one bounded probe, however
+    many arrive at once; the same instance replaces at once, unprobed."""
+    registry = _registry()
+    server = _server(registry)
+    old = _connection(server, "1", live=True)
+    assert await server.join(old) is None
+    refusals: list[str] = []
+
+    async def newcomer(i: int) -> None:
+        refusal = await server.join(_connection(server, f"9{i}"))
+        refusals.append(refusal.token if refusal else "admitted")
+
+    started = trio.current_time()
+    async with trio.open_nursery() as nursery:
+        for i in range(50):
+            nursery.start_soon(newcomer, i)
+    assert refusals == ["agent_id_live"] * 50
+    assert old.conn.calls == 1  # type: ignore[union-attr]
+    assert trio.current_time() - started == pytest.approx(server.probe_timeout(old))
+    assert registry.agents() == [old]
+    same = _connection(server, "1")
+    assert await server.join(same) is None
+    assert registry.agents() == [same] and old.conn.calls == 1  # type: ignore[union-attr]
+
+
+@pytest.mark.timeout(10)
+async def test_a_dead_connection_is_replaced_after_the_probe(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    registry = _registry()
+    server = _server(registry)
+    old = _connection(server, "1", live=False)
+    assert await server.join(old) is None
+    new = _connection(server, "2", live=True)
+    assert await server.join(new) is None
+    assert registry.agents() == [new] and old.conn.calls == 1  # type: ignore[union-attr]
+    # An older agent (no instance id) is probed like another process.
+    older = _connection(server, "")
+    refusal = await server.join(older)
+    assert refusal is not None and refusal.token == "agent_id_live"

@@ -44,6 +44,7 @@ EVENTS = frozenset(
         "stopped",  # process finished its drain
         "agent_connected",  # broker: agent registered; agent: broker accepted us
         "agent_disconnected",  # an agent connection that had been accepted ended
+        "agent_replaced",  # broker: a newcomer took an agent id's place; agent: we were replaced
         "auth_rejected",  # broker refused an agent at the control stream
         "frontend_rejected",  # broker refused a TCP frontend client certificate (role/cluster)
         "pki_migration_needed",  # startup: frontend and agent share a CA (an old PKI)

@@ -317,6 +317,7 @@ class TunnelConnection:
             transport, sess, self._dispatch, scheduler=self._scheduler
         )
         self._ping: tuple[bytes, trio.Event] | None = None
+        self._probes: dict[bytes, trio.Event] = {}
         self._on_rtt: Callable[[float], None] | None = None
         self._on_stall: Callable[[], None] | None = None
         self._on_bad_stream: Callable[[int, str], None] | None = None
@@ -464,6 +465,8 @@ class TunnelConnection:
         elif isinstance(ev, events.PingAcked):
             if self._ping is not None and self._ping[0] == ev.payload:
                 self._ping[1].set()
+            if ev.payload in self._probes:
+                self._probes[ev.payload].set()
         elif isinstance(ev, events.ConnectionClosed):
             # h2 allows no stream traffic after GOAWAY: this is the end.
             reason = CloseReason.GOAWAY if ev.goaway else CloseReason.CONTROL_CLOSED
@@ -476,6 +479,23 @@ class TunnelConnection:
             )
             return True
         return False
+
+    async def probe(self, timeout: float) -> bool:
+        """Whether the peer is alive: heard from within ``timeout`` seconds,
+        or answers a PING within ``timeout``."""
+        if self._driver.closed:
+            return False
+        if trio.current_time() - self._driver.last_rx < timeout:
+            return True
+        payload = self.session.send_ping(os.urandom(8))
+        acked = self._probes[payload] = trio.Event()
+        self.wake_writer()
+        try:
+            with trio.move_on_after(timeout):
+                await acked.wait()
+        finally:
+            del self._probes[payload]
+        return acked.is_set() and not self._driver.closed
 
     # ------------------------------------------------------------- tasks
 
