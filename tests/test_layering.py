@@ -36,10 +36,7 @@ RUNTIME = ("tether.netio", "tether.settings", "tether.compat", "tether.pki")
 
 #: Modules of broker/ and edge_agent/ that still import an HTTP library
 #: directly. The engine work empties it.
-PENDING_H2_EXEMPTIONS = frozenset(
-    {
-    }
-)
+PENDING_H2_EXEMPTIONS: frozenset[str] = frozenset()
 HTTP_LIBRARIES = ("h2", "hyperframe", "h11")
 
 #: (file, what) pairs of clocks and randomness protocol/ still draws itself.
