@@ -71,6 +71,8 @@ from tether.netio.tunnel import StreamAborted, TunnelClosed, TunnelStream
 log = logging.getLogger("tether.broker.grpc")
 
 METHOD_PATH = "/ProxyService/Proxy"
+#: konnectivity's service_method label for frontend calls.
+METHOD = "Proxy"
 FRONTEND = "grpc"  # metric label
 #: Largest payload put into one downstream DATA packet; far below the 4 MiB a
 #: grpc client accepts by default, large enough to keep per-message cost low.
@@ -351,10 +353,12 @@ class _Connection:
         call = _ProxyCall(self, e.stream_id, e.deadline)
         self.calls[e.stream_id] = call
         self.calls_served += 1
+        self.metrics.grpc_connections.labels(METHOD).inc()
         self._calls_nursery.start_soon(call.run)
 
     def call_done(self, call: _ProxyCall) -> None:
-        self.calls.pop(call.stream_id, None)
+        if self.calls.pop(call.stream_id, None) is not None:
+            self.metrics.grpc_connections.labels(METHOD).dec()
         if self.server.goaway_sent and not self.calls:
             self._close_when_flushed()
 

@@ -609,13 +609,19 @@ def test_client_half_close_closes_the_tunnel_cleanly(stack: Stack) -> None:
             data += chunk
         received.put(data)  # reached only through a clean EOF
 
+    gauge = "konnectivity_network_proxy_server_grpc_connections"
     with target(sink) as tgt, stack.channel() as channel, open_call(channel) as call:
         cid = call.dial(tgt.address).connectID
+        assert stack.metric(gauge, 'service_method="Proxy"') == 1  # an open call
         call.send(data_pkt(cid, b"last words"))
         call.half_close()
         assert received.get(timeout=10) == b"last words"
         assert call.recv() is None
         assert call.status()[0] is grpc.StatusCode.OK
+    deadline = time.monotonic() + 10
+    while stack.metric(gauge, 'service_method="Proxy"') != 0:
+        assert time.monotonic() < deadline, "the ended call is still counted"
+        time.sleep(0.05)
 
 
 @pytest.mark.timeout(30)
