@@ -1,4 +1,4 @@
-"""Reconnect backoff: exponential with full jitter (design section 2).
+"""Reconnect backoff: exponential with full jitter (docs/protocol.md section 6).
 
 The delay before attempt n is uniform(0, min(cap, base * 2**n)). The
 exponent resets once a connection has stayed healthy for ``stable_after``
