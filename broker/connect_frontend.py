@@ -25,7 +25,8 @@ from protocol.connect_request import (
 )
 from protocol.messages import MAX_EARLY_DATA
 from tether.netio.logs import event, limited
-from tether.netio.relay import relay, set_linger_zero
+from tether.netio.relay import relay
+from tether.netio.sockopts import set_linger_zero
 from tether.netio.tunnel import TunnelStream
 
 log = logging.getLogger("tether.broker.connect")

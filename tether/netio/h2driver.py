@@ -37,6 +37,7 @@ from protocol import h2compat
 from protocol.errors import ProtocolError
 from protocol.flood import FloodDetected
 from protocol.outcomes import CloseReason
+from tether.netio.sockopts import set_linger_zero, unacked_bytes
 
 READ_SIZE = 256 * 1024
 #: Payload the scheduler moves into one socket write. Small enough that an
@@ -164,6 +165,14 @@ class H2Driver(Generic[EventT]):
                 await self._final_flush()
                 if self.protocol_error is not None and not self._write_interrupted:
                     await linger(self.transport, self.linger)
+                if self._write_interrupted or (
+                    self.protocol_error is not None and unacked_bytes(self.transport) > 0
+                ):
+                    # A peer that does not read: a FIN would wait behind our
+                    # unsent bytes forever, in an orphaned socket the kernel
+                    # keeps for minutes, and the peer would never learn the
+                    # connection is gone. Reset instead.
+                    set_linger_zero(self.transport)
                 await trio.aclose_forcefully(self.transport)
 
     @property

@@ -10,14 +10,13 @@ socket has taken them, so each direction buffers at most one window.
 from __future__ import annotations
 
 import logging
-import socket
-import struct
 from collections.abc import Callable
 
 import attrs
 import trio
 
 from protocol.codes import CloseCode
+from tether.netio.sockopts import set_linger_zero
 from tether.netio.tunnel import StreamAborted, TunnelClosed, TunnelStream
 
 log = logging.getLogger(__name__)
@@ -126,16 +125,3 @@ async def relay(
         ts.conn.forget(ts.stream_id)
         await trio.aclose_forcefully(sock)
     return result
-
-
-def set_linger_zero(sock: trio.abc.Stream) -> None:
-    """Turn the close into a TCP RST, so the far end sees an abort as one."""
-    raw = getattr(sock, "socket", None)
-    if raw is None:
-        raw = getattr(getattr(sock, "transport_stream", None), "socket", None)
-    if raw is None or raw.family not in (socket.AF_INET, socket.AF_INET6):
-        return
-    try:
-        raw.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    except OSError:
-        pass

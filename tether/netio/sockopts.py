@@ -14,8 +14,11 @@ Every option is best effort: a platform without one keeps working.
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import socket
+import struct
+import termios
 from pathlib import Path
 
 import attrs
@@ -90,3 +93,38 @@ def _set(sock: socket.socket, level: int, opt: int, value: int, name: str) -> No
         sock.setsockopt(level, opt, value)
     except OSError as exc:
         log.debug("%s not set: %s", name, exc)
+
+
+def _raw_socket(stream: object) -> socket.socket | None:
+    raw = getattr(stream, "socket", None)
+    for attr in ("transport_stream", "transport"):
+        if raw is None:
+            raw = getattr(getattr(stream, attr, None), "socket", None)
+    if raw is None or raw.family not in (socket.AF_INET, socket.AF_INET6):
+        return None
+    return raw  # type: ignore[no-any-return]
+
+
+def unacked_bytes(stream: object) -> int:
+    """Bytes in the kernel's send queue not yet acknowledged by the peer
+    (SIOCOUTQ); 0 when unknown."""
+    raw = _raw_socket(stream)
+    if raw is None:
+        return 0
+    try:
+        return int(struct.unpack("i", fcntl.ioctl(raw.fileno(), termios.TIOCOUTQ, b"\0" * 4))[0])
+    except (OSError, ValueError):
+        return 0
+
+
+def set_linger_zero(stream: object) -> None:
+    """Turn the close of ``stream`` (a socket stream, or a TLS stream over
+    one) into a TCP RST, so the far end sees an abort as one and the kernel
+    keeps no orphaned socket with unsent data for a peer that does not read."""
+    raw = _raw_socket(stream)
+    if raw is None:
+        return
+    try:
+        raw.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    except OSError:
+        pass

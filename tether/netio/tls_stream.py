@@ -64,15 +64,19 @@ class TLSStream(trio.abc.Stream):
     async def _flush(self) -> None:
         """Send everything the TLS engine has queued, in order."""
         async with self._send_lock:
-            data = self._outgoing.read()
-            if not data:
-                return
-            try:
-                await self.transport.send_all(data)
-            except BaseException as exc:
-                # Cancelled or failed mid-record: the TLS byte stream is torn.
-                self._broken = exc
-                raise
+            await self._send_queued()
+
+    async def _send_queued(self) -> None:
+        # Called with the send lock held.
+        data = self._outgoing.read()
+        if not data:
+            return
+        try:
+            await self.transport.send_all(data)
+        except BaseException as exc:
+            # Cancelled or failed mid-record: the TLS byte stream is torn.
+            self._broken = exc
+            raise
 
     async def _fill(self) -> bool:
         """Read more ciphertext; False at transport EOF."""
@@ -150,13 +154,19 @@ class TLSStream(trio.abc.Stream):
         self._check()
         if not self._handshook:
             await self.do_handshake()
-        if data:
-            try:
-                self._ssl.write(data)
-            except ssl.SSLError as exc:
-                self._broken = exc
-                raise trio.BrokenResourceError(f"TLS error: {exc}") from exc
-        await self._flush()
+        # The lock is taken before the plaintext goes into the TLS engine:
+        # the reader flushes what its own reads produced only while no
+        # sender holds it, so it never finds a sender's records queued and
+        # blocks writing them to a peer that does not read (it would stop
+        # reading, and a peer flooding us unread would never be noticed).
+        async with self._send_lock:
+            if data:
+                try:
+                    self._ssl.write(data)
+                except ssl.SSLError as exc:
+                    self._broken = exc
+                    raise trio.BrokenResourceError(f"TLS error: {exc}") from exc
+            await self._send_queued()
 
     async def wait_send_all_might_not_block(self) -> None:
         await self.transport.wait_send_all_might_not_block()
