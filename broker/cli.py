@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import sys
 import time
 
@@ -13,7 +12,7 @@ from broker.tokenreview import TokenReviewError
 from tether.netio import tls
 from tether.netio.kubeapi import KubeApiError
 from tether.netio.listeners import UnixSocketError
-from tether.netio.logs import LogFileError, setup_logging
+from tether.netio.logs import start_logging
 from tether.netio.process import catch_stop_signals_early, run_main
 from tether.netio.tls import TLSConfigError
 
@@ -39,20 +38,9 @@ def _cas(cfg: BrokerConfig, clusters: list[ClusterConfig]) -> list[tuple[str, st
 def main(argv: list[str] | None = None) -> int:
     catch_stop_signals_early()
     cfg = from_args(argv)
-    try:
-        setup_logging(
-            cfg.log_format,
-            cfg.log_level,
-            file=cfg.log_file,
-            file_max_mib=cfg.log_file_max_size,
-            to_stderr=cfg.log_stderr,
-        )
-    except LogFileError as exc:
-        print(f"tether-broker: {exc}", file=sys.stderr)
+    log = start_logging(cfg, "tether-broker", "tether.broker")
+    if log is None:
         return 2
-    log = logging.getLogger("tether.broker")
-    for warning in cfg.compat_warnings:
-        log.warning("%s", warning)
     try:
         clusters = clusters_from(cfg)
     except ConfigError as exc:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import sys
 import time
 
@@ -10,7 +9,7 @@ from edge_agent.app import Agent
 from edge_agent.config import from_args
 from tether.netio import tls
 from tether.netio.kubeapi import KubeApiError
-from tether.netio.logs import LogFileError, setup_logging
+from tether.netio.logs import start_logging
 from tether.netio.process import catch_stop_signals_early, run_main
 from tether.netio.tls import TLSConfigError
 
@@ -18,20 +17,9 @@ from tether.netio.tls import TLSConfigError
 def main(argv: list[str] | None = None) -> int:
     catch_stop_signals_early()
     cfg = from_args(argv)
-    try:
-        setup_logging(
-            cfg.log_format,
-            cfg.log_level,
-            file=cfg.log_file,
-            file_max_mib=cfg.log_file_max_size,
-            to_stderr=cfg.log_stderr,
-        )
-    except LogFileError as exc:
-        print(f"tether-agent: {exc}", file=sys.stderr)
+    log = start_logging(cfg, "tether-agent", "tether.agent")
+    if log is None:
         return 2
-    log = logging.getLogger("tether.agent")
-    for warning in cfg.compat_warnings:
-        log.warning("%s", warning)
     log.info("agent id %s (from %s)", cfg.agent_id, cfg.agent_id_source)
     checks = tls.check_files(
         [(cfg.agent_cert, cfg.agent_key, "--agent-cert", "--agent-key")],

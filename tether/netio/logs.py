@@ -33,6 +33,7 @@ import os
 import re
 import sys
 import time
+from typing import Any
 
 import attrs
 import trio
@@ -213,6 +214,27 @@ def setup_logging(
     # and headers include the agent's Authorization.
     for noisy in ("h2", "hpack"):
         logging.getLogger(noisy).setLevel(max(logging.INFO, root.level))
+
+
+def start_logging(cfg: Any, command: str, logger: str) -> logging.Logger | None:
+    """Both commands' start: logging as ``cfg`` says (its ``log_*`` fields),
+    then the konnectivity-flag warnings; None (after one line on stderr)
+    when ``--log-file`` cannot be used: the caller exits 2."""
+    try:
+        setup_logging(
+            cfg.log_format,
+            cfg.log_level,
+            file=cfg.log_file,
+            file_max_mib=cfg.log_file_max_size,
+            to_stderr=cfg.log_stderr,
+        )
+    except LogFileError as exc:
+        print(f"{command}: {exc}", file=sys.stderr)
+        return None
+    log = logging.getLogger(logger)
+    for warning in cfg.compat_warnings:
+        log.warning("%s", warning)
+    return log
 
 
 # ------------------------------------------------------------- rate limiting
