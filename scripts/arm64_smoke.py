@@ -52,6 +52,8 @@ import traceback
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
+from tether.tools.launch import Proc, free_port
+
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 SUITE = "bookworm"
@@ -295,42 +297,6 @@ class Overlay:
 
 
 # ------------------------------------------------------------------ host side
-
-
-class Proc:
-    def __init__(self, name: str, argv: Sequence[str], log_path: Path) -> None:
-        self.name = name
-        self.log_path = log_path
-        self._log = open(log_path, "ab")  # noqa: SIM115 - closed in stop()
-        self.popen = subprocess.Popen(
-            list(argv), stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
-        )
-
-    def alive(self) -> bool:
-        return self.popen.poll() is None
-
-    def tail(self, n: int = 12) -> str:
-        return "\n    ".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
-
-    def stop(self, timeout: float = 20) -> int | None:
-        """SIGTERM, then SIGKILL; always reaps it."""
-        try:
-            if self.alive():
-                self.popen.send_signal(signal.SIGTERM)
-                try:
-                    self.popen.wait(timeout)
-                except subprocess.TimeoutExpired:
-                    self.popen.kill()
-                    self.popen.wait(10)
-            return self.popen.returncode
-        finally:
-            self._log.close()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def http_status(port: int, path: str) -> tuple[int, str]:

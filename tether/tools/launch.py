@@ -61,6 +61,10 @@ class Proc:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
+    def tail(self, n: int = 12) -> str:
+        """The last ``n`` lines of its output, indented for a report."""
+        return "\n    ".join(self.log().splitlines()[-n:])
+
     def alive(self) -> bool:
         return self.popen.poll() is None
 
