@@ -1,4 +1,6 @@
-"""The 2-minute soak (``make soak`` runs it for as long as asked)."""
+"""A 30-second soak with a fault every ~8 s. The 2-minute soak is its own step of
+``.ci/run`` (``make soak DURATION=120``), outside the suite's time budget;
+``make soak`` runs it for as long as asked."""
 
 from __future__ import annotations
 
@@ -15,15 +17,15 @@ pytestmark = [pytest.mark.e2e]
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.mark.timeout(240)
-def test_two_minute_soak_passes() -> None:
+@pytest.mark.timeout(150)
+def test_thirty_second_soak_passes() -> None:
     check_available()
     result = subprocess.run(
-        [sys.executable, "-m", "benchmarks.soak", "--duration", "120"],
+        [sys.executable, "-m", "benchmarks.soak", "--duration", "30", "--fault-gap", "8"],
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=220,
+        timeout=130,
         check=False,
     )
     print(result.stdout[-3000:])
