@@ -89,6 +89,6 @@ def test_ci_runs_the_arm64_smoke_after_the_suite() -> None:
         for line in (REPO / ".ci" / "run").read_text().splitlines()
         if line.strip().startswith(("make", "exec make"))
     ]
-    assert steps == ["make test", "make arm64-smoke"]
+    assert steps[:2] == ["make test", "make arm64-smoke"]
     makefile = (REPO / "Makefile").read_text()
     assert re.search(r"^arm64-smoke:.*\n\t\$\(PY\) scripts/arm64_smoke\.py", makefile, re.M)
