@@ -1,0 +1,85 @@
+"""``--server-name``: the TLS server name (SNI) the agent sends and checks the
+broker certificate against, with ``{cluster}`` substituted (docs/operations.md
+"Sharding clusters across broker sets"). Bad values stop the agent with one
+line naming the flag; the end-to-end behaviour is tests/test_e2e_sni_sharding.py."""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+
+from edge_agent.config import from_args, tls_server_name
+from tether.tools.launch import BIN
+
+CREDS = ["--ca-cert=ca.crt", "--agent-cert=a.crt", "--agent-key=a.key", "--agent-id=edge-1"]
+
+
+@pytest.mark.timeout(10)
+@pytest.mark.parametrize(
+    ("template", "cluster", "host", "expected"),
+    [
+        ("", "", "broker.example", "broker.example"),  # default: --proxy-server-host
+        ("", "", "127.0.0.1", "127.0.0.1"),  # an address: no SNI is sent
+        ("", "", "[fd00::1]", "fd00::1"),
+        ("{cluster}.brokers.example", "tenant-a", "lb.example", "tenant-a.brokers.example"),
+        ("a.{cluster}.example", "prod", "10.0.0.1", "a.prod.example"),
+        ("fixed.example", "", "lb.example", "fixed.example"),
+        ("10.0.0.7", "", "lb.example", "10.0.0.7"),
+    ],
+)
+def test_server_name_resolves(template: str, cluster: str, host: str, expected: str) -> None:
+    assert tls_server_name(template, cluster, host) == expected
+
+
+@pytest.mark.timeout(10)
+@pytest.mark.parametrize(
+    ("template", "cluster", "message"),
+    [
+        ("{cluster}.brokers.example", "", "uses {cluster}, but --cluster is not set"),
+        ("{host}.brokers.example", "a", "only {cluster} may be substituted"),
+        ("{cluster.brokers.example", "a", "only {cluster} may be substituted"),
+        ("*.brokers.example", "", "is not a DNS name"),  # a wildcard is for certificates
+        ("brokers.example.", "", "is not a DNS name"),  # SNI carries no trailing dot
+        ("{cluster}.brokers.example", "a_b", "'a_b.brokers.example' is not a DNS name"),
+        ("bad name.example", "", "is not a DNS name"),
+        ("-a.example", "", "is not a DNS name"),
+        ("a..example", "", "is not a DNS name"),
+        ("x" * 64 + ".example", "", "is not a DNS name"),
+        ("1.2.3.999", "", "is not a DNS name"),  # numeric, and no address
+        ("bröker.example", "", "is not a DNS name"),  # IDNs go in xn-- form
+    ],
+)
+def test_bad_server_names_are_refused(template: str, cluster: str, message: str) -> None:
+    with pytest.raises(ValueError) as info:
+        tls_server_name(template, cluster, "lb.example")
+    assert message in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.timeout(10)
+def test_config_checks_the_resolved_name(capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = from_args([*CREDS, "--cluster=alpha", "--server-name={cluster}.brokers.test"], {})
+    assert cfg.server_name == "{cluster}.brokers.test"
+    with pytest.raises(SystemExit) as info:
+        from_args([*CREDS, "--server-name={cluster}.brokers.test"], {})
+    assert info.value.code == 2
+    assert "--server-name: '{cluster}.brokers.test' uses {cluster}" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        from_args(CREDS, {"TETHER_AGENT_SERVER_NAME": "*.brokers.test"})
+    assert "TETHER_AGENT_SERVER_NAME: '*.brokers.test' is not a DNS name" in (
+        capsys.readouterr().err
+    )
+
+
+@pytest.mark.timeout(20)
+def test_the_command_exits_with_one_line() -> None:
+    run = subprocess.run(
+        [str(BIN / "tether-agent"), *CREDS, "--server-name=*.brokers.test"],
+        capture_output=True,
+        text=True,
+        timeout=15,
+    )
+    assert run.returncode == 2
+    errors = [line for line in run.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and "--server-name: '*.brokers.test' is not a DNS name" in errors[0]
