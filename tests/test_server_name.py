@@ -5,11 +5,17 @@ line naming the flag; the end-to-end behaviour is tests/test_e2e_sni_sharding.py
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
+from pathlib import Path
 
 import pytest
+import trio
 
 from edge_agent.config import from_args, tls_server_name
+from tether.netio import tls
+from tether.netio.tls_stream import TLSStream
+from tether.tools.certs import PkiPaths
 from tether.tools.launch import BIN
 
 CREDS = ["--ca-cert=ca.crt", "--agent-cert=a.crt", "--agent-key=a.key", "--agent-id=edge-1"]
@@ -83,3 +89,63 @@ def test_the_command_exits_with_one_line() -> None:
     assert run.returncode == 2
     errors = [line for line in run.stderr.splitlines() if "error:" in line]
     assert len(errors) == 1 and "--server-name: '*.brokers.test' is not a DNS name" in errors[0]
+
+
+async def _handshake(paths: PkiPaths, server_name: str) -> str:
+    """One TLS handshake over a real socket pair with the agent's own client
+    context and TLS stream; "" on success, else the agent's diagnosis."""
+    cert, key = paths.agent("agent-1")
+    server_ctx = tls.server_context(paths.broker_cert, paths.broker_key, paths.ca_cert, alpn=["h2"])
+    client_ctx = tls.client_context(paths.ca_cert, cert, key, alpn=["h2"])
+    a, b = trio.socket.socketpair()
+    server = TLSStream(trio.SocketStream(a), server_ctx, server_side=True)
+    client = TLSStream(
+        trio.SocketStream(b), client_ctx, server_side=False, server_hostname=server_name
+    )
+    error = ""
+
+    async def serve() -> None:
+        with contextlib.suppress(trio.BrokenResourceError):
+            await server.do_handshake()
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(serve)
+            try:
+                await client.do_handshake()
+            except trio.BrokenResourceError as exc:
+                error = tls.tls_diagnosis(str(exc.__cause__)) or str(exc.__cause__)
+            await trio.aclose_forcefully(client)
+    await trio.aclose_forcefully(server)
+    return error
+
+
+@pytest.mark.timeout(30)
+async def test_wildcard_broker_certificate_matches_one_label(tmp_path: Path) -> None:
+    """One certificate for every set of a domain: ``tether certs init --san
+    '*.brokers.test'``. It matches ``<cluster>.brokers.test`` and nothing
+    deeper or elsewhere, so hostname verification stays on."""
+    run = subprocess.run(
+        [
+            str(BIN / "tether"),
+            "certs",
+            "init",
+            "--dir",
+            str(tmp_path / "pki"),
+            "--san",
+            "*.brokers.test",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert run.returncode == 0, run.stderr
+    paths = PkiPaths.in_dir(tmp_path / "pki")
+    name = tls_server_name("{cluster}.brokers.test", "alpha", "lb.example")
+    assert await _handshake(paths, name) == ""
+    for wrong in ("a.alpha.brokers.test", "alpha.brokers.other", "brokers.test"):
+        error = await _handshake(paths, wrong)
+        assert error.startswith("cannot verify the broker's certificate: Hostname mismatch"), (
+            wrong,
+            error,
+        )
