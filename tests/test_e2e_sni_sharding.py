@@ -57,10 +57,16 @@ def haproxy_by_sni(
     process and its port."""
     port = free_port()
     routes = "\n".join(f"  use_backend set-{c} if {{ req.ssl_sni -i {c}.{DOMAIN} }}" for c in sets)
-    health = " check inter 300ms fall 1 rise 1" if check else ""
+    # Health checks ask the broker's /healthz (its health port), not the
+    # agent port: a bare TCP check there would be a failed TLS handshake.
     backends = "\n".join(
         f"backend set-{c}\n  balance roundrobin\n"
-        + "\n".join(f"  server {c}-{i} 127.0.0.1:{b.agent_port}{health}" for i, b in enumerate(bs))
+        + ("  option httpchk GET /healthz\n" if check else "")
+        + "\n".join(
+            f"  server {c}-{i} 127.0.0.1:{b.agent_port}"
+            + (f" check port {b.health_port} inter 300ms fall 1 rise 1" if check else "")
+            for i, b in enumerate(bs)
+        )
         for c, bs in sets.items()
     )
     cfg = tmp / "haproxy-sni.cfg"
@@ -196,6 +202,9 @@ async def test_each_cluster_lands_on_and_is_dialed_through_its_own_set(
             assert refused.status == 403, (refused.status, refused.body)
             await refused.aclose()
 
+    for brokers in sets.values():  # nothing but agents of the set reached its agent ports
+        for b in brokers:
+            assert await metric(b.admin_port, "tether_bad_input_total", source="agent") == 0
     dials = {
         a: await metric(admin[a], "konnectivity_network_proxy_agent_dial_duration_seconds_count")
         for a in agents
