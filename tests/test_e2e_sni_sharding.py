@@ -19,6 +19,7 @@ import pytest
 import trio
 from procs import BrokerHandle, Proc, connect_tunnel, free_port, http_get, serve_echo, wait_for
 from test_e2e_ha import agent_readiness, broker_agents, haproxy_binary
+from test_e2e_routing import token_line
 
 from tether.tools.certs import PkiPaths, init_pki
 from tether.tools.launch import start_broker
@@ -241,12 +242,16 @@ def both_cas(tmp: Path, pkis: dict[str, PkiPaths]) -> Path:
 
 
 async def two_sets(
-    tmp: Path, pkis: dict[str, PkiPaths], procs_started: list[Proc], *beta_extra: str
+    tmp: Path,
+    pkis: dict[str, PkiPaths],
+    procs_started: list[Proc],
+    *beta_extra: str,
+    alpha_extra: tuple[str, ...] = (),
 ) -> tuple[dict[str, list[BrokerHandle]], int]:
     """One broker per cluster behind the SNI-routing HAProxy (no health
     checks: every connection a broker sees is an agent's)."""
     sets = {
-        "alpha": broker_set(tmp, pkis["alpha"], "alpha", 1, procs_started),
+        "alpha": broker_set(tmp, pkis["alpha"], "alpha", 1, procs_started, *alpha_extra),
         "beta": broker_set(tmp, pkis["beta"], "beta", 1, procs_started, *beta_extra),
     }
     for brokers in sets.values():
@@ -386,3 +391,55 @@ async def test_server_name_is_verified_against_the_broker_certificate(
     assert await broker_agents(beta) == 1
     for proc in (unrouted, no_sni):
         assert "cannot verify" not in proc.log()  # no broker answered them
+
+
+@pytest.mark.timeout(120)
+async def test_token_of_another_cluster_is_refused_by_that_set(
+    tmp_path: Path,
+    pkis: dict[str, PkiPaths],
+    agent_factory: Callable[..., Proc],
+    procs_started: list[Proc],
+) -> None:
+    """Token agents: each set knows only its own cluster's tokens. alpha's
+    token sent under beta's name reaches beta's broker and is refused there
+    (401 ``bad_token``); under alpha's name it is accepted by alpha's set."""
+    files = {}
+    for cluster in ("alpha", "beta"):
+        files[cluster] = tmp_path / f"{cluster}.tokens"
+        files[cluster].write_text(token_line(f"{cluster}-s3cret", cluster, f"{cluster}-*"))
+    sets, lb = await two_sets(
+        tmp_path,
+        pkis,
+        procs_started,
+        f"--agent-token-file={files['beta']}",
+        alpha_extra=(f"--agent-token-file={files['alpha']}",),
+    )
+    alpha, beta = sets["alpha"][0], sets["beta"][0]
+    token = tmp_path / "alpha.token"
+    token.write_text("alpha-s3cret\n")
+    creds = (f"--service-account-token-path={token}", "--cluster=alpha")
+    honest = agent_factory(
+        alpha, *creds, SERVER_NAME, agent_id="alpha-7", client_cert=False, port=lb
+    )
+    await alpha.ready(agents=1)
+    hostile = agent_factory(
+        alpha,
+        *creds,
+        f"--server-name=beta.{DOMAIN}",
+        f"--ca-cert={both_cas(tmp_path, pkis)}",
+        agent_id="alpha-8",
+        client_cert=False,
+        port=lb,
+    )
+
+    async def refused_twice() -> bool:
+        n = await metric(
+            beta.admin_port, "tether_agent_connections_rejected_total", reason="bad_token"
+        )
+        return n >= 2
+
+    await wait_for(refused_twice, 30, "beta's broker to refuse alpha's token")
+    assert "broker rejected this agent (401): bad_token" in hostile.log(), hostile.tail()
+    assert await broker_agents(beta) == 0
+    assert await broker_agents(alpha) == 1  # alpha-7 only
+    assert "alpha-s3cret" not in hostile.log() + honest.log() + beta.proc.log()
