@@ -12,6 +12,8 @@ is from its credential, and the agent still checks the broker's name.
 from __future__ import annotations
 
 import re
+import subprocess
+import textwrap
 from collections.abc import Callable
 from pathlib import Path
 
@@ -21,6 +23,7 @@ from procs import BrokerHandle, Proc, connect_tunnel, free_port, http_get, serve
 from test_e2e_ha import agent_readiness, broker_agents, haproxy_binary
 from test_e2e_routing import token_line
 
+from edge_agent.config import tls_server_name
 from tether.tools.certs import PkiPaths, init_pki
 from tether.tools.launch import start_broker
 
@@ -443,3 +446,21 @@ async def test_token_of_another_cluster_is_refused_by_that_set(
     assert await broker_agents(beta) == 0
     assert await broker_agents(alpha) == 1  # alpha-7 only
     assert "alpha-s3cret" not in hostile.log() + honest.log() + beta.proc.log()
+
+
+@pytest.mark.timeout(30)
+def test_documented_haproxy_config_is_valid(tmp_path: Path) -> None:
+    """The HAProxy configuration in docs/operations.md is one HAProxy accepts
+    (``haproxy -c``), and routes the names the agents' --server-name makes."""
+    text = (Path(__file__).resolve().parents[1] / "docs" / "operations.md").read_text()
+    rest = text[text.index("- **HAProxy**, `mode tcp`") :]
+    start = rest.index("```\n") + 4
+    cfg = tmp_path / "documented.cfg"
+    cfg.write_text(textwrap.dedent(rest[start : rest.index("```", start)]))
+    run = subprocess.run(
+        [haproxy_binary(), "-c", "-f", str(cfg)], capture_output=True, text=True, timeout=20
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+    for cluster in ("alpha", "beta"):
+        name = tls_server_name("{cluster}.brokers.example", cluster, "lb.example")
+        assert f"{{ req.ssl_sni -i {name} }}" in cfg.read_text()

@@ -149,3 +149,36 @@ async def test_wildcard_broker_certificate_matches_one_label(tmp_path: Path) -> 
             wrong,
             error,
         )
+
+
+def _doc_block(lang: str, after: str) -> str:
+    """The first ``lang`` code block of docs/operations.md after ``after``."""
+    text = (Path(__file__).resolve().parents[1] / "docs" / "operations.md").read_text()
+    rest = text[text.index(after) :]
+    start = rest.index(f"```{lang}\n") + len(lang) + 4
+    return rest[start : rest.index("```", start)]
+
+
+@pytest.mark.timeout(60)
+def test_documented_kubernetes_layout_is_consistent() -> None:
+    """docs/operations.md's Kubernetes form of the SNI layout: the Service
+    validates (Kubernetes 1.34, strict, offline); the TLSRoute's hostname is
+    the name the agents' --server-name makes, under the Gateway listener's
+    wildcard, and its backend is the Service."""
+    import kubernetes_validate
+    import yaml
+
+    objects = list(yaml.safe_load_all(_doc_block("yaml", "**The same on Kubernetes.**")))
+    by_kind = {o["kind"]: o for o in objects}
+    assert set(by_kind) == {"Service", "Gateway", "TLSRoute"}
+    kubernetes_validate.validate(by_kind["Service"], "1.34", strict=True)
+    listener = by_kind["Gateway"]["spec"]["listeners"][0]
+    assert listener["protocol"] == "TLS" and listener["tls"]["mode"] == "Passthrough"
+    route = by_kind["TLSRoute"]["spec"]
+    (hostname,) = route["hostnames"]
+    assert hostname == tls_server_name("{cluster}.brokers.example", "alpha", "lb.example")
+    assert hostname.endswith(listener["hostname"].lstrip("*"))
+    assert route["parentRefs"][0]["sectionName"] == listener["name"]
+    backend = route["rules"][0]["backendRefs"][0]
+    assert backend["name"] == by_kind["Service"]["metadata"]["name"]
+    assert backend["port"] == by_kind["Service"]["spec"]["ports"][0]["port"]
