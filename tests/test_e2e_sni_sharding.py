@@ -135,6 +135,10 @@ async def test_each_cluster_lands_on_and_is_dialed_through_its_own_set(
     procs_started: list[Proc],
     nursery: trio.Nursery,
 ) -> None:
+    """Set alpha (two HA replicas) and set beta (one) behind one HAProxy:
+    every agent holds exactly its own set's brokers, every dial through a
+    broker is served by an agent of that broker's cluster, and losing an
+    alpha replica leaves alpha on the other and beta untouched."""
     sets = {
         "alpha": broker_set(tmp_path, pkis["alpha"], "alpha", 2, procs_started),
         "beta": broker_set(tmp_path, pkis["beta"], "beta", 1, procs_started),
@@ -215,6 +219,16 @@ async def test_each_cluster_lands_on_and_is_dialed_through_its_own_set(
     }
     assert dials["alpha-1"] + dials["alpha-2"] == 2  # one per alpha broker
     assert dials["beta-1"] == 1
+    forbidden = {
+        a: await metric(
+            admin[a],
+            "konnectivity_network_proxy_agent_endpoint_dial_failure_total",
+            reason="forbidden",
+        )
+        for a in agents
+    }
+    assert forbidden["alpha-1"] + forbidden["alpha-2"] == 2  # beta's target, via alpha
+    assert forbidden["beta-1"] == 1
 
     # HA within the alpha set: one alpha broker dies; alpha agents keep the
     # other (1/2) and are still dialed through it; beta is untouched.
