@@ -14,7 +14,7 @@ import attrs
 import trio
 
 from edge_agent import sdnotify
-from edge_agent.config import AgentConfig
+from edge_agent.config import AgentConfig, tls_server_name
 from edge_agent.dialer import DialFailed, dial_target
 from edge_agent.policy import Policy
 from protocol import events, handshake, messages
@@ -295,6 +295,8 @@ class Agent:
         #: tells a reconnect of this process from another device with our id.
         self.instance = secrets.token_hex(8)
         self.authority = f"{cfg.proxy_server_host}:{cfg.proxy_server_port}"
+        #: SNI and the name the broker's certificate must carry (checked at start).
+        self.server_name = tls_server_name(cfg.server_name, cfg.cluster, cfg.proxy_server_host)
         # Rebuilt on SIGHUP or when the files change; each new broker
         # connection takes the current one, open connections keep theirs.
         self.tls = tls.ReloadableContext(
@@ -612,7 +614,7 @@ class Agent:
                     tcp,
                     self.ssl_context,
                     server_side=False,
-                    server_hostname=cfg.proxy_server_host,
+                    server_hostname=self.server_name,
                 )
                 try:
                     await stream.do_handshake()

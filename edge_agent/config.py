@@ -10,7 +10,9 @@ so a device's settings live in one file the systemd unit need not name.
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import os
+import re
 import socket
 import uuid
 from collections.abc import Mapping
@@ -31,6 +33,9 @@ DEFAULT_CONFIG_FILE = "/etc/tether/agent.toml"
 class AgentConfig:
     proxy_server_host: str = "127.0.0.1"
     proxy_server_port: int = 8091
+    #: TLS server name (SNI, and the name the broker certificate must carry);
+    #: ``{cluster}`` stands for ``cluster``. Empty: ``proxy_server_host``.
+    server_name: str = ""
     ca_cert: str = ""
     agent_cert: str = ""
     agent_key: str = ""
@@ -91,6 +96,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=settings.remote_port,
         default=d.proxy_server_port,
         help="broker agent port",
+    )
+    b.add_argument(
+        "--server-name",
+        default=d.server_name,
+        help="TLS server name sent to the broker (SNI) and checked against its certificate; "
+        "{cluster} stands for --cluster (e.g. {cluster}.brokers.example, for a load balancer "
+        "routing clusters to broker sets by SNI). Default: --proxy-server-host",
     )
     b.add_argument("--ca-cert", default=d.ca_cert, help="CA that the broker certificate chains to")
     b.add_argument("--agent-cert", default=d.agent_cert, help="this agent's client certificate")
@@ -214,6 +226,40 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+_DNS_LABEL = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
+
+
+def tls_server_name(template: str, cluster: str, host: str) -> str:
+    """The name the agent sends as SNI and verifies the broker certificate
+    against: ``template`` with ``{cluster}`` replaced, or ``host`` when the
+    template is empty. ValueError (one line) for a name TLS cannot carry."""
+    if not template:
+        return host.strip("[]")
+    rest = template.replace("{cluster}", "")
+    if "{" in rest or "}" in rest:
+        raise ValueError(f"{template!r}: only {{cluster}} may be substituted")
+    if "{cluster}" in template and not cluster:
+        raise ValueError(f"{template!r} uses {{cluster}}, but --cluster is not set")
+    name = template.replace("{cluster}", cluster)
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        pass
+    else:
+        return name  # no SNI is sent for an address; the certificate must carry it
+    labels = name.split(".")
+    if (
+        len(name) > 253
+        or not all(_DNS_LABEL.fullmatch(label) for label in labels)
+        or labels[-1].isdigit()
+    ):
+        raise ValueError(
+            f"{name!r} is not a DNS name (labels of letters, digits and inner '-', "
+            "joined by '.'; no wildcard, no trailing dot) nor an IP address"
+        )
+    return name
+
+
 def _own_identifiers(text: str) -> AgentIdentifiers:
     """konnectivity's syntax (``host=a&ipv4=10.0.0.5&cidr=...&default-route=true``),
     with host names that are host names."""
@@ -293,6 +339,10 @@ def from_args(argv: list[str] | None, environ: Mapping[str, str] | None = None) 
         problems.append("--agent-cert and --agent-key go together")
     if not cfg.agent_cert and not cfg.service_account_token_path:
         problems.append("give --agent-cert/--agent-key or --service-account-token-path")
+    try:
+        tls_server_name(cfg.server_name, cfg.cluster, cfg.proxy_server_host)
+    except ValueError as exc:
+        problems.append(f"{settings.where(resolved, 'server_name')}: {exc}")
     if cfg.sync_interval_cap < cfg.sync_interval:
         problems.append("--sync-interval-cap must be >= --sync-interval")
     for key, check in CHECKS.items():
