@@ -8,9 +8,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import settings
 from procs import BrokerHandle, Proc, start_agent, start_broker
 
 from tether.tools.certs import PkiPaths, init_pki
+
+# The CI machine is shared and two cores run the suite beside other work: a
+# property test's per-example time says nothing about its correctness, so no
+# per-example deadline (a hung example still ends at the test's timeout).
+settings.register_profile("shared-machine", deadline=None)
+settings.load_profile("shared-machine")
 
 
 @pytest.fixture(scope="session")
