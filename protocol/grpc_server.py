@@ -159,12 +159,15 @@ class GrpcServer:
         *,
         methods: Collection[str],
         clock: Callable[[], float],
+        base: H2Base | None = None,
     ) -> None:
         self.settings = settings
         self.methods = frozenset(methods)
         #: The caller's clock (seconds), read for the flood budgets only.
         self.clock = clock
-        self.base = H2Base(settings.h2, client=False, now=clock())
+        #: ``base``: a connection already initiated with ``settings.h2`` (the
+        #: agent port's, :mod:`protocol.agent_port`); do not initiate again.
+        self.base = base or H2Base(settings.h2, client=False, now=clock())
         self.calls: dict[int, _Call] = {}
         #: Every request from now on is refused (REFUSED_STREAM): the server
         #: is draining and wants no new calls, even on a new connection.
@@ -252,6 +255,21 @@ class GrpcServer:
         """Bytes queued on the call that HTTP/2 has not taken yet (0 once gone)."""
         call = self.calls.get(stream_id)
         return 0 if call is None else call.unsent
+
+    def send_headers(self, stream_id: int, metadata: Iterable[tuple[str, str]] = ()) -> None:
+        """Send the response headers now, with ``metadata`` (grpc-go's
+        ``SendHeader``: a client may wait for them before anything else);
+        a no-op once they went."""
+        call = self._call(stream_id)
+        if call.headers_sent or call.state not in SENDING:
+            return
+        self._send_headers(call, [(":status", "200"), ("content-type", CONTENT_TYPE), *metadata])
+
+    def raise_window(self, stream_id: int, n: int) -> None:
+        """Give the call ``n`` more bytes of stream window for good (a long
+        call multiplexing many flows wants more than the initial window)."""
+        if stream_id in self.calls:
+            self.base.credit_stream(stream_id, n)
 
     def send_message(self, stream_id: int, message: bytes) -> None:
         """Queue one whole message (response headers go first, once).
