@@ -22,6 +22,7 @@ from protocol.agent_port import FirstRequest, Kind
 from protocol.budget import BufferBudget
 from protocol.errors import ProtocolError
 from protocol.flood import FloodDetected, FloodPenalties
+from protocol.grpc_framing import DEFAULT_MAX_MESSAGE_SIZE
 from protocol.h2base import H2Base
 from protocol.messages import Drain
 from protocol.outcomes import CloseReason
@@ -427,7 +428,7 @@ class AgentServer:
             authenticator=self.authenticator,
             peer_der=tls.getpeercert(binary_form=True),
             remote=remote,
-            max_message_size=self.session_config.max_message_size,
+            max_message_size=DEFAULT_MAX_MESSAGE_SIZE,
             call_window=self.session_config.stream_window,
             handshake_timeout=self.handshake_timeout,
             draining=self.draining,
