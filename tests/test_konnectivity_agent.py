@@ -106,7 +106,7 @@ def connect(broker: BrokerHandle, target: str, timeout: float = 10) -> tuple[soc
     s.sendall(f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n".encode())
     head = b""
     while b"\r\n\r\n" not in head:
-        chunk = s.recv(4096)
+        chunk = s.recv(1)  # byte by byte: tunnel bytes may follow the head at once
         if not chunk:
             break
         head += chunk
