@@ -17,9 +17,10 @@ the gRPC call layer, in the h11 style: bytes in, events
   bytes of a message comes back only when the caller
   :meth:`acknowledges <GrpcServer.acknowledge>` it: per-call backpressure is
   HTTP/2 stream credit and nothing else, so the caller never has to block
-  its reader. Bytes of a message still incomplete are credited on arrival
-  (the message cannot be handled before the rest comes, and the decoder
-  bounds it by the maximum message size).
+  its reader. A message's credit is its whole wire length, so what a call
+  holds is bounded by its window; only a message longer than half the
+  window is credited as it arrives (it could not complete otherwise; the
+  decoder bounds it by the maximum message size).
 - Responses: :meth:`send_message` queues a whole message on the call; the
   server moves queued bytes into HTTP/2 within the client's windows, round
   robin across calls whenever a window opens, and reports
@@ -50,6 +51,7 @@ from protocol import grpc_events as ev
 from protocol.errors import LocalProtocolError, RemoteProtocolError
 from protocol.grpc_framing import (
     DEFAULT_MAX_MESSAGE_SIZE,
+    HEADER_SIZE,
     GrpcMessageDecoder,
     GrpcStatus,
     encode_message,
@@ -148,6 +150,8 @@ class _Call:
     uncredited: int = 0
     unacknowledged: int = 0
     queued: bool = False  # in the round robin of calls with output
+    #: Credit already returned for the message still incomplete (a long one).
+    early: int = 0
 
 
 class GrpcServer:
@@ -481,22 +485,28 @@ class GrpcServer:
         call = self.calls.get(stream_id)
         if call is None or call.state is not CallState.OPEN:
             return  # no longer read (connection credit is already back)
+        if flow > len(data):
+            self.base.credit_stream(stream_id, flow - len(data))  # padding
         try:
             messages = call.decoder.feed(data)
         except RemoteProtocolError as exc:
             call.state = transition(call.state, CallInput.END_REMOTE)
             events.append(ev.BadMessage(stream_id, exc))
             return
-        if not messages:
-            # Part of a message: credited on arrival (bounded by the decoder).
-            self.base.credit_stream(stream_id, flow)
-            return
-        # The chunk's credit travels with the last message it completed, so
-        # it returns only once everything it carried has been handled.
+        # Each message's credit is its whole wire length, returned only when
+        # it is acknowledged: what a call holds is bounded by its window.
+        # Only a message longer than half the window is credited as it
+        # arrives (it could never complete otherwise; the decoder bounds it
+        # by the maximum message size).
         call.unacknowledged += len(messages)
-        last = len(messages) - 1
-        for i, message in enumerate(messages):
-            events.append(ev.MessageReceived(stream_id, message, flow if i == last else 0))
+        for message in messages:
+            wire = len(message) + HEADER_SIZE
+            early, call.early = call.early, 0
+            events.append(ev.MessageReceived(stream_id, message, wire - early))
+        partial = call.decoder.buffered
+        if partial > self.settings.h2.initial_window // 2 and partial > call.early:
+            self.base.credit_stream(stream_id, partial - call.early)
+            call.early = partial
 
     def _on_request(
         self,

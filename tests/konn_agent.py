@@ -65,7 +65,9 @@ class KonnAgent:
                 ("grpc.use_local_subchannel_pool", 1),
             ],
         )
-        self._out: queue.Queue[object] = queue.Queue()
+        # Bounded, as a real agent's sends block on the stream's flow control:
+        # a target that streams without end must not fill our memory.
+        self._out: queue.Queue[object] = queue.Queue(maxsize=64)
         md = [("agentid", agent_id)]
         if identifiers:
             md.append(("agentidentifiers", identifiers))

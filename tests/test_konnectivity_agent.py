@@ -544,3 +544,106 @@ def test_second_connect_call_and_stream_flood_are_refused(
         s.close()
     finally:
         target.close()
+
+
+def source(total: int) -> Callable[[socket.socket], None]:
+    """A target that sends ``total`` bytes (a fixed pattern) and closes."""
+    block = bytes(range(256)) * 256
+
+    def run(conn: socket.socket) -> None:
+        left = total
+        while left > 0:
+            n = min(left, len(block))
+            conn.sendall(block[:n])
+            left -= n
+
+    return run
+
+
+def download(broker: BrokerHandle, address: str, total: int, timeout: float = 60) -> str:
+    s, status = connect(broker, address, timeout=timeout)
+    assert status.startswith(b"HTTP/1.1 200"), status
+    h = hashlib.sha256()
+    got = 0
+    while got < total:
+        chunk = s.recv(256 * 1024)
+        if not chunk:
+            break
+        h.update(chunk)
+        got += len(chunk)
+    s.close()
+    assert got == total, (address, got, total)
+    return h.hexdigest()
+
+
+def test_stalled_konnectivity_tunnel_does_not_stall_other_agents(
+    tmp_path: Path,
+    broker_env: Callable[..., BrokerHandle],
+    pki: PkiPaths,
+    agents: list[KonnAgent],
+) -> None:
+    """A client that stops reading fills its konnectivity tunnel's buffer and
+    stalls that agent's stream (konnectivity's limit); a Tether agent and
+    another konnectivity agent on the same broker keep streaming. Goodput is
+    measured in benchmarks/konnectivity_isolation.py, not here."""
+    broker = broker_env(
+        "--proxy-strategies=destHost,default",
+        "--agent-allowed-identifiers=agent-1:ipv4=127.0.0.2,agent-2:ipv4=127.0.0.3,"
+        "agent-3:ipv4=127.0.0.4",
+    )
+    tether = start_agent(tmp_path, broker, "--agent-identifiers=ipv4=127.0.0.3", agent_id="agent-2")
+    servers: list[socket.socket] = []
+    total = 16 * MiB
+    try:
+        stalled_agent = konn(broker, pki, identifiers="ipv4=127.0.0.2")
+        other = konn(broker, pki, agent_id="agent-3", identifiers="ipv4=127.0.0.4")
+        agents.extend([stalled_agent, other])
+        ready(broker, 3)
+        addrs = {}
+        for host in ("127.0.0.2", "127.0.0.3", "127.0.0.4"):
+            srv = socket.create_server((host, 0))
+            servers.append(srv)
+            handler = source(1 << 40 if host == "127.0.0.2" else total)
+
+            def serve(srv: socket.socket = srv, handler: Any = handler) -> None:
+                while True:
+                    try:
+                        c, _ = srv.accept()
+                    except OSError:
+                        return
+                    threading.Thread(target=_serve_one, args=(c, handler), daemon=True).start()
+
+            threading.Thread(target=serve, daemon=True).start()
+            addrs[host] = f"{host}:{srv.getsockname()[1]}"
+        # The stalled client: opens a download and never reads.
+        stuck, status = connect(broker, addrs["127.0.0.2"])
+        assert status.startswith(b"HTTP/1.1 200")
+        stalls = metric(broker, "tether_stream_window_stalls_total")
+        wait_until(
+            lambda: metric(broker, "tether_stream_window_stalls_total") > stalls,
+            20,
+            "the konnectivity tunnel's buffer to fill",
+        )
+        expected = hashlib.sha256(
+            (bytes(range(256)) * 256 * (total // 65536 + 1))[:total]
+        ).hexdigest()
+        assert download(broker, addrs["127.0.0.3"], total) == expected  # the Tether agent
+        assert (
+            download(broker, addrs["127.0.0.4"], total) == expected
+        )  # the other konnectivity agent
+        # The stalled tunnel is still held within its bound, not dropped.
+        assert stalled_agent.status is None
+        stuck.close()
+    finally:
+        for srv in servers:
+            srv.close()
+        tether.stop(timeout=5)
+
+
+def _serve_one(conn: socket.socket, handler: Callable[[socket.socket], None]) -> None:
+    try:
+        handler(conn)
+    except OSError:
+        pass
+    finally:
+        conn.close()
