@@ -10,6 +10,7 @@ socket) and gRPC (grpcio as kube-apiserver) ones. Targets are threads on
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import socket
@@ -423,6 +424,13 @@ def test_tether_and_konnectivity_agents_routed_by_identifiers(
         assert tether.log().count("127.0.0.3") >= 3 or "127.0.0.3" in broker.proc.log()
         assert metric(broker, "tether_agents_connected", 'kind="tether"') == 1
         assert metric(broker, "tether_agents_connected", 'kind="konnectivity"') == 1
+        url = f"http://127.0.0.1:{broker.admin_port}/agents"
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            listed = json.loads(resp.read())
+        assert [(a["agent_id"], a["kind"], a["identifiers"]) for a in listed] == [
+            ("agent-1", "konnectivity", "ipv4=127.0.0.2"),
+            ("agent-2", "tether", "ipv4=127.0.0.3"),
+        ]
     finally:
         for srv in targets:
             srv.close()
