@@ -43,7 +43,6 @@ import collections
 import logging
 import urllib.parse
 
-import h2.errors
 import trio
 
 from broker.agent_conn import ServerInfo
@@ -190,7 +189,7 @@ class KonnectivityTunnel:
     def send_close(self, code: CloseCode, msg: str) -> None:
         self._close()
 
-    def reset(self, error_code: int = h2.errors.ErrorCodes.CANCEL) -> None:
+    def reset(self, error_code: int = 0x8) -> None:  # CANCEL: no error codes in konnectivity
         self._close()
         self.aborted_by(StreamAborted("reset locally"))
         self.agent.forget(self.stream_id)
@@ -478,7 +477,10 @@ class KonnectivityConnection:
         self._room = trio.lowlevel.ParkingLot()
         self._nursery: trio.Nursery | None = None
         self.registered = trio.Event()
+        #: How the call ended (a log and metric token) and whether the agent
+        #: broke the protocol.
         self.ending = ""
+        self.violation = False
 
     # ------------------------------------------------------------------ run
 
@@ -608,7 +610,7 @@ class KonnectivityConnection:
             agent.fail_all(self.driver.close_detail or self.ending or "closed")
             cause = self.ending or "peer_closed"
             self.metrics.agent_disconnects.labels(
-                "protocol_error" if cause.startswith("bad_") else "peer_closed"
+                "protocol_error" if self.violation else "peer_closed"
             ).inc()
             log.info(
                 "agent disconnected: id=%s cluster=%s kind=%s reason=%s",
@@ -664,6 +666,7 @@ class KonnectivityConnection:
                     ),
                 )
                 self.ending = f"bad_{exc.reason}"
+                self.violation = True
                 self.server.end_call(sid, status, message)
                 self.driver.wake_writer()
                 await self.driver.flush(0.5)
@@ -685,6 +688,7 @@ class KonnectivityConnection:
                 message,
             )
             self.ending = f"bad_{end.reason}"
+            self.violation = True
             self.server.end_call(sid, status, message)
         else:
             self.ending = "agent_half_close"
