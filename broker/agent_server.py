@@ -431,6 +431,7 @@ class AgentServer:
             max_message_size=DEFAULT_MAX_MESSAGE_SIZE,
             call_window=self.session_config.stream_window,
             handshake_timeout=self.handshake_timeout,
+            keepalive=self.keepalive,
             draining=self.draining,
         )
         self.konnectivity.add(conn)

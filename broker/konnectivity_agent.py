@@ -41,6 +41,8 @@ from __future__ import annotations
 
 import collections
 import logging
+import math
+import os
 import urllib.parse
 
 import trio
@@ -71,7 +73,7 @@ from protocol.identifiers import AgentIdentifiers, Allowance
 from protocol.outcomes import CloseReason
 from tether.netio.h2driver import H2Driver
 from tether.netio.logs import event, limited
-from tether.netio.tunnel import StreamAborted, TunnelClosed
+from tether.netio.tunnel import Keepalive, StreamAborted, TunnelClosed
 
 log = logging.getLogger("tether.broker")
 
@@ -449,6 +451,7 @@ class KonnectivityConnection:
         max_message_size: int,
         call_window: int,
         handshake_timeout: float,
+        keepalive: Keepalive | None = None,
         draining: bool = False,
     ) -> None:
         self.registry = registry
@@ -459,6 +462,8 @@ class KonnectivityConnection:
         self.remote = remote
         self.call_window = call_window
         self.handshake_timeout = handshake_timeout
+        self.keepalive = keepalive or Keepalive()
+        self._ping: tuple[bytes, trio.Event] | None = None
         self.server = GrpcServer(
             server_settings(base.settings, max_message_size),
             methods={KONNECTIVITY_CONNECT_PATH},
@@ -488,6 +493,7 @@ class KonnectivityConnection:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             nursery.start_soon(self._call_deadline)
+            nursery.start_soon(self._keepalive)
             try:
                 await self.driver.run()
             finally:
@@ -503,6 +509,34 @@ class KonnectivityConnection:
         if self.call_id is None:
             self.metrics.bad_input.labels(SOURCE, "no_connect_call").inc()
             self.driver.abort(CloseReason.HANDSHAKE_TIMEOUT, "no Connect call")
+
+    async def _keepalive(self) -> None:
+        """A dead link (no FIN) must not keep a dead agent routable: PING
+        after ``interval`` of silence, give up after ``timeout``, as the
+        Tether agent's connections do (tether/netio/tunnel.py)."""
+        interval, timeout = self.keepalive.interval, self.keepalive.timeout
+        if not math.isfinite(interval) or interval <= 0:
+            return
+        while True:
+            idle_for = trio.current_time() - self.driver.last_rx
+            if idle_for < interval:
+                await trio.sleep(interval - idle_for)
+                continue
+            payload = os.urandom(8)
+            acked = trio.Event()
+            self._ping = (payload, acked)
+            self.server.send_ping(payload)
+            self.driver.wake_writer()
+            with trio.move_on_after(timeout):
+                await acked.wait()
+            self._ping = None
+            if not acked.is_set():
+                self.ending = "keepalive_timeout"
+                self.driver.abort(
+                    CloseReason.KEEPALIVE_TIMEOUT, f"keepalive: no PING ACK within {timeout:g}s"
+                )
+                return
+            await trio.sleep(interval)
 
     def goaway(self) -> None:
         """Drain: the agent must not open a new call here; the open one runs
@@ -556,6 +590,9 @@ class KonnectivityConnection:
                 self._readable.unpark_all()
         elif isinstance(e, ev.CallWritable):
             self._room.unpark_all()
+        elif isinstance(e, ev.PingAcked):
+            if self._ping is not None and self._ping[0] == e.payload:
+                self._ping[1].set()
         elif isinstance(e, ev.CallStarted):
             self._start_call(e)
         elif isinstance(e, ev.CallHalfClosed | ev.BadMessage):
@@ -609,9 +646,7 @@ class KonnectivityConnection:
             self.registry.remove(agent)
             agent.fail_all(self.driver.close_detail or self.ending or "closed")
             cause = self.ending or "peer_closed"
-            self.metrics.agent_disconnects.labels(
-                "protocol_error" if self.violation else "peer_closed"
-            ).inc()
+            self.metrics.agent_disconnects.labels(self._cause_label()).inc()
             log.info(
                 "agent disconnected: id=%s cluster=%s kind=%s reason=%s",
                 agent.agent_id,
@@ -628,6 +663,17 @@ class KonnectivityConnection:
                     reason=self.driver.close_detail or cause,
                 ),
             )
+
+    def _cause_label(self) -> str:
+        """``tether_agent_disconnects_total``'s cause, as for Tether agents."""
+        if self.violation:
+            return "protocol_error"
+        reason = self.driver.close_reason
+        if reason is CloseReason.KEEPALIVE_TIMEOUT:
+            return "keepalive_timeout"
+        if reason is CloseReason.REPLACED:
+            return "replaced"
+        return "peer_closed"
 
     async def _registered_call(self, sid: int, agent: KonnectivityAgent) -> None:
         while True:

@@ -220,6 +220,12 @@ class GrpcServer:
         """Graceful GOAWAY: no new calls, open ones may finish."""
         self.base.goaway()
 
+    def send_ping(self, payload: bytes) -> None:
+        """Queue a PING with the caller's 8 bytes (keepalive); its ACK is
+        :class:`~protocol.grpc_events.PingAcked`. Nothing after a GOAWAY."""
+        if not self.base.closed:
+            self.base.h2.ping(payload)
+
     def refuse_new_calls(self) -> None:
         self.refusing = True
 
@@ -477,6 +483,8 @@ class GrpcServer:
                 for call in self.calls.values():
                     self._park(call)
                 self._window_opened = True
+        elif isinstance(h2ev, h2.events.PingAckReceived):
+            events.append(ev.PingAcked(bytes(h2ev.ping_data or b"")))
         elif isinstance(h2ev, h2.events.ConnectionTerminated):
             self._connection_over()
             events.append(ev.ConnectionEnded(int(h2ev.error_code or 0)))

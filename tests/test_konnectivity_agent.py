@@ -655,3 +655,48 @@ def _serve_one(conn: socket.socket, handler: Callable[[socket.socket], None]) ->
         pass
     finally:
         conn.close()
+
+
+def test_a_silent_konnectivity_link_is_dropped_by_keepalive(
+    broker_env: Callable[..., BrokerHandle], pki: PkiPaths
+) -> None:
+    """An agent whose link goes silent (no FIN, no PING ACK) is deregistered
+    after keepalive time + timeout, so dials stop going to it."""
+    import ssl
+
+    import h2.config
+    import h2.connection
+
+    broker = broker_env("--keepalive-time=1", "--keepalive-timeout=1")
+    cert, key = pki.agent("agent-1")
+    ctx = ssl.create_default_context(cafile=str(pki.ca_cert))
+    ctx.load_cert_chain(str(cert), str(key))
+    ctx.set_alpn_protocols(["h2"])
+    raw = socket.create_connection(("127.0.0.1", broker.agent_port), timeout=10)
+    tls = ctx.wrap_socket(raw, server_hostname="localhost")
+    try:
+        conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+        conn.initiate_connection()
+        conn.send_headers(
+            1,
+            [
+                (":method", "POST"),
+                (":scheme", "https"),
+                (":authority", "localhost"),
+                (":path", "/AgentService/Connect"),
+                ("content-type", "application/grpc"),
+                ("te", "trailers"),
+                ("agentid", "agent-1"),
+            ],
+        )
+        tls.sendall(conn.data_to_send())
+        ready(broker)
+        # From here on the agent neither reads nor writes: a dead link.
+        wait_until(
+            lambda: metric(broker, "tether_agents_connected", 'kind="konnectivity"') == 0,
+            15,
+            "the silent agent to be dropped",
+        )
+        assert metric(broker, "tether_agent_disconnects_total", 'cause="keepalive_timeout"') == 1
+    finally:
+        tls.close()
