@@ -92,6 +92,15 @@ def _download(uds: str, target: str, total: int) -> float:
     return total / elapsed
 
 
+def _switches(pid: int) -> int:
+    """Voluntary plus involuntary context switches of ``pid`` so far."""
+    total = 0
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if "ctxt_switches:" in line:
+            total += int(line.split()[-1])
+    return total
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--size-mib", type=int, default=64)
@@ -139,15 +148,18 @@ def main(argv: list[str] | None = None) -> int:
             solo: list[float] = []
             stalled: list[float] = []
             cpu = {"solo": 0.0, "stalled": 0.0}
+            switches = {"solo": 0, "stalled": 0}
             for _ in range(args.rounds):
-                before = cpu_seconds(broker.proc.pid)
+                before, sw = cpu_seconds(broker.proc.pid), _switches(broker.proc.pid)
                 solo.append(_download(broker.uds, addrs["127.0.0.3"], total))
                 cpu["solo"] += cpu_seconds(broker.proc.pid) - before
+                switches["solo"] += _switches(broker.proc.pid) - sw
                 stuck = _connect(broker.uds, addrs["127.0.0.2"])
                 time.sleep(0.5)  # the konnectivity tunnel's buffer fills; its stream stalls
-                before = cpu_seconds(broker.proc.pid)
+                before, sw = cpu_seconds(broker.proc.pid), _switches(broker.proc.pid)
                 stalled.append(_download(broker.uds, addrs["127.0.0.3"], total))
                 cpu["stalled"] += cpu_seconds(broker.proc.pid) - before
+                switches["stalled"] += _switches(broker.proc.pid) - sw
                 stuck.close()
             gib = total * args.rounds / (1024 * MiB)
             m_solo, m_stalled = statistics.median(solo), statistics.median(stalled)

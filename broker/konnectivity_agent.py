@@ -285,7 +285,12 @@ class KonnectivityAgent:
             if tunnel is None:
                 raise DialError(DialOutcome.TIMEOUT, f"dial to {addr} timed out after {timeout:g}s")
             if early:
-                await tunnel.send_all(early)
+                try:
+                    await tunnel.send_all(early)
+                except (StreamAborted, TunnelClosed) as exc:
+                    raise DialError(
+                        DialOutcome.AGENT_LOST, f"agent connection lost: {exc}"
+                    ) from None
             delivered = True
             return tunnel
         finally:
