@@ -1,0 +1,89 @@
+"""The agent port's first-request sniffer (protocol/agent_port.py), sans-IO:
+real HTTP/2 client bytes from h2, fed whole, byte by byte and broken."""
+
+from __future__ import annotations
+
+import h2.config
+import h2.connection
+import pytest
+
+from protocol import handshake
+from protocol.agent_port import KONNECTIVITY_CONNECT_PATH, MAX_SNIFF, PREFACE, FirstRequest, Kind
+
+
+def client_bytes(path: str, *, extra: int = 0, padded: bool = False) -> bytes:
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    conn.initiate_connection()
+    conn.increment_flow_control_window(1 << 20)
+    headers = [
+        (":method", "POST"),
+        (":scheme", "https"),
+        (":authority", "localhost"),
+        (":path", path),
+        ("content-type", "application/grpc"),
+        ("x-pad", "p" * extra),
+    ]
+    conn.send_headers(1, headers, priority_weight=16 if padded else None)
+    if padded:
+        conn.send_data(1, b"x", pad_length=10)
+    return conn.data_to_send()
+
+
+def test_the_schema_names_konnectivitys_path() -> None:
+    assert KONNECTIVITY_CONNECT_PATH == "/AgentService/Connect"
+
+
+@pytest.mark.parametrize(
+    ("path", "kind"),
+    [
+        (KONNECTIVITY_CONNECT_PATH, Kind.KONNECTIVITY),
+        (handshake.CONTROL_PATH, Kind.TETHER),
+        ("/agent.AgentService/Connect", Kind.TETHER),
+        ("/somewhere", Kind.TETHER),
+    ],
+)
+def test_the_first_requests_path_decides(path: str, kind: Kind) -> None:
+    data = client_bytes(path)
+    whole = FirstRequest()
+    assert whole.feed(data) is kind
+    assert whole.path == path and bytes(whole.buffer) == data
+    drip = FirstRequest()
+    results = [drip.feed(data[i : i + 1]) for i in range(len(data))]
+    assert results[-1] is kind and all(r is None for r in results[:-1])
+    assert bytes(drip.buffer) == data
+
+
+def test_continuation_frames_and_priority_are_read() -> None:
+    # A header block larger than one frame (16 KiB) arrives in CONTINUATIONs.
+    data = client_bytes(KONNECTIVITY_CONNECT_PATH, extra=15_000, padded=True)
+    first = FirstRequest()
+    assert first.feed(data) is Kind.KONNECTIVITY
+
+
+def test_garbage_falls_back_to_tether_at_once() -> None:
+    for junk in (b"GET / HTTP/1.1\r\n\r\n", b"\x16\x03\x01", PREFACE[:5] + b"X"):
+        first = FirstRequest()
+        assert first.feed(junk) is Kind.TETHER
+        assert first.fallback and bytes(first.buffer) == junk
+
+
+def test_an_oversized_early_frame_or_endless_frames_are_bounded() -> None:
+    big = PREFACE + (100_000).to_bytes(3, "big") + b"\x00\x00\x00\x00\x00\x00"
+    assert FirstRequest().feed(big) is Kind.TETHER
+    # SETTINGS frames forever, never a request: decided within the bound.
+    first = FirstRequest()
+    kind = first.feed(PREFACE)
+    settings = (0).to_bytes(3, "big") + b"\x04\x00\x00\x00\x00\x00"
+    fed = len(PREFACE)
+    while kind is None:
+        kind = first.feed(settings * 100)
+        fed += len(settings) * 100
+    assert kind is Kind.TETHER and fed <= MAX_SNIFF + len(settings) * 100
+
+
+def test_an_undecodable_header_block_falls_back() -> None:
+    block = b"\xff\xff\xff\xff\xff"
+    frame = len(block).to_bytes(3, "big") + b"\x01\x04\x00\x00\x00\x01" + block
+    first = FirstRequest()
+    assert first.feed(PREFACE + frame) is Kind.TETHER
+    assert first.path is None and first.fallback
