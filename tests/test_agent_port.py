@@ -11,7 +11,7 @@ from protocol import handshake
 from protocol.agent_port import KONNECTIVITY_CONNECT_PATH, MAX_SNIFF, PREFACE, FirstRequest, Kind
 
 
-def client_bytes(path: str, *, extra: int = 0, padded: bool = False) -> bytes:
+def client_bytes(path: str) -> bytes:
     conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
     conn.initiate_connection()
     conn.increment_flow_control_window(1 << 20)
@@ -21,11 +21,8 @@ def client_bytes(path: str, *, extra: int = 0, padded: bool = False) -> bytes:
         (":authority", "localhost"),
         (":path", path),
         ("content-type", "application/grpc"),
-        ("x-pad", "p" * extra),
     ]
-    conn.send_headers(1, headers, priority_weight=16 if padded else None)
-    if padded:
-        conn.send_data(1, b"x", pad_length=10)
+    conn.send_headers(1, headers)
     return conn.data_to_send()
 
 
@@ -53,11 +50,38 @@ def test_the_first_requests_path_decides(path: str, kind: Kind) -> None:
     assert bytes(drip.buffer) == data
 
 
-def test_continuation_frames_and_priority_are_read() -> None:
-    # A header block larger than one frame (16 KiB) arrives in CONTINUATIONs.
-    data = client_bytes(KONNECTIVITY_CONNECT_PATH, extra=15_000, padded=True)
+def _split_headers(data: bytes) -> bytes:
+    """The same bytes with the first HEADERS frame's block cut into a
+    HEADERS frame and two CONTINUATIONs (as some clients send it)."""
+    pos = len(PREFACE)
+    while True:
+        length = int.from_bytes(data[pos : pos + 3], "big")
+        ftype, flags = data[pos + 3], data[pos + 4]
+        if ftype == 0x1:
+            break
+        pos += 9 + length
+    sid = data[pos + 5 : pos + 9]
+    block = data[pos + 9 : pos + 9 + length]
+    assert not flags & 0x28  # neither padded nor with priority: the block is the payload
+    a, b, c = block[:3], block[3:7], block[7:]
+
+    def frame(kind: int, fl: int, payload: bytes) -> bytes:
+        return len(payload).to_bytes(3, "big") + bytes([kind, fl]) + sid + payload
+
+    split = frame(0x1, flags & ~0x4, a) + frame(0x9, 0, b) + frame(0x9, 0x4, c)
+    return data[:pos] + split + data[pos + 9 + length :]
+
+
+def test_continuation_frames_are_read() -> None:
+    data = _split_headers(client_bytes(KONNECTIVITY_CONNECT_PATH))
     first = FirstRequest()
-    assert first.feed(data) is Kind.KONNECTIVITY
+    results = [first.feed(data[i : i + 7]) for i in range(0, len(data), 7)]
+    assert Kind.KONNECTIVITY in results
+    assert first.path == KONNECTIVITY_CONNECT_PATH
+    # Another frame between HEADERS and its CONTINUATION is a violation:
+    # Tether's session refuses it.
+    broken = data.replace(b"\x00\x00\x04\x09", b"\x00\x00\x04\x08", 1)
+    assert FirstRequest().feed(broken) is Kind.TETHER
 
 
 def test_garbage_falls_back_to_tether_at_once() -> None:
