@@ -432,6 +432,7 @@ class AgentServer:
             call_window=self.session_config.stream_window,
             handshake_timeout=self.handshake_timeout,
             keepalive=self.keepalive,
+            budget=self.budget,
             draining=self.draining,
         )
         self.konnectivity.add(conn)

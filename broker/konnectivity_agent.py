@@ -62,6 +62,7 @@ from protocol.agent_port import (
     KONN_SERVER_ID,
     KONNECTIVITY_CONNECT_PATH,
 )
+from protocol.budget import BufferBudget, Grant
 from protocol.codes import CloseCode
 from protocol.errors import InvalidMessage, ProtocolError, RemoteProtocolError
 from protocol.events import StreamData
@@ -96,10 +97,19 @@ class KonnectivityTunnel:
     """One connection of a konnectivity agent (a ``connectID``), as the
     frontends use a tunnel (:class:`tether.netio.tunnel.Tunnel`)."""
 
-    def __init__(self, agent: KonnectivityAgent, connect_id: int, dial_id: int) -> None:
+    def __init__(
+        self,
+        agent: KonnectivityAgent,
+        connect_id: int,
+        dial_id: int,
+        grant: Grant | None = None,
+    ) -> None:
         self.agent = agent
         self.stream_id = connect_id
         self.dial_id = dial_id
+        #: The tunnel's share of the broker's buffer budget (its buffer).
+        self.grant = grant
+        self.limit = min(TUNNEL_BUFFER, grant.window) if grant is not None else TUNNEL_BUFFER
         self._chunks: collections.deque[StreamData] = collections.deque()
         self._buffered = 0
         #: Delivered to the frontend (or buffered) and not yet acknowledged.
@@ -115,7 +125,7 @@ class KonnectivityTunnel:
 
     @property
     def full(self) -> bool:
-        return self._held >= TUNNEL_BUFFER and self._abort is None
+        return self._held >= self.limit and self._abort is None
 
     def deliver(self, data: bytes) -> None:
         if self._abort is not None or self._eof:
@@ -163,7 +173,7 @@ class KonnectivityTunnel:
 
     def acknowledge(self, flow_len: int) -> None:
         self._held = max(0, self._held - flow_len)
-        if self._held < TUNNEL_BUFFER:
+        if self._held < self.limit:
             self.room.unpark_all()
 
     async def wait_writable(self) -> int:
@@ -208,9 +218,10 @@ class KonnectivityTunnel:
 
 
 class _PendingDial:
-    def __init__(self, dial_id: int, addr: str) -> None:
+    def __init__(self, dial_id: int, addr: str, grant: Grant | None) -> None:
         self.dial_id = dial_id
         self.addr = addr
+        self.grant = grant
         self.done = trio.Event()
         self.tunnel: KonnectivityTunnel | None = None
         self.error: DialError | None = None
@@ -266,7 +277,16 @@ class KonnectivityAgent:
     ) -> KonnectivityTunnel:
         if self.closed:
             raise DialError(DialOutcome.AGENT_LOST, "agent connection lost")
-        pending = _PendingDial(dial_id, addr)
+        budget = self.conn.budget
+        grant = budget.open() if budget is not None else None
+        if budget is not None:
+            if grant is None:
+                raise DialError(
+                    DialOutcome.BUSY, f"broker busy: {budget.describe()}", code="broker_busy"
+                )
+            # A konnectivity tunnel buffers at most TUNNEL_BUFFER: reserve that.
+            budget.shrink(grant, grant.window - TUNNEL_BUFFER)
+        pending = _PendingDial(dial_id, addr, grant)
         self.pending[dial_id] = pending
         self.metrics.pending_dials.inc()
         delivered = False
@@ -298,8 +318,10 @@ class KonnectivityAgent:
             self.metrics.pending_dials.dec()
             if not delivered:
                 if pending.tunnel is not None:
-                    pending.tunnel.reset()
-                elif not pending.done.is_set() and not self.closed:
+                    pending.tunnel.reset()  # returns the grant
+                elif budget is not None and grant is not None:
+                    budget.release(grant)
+                if pending.tunnel is None and not pending.done.is_set() and not self.closed:
                     # Given up (timeout, cancelled): the agent drops the dial.
                     self.send_packet(
                         pb.Packet(type=pb.DIAL_CLS, closeDial=pb.CloseDial(random=dial_id))
@@ -323,6 +345,9 @@ class KonnectivityAgent:
         if tunnel is None:
             return
         self.metrics.konnectivity_tunnels.dec()
+        grant, tunnel.grant = tunnel.grant, None
+        if grant is not None and self.conn.budget is not None:
+            self.conn.budget.release(grant)
         if not tunnel.aborted and not tunnel._eof:
             self.closing[connect_id] = None
             while len(self.closing) > MAX_CLOSING:
@@ -400,7 +425,7 @@ class KonnectivityAgent:
             self._bad("bad_connect_id", f"DIAL_RSP with unusable connectID {rsp.connectID}")
             pending.error = DialError(DialOutcome.FAILED, "agent answered with a bad connectID")
         else:
-            tunnel = KonnectivityTunnel(self, rsp.connectID, rsp.random)
+            tunnel = KonnectivityTunnel(self, rsp.connectID, rsp.random, pending.grant)
             self.tunnels[rsp.connectID] = tunnel
             self.closing.pop(rsp.connectID, None)
             self.metrics.konnectivity_tunnels.inc()
@@ -457,6 +482,7 @@ class KonnectivityConnection:
         call_window: int,
         handshake_timeout: float,
         keepalive: Keepalive | None = None,
+        budget: BufferBudget | None = None,
         draining: bool = False,
     ) -> None:
         self.registry = registry
@@ -468,6 +494,8 @@ class KonnectivityConnection:
         self.call_window = call_window
         self.handshake_timeout = handshake_timeout
         self.keepalive = keepalive or Keepalive()
+        #: The broker's buffer budget, shared with Tether agents' tunnels.
+        self.budget = budget
         self._ping: tuple[bytes, trio.Event] | None = None
         self.server = GrpcServer(
             server_settings(base.settings, max_message_size),

@@ -700,3 +700,35 @@ def test_a_silent_konnectivity_link_is_dropped_by_keepalive(
         assert metric(broker, "tether_agent_disconnects_total", 'cause="keepalive_timeout"') == 1
     finally:
         tls.close()
+
+
+def test_konnectivity_tunnels_share_the_brokers_buffer_budget(
+    broker_env: Callable[..., BrokerHandle], pki: PkiPaths, agents: list[KonnAgent]
+) -> None:
+    """Each konnectivity tunnel reserves its buffer from --max-buffered-bytes
+    like a Tether tunnel: past the budget a dial is 503 (broker busy) and
+    the reservation returns when the tunnel ends."""
+    # Two tunnels at the floor window (64 KiB buffer + 16 KiB outbox) fit.
+    broker = broker_env(f"--max-buffered-bytes={2 * 81920}")
+    agents.append(konn(broker, pki))
+    ready(broker)
+    target = Target(echo)
+    try:
+        first, status = connect(broker, target.address)
+        assert status.startswith(b"HTTP/1.1 200"), status
+        second, status = connect(broker, target.address)
+        assert status.startswith(b"HTTP/1.1 200"), status
+        third, status = connect(broker, target.address)
+        third.close()
+        assert status.startswith(b"HTTP/1.1 503"), status
+        assert metric(broker, "tether_buffered_bytes_reserved") == 2 * 81920
+        first.close()
+        wait_until(lambda: metric(broker, "tether_buffered_bytes_reserved") == 81920, 10, "release")
+        again, status = connect(broker, target.address)
+        assert status.startswith(b"HTTP/1.1 200"), status
+        again.sendall(b"room again")
+        assert read_exactly(again, 10) == b"room again"
+        again.close()
+        second.close()
+    finally:
+        target.close()
