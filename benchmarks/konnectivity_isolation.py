@@ -16,6 +16,7 @@ machine shows up as work, not only as time.
 from __future__ import annotations
 
 import argparse
+import resource
 import socket
 import statistics
 import sys
@@ -92,6 +93,12 @@ def _download(uds: str, target: str, total: int) -> float:
     return total / elapsed
 
 
+def _own_cpu() -> float:
+    """CPU seconds of this process (the clients and the konnectivity agent)."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
 def _switches(pid: int) -> int:
     """Voluntary plus involuntary context switches of ``pid`` so far."""
     total = 0
@@ -149,29 +156,33 @@ def main(argv: list[str] | None = None) -> int:
             stalled: list[float] = []
             cpu = {"solo": 0.0, "stalled": 0.0}
             switches = {"solo": 0, "stalled": 0}
+            other = {"solo": 0.0, "stalled": 0.0}  # the Tether agent and this process
             for _ in range(args.rounds):
                 before, sw = cpu_seconds(broker.proc.pid), _switches(broker.proc.pid)
+                o = cpu_seconds(tether.pid) + _own_cpu()
                 solo.append(_download(broker.uds, addrs["127.0.0.3"], total))
                 cpu["solo"] += cpu_seconds(broker.proc.pid) - before
+                other["solo"] += cpu_seconds(tether.pid) + _own_cpu() - o
                 switches["solo"] += _switches(broker.proc.pid) - sw
                 stuck = _connect(broker.uds, addrs["127.0.0.2"])
                 time.sleep(0.5)  # the konnectivity tunnel's buffer fills; its stream stalls
                 before, sw = cpu_seconds(broker.proc.pid), _switches(broker.proc.pid)
+                o = cpu_seconds(tether.pid) + _own_cpu()
                 stalled.append(_download(broker.uds, addrs["127.0.0.3"], total))
                 cpu["stalled"] += cpu_seconds(broker.proc.pid) - before
+                other["stalled"] += cpu_seconds(tether.pid) + _own_cpu() - o
                 switches["stalled"] += _switches(broker.proc.pid) - sw
                 stuck.close()
             gib = total * args.rounds / (1024 * MiB)
             m_solo, m_stalled = statistics.median(solo), statistics.median(stalled)
             ratio = m_stalled / m_solo
             print(f"size {args.size_mib} MiB x {args.rounds} rounds, interleaved")
-            print(
-                f"solo    median {m_solo / MiB:8.1f} MiB/s  broker CPU {cpu['solo'] / gib:.2f} s/GiB"
-            )
-            print(
-                f"stalled median {m_stalled / MiB:8.1f} MiB/s  "
-                f"broker CPU {cpu['stalled'] / gib:.2f} s/GiB"
-            )
+            for name, med in (("solo", m_solo), ("stalled", m_stalled)):
+                print(
+                    f"{name:8s}median {med / MiB:8.1f} MiB/s  broker CPU "
+                    f"{cpu[name] / gib:.2f} s/GiB, {switches[name] / gib:.0f} context switches/GiB; "
+                    f"agent + clients CPU {other[name] / gib:.2f} s/GiB"
+                )
             paired = statistics.median(b / a for a, b in zip(solo, stalled, strict=True))
             print(f"ratio of medians stalled/solo {ratio:.3f} (target >= 0.95)")
             print(f"median of per-round ratios {paired:.3f}")
