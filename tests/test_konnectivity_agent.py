@@ -370,14 +370,36 @@ def test_agent_dropping_fails_pending_dials_at_once(
 def test_drain_sends_goaway_and_ends_the_call(
     broker_env: Callable[..., BrokerHandle], pki: PkiPaths, agents: list[KonnAgent]
 ) -> None:
-    broker = broker_env("--drain-timeout=2")
+    """SIGTERM: the agent's open tunnel keeps flowing through the drain, a
+    new agent is not taken, then the Connect call ends with UNAVAILABLE (the
+    agent reconnects elsewhere) and the broker exits 0."""
+    broker = broker_env("--drain-timeout=20")
     agent = konn(broker, pki)
     agents.append(agent)
     ready(broker)
-    broker.proc.signal(15)
-    code, details = agent.wait_status(20)
-    assert code is grpc.StatusCode.UNAVAILABLE, (code, details)
-    assert broker.proc.popen.wait(20) == 0
+    target = Target(echo)
+    try:
+        s, status = connect(broker, target.address)
+        assert status.startswith(b"HTTP/1.1 200")
+        broker.proc.signal(15)
+        wait_until(lambda: "draining" in broker.proc.log(), 10, "the drain to start")
+        for i in range(5):
+            msg = f"during drain {i}".encode()
+            s.sendall(msg)
+            assert read_exactly(s, len(msg)) == msg
+            time.sleep(0.1)
+        assert not agent.ended.is_set()
+        late = konn(broker, pki, agent_id="agent-2")
+        agents.append(late)
+        code, _ = late.wait_status()
+        assert code is grpc.StatusCode.UNAVAILABLE, code
+        s.close()  # the last tunnel ends: the drain is over
+        code, details = agent.wait_status(20)
+        assert code is grpc.StatusCode.UNAVAILABLE, (code, details)
+        assert "shutting down" in details
+        assert broker.proc.popen.wait(20) == 0
+    finally:
+        target.close()
 
 
 def test_tether_and_konnectivity_agents_routed_by_identifiers(
