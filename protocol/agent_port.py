@@ -77,6 +77,12 @@ class FirstRequest:
         self.path: str | None = None
         #: Why the decision fell back to Tether without a path (diagnostics).
         self.fallback = ""
+        # Scanning resumes where it stopped: each byte is looked at once.
+        self._pos = 0  # next frame header (after the preface)
+        self._block = bytearray()  # header block so far
+        self._in_headers = False
+        #: Frame headers looked at so far (the tests count work with it).
+        self.work = 0
 
     def feed(self, data: bytes) -> Kind | None:
         """Add received bytes; the kind once known, None while undecided."""
@@ -92,30 +98,32 @@ class FirstRequest:
         return Kind.TETHER
 
     def _scan(self) -> Kind | None:
-        buf = bytes(self.buffer)
-        if len(buf) < len(PREFACE):
-            return None if PREFACE.startswith(buf) else self._fallback("no HTTP/2 preface")
-        if not buf.startswith(PREFACE):
-            return self._fallback("no HTTP/2 preface")
-        pos = len(PREFACE)
-        block = bytearray()
-        in_headers = False
+        buf = self.buffer
+        if self._pos == 0:
+            head = bytes(buf[: len(PREFACE)])
+            if not PREFACE.startswith(head[: len(PREFACE)]):
+                return self._fallback("no HTTP/2 preface")
+            if len(head) < len(PREFACE):
+                return None
+            self._pos = len(PREFACE)
         while True:
+            pos = self._pos
             if len(buf) - pos < 9:
                 return None
+            self.work += 1
             length = int.from_bytes(buf[pos : pos + 3], "big")
             ftype, flags = buf[pos + 3], buf[pos + 4]
             if length > _MAX_EARLY_FRAME:
                 return self._fallback("oversized frame before SETTINGS")
             if len(buf) - pos - 9 < length:
                 return None
-            payload = buf[pos + 9 : pos + 9 + length]
-            pos += 9 + length
-            if in_headers:
+            self._pos = pos + 9 + length
+            if self._in_headers:
                 if ftype != _CONTINUATION:
                     return self._fallback("HEADERS without CONTINUATION")
-                block += payload
+                self._block += buf[pos + 9 : pos + 9 + length]
             elif ftype == _HEADERS:
+                payload = bytes(buf[pos + 9 : pos + 9 + length])
                 start, end = 0, len(payload)
                 if flags & _PADDED:
                     if not payload:
@@ -125,12 +133,12 @@ class FirstRequest:
                     start += 5
                 if end < start:
                     return self._fallback("bad padding")
-                block += payload[start:end]
-                in_headers = True
+                self._block += payload[start:end]
+                self._in_headers = True
             else:
                 continue  # SETTINGS, WINDOW_UPDATE, PING, ...: h2 takes them later
             if flags & _END_HEADERS:
-                return self._decide(bytes(block))
+                return self._decide(bytes(self._block))
 
     def _decide(self, block: bytes) -> Kind:
         decoder = hpack.Decoder()

@@ -111,3 +111,15 @@ def test_an_undecodable_header_block_falls_back() -> None:
     first = FirstRequest()
     assert first.feed(PREFACE + frame) is Kind.TETHER
     assert first.path is None and first.fallback
+
+
+def test_drip_feeding_is_linear() -> None:
+    """Each byte is scanned once: 64 KiB of 9-byte frames fed a byte at a
+    time look at each frame header about once per byte fed, not the whole
+    buffer again on every read (which would be quadratic)."""
+    settings = (0).to_bytes(3, "big") + b"\x04\x00\x00\x00\x00\x00"
+    data = PREFACE + settings * (MAX_SNIFF // len(settings))
+    first = FirstRequest()
+    kinds = [first.feed(data[i : i + 1]) for i in range(len(data))]
+    assert kinds[-1] is None or kinds[-1] is Kind.TETHER
+    assert first.work <= 2 * len(data), first.work
