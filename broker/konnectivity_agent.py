@@ -1,5 +1,5 @@
 """A stock konnectivity agent on the agent port: one ``/AgentService/Connect``
-call, served beside Tether's control stream (docs/protocol.md, section 9).
+call, served beside Tether's control stream (docs/protocol.md, section 10).
 
 The agent server (:mod:`broker.agent_server`) tells the two kinds apart by
 the first request's path (:mod:`protocol.agent_port`) and hands a
