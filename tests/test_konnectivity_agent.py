@@ -754,3 +754,15 @@ def test_konnectivity_tunnels_share_the_brokers_buffer_budget(
         second.close()
     finally:
         target.close()
+
+
+def test_konnectivity_encodes_identifiers_as_url_values() -> None:
+    """konnectivity-agent sends url.Values.Encode(): sorted keys, ':' and '/'
+    percent-encoded; they read as the same identifiers a Tether agent sends."""
+    from broker.konnectivity_agent import _konn_identifiers
+    from protocol.identifiers import AgentIdentifiers
+
+    encoded = "cidr=10.0.0.0%2F24&default-route=true&host=node-1&ipv6=fd00%3A%3A1"
+    plain = "host=node-1&ipv6=fd00::1&cidr=10.0.0.0/24&default-route=true"
+    assert AgentIdentifiers.parse(_konn_identifiers(encoded)) == AgentIdentifiers.parse(plain)
+    assert _konn_identifiers("host=a&ipv4=10.0.0.1") == "host=a&ipv4=10.0.0.1"
