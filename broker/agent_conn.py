@@ -62,6 +62,9 @@ class Roster(Protocol):
 class AgentConnection:
     """Handler for one agent's tunnel connection (see ConnectionHandler)."""
 
+    #: Which protocol the agent speaks (metrics label, /agents).
+    kind = "tether"
+
     def __init__(
         self,
         metrics: BrokerMetrics,

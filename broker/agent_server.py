@@ -15,11 +15,15 @@ import trio
 
 from broker.agent_conn import AgentConnection, ServerInfo
 from broker.auth import Authenticator
+from broker.konnectivity_agent import KonnectivityConnection
 from broker.registry import Membership, Registry, RegistryRefused, RoutableAgent
 from protocol import handshake
+from protocol.agent_port import FirstRequest, Kind
 from protocol.budget import BufferBudget
 from protocol.errors import ProtocolError
 from protocol.flood import FloodDetected, FloodPenalties
+from protocol.grpc_framing import DEFAULT_MAX_MESSAGE_SIZE
+from protocol.h2base import H2Base
 from protocol.messages import Drain
 from protocol.outcomes import CloseReason
 from protocol.session import Role, SessionConfig, TunnelSession
@@ -71,6 +75,8 @@ class AgentServer:
         #: Addresses whose connections keep ending in a flood (protocol/flood.py).
         self.penalties = FloodPenalties(free=flood_penalty_after)
         self.connections: set[TunnelConnection] = set()
+        #: Connections of stock konnectivity agents (broker/konnectivity_agent.py).
+        self.konnectivity: set[KonnectivityConnection] = set()
         #: Every agent connection being served, registered or not.
         self.agents: set[AgentConnection] = set()
         #: Connections a newly admitted agent replaces, closed once it is told.
@@ -168,6 +174,7 @@ class AgentServer:
         """A reconnecting agent replaces its stale connection at once rather
         than waiting for keepalive to notice that the old one is dead; the
         old one is told why before it closes."""
+        self.metrics.agents_by_kind.labels("tether").inc()
         replaced = self._replacing.pop(agent, None)
         if replaced is not None:
             log.info(
@@ -270,6 +277,40 @@ class AgentServer:
             )
             await trio.aclose_forcefully(tls)
             return
+        # One HTTP/2 engine for both kinds of agent: our SETTINGS go out now,
+        # the first request's path picks the protocol (protocol/agent_port.py).
+        base = H2Base(
+            TunnelSession.h2_settings(self.session_config), client=False, now=trio.current_time()
+        )
+        base.initiate()
+        first = FirstRequest()
+        kind: Kind | None = None
+        with trio.move_on_after(self.handshake_timeout):
+            try:
+                await tls.send_all(base.data_to_send())
+                while kind is None:
+                    data = await tls.receive_some(64 * 1024)
+                    if not data:
+                        return
+                    kind = first.feed(data)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                return
+        if kind is None:
+            self.metrics.bad_input.labels("agent", "no_control_stream").inc()
+            limited(
+                log,
+                logging.WARNING,
+                _host(remote),
+                "agent connection from %s: no control stream within %gs; closing",
+                remote,
+                self.handshake_timeout,
+                key="agent_no_control_stream",
+            )
+            await trio.aclose_forcefully(tls)
+            return
+        if kind is Kind.KONNECTIVITY:
+            await self._serve_konnectivity(tls, base, bytes(first.buffer), remote, slot)
+            return
         agent = AgentConnection(
             self.metrics,
             self,
@@ -278,10 +319,15 @@ class AgentServer:
             tls.getpeercert(binary_form=True),
             remote,
         )
-        sess = TunnelSession(Role.BROKER, self.session_config, clock=trio.current_time)
-        sess.initiate()
+        sess = TunnelSession(Role.BROKER, self.session_config, clock=trio.current_time, base=base)
         conn = TunnelConnection(
-            tls, sess, agent, keepalive=self.keepalive, name=f"agent {remote}", budget=self.budget
+            tls,
+            sess,
+            agent,
+            keepalive=self.keepalive,
+            name=f"agent {remote}",
+            budget=self.budget,
+            initial=bytes(first.buffer),
         )
 
         def rtt_seen(rtt: float) -> None:
@@ -351,6 +397,7 @@ class AgentServer:
                     ),
                 )
             if agent.registered.is_set():
+                self.metrics.agents_by_kind.labels("tether").dec()
                 cause = _cause(conn)
                 self.metrics.agent_disconnects.labels(cause).inc()
                 log.info(
@@ -367,6 +414,42 @@ class AgentServer:
                         reason=conn.closed_reason,
                     ),
                 )
+
+    async def _serve_konnectivity(
+        self, tls: TLSStream, base: H2Base, initial: bytes, remote: str, slot: PeerSlot
+    ) -> None:
+        """A stock konnectivity agent: its ``/AgentService/Connect`` call."""
+        conn = KonnectivityConnection(
+            transport=tls,
+            base=base,
+            initial=initial,
+            registry=self.registry,
+            server=self.server,
+            authenticator=self.authenticator,
+            peer_der=tls.getpeercert(binary_form=True),
+            remote=remote,
+            max_message_size=DEFAULT_MAX_MESSAGE_SIZE,
+            call_window=self.session_config.stream_window,
+            handshake_timeout=self.handshake_timeout,
+            keepalive=self.keepalive,
+            budget=self.budget,
+            draining=self.draining,
+        )
+        self.konnectivity.add(conn)
+
+        async def release_slot() -> None:
+            await conn.registered.wait()
+            slot.release()  # authenticated (or refused): no longer counts
+
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(release_slot)
+                await conn.run()
+                nursery.cancel_scope.cancel()
+        finally:
+            self.konnectivity.discard(conn)
+            if isinstance(conn.driver.protocol_error, FloodDetected):
+                self.penalties.record_flood(_host(remote), trio.current_time())
 
     async def _control_deadline(
         self, agent: AgentConnection, conn: TunnelConnection, slot: PeerSlot
@@ -406,20 +489,33 @@ class AgentServer:
                 conn.send_message(Drain(retry_ms=retry_ms))
             except (TunnelClosed, ProtocolError) as exc:
                 log.debug("drain to %s not sent: %s", conn.name, exc)
-        await self._flush(conns)
+        # konnectivity has no drain message to agents: a graceful GOAWAY,
+        # and no new dials; the Connect call ends at close_all.
+        konn = list(self.konnectivity)
+        for kconn in konn:
+            kconn.goaway()
+        await self._flush(conns, konn)
 
     async def close_all(self) -> None:
         """GOAWAY to every agent, flushed (bounded), before the process exits."""
         conns = list(self.connections)
         for conn in conns:
             conn.goaway("broker shutting down")
-        await self._flush(conns)
+        konn = list(self.konnectivity)
+        for kconn in konn:
+            kconn.close("broker shutting down")
+        await self._flush(conns, konn)
 
     @staticmethod
-    async def _flush(conns: list[TunnelConnection]) -> None:
+    async def _flush(
+        conns: list[TunnelConnection],
+        konn: tuple[KonnectivityConnection, ...] | list[KonnectivityConnection] = (),
+    ) -> None:
         async with trio.open_nursery() as nursery:
             for conn in conns:
                 nursery.start_soon(conn.flush)
+            for kconn in konn:
+                nursery.start_soon(kconn.flush)
 
 
 def _host(remote: str) -> str:

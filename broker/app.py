@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import ssl
 from collections.abc import Awaitable, Callable
@@ -300,7 +301,25 @@ class Broker:
         def metrics() -> tuple[int, str, bytes]:
             return 200, "text/plain; version=0.0.4; charset=utf-8", self.metrics.render()
 
-        return {"/metrics": metrics}
+        def agents() -> tuple[int, str, bytes]:
+            # Which agents are connected, and of which kind (the migration
+            # guide in docs/operations.md): one JSON object per agent.
+            rows = [
+                {
+                    "cluster": a.cluster,
+                    "agent_id": a.agent_id,
+                    "kind": getattr(a, "kind", "tether"),
+                    "identifiers": a.identifiers.render(),
+                    "remote": getattr(a, "remote", ""),
+                    "auth": getattr(a, "auth_method", ""),
+                    "load": a.load,
+                    "usable": a.usable,
+                }
+                for a in sorted(self.registry.agents(), key=lambda a: (a.cluster, a.agent_id))
+            ]
+            return 200, "application/json", json.dumps(rows, indent=1).encode() + b"\n"
+
+        return {"/metrics": metrics, "/agents": agents}
 
     def _admin_bad_input(self, reason: str) -> None:
         self.metrics.bad_input.labels("admin", reason).inc()

@@ -27,7 +27,7 @@ from protocol.messages import MAX_EARLY_DATA
 from tether.netio.logs import event, limited
 from tether.netio.relay import relay
 from tether.netio.sockopts import set_linger_zero
-from tether.netio.tunnel import TunnelStream
+from tether.netio.tunnel import Tunnel
 
 log = logging.getLogger("tether.broker.connect")
 
@@ -193,13 +193,13 @@ async def _dial_watching_client(
     target: str,
     early: bytes,
     later: bytearray,
-) -> TunnelStream:
+) -> Tunnel:
     """Dial while reading the client, so a disconnect cancels the dial.
 
     ``early`` rides in the dial. Bytes the client sends meanwhile are kept in
     ``later`` and forwarded first; we stop reading once that buffer is full.
     """
-    result: list[TunnelStream] = []
+    result: list[Tunnel] = []
     gone = False
 
     async def watch(cancel_scope: trio.CancelScope) -> None:

@@ -66,7 +66,7 @@ from protocol.messages import split_host_port
 from protocol.outcomes import CloseReason
 from tether.netio.h2driver import H2Driver
 from tether.netio.logs import event, limited
-from tether.netio.tunnel import StreamAborted, TunnelClosed, TunnelStream
+from tether.netio.tunnel import StreamAborted, Tunnel, TunnelClosed
 
 log = logging.getLogger("tether.broker.grpc")
 
@@ -400,7 +400,7 @@ class _ProxyCall:
         self._send_lock = trio.Lock()
         # Dial and tunnel.
         self._dial_random: int | None = None
-        self.ts: TunnelStream | None = None
+        self.ts: Tunnel | None = None
         self.connect_id = 0
         self._nursery: trio.Nursery | None = None
 
@@ -632,7 +632,7 @@ class _ProxyCall:
 
     # --------------------------------------------------------- downstream
 
-    async def _downstream(self, ts: TunnelStream, cid: int) -> None:
+    async def _downstream(self, ts: Tunnel, cid: int) -> None:
         down = self.metrics.bytes_relayed.labels("down")
         while True:
             try:
@@ -732,7 +732,7 @@ class _ProxyCall:
 
     # -------------------------------------------------------------- tunnel
 
-    async def _dispose_tunnel(self, ts: TunnelStream, how: Disposal) -> None:
+    async def _dispose_tunnel(self, ts: Tunnel, how: Disposal) -> None:
         """Close or reset the tunnel; a clean close lingers so data is not cut.
 
         A FIN follows everything already sent, but resetting right after it
@@ -753,13 +753,13 @@ class _ProxyCall:
             if not done:
                 self._reset_tunnel(ts)
             log.debug("Proxy call %d: tunnel %s", self.stream_id, "closed" if done else "reset")
-            ts.conn.forget(ts.stream_id)
+            ts.forget()
             self.metrics.established.labels(FRONTEND).dec()
 
-    def _reset_tunnel(self, ts: TunnelStream) -> None:
+    def _reset_tunnel(self, ts: Tunnel) -> None:
         if self.ts is ts:
             self.ts = None
             self.metrics.established.labels(FRONTEND).dec()
         if not ts.aborted:
             ts.reset()
-        ts.conn.forget(ts.stream_id)
+        ts.forget()

@@ -97,3 +97,15 @@ class BrokerMetrics(TunnelMetrics):
             ["cluster"],
             registry=r,
         )
+        self.agents_by_kind = prom.Gauge(
+            "tether_agents_connected",
+            "Registered agents by kind: tether (Tether's protocol) or konnectivity "
+            "(a stock konnectivity agent on /AgentService/Connect).",
+            ["kind"],
+            registry=r,
+        )
+        self.konnectivity_tunnels = prom.Gauge(
+            "tether_konnectivity_agent_tunnels",
+            "Tunnels open now on konnectivity agents' multiplexed streams.",
+            registry=r,
+        )

@@ -39,7 +39,7 @@ from broker.routing_index import ClusterIndex
 from protocol.identifiers import AgentIdentifiers
 from protocol.messages import split_host_port
 from tether.netio.logs import event
-from tether.netio.tunnel import TunnelStream
+from tether.netio.tunnel import Tunnel
 
 log = logging.getLogger("tether.broker")
 
@@ -79,7 +79,7 @@ class RoutableAgent(Protocol):
 
     async def dial(
         self, dial_id: int, addr: str, timeout: float, early: bytes | None = None
-    ) -> TunnelStream: ...
+    ) -> Tunnel: ...
 
     def abort(self, reason: str) -> None:
         """Close the connection at once (a newcomer replaced it)."""
@@ -245,7 +245,7 @@ class Registry:
 
     async def dial(
         self, cluster: str, addr: str, timeout: float, early: bytes | None = None
-    ) -> tuple[TunnelStream, RoutableAgent]:
+    ) -> tuple[Tunnel, RoutableAgent]:
         """Route and perform one dial; raise DialError with the outcome."""
         started = trio.current_time()
         try:

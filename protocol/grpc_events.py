@@ -84,6 +84,13 @@ class CallWritable:
 
 
 @attrs.frozen
+class PingAcked:
+    """The client acknowledged our PING (:meth:`~protocol.grpc_server.GrpcServer.send_ping`)."""
+
+    payload: bytes
+
+
+@attrs.frozen
 class ConnectionEnded:
     """The client sent GOAWAY (or h2 closed the connection): no call can
     continue, as h2 accepts no frame afterwards."""
@@ -99,5 +106,6 @@ Event = (
     | CallHalfClosed
     | CallCancelled
     | CallWritable
+    | PingAcked
     | ConnectionEnded
 )

@@ -17,9 +17,10 @@ the gRPC call layer, in the h11 style: bytes in, events
   bytes of a message comes back only when the caller
   :meth:`acknowledges <GrpcServer.acknowledge>` it: per-call backpressure is
   HTTP/2 stream credit and nothing else, so the caller never has to block
-  its reader. Bytes of a message still incomplete are credited on arrival
-  (the message cannot be handled before the rest comes, and the decoder
-  bounds it by the maximum message size).
+  its reader. A message's credit is its whole wire length, so what a call
+  holds is bounded by its window; only a message longer than half the
+  window is credited as it arrives (it could not complete otherwise; the
+  decoder bounds it by the maximum message size).
 - Responses: :meth:`send_message` queues a whole message on the call; the
   server moves queued bytes into HTTP/2 within the client's windows, round
   robin across calls whenever a window opens, and reports
@@ -50,6 +51,7 @@ from protocol import grpc_events as ev
 from protocol.errors import LocalProtocolError, RemoteProtocolError
 from protocol.grpc_framing import (
     DEFAULT_MAX_MESSAGE_SIZE,
+    HEADER_SIZE,
     GrpcMessageDecoder,
     GrpcStatus,
     encode_message,
@@ -148,6 +150,8 @@ class _Call:
     uncredited: int = 0
     unacknowledged: int = 0
     queued: bool = False  # in the round robin of calls with output
+    #: Credit already returned for the message still incomplete (a long one).
+    early: int = 0
 
 
 class GrpcServer:
@@ -159,12 +163,15 @@ class GrpcServer:
         *,
         methods: Collection[str],
         clock: Callable[[], float],
+        base: H2Base | None = None,
     ) -> None:
         self.settings = settings
         self.methods = frozenset(methods)
         #: The caller's clock (seconds), read for the flood budgets only.
         self.clock = clock
-        self.base = H2Base(settings.h2, client=False, now=clock())
+        #: ``base``: a connection already initiated with ``settings.h2`` (the
+        #: agent port's, :mod:`protocol.agent_port`); do not initiate again.
+        self.base = base or H2Base(settings.h2, client=False, now=clock())
         self.calls: dict[int, _Call] = {}
         #: Every request from now on is refused (REFUSED_STREAM): the server
         #: is draining and wants no new calls, even on a new connection.
@@ -213,6 +220,12 @@ class GrpcServer:
         """Graceful GOAWAY: no new calls, open ones may finish."""
         self.base.goaway()
 
+    def send_ping(self, payload: bytes) -> None:
+        """Queue a PING with the caller's 8 bytes (keepalive); its ACK is
+        :class:`~protocol.grpc_events.PingAcked`. Nothing after a GOAWAY."""
+        if not self.base.closed:
+            self.base.h2.ping(payload)
+
     def refuse_new_calls(self) -> None:
         self.refusing = True
 
@@ -252,6 +265,21 @@ class GrpcServer:
         """Bytes queued on the call that HTTP/2 has not taken yet (0 once gone)."""
         call = self.calls.get(stream_id)
         return 0 if call is None else call.unsent
+
+    def send_headers(self, stream_id: int, metadata: Iterable[tuple[str, str]] = ()) -> None:
+        """Send the response headers now, with ``metadata`` (grpc-go's
+        ``SendHeader``: a client may wait for them before anything else);
+        a no-op once they went."""
+        call = self._call(stream_id)
+        if call.headers_sent or call.state not in SENDING:
+            return
+        self._send_headers(call, [(":status", "200"), ("content-type", CONTENT_TYPE), *metadata])
+
+    def raise_window(self, stream_id: int, n: int) -> None:
+        """Give the call ``n`` more bytes of stream window for good (a long
+        call multiplexing many flows wants more than the initial window)."""
+        if stream_id in self.calls:
+            self.base.credit_stream(stream_id, n)
 
     def send_message(self, stream_id: int, message: bytes) -> None:
         """Queue one whole message (response headers go first, once).
@@ -455,6 +483,8 @@ class GrpcServer:
                 for call in self.calls.values():
                     self._park(call)
                 self._window_opened = True
+        elif isinstance(h2ev, h2.events.PingAckReceived):
+            events.append(ev.PingAcked(bytes(h2ev.ping_data or b"")))
         elif isinstance(h2ev, h2.events.ConnectionTerminated):
             self._connection_over()
             events.append(ev.ConnectionEnded(int(h2ev.error_code or 0)))
@@ -463,22 +493,28 @@ class GrpcServer:
         call = self.calls.get(stream_id)
         if call is None or call.state is not CallState.OPEN:
             return  # no longer read (connection credit is already back)
+        if flow > len(data):
+            self.base.credit_stream(stream_id, flow - len(data))  # padding
         try:
             messages = call.decoder.feed(data)
         except RemoteProtocolError as exc:
             call.state = transition(call.state, CallInput.END_REMOTE)
             events.append(ev.BadMessage(stream_id, exc))
             return
-        if not messages:
-            # Part of a message: credited on arrival (bounded by the decoder).
-            self.base.credit_stream(stream_id, flow)
-            return
-        # The chunk's credit travels with the last message it completed, so
-        # it returns only once everything it carried has been handled.
+        # Each message's credit is its whole wire length, returned only when
+        # it is acknowledged: what a call holds is bounded by its window.
+        # Only a message longer than half the window is credited as it
+        # arrives (it could never complete otherwise; the decoder bounds it
+        # by the maximum message size).
         call.unacknowledged += len(messages)
-        last = len(messages) - 1
-        for i, message in enumerate(messages):
-            events.append(ev.MessageReceived(stream_id, message, flow if i == last else 0))
+        for message in messages:
+            wire = len(message) + HEADER_SIZE
+            early, call.early = call.early, 0
+            events.append(ev.MessageReceived(stream_id, message, wire - early))
+        partial = call.decoder.buffered
+        if partial > self.settings.h2.initial_window // 2 and partial > call.early:
+            self.base.credit_stream(stream_id, partial - call.early)
+            call.early = partial
 
     def _on_request(
         self,

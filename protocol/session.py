@@ -127,23 +127,15 @@ class TunnelSession:
         config: SessionConfig | None = None,
         *,
         clock: Callable[[], float],
+        base: h2base.H2Base | None = None,
     ) -> None:
         self.role = role
         self.config = config or SessionConfig()
         self._clock = clock
-        cfg = self.config
-        self._base = h2base.H2Base(
-            h2base.H2Settings(
-                initial_window=cfg.min_stream_window,
-                connection_window=cfg.connection_window,
-                max_frame_size=cfg.max_frame_size,
-                max_concurrent_streams=cfg.max_concurrent_streams,
-                max_header_list_size=cfg.max_header_list_size,
-                headers_per_call=cfg.headers_per_call,
-                flood=cfg.flood,
-            ),
-            client=role is Role.AGENT,
-            now=clock(),
+        #: ``base``: a connection already initiated with :meth:`h2_settings`
+        #: (the agent port's, :mod:`protocol.agent_port`); do not initiate again.
+        self._base = base or h2base.H2Base(
+            self.h2_settings(self.config), client=role is Role.AGENT, now=clock()
         )
         #: Per-type budgets for the agent's control messages (broker only).
         self._control = ControlGuard(self._base.flood) if role is Role.BROKER else None
@@ -154,6 +146,19 @@ class TunnelSession:
         #: body (the message) arrives and ControlRejected reports them.
         self._refusal: tuple[int, str] | None = None
         self._streams: dict[int, _Stream] = {}
+
+    @staticmethod
+    def h2_settings(cfg: SessionConfig) -> h2base.H2Settings:
+        """What a session with ``cfg`` announces, and its guards' limits."""
+        return h2base.H2Settings(
+            initial_window=cfg.min_stream_window,
+            connection_window=cfg.connection_window,
+            max_frame_size=cfg.max_frame_size,
+            max_concurrent_streams=cfg.max_concurrent_streams,
+            max_header_list_size=cfg.max_header_list_size,
+            headers_per_call=cfg.headers_per_call,
+            flood=cfg.flood,
+        )
 
     @property
     def _h2(self) -> h2.connection.H2Connection:

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
-"""Regenerate (or check) the committed protobuf module for the konnectivity schema.
+"""Regenerate (or check) the committed protobuf module for the konnectivity schemas.
 
-    python scripts/gen_proto.py                 # write protocol/konnectivity_pb2.py{,i}
+    python scripts/gen_proto.py                 # write protocol/{konnectivity,agent}_pb2.py{,i}
     python scripts/gen_proto.py --out DIR       # write them into DIR instead
     python scripts/gen_proto.py --check         # exit 1 if the committed files are stale
 
@@ -17,14 +17,33 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import re
 import sys
 import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 PROTO_DIR = REPO / "protocol"
-PROTO_NAME = "konnectivity.proto"
-GENERATED = ("konnectivity_pb2.py", "konnectivity_pb2.pyi")
+#: Schemas, in dependency order (agent.proto imports konnectivity.proto).
+PROTO_NAMES = ("konnectivity.proto", "agent.proto")
+GENERATED = (
+    "konnectivity_pb2.py",
+    "konnectivity_pb2.pyi",
+    "agent_pb2.py",
+    "agent_pb2.pyi",
+)
+#: protoc writes a top-level import for a schema another one imports; inside
+#: the ``protocol`` package it must be a package import.
+_IMPORT_FIXES = (
+    (
+        "import konnectivity_pb2 as konnectivity__pb2",
+        "from protocol import konnectivity_pb2 as konnectivity__pb2",
+    ),
+    (
+        "import konnectivity_pb2 as _konnectivity_pb2",
+        "from protocol import konnectivity_pb2 as _konnectivity_pb2",
+    ),
+)
 
 
 def generate(out_dir: Path) -> None:
@@ -39,11 +58,17 @@ def generate(out_dir: Path) -> None:
         f"-I{PROTO_DIR}",
         f"--python_out={out_dir}",
         f"--pyi_out={out_dir}",
-        str(PROTO_DIR / PROTO_NAME),
+        *(str(PROTO_DIR / name) for name in PROTO_NAMES),
     ]
     rc = protoc.main(args)
     if rc != 0:
         sys.exit(f"protoc failed with exit status {rc}")
+    for name in GENERATED:
+        path = out_dir / name
+        text = path.read_text(encoding="utf-8")
+        for old, new in _IMPORT_FIXES:
+            text = re.sub(rf"^{re.escape(old)}$", new, text, flags=re.M)
+        path.write_text(text, encoding="utf-8")
 
 
 def _version_line(text: str) -> str:

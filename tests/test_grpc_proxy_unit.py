@@ -84,7 +84,7 @@ class FakeTunnel:
     def reset(self) -> None:
         self.aborted = True
 
-    def forget(self, stream_id: int) -> None:
+    def forget(self) -> None:
         self.forgotten = True
 
 

@@ -106,15 +106,16 @@ def test_a_call_messages_credit_response_and_trailers() -> None:
             "x-trace": "abc",
         },
     )
-    # The chunk's credit goes with the last message it completed.
-    assert (m1.message, m1.flow_len) == (b"one", 0)
-    assert (m2.message, m2.flow_len) == (b"two", 18)
+    # Each message carries its whole wire length; the 2 bytes of the next
+    # one wait for it.
+    assert (m1.message, m1.flow_len) == (b"one", 8)
+    assert (m2.message, m2.flow_len) == (b"two", 8)
     assert p.server.call_state(1) is CallState.OPEN
     p.server.acknowledge(1, m1.flow_len)
     assert not [e for e in p.to_client() if isinstance(e, h2.events.WindowUpdated)]
     p.server.acknowledge(1, m2.flow_len)
     updates = of(h2.events.WindowUpdated, p.to_client())
-    assert [(u.stream_id, u.delta) for u in updates] == [(1, 18)]
+    assert [(u.stream_id, u.delta) for u in updates] == [(1, 16)]
 
     p.server.send_message(1, b"reply")
     assert p.server.unsent(1) == 0
@@ -258,6 +259,33 @@ def test_a_partial_message_is_credited_on_arrival() -> None:
         got += of(ev.MessageReceived, p.to_server())
         p.to_client()
     assert [len(m.message) for m in got] == [200_000]
+
+
+def test_unacknowledged_messages_hold_their_whole_length_of_window() -> None:
+    """Messages split across frames keep all their credit until acknowledged:
+    a caller that stops handling them stops the client within one window
+    (crediting a message's first frames on arrival let a client queue
+    window / last-frame-size messages: gigabytes)."""
+    p = Pair(window=256 * 1024)
+    p.request(1)
+    message = encode_message(b"m" * 65543)  # 65548 bytes: 4 frames and 12 bytes
+    queued = 0
+    got: list[Any] = []
+    for _ in range(100):
+        room = p.client.local_flow_control_window(1)
+        if room < len(message):
+            break
+        for off in range(0, len(message), 16384):
+            p.client.send_data(1, message[off : off + 16384])
+        queued += len(message)
+        got += of(ev.MessageReceived, p.to_server())
+        p.to_client()
+    assert 0 < queued <= 256 * 1024, queued
+    assert sum(m.flow_len for m in got) == queued
+    for m in got:
+        p.server.acknowledge(1, m.flow_len)
+    p.to_client()
+    assert p.client.local_flow_control_window(1) >= len(message)
 
 
 def test_client_reset_cancels_and_later_calls_are_no_ops() -> None:

@@ -98,6 +98,7 @@ class H2Driver(Generic[EventT]):
         handshake_timeout: float | None = None,
         on_handshake_timeout: Callable[[], None] | None = None,
         linger: float = LINGER,
+        initial: bytes = b"",
     ) -> None:
         self.transport = transport
         self.engine = engine
@@ -107,6 +108,9 @@ class H2Driver(Generic[EventT]):
         self.handshake_timeout = handshake_timeout
         self._on_handshake_timeout = on_handshake_timeout
         self.linger = linger
+        #: Bytes already read from the transport (the agent port's sniffed
+        #: first request, :mod:`protocol.agent_port`): fed before any read.
+        self._initial = initial
         self.close_reason: CloseReason | None = None
         self.close_detail = ""
         #: Set when the peer broke the protocol at connection level.
@@ -295,6 +299,10 @@ class H2Driver(Generic[EventT]):
     # -------------------------------------------------------------- reading
 
     async def _reader(self) -> None:
+        if self._initial:
+            first, self._initial = self._initial, b""
+            if await self._feed(first):
+                return
         while True:
             try:
                 data = await self.transport.receive_some(READ_SIZE)

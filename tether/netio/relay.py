@@ -17,7 +17,7 @@ import trio
 
 from protocol.codes import CloseCode
 from tether.netio.sockopts import set_linger_zero
-from tether.netio.tunnel import StreamAborted, TunnelClosed, TunnelStream
+from tether.netio.tunnel import StreamAborted, Tunnel, TunnelClosed
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +31,7 @@ class RelayResult:
 
 async def _socket_to_tunnel(
     sock: trio.abc.Stream,
-    ts: TunnelStream,
+    ts: Tunnel,
     result: RelayResult,
     count: Callable[[str, int], None] | None,
 ) -> None:
@@ -53,7 +53,7 @@ async def _socket_to_tunnel(
 
 async def _tunnel_to_socket(
     sock: trio.abc.Stream,
-    ts: TunnelStream,
+    ts: Tunnel,
     result: RelayResult,
     count: Callable[[str, int], None] | None,
 ) -> None:
@@ -89,7 +89,7 @@ class _Finished(Exception):
 
 async def relay(
     sock: trio.abc.Stream,
-    ts: TunnelStream,
+    ts: Tunnel,
     *,
     count: Callable[[str, int], None] | None = None,
 ) -> RelayResult:
@@ -122,6 +122,6 @@ async def relay(
             if not ts.aborted:
                 ts.reset()
             set_linger_zero(sock)
-        ts.conn.forget(ts.stream_id)
+        ts.forget()
         await trio.aclose_forcefully(sock)
     return result

@@ -65,6 +65,37 @@ class ConnectionHandler(Protocol):
     def on_data_stream_requested(self, ev: events.DataStreamRequested) -> None: ...
 
 
+class Tunnel(Protocol):
+    """One tunneled TCP connection as the frontends and the relay use it:
+    a :class:`TunnelStream` of a Tether agent, or a connection of a
+    konnectivity agent's multiplexed stream (:mod:`broker.konnectivity_agent`)."""
+
+    stream_id: int
+
+    @property
+    def buffered(self) -> int: ...
+
+    @property
+    def aborted(self) -> bool: ...
+
+    async def receive(self) -> events.StreamData | None: ...
+
+    def acknowledge(self, flow_len: int) -> None: ...
+
+    async def wait_writable(self) -> int: ...
+
+    async def send_all(self, data: bytes | memoryview) -> None: ...
+
+    def send_eof(self) -> None: ...
+
+    def send_close(self, code: CloseCode, msg: str) -> None: ...
+
+    def reset(self, error_code: int = h2.errors.ErrorCodes.CANCEL) -> None: ...
+
+    def forget(self) -> None:
+        """The owner is done with it (see :meth:`TunnelConnection.forget`)."""
+
+
 class TunnelStream:
     """One tunneled TCP connection: an HTTP/2 stream carrying msgpack bins."""
 
@@ -270,6 +301,9 @@ class TunnelStream:
         self._out_close = messages.Close(code, msg[:1024])
         self.conn.schedule(self)
 
+    def forget(self) -> None:
+        self.conn.forget(self.stream_id)
+
     def reset(self, error_code: int = h2.errors.ErrorCodes.CANCEL) -> None:
         self._outbox.clear()
         self._out_eof = False
@@ -300,6 +334,7 @@ class TunnelConnection:
         keepalive: Keepalive | None = None,
         name: str = "tunnel",
         budget: budgets.BufferBudget | None = None,
+        initial: bytes = b"",
     ) -> None:
         self.transport = transport
         #: The process's buffer budget, shared by all its connections: each
@@ -314,7 +349,7 @@ class TunnelConnection:
         self.rejection: events.ControlRejected | None = None
         self._scheduler = RoundRobin()
         self._driver: H2Driver[events.Event] = H2Driver(
-            transport, sess, self._dispatch, scheduler=self._scheduler
+            transport, sess, self._dispatch, scheduler=self._scheduler, initial=initial
         )
         self._ping: tuple[bytes, trio.Event] | None = None
         self._probes: dict[bytes, trio.Event] = {}
