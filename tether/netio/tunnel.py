@@ -140,7 +140,8 @@ class TunnelStream:
             n = min(limit, len(self._outbox), sess.send_capacity(self.stream_id))
             if n > 0:
                 with memoryview(self._outbox) as view:  # released before the del
-                    sent = sess.send_data(self.stream_id, view[:n])
+                    more = n < len(self._outbox)
+                    sent = sess.send_data(self.stream_id, view[:n], more=more)
                 del self._outbox[:sent]
                 self._writable.set()
         if not self._outbox:
