@@ -434,18 +434,21 @@ class TunnelSession:
             stream.move(DataInput.RESET, Side.LOCAL)
         self._base.reset(stream_id, error_code)
 
-    def acknowledge(self, stream_id: int, flow_len: int) -> None:
-        """The destination took ``flow_len`` wire bytes of this stream."""
+    def acknowledge(self, stream_id: int, flow_len: int) -> bool:
+        """The destination took ``flow_len`` wire bytes of this stream; True
+        when that queued a WINDOW_UPDATE (output to write)."""
         stream = self._streams.get(stream_id)
         if stream is None or flow_len <= 0:
-            return
-        self._earn(stream, flow_len)
+            return False
+        return self._earn(stream, flow_len)
 
-    def _earn(self, stream: _Stream, n: int) -> None:
+    def _earn(self, stream: _Stream, n: int) -> bool:
         stream.unacked += n
         # Batched WINDOW_UPDATEs (see protocol.flow).
         if flow.stream_credit_due(stream.unacked, stream.window):
             self._credit_stream(stream)
+            return True
+        return False
 
     def stream_window(self, stream_id: int) -> int:
         """Our receive window for a data stream (0: no such stream)."""
