@@ -224,9 +224,7 @@ def _table(runs: dict[str, list[dict[str, Any]]]) -> str:
                 for label in labels:
                     for r in runs[label]:
                         keys += [
-                            k
-                            for k in r.get(name, {}).get(phase, {}).get(side, {})
-                            if k not in keys
+                            k for k in r.get(name, {}).get(phase, {}).get(side, {}) if k not in keys
                         ]
                 if not keys:
                     continue

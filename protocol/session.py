@@ -355,9 +355,7 @@ class TunnelSession:
             return 0
         return flow.payload_room(self._base.send_window(stream_id), self.config.send_chunk)
 
-    def send_data(
-        self, stream_id: int, data: bytes | memoryview, *, more: bool = False
-    ) -> int:
+    def send_data(self, stream_id: int, data: bytes | memoryview, *, more: bool = False) -> int:
         """Send up to :meth:`send_capacity` payload bytes; return how many.
 
         One ``bin`` per DATA frame, each as large as the peer's
