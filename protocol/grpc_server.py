@@ -253,8 +253,9 @@ class GrpcServer:
         call = self.calls.get(stream_id)
         return 0 if call is None else call.unsent
 
-    def send_message(self, stream_id: int, message: bytes) -> None:
-        """Queue one whole message (response headers go first, once).
+    def send_message(self, stream_id: int, message: bytes, *, framed: bool = False) -> None:
+        """Queue one whole message (response headers go first, once);
+        ``framed``: ``message`` already carries its gRPC prefix.
 
         What the client's windows allow goes into HTTP/2 at once; the rest
         follows as windows open (see :attr:`unsent` and CallWritable).
@@ -269,9 +270,9 @@ class GrpcServer:
             self._send_headers(call, [(":status", "200"), ("content-type", CONTENT_TYPE)])
             if call.state is not CallState.OPEN and call.state is not CallState.REMOTE_ENDED:
                 return
-        framed = encode_message(message)
-        call.outbox.append(framed)
-        call.unsent += len(framed)
+        wire = message if framed else encode_message(message)
+        call.outbox.append(wire)
+        call.unsent += len(wire)
         self._pump(call, call.unsent)
         self._park(call)
 

@@ -131,6 +131,9 @@ class H2Driver(Generic[EventT]):
         #: hold half a frame, so nothing more may be written to it.
         self._write_interrupted = False
         self._writing = False
+        #: The writer waits in wait_send_all_might_not_block: the transport
+        #: counts that as sending (a send_all meanwhile is BusyResourceError).
+        self._awaiting_socket = False
         self._cancel: trio.CancelScope | None = None
 
     # ------------------------------------------------------------------ run
@@ -246,6 +249,7 @@ class H2Driver(Generic[EventT]):
     def _may_write_through(self) -> bool:
         return (
             not self._writing
+            and not self._awaiting_socket
             and not self._write_interrupted
             and self.close_reason is None
             and unsent_bytes(self.transport) == 0
@@ -320,11 +324,14 @@ class H2Driver(Generic[EventT]):
                 # what sits ahead of an interactive byte small; a socket that
                 # never waits (loopback, fast links) gets large batches.
                 started = trio.current_time()
+                self._awaiting_socket = True
                 try:
                     await self.transport.wait_send_all_might_not_block()
                 except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                     self.abort(CloseReason.TRANSPORT_ERROR, f"transport error: {exc!r}")
                     return
+                finally:
+                    self._awaiting_socket = False
                 waited = trio.current_time() - started > 0.0005
                 batch = SMALL_BATCH if waited else min(BATCH, batch * 2)
                 while self._writing:  # a sender wrote through meanwhile
