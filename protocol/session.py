@@ -67,10 +67,13 @@ class SessionConfig:
     min_stream_window: int = 64 * 1024
     #: Window of the whole connection.
     connection_window: int = 16 * 1024 * 1024
-    #: Largest HTTP/2 frame payload we accept (and announce): a stream alone
-    #: on the connection sends one write batch as one DATA frame. A peer
-    #: announcing less (an older one: 64 KiB) gets frames of its size.
-    max_frame_size: int = 256 * 1024
+    #: Largest HTTP/2 frame payload we accept (and announce); we send DATA
+    #: frames up to what the peer announces. Larger frames were measured
+    #: (benchmarks/workcount.py, issue 16): 256 KiB frames save the receiver
+    #: a little h2 work but cost the sender more (each 256 KiB frame is
+    #: several 256 KiB buffers at once, and glibc trims and regrows the heap
+    #: for them: agent system time doubled), so 64 KiB stays.
+    max_frame_size: int = 64 * 1024
     max_concurrent_streams: int = 10_000
     max_header_list_size: int = 16 * 1024
     max_message_size: int = messages.MAX_MESSAGE_SIZE

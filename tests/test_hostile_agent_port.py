@@ -435,13 +435,13 @@ async def test_window_update_overflow(
 
 @pytest.mark.timeout(30)
 async def test_oversized_frames(stack: BrokerHandle, echo: int, nursery: trio.Nursery) -> None:
-    """A frame over MAX_FRAME_SIZE (256 KiB) is FRAME_SIZE_ERROR at once, even
+    """A frame over MAX_FRAME_SIZE (64 KiB) is FRAME_SIZE_ERROR at once, even
     when only its header arrived: nothing is buffered for the claimed size."""
     broker = stack
     before = await bad_input(broker, "agent", "h2")
     whole = Meter(broker.proc.pid).start_in(nursery)
     peer = await open_peer(broker)
-    await peer.send(frame(DATA, 0, 1, b"\x00" * 270_000))
+    await peer.send(frame(DATA, 0, 1, b"\x00" * 70_000))
     goaway = await peer.goaway(5)
     assert goaway is not None and goaway.error_code == FRAME_SIZE_ERROR
     assert await peer.closed(5)
@@ -453,7 +453,7 @@ async def test_oversized_frames(stack: BrokerHandle, echo: int, nursery: trio.Nu
     assert goaway is not None and goaway.error_code == FRAME_SIZE_ERROR
     assert meter.rss_growth_mib < 8, meter.report("16 MiB frame header")
     assert await wait_metric(broker, "agent", "h2", before + 2) >= before + 2
-    assert await wait_log(broker, "Received overlong frame: length 16777215, max 262144")
+    assert await wait_log(broker, "Received overlong frame: length 16777215, max 65536")
     await _serving(broker, echo)
     _bounded(await whole.stop())
 
