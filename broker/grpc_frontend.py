@@ -658,9 +658,10 @@ class _ProxyCall:
                 pieces.append(more.data)
                 flow += more.flow_len
                 size += len(more.data)
-            data = b"".join(pieces)
-            for off in range(0, len(data), MAX_DATA_PAYLOAD):
-                await self._send(packets.data_packet(cid, data[off : off + MAX_DATA_PAYLOAD]))
+            data = pieces[0] if len(pieces) == 1 else b"".join(pieces)
+            with memoryview(data) as view:
+                for off in range(0, len(data), MAX_DATA_PAYLOAD):
+                    await self._send_data(cid, view[off : off + MAX_DATA_PAYLOAD])
             # Only now may the agent send more: HTTP/2 holds the bytes.
             ts.acknowledge(flow)
             down.inc(len(data))
@@ -673,6 +674,13 @@ class _ProxyCall:
             if self.ending is not None:
                 return
             await self._send_message(packets.encode_packet(pkt))
+
+    async def _send_data(self, cid: int, data: memoryview) -> None:
+        """Send one DATA packet; its payload is copied once, into the message."""
+        async with self._send_lock:
+            if self.ending is not None:
+                return
+            await self._send_message(packets.data_message(cid, data), framed=True)
 
     async def _send_final(self, pkt: pb.Packet, ending: Ending) -> None:
         """Send the packet that ends the call, then end it.
@@ -698,13 +706,13 @@ class _ProxyCall:
         self.ended_in = self.phase
         self._move(PhaseInput.END)
 
-    async def _send_message(self, message: bytes) -> None:
+    async def _send_message(self, message: bytes, *, framed: bool = False) -> None:
         """Queue ``message`` on the call and wait until HTTP/2 took all of
         it (within the client's windows) and the socket keeps up."""
         sid = self.stream_id
         if self.conn.lost or self.server.call_state(sid) not in SENDING:
             raise _ClientGone("call reset")
-        self.server.send_message(sid, message)
+        self.server.send_message(sid, message, framed=framed)
         self.conn.wake_writer()
         while self.server.unsent(sid):
             await self.progress.park()

@@ -14,7 +14,6 @@ import ipaddress
 import os
 import re
 import socket
-import uuid
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -298,6 +297,8 @@ def default_agent_id(environ: Mapping[str, str] | None, state_dir: str) -> tuple
         kept = ""
     if valid_name(kept):
         return kept, f"state file {path}"
+    import uuid  # only to make a new id
+
     made = f"agent-{uuid.uuid4()}"
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".agent-id.{os.getpid()}")

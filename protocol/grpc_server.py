@@ -281,8 +281,9 @@ class GrpcServer:
         if stream_id in self.calls:
             self.base.credit_stream(stream_id, n)
 
-    def send_message(self, stream_id: int, message: bytes) -> None:
-        """Queue one whole message (response headers go first, once).
+    def send_message(self, stream_id: int, message: bytes, *, framed: bool = False) -> None:
+        """Queue one whole message (response headers go first, once);
+        ``framed``: ``message`` already carries its gRPC prefix.
 
         What the client's windows allow goes into HTTP/2 at once; the rest
         follows as windows open (see :attr:`unsent` and CallWritable).
@@ -297,9 +298,9 @@ class GrpcServer:
             self._send_headers(call, [(":status", "200"), ("content-type", CONTENT_TYPE)])
             if call.state is not CallState.OPEN and call.state is not CallState.REMOTE_ENDED:
                 return
-        framed = encode_message(message)
-        call.outbox.append(framed)
-        call.unsent += len(framed)
+        wire = message if framed else encode_message(message)
+        call.outbox.append(wire)
+        call.unsent += len(wire)
         self._pump(call, call.unsent)
         self._park(call)
 

@@ -358,6 +358,12 @@ class H2Base:
         except (h2.exceptions.ProtocolError, KeyError):
             return 0
 
+    @property
+    def max_outbound_frame_size(self) -> int:
+        """The largest DATA frame payload the peer accepts (its SETTINGS)."""
+        size: int = self.h2.max_outbound_frame_size
+        return size
+
     def send_data(self, stream_id: int, data: bytes | memoryview, end_stream: bool = False) -> None:
         """Queue DATA in frames of the peer's MAX_FRAME_SIZE (the caller
         checked the window; h2 raises past it)."""

@@ -67,7 +67,12 @@ class SessionConfig:
     min_stream_window: int = 64 * 1024
     #: Window of the whole connection.
     connection_window: int = 16 * 1024 * 1024
-    #: Largest HTTP/2 frame payload we accept.
+    #: Largest HTTP/2 frame payload we accept (and announce); we send DATA
+    #: frames up to what the peer announces. Larger frames were measured
+    #: (benchmarks/workcount.py, issue 16): 256 KiB frames save the receiver
+    #: a little h2 work but cost the sender more (each 256 KiB frame is
+    #: several 256 KiB buffers at once, and glibc trims and regrows the heap
+    #: for them: agent system time doubled), so 64 KiB stays.
     max_frame_size: int = 64 * 1024
     max_concurrent_streams: int = 10_000
     max_header_list_size: int = 16 * 1024
@@ -358,13 +363,37 @@ class TunnelSession:
             return 0
         return flow.payload_room(self._base.send_window(stream_id), self.config.send_chunk)
 
-    def send_data(self, stream_id: int, data: bytes | memoryview) -> int:
-        """Send up to :meth:`send_capacity` payload bytes; return how many."""
+    def send_data(self, stream_id: int, data: bytes | memoryview, *, more: bool = False) -> int:
+        """Send up to :meth:`send_capacity` payload bytes; return how many.
+
+        One ``bin`` per DATA frame, each as large as the peer's
+        MAX_FRAME_SIZE allows: a bin never straddles two frames, so no
+        frame carries only the few bytes the bin header pushed over (which
+        would double the frame count of a stream alone on the connection).
+        With ``more`` (the caller holds more payload that will follow), a
+        last, partial frame is held back when a full one went: the bytes
+        lead the next, full frame instead.
+        """
         n = min(len(data), self.send_capacity(stream_id))
         if n <= 0:
             return 0
-        self._base.send_data(stream_id, framing.bin_header(n) + data[:n])
-        return n
+        frame = self._base.max_outbound_frame_size
+        window = self._base.send_window(stream_id)
+        view = memoryview(data)
+        sent = 0
+        while sent < n:
+            avail = min(window, frame)
+            room = avail - framing.bin_header_size(avail - 3)  # 3: bin 16's header
+            if room <= 0:
+                break
+            k = min(n - sent, room)
+            if k < room and sent and more:
+                break  # a partial frame after full ones: it waits for the rest
+            piece = framing.bin_header(k) + view[sent : sent + k]
+            self._base.send_data(stream_id, piece)
+            window -= len(piece)
+            sent += k
+        return sent
 
     def send_close(self, stream_id: int, close: messages.Close) -> bool:
         """Error-close our direction: a ``close`` map, then END_STREAM.
@@ -411,18 +440,21 @@ class TunnelSession:
             stream.move(DataInput.RESET, Side.LOCAL)
         self._base.reset(stream_id, error_code)
 
-    def acknowledge(self, stream_id: int, flow_len: int) -> None:
-        """The destination took ``flow_len`` wire bytes of this stream."""
+    def acknowledge(self, stream_id: int, flow_len: int) -> bool:
+        """The destination took ``flow_len`` wire bytes of this stream; True
+        when that queued a WINDOW_UPDATE (output to write)."""
         stream = self._streams.get(stream_id)
         if stream is None or flow_len <= 0:
-            return
-        self._earn(stream, flow_len)
+            return False
+        return self._earn(stream, flow_len)
 
-    def _earn(self, stream: _Stream, n: int) -> None:
+    def _earn(self, stream: _Stream, n: int) -> bool:
         stream.unacked += n
         # Batched WINDOW_UPDATEs (see protocol.flow).
         if flow.stream_credit_due(stream.unacked, stream.window):
             self._credit_stream(stream)
+            return True
+        return False
 
     def stream_window(self, stream_id: int) -> int:
         """Our receive window for a data stream (0: no such stream)."""

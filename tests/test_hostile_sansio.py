@@ -548,3 +548,43 @@ async def test_tls_stream_both_ends_sending_without_deadlock() -> None:
                 nursery.start_soon(receive, stream)
     await server.aclose()
     await client.aclose()
+
+
+@pytest.mark.timeout(30)
+async def test_tls_stream_closed_forcefully_closes_its_socket() -> None:
+    """aclose_forcefully (a cancelled aclose) on a healthy TLS stream still
+    closes the socket underneath: a sender blocked in a shielded write on a
+    peer that stopped reading (write-through) is woken by that close, and
+    the socket is not left open."""
+    ca = trustme.CA()
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("localhost").configure_cert(server_ctx)
+    client_ctx = ssl.create_default_context()
+    ca.configure_trust(client_ctx)
+    a, b = trio.socket.socketpair()
+    server = TLSStream(trio.SocketStream(a), server_ctx, server_side=True)
+    client = TLSStream(
+        trio.SocketStream(b), client_ctx, server_side=False, server_hostname="localhost"
+    )
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(server.do_handshake)
+        nursery.start_soon(client.do_handshake)
+    blocked: list[BaseException] = []
+
+    async def stuck_sender() -> None:
+        # The peer never reads: this fills the socket buffers and blocks.
+        with trio.CancelScope(shield=True):
+            try:
+                while True:
+                    await client.send_all(b"x" * (256 * 1024))
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                blocked.append(exc)
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(stuck_sender)
+            await trio.sleep(0.2)
+            await trio.aclose_forcefully(client)
+    assert blocked, "the blocked sender was not woken"
+    assert b.fileno() == -1  # the socket itself is closed
+    await server.aclose()

@@ -50,7 +50,19 @@ async def scrape(port: int) -> str:
 
 @pytest.mark.timeout(20)
 def test_agent_import_path_stays_light() -> None:
-    heavy = ("prometheus_client", "edge_agent.metrics", "cryptography", "google.protobuf", "yaml")
+    # Loaded on first use only: tomllib and difflib with a config file,
+    # logging.handlers (and the pickle it imports) with --log-file (issue 16).
+    heavy = (
+        "prometheus_client",
+        "edge_agent.metrics",
+        "cryptography",
+        "google.protobuf",
+        "yaml",
+        "tomllib",
+        "difflib",
+        "logging.handlers",
+        "pickle",
+    )
     code = (
         f"import sys, edge_agent.app, edge_agent.cli; print(*[m in sys.modules for m in {heavy!r}])"
     )

@@ -973,7 +973,9 @@ def test_random_interleavings(ops: list[tuple[str, int, int]], upward: bool) -> 
 # ------------------------------------------------------------------ settings, ping
 
 
-def test_max_frame_size_64k_is_honoured(link: Link) -> None:
+def test_a_stream_alone_sends_one_bin_per_frame_of_the_peers_max_size(link: Link) -> None:
+    # Both sides announce 64 KiB: every frame is full, one bin each, and the
+    # bin header never pushes a few bytes into a frame of their own.
     sid = link.open_stream(1)
     data = stream_bytes(256 * 1024, 11)
     link.wire[link.agent].clear()
@@ -985,9 +987,45 @@ def test_max_frame_size_64k_is_honoured(link: Link) -> None:
         for f in data_frames(link.wire[link.agent])
         if isinstance(f, DataFrame) and f.stream_id == sid
     ]
-    assert sum(sizes) == len(data) + 5
-    assert max(sizes) == 64 * 1024  # large frames were negotiated and used
+    # 65,533 payload bytes behind a 3-byte bin 16 header fill each frame.
+    assert sizes == [64 * 1024] * 4 + [256 * 1024 - 4 * 65_533 + 2]  # and a bin 8
     assert link.agent._h2.max_outbound_frame_size == 64 * 1024
+
+
+def test_more_to_follow_holds_back_a_partial_frame(link: Link) -> None:
+    sid = link.open_stream(1)
+    data = stream_bytes(256 * 1024, 13)
+    link.wire[link.agent].clear()
+    assert link.agent.send_data(sid, data, more=True) == 4 * 65_533
+    rest = memoryview(data)[4 * 65_533 :]
+    # Nothing else fits a frame: a partial one goes, even with more to follow.
+    assert link.agent.send_data(sid, rest, more=True) == len(rest)
+    link.pump()
+    assert b"".join(e.data for e in link.received(link.broker, sid)) == data
+    sizes = [len(f.data) for f in data_frames(link.wire[link.agent]) if f.stream_id == sid]
+    assert sizes == [64 * 1024] * 4 + [len(rest) + 2]
+
+
+def test_a_peers_larger_frames_are_used_and_a_smaller_max_respected() -> None:
+    # The agent announces 256 KiB (a newer peer, say): the broker's frames
+    # grow to it; the broker's own 64 KiB bounds the agent's frames.
+    lk = Link(SessionConfig(max_frame_size=256 * 1024), SessionConfig())
+    lk.handshake()
+    sid = lk.open_stream(1)
+    for src, dst, limit in ((lk.broker, lk.agent, 256 * 1024), (lk.agent, lk.broker, 64 * 1024)):
+        data = stream_bytes(512 * 1024, 14)
+        lk.wire[src].clear()
+        sent = 0
+        while sent < len(data):
+            rest = memoryview(data)[sent:]
+            sent += src.send_data(sid, rest, more=len(rest) > 256 * 1024)
+            lk.pump()
+            for ev in lk.received(dst, sid):
+                dst.acknowledge(sid, ev.flow_len)
+        sizes = [len(f.data) for f in data_frames(lk.wire[src]) if isinstance(f, DataFrame)]
+        assert max(sizes) == limit
+        # Every frame but the last is full: one bin per frame, none straddling.
+        assert all(size == limit for size in sizes[:-1]), sizes
 
 
 def test_max_frame_size_follows_the_peer() -> None:

@@ -23,12 +23,10 @@ default telling where it came from.
 from __future__ import annotations
 
 import argparse
-import difflib
 import math
 import os
 import re
 import sys
-import tomllib
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
@@ -527,6 +525,8 @@ def _read_file(
     actions: Mapping[str, argparse.Action],
     kinds: Mapping[str, type],
 ) -> dict[str, Any]:
+    import tomllib  # only with a config file: 0.4 MB an agent without one does not carry
+
     try:
         data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
     except OSError as exc:
@@ -549,6 +549,8 @@ def _read_file(
     for key, raw in data.items():
         name = f"{path}: {prefix}{key}"
         if key not in actions:
+            import difflib
+
             hint = difflib.get_close_matches(key, list(actions), n=1)
             also = f" (did you mean {hint[0]}?)" if hint else ""
             raise SettingsError(f"{name}: unknown key{also}")

@@ -8,10 +8,15 @@ transport:
 
 - one reader task feeds the engine every read, drains its backlog (a burst
   of new streams is admitted in parts) and hands each event to ``handle``;
-- one writer task is the only one that writes: it asks the optional
-  scheduler (:class:`tether.netio.scheduler.RoundRobin`) to move queued
-  payload into HTTP/2, one batch per write, sized by whether the socket made
-  it wait, then writes what the engine has queued;
+- one writer task writes: it asks the optional scheduler
+  (:class:`tether.netio.scheduler.RoundRobin`) to move queued payload into
+  HTTP/2, one batch per write, sized by whether the socket made it wait,
+  then writes what the engine has queued;
+- write-through (:meth:`H2Driver.write_through`): a sender whose payload is
+  all there is, on a socket with nothing unsent, writes it itself, at once,
+  without the hop to the writer task; under contention (a write in
+  progress, other streams queued, an unsent kernel queue) it is left to
+  the writer and the scheduler;
 - senders that queue output outside the scheduler respect the write buffer
   with :meth:`H2Driver.wait_writable` (backpressure from the socket);
 - an optional handshake deadline (:meth:`H2Driver.handshake_done`);
@@ -37,7 +42,7 @@ from protocol import h2compat
 from protocol.errors import ProtocolError
 from protocol.flood import FloodDetected
 from protocol.outcomes import CloseReason
-from tether.netio.sockopts import set_linger_zero, unacked_bytes
+from tether.netio.sockopts import set_linger_zero, unacked_bytes, unsent_bytes
 
 READ_SIZE = 256 * 1024
 #: Payload the scheduler moves into one socket write. Small enough that an
@@ -46,6 +51,8 @@ READ_SIZE = 256 * 1024
 BATCH = 256 * 1024
 #: The batch while the socket is the bottleneck (see ``_writer``).
 SMALL_BATCH = 32 * 1024
+#: Payload a sender may write through itself (see ``write_through``).
+WRITE_THROUGH = BATCH
 #: After a GOAWAY for a violation, how long to drain what the peer still sends.
 LINGER = 1.0
 #: Bytes handed to the socket but not yet written before senders wait.
@@ -128,6 +135,9 @@ class H2Driver(Generic[EventT]):
         #: hold half a frame, so nothing more may be written to it.
         self._write_interrupted = False
         self._writing = False
+        #: The writer waits in wait_send_all_might_not_block: the transport
+        #: counts that as sending (a send_all meanwhile is BusyResourceError).
+        self._awaiting_socket = False
         self._cancel: trio.CancelScope | None = None
 
     # ------------------------------------------------------------------ run
@@ -240,13 +250,76 @@ class H2Driver(Generic[EventT]):
         self._queued = 0
         return self.engine.data_to_send()
 
+    def _may_write_through(self) -> bool:
+        return (
+            not self._writing
+            and not self._awaiting_socket
+            and not self._write_interrupted
+            and self.close_reason is None
+            and unsent_bytes(self.transport) == 0
+        )
+
+    async def write_through(self, budget: int = WRITE_THROUGH) -> bool:
+        """From a sender's task: write what is queued now, without waking the
+        writer, if nobody else is writing and the kernel has nothing unsent
+        (the socket wants more at once). At most ``budget`` payload bytes
+        move; anything left, and every case of contention, is the writer's
+        (woken here). True when everything queued was written.
+
+        The write is shielded: a sender cancelled halfway would leave half a
+        TLS record on the wire. It is small and goes to a socket with an
+        empty unsent queue, so it does not wait for the peer.
+        """
+        if not self._may_write_through():
+            self.wake_writer()
+            return False
+        scheduler = self.scheduler
+        if scheduler is not None:
+            scheduler.fill(budget)
+        data = self._take_output()
+        if scheduler is not None and scheduler.ready:
+            self.wake_writer()
+        if data:
+            with trio.CancelScope(shield=True):
+                await self._send(data)
+        return not self._want_write.is_set()
+
+    async def _send(self, data: bytes) -> bool:
+        """One write, by the writer or a sender writing through; False when
+        the transport failed (the connection is then aborted)."""
+        self._pending_out += len(data)
+        self._write_interrupted = True
+        self._writing = True
+        try:
+            await self.transport.send_all(data)
+            self._write_interrupted = False
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            self.abort(CloseReason.TRANSPORT_ERROR, f"transport error: {exc!r}")
+            return False
+        finally:
+            # A cancelled send_all leaves the TLS stream unusable: the
+            # connection is doomed either way, so no retry here.
+            self._writing = False
+            self._pending_out -= len(data)
+            self._progress.unpark_all()
+        return True
+
     async def _writer(self) -> None:
         batch = BATCH
         scheduler = self.scheduler
         while True:
             await self._want_write.wait()
             self._want_write = trio.Event()
-            if scheduler is not None and scheduler.ready:
+            while self._writing:  # a sender is writing through
+                await self._progress.park()
+            if scheduler is not None and scheduler.ready and unsent_bytes(self.transport) == 0:
+                # Nothing unsent in the kernel: the socket wants more now,
+                # and asking the event loop would only say so a trip later.
+                batch = min(BATCH, batch * 2)
+                scheduler.fill(batch)
+                if scheduler.ready:
+                    self._want_write.set()
+            elif scheduler is not None and scheduler.ready:
                 # Stream data waits until the socket wants more. With
                 # TCP_NOTSENT_LOWAT that means the kernel's unsent queue is
                 # nearly empty, so bulk data queues here, where the scheduler
@@ -255,13 +328,18 @@ class H2Driver(Generic[EventT]):
                 # what sits ahead of an interactive byte small; a socket that
                 # never waits (loopback, fast links) gets large batches.
                 started = trio.current_time()
+                self._awaiting_socket = True
                 try:
                     await self.transport.wait_send_all_might_not_block()
                 except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                     self.abort(CloseReason.TRANSPORT_ERROR, f"transport error: {exc!r}")
                     return
+                finally:
+                    self._awaiting_socket = False
                 waited = trio.current_time() - started > 0.0005
                 batch = SMALL_BATCH if waited else min(BATCH, batch * 2)
+                while self._writing:  # a sender wrote through meanwhile
+                    await self._progress.park()
                 scheduler.fill(batch)
                 if scheduler.ready:
                     self._want_write.set()  # more queued: come back after this write
@@ -269,21 +347,8 @@ class H2Driver(Generic[EventT]):
             if not data:
                 self._progress.unpark_all()
                 continue
-            self._pending_out += len(data)
-            self._write_interrupted = True
-            self._writing = True
-            try:
-                await self.transport.send_all(data)
-                self._write_interrupted = False
-            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                self.abort(CloseReason.TRANSPORT_ERROR, f"transport error: {exc!r}")
+            if not await self._send(data):
                 return
-            finally:
-                # A cancelled send_all leaves the TLS stream unusable: the
-                # connection is doomed either way, so no retry here.
-                self._writing = False
-                self._pending_out -= len(data)
-                self._progress.unpark_all()
 
     async def _final_flush(self) -> None:
         if self._write_interrupted:

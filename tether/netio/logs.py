@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import json
 import logging
-import logging.handlers
 import os
 import re
 import sys
@@ -167,18 +166,27 @@ class LogFileError(ValueError):
     """--log-file cannot be used (one line, for a start-up error)."""
 
 
-class _LogFile(logging.handlers.RotatingFileHandler):
+def _log_file(file: str, max_bytes: int) -> logging.Handler:
     """--log-file: rotated to FILE.1 at the size cap, so it never takes more
     than twice that. A write that fails (disk full, file gone read-only) is
-    reported once on stderr instead of a traceback per line."""
+    reported once on stderr instead of a traceback per line.
 
-    failed = False
+    logging.handlers (and the pickle it imports) is loaded only here: a
+    process that logs to stderr does not carry it (about 0.3 MB)."""
+    import logging.handlers
 
-    def handleError(self, record: logging.LogRecord) -> None:
-        if not self.failed:
-            self.failed = True
-            exc = sys.exc_info()[1]
-            print(f"tether: cannot write --log-file {self.baseFilename}: {exc}", file=sys.stderr)
+    class LogFile(logging.handlers.RotatingFileHandler):
+        failed = False
+
+        def handleError(self, record: logging.LogRecord) -> None:
+            if not self.failed:
+                self.failed = True
+                exc = sys.exc_info()[1]
+                print(
+                    f"tether: cannot write --log-file {self.baseFilename}: {exc}", file=sys.stderr
+                )
+
+    return LogFile(file, maxBytes=max_bytes, backupCount=1, encoding="utf-8")
 
 
 def setup_logging(
@@ -198,9 +206,7 @@ def setup_logging(
         try:
             # Created with a mode of our choosing; the handler then appends.
             os.close(os.open(file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640))
-            handlers.append(
-                _LogFile(file, maxBytes=file_max_mib * 1024 * 1024, backupCount=1, encoding="utf-8")
-            )
+            handlers.append(_log_file(file, file_max_mib * 1024 * 1024))
         except OSError as exc:
             raise LogFileError(f"cannot open --log-file {file}: {exc.strerror or exc}") from None
     if to_stderr:

@@ -117,6 +117,22 @@ def unacked_bytes(stream: object) -> int:
         return 0
 
 
+#: ioctl: bytes in the send queue not yet sent (linux/sockios.h).
+SIOCOUTQNSD = 0x894B
+
+
+def unsent_bytes(stream: object) -> int:
+    """Bytes in the kernel's send queue not yet sent (SIOCOUTQNSD); -1 when
+    unknown (not a TCP socket, or a kernel without the ioctl)."""
+    raw = _raw_socket(stream)
+    if raw is None:
+        return -1
+    try:
+        return int(struct.unpack("i", fcntl.ioctl(raw.fileno(), SIOCOUTQNSD, b"\0" * 4))[0])
+    except (OSError, ValueError):
+        return -1
+
+
 def set_linger_zero(stream: object) -> None:
     """Turn the close of ``stream`` (a socket stream, or a TLS stream over
     one) into a TCP RST, so the far end sees an abort as one and the kernel

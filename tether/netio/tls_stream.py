@@ -172,14 +172,19 @@ class TLSStream(trio.abc.Stream):
         await self.transport.wait_send_all_might_not_block()
 
     async def aclose(self) -> None:
-        if self._handshook and self._broken is None:
-            try:
-                self._ssl.unwrap()
-            except ssl.SSLError:
-                pass
-            try:
-                with trio.move_on_after(1):
-                    await self._flush()
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                pass
-        await self.transport.aclose()
+        try:
+            if self._handshook and self._broken is None:
+                try:
+                    self._ssl.unwrap()
+                except ssl.SSLError:
+                    pass
+                try:
+                    with trio.move_on_after(1):
+                        await self._flush()
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    pass
+        finally:
+            # Always, even when cancelled (trio.aclose_forcefully) before
+            # the close_notify went: a sender blocked on the socket is woken
+            # by the close, and the socket is not left open.
+            await self.transport.aclose()

@@ -171,7 +171,8 @@ class TunnelStream:
             n = min(limit, len(self._outbox), sess.send_capacity(self.stream_id))
             if n > 0:
                 with memoryview(self._outbox) as view:  # released before the del
-                    sent = sess.send_data(self.stream_id, view[:n])
+                    more = n < len(self._outbox)
+                    sent = sess.send_data(self.stream_id, view[:n], more=more)
                 del self._outbox[:sent]
                 self._writable.set()
         if not self._outbox:
@@ -245,8 +246,8 @@ class TunnelStream:
         return True
 
     def acknowledge(self, flow_len: int) -> None:
-        self.conn.session.acknowledge(self.stream_id, flow_len)
-        self.conn.wake_writer()
+        if self.conn.session.acknowledge(self.stream_id, flow_len):
+            self.conn.wake_writer()  # a WINDOW_UPDATE to send
 
     async def wait_writable(self) -> int:
         """Wait for send credit; return how many payload bytes may go now.
@@ -281,14 +282,17 @@ class TunnelStream:
 
         Bytes reach h2 in round-robin quanta across streams (see
         :meth:`TunnelConnection.schedule`), so one bulk stream cannot queue
-        megabytes ahead of an interactive one.
+        megabytes ahead of an interactive one. When nothing else is queued
+        or being written, this task writes them through to the socket
+        itself (:meth:`tether.netio.h2driver.H2Driver.write_through`).
         """
         view = memoryview(data)
         while view:
             cap = await self.wait_writable()
             self._outbox += view[:cap]
             view = view[cap:]
-            self.conn.schedule(self)
+            self.conn.schedule(self, wake=False)
+            await self.conn.write_through()
 
     def send_eof(self) -> None:
         """Half-close our direction once everything queued has been sent."""
@@ -407,10 +411,17 @@ class TunnelConnection:
     def wake_writer(self) -> None:
         self._driver.wake_writer()
 
-    def schedule(self, ts: TunnelStream) -> None:
-        """Queue ``ts`` for the writer's round robin (once)."""
+    def schedule(self, ts: TunnelStream, *, wake: bool = True) -> None:
+        """Queue ``ts`` for the writer's round robin (once); ``wake=False``:
+        the caller writes through (or wakes the writer) itself."""
         self._scheduler.schedule(ts)
-        self._driver.wake_writer()
+        if wake:
+            self._driver.wake_writer()
+
+    async def write_through(self) -> bool:
+        """Write what is queued from the caller's task when nothing contends
+        (see :meth:`tether.netio.h2driver.H2Driver.write_through`)."""
+        return await self._driver.write_through()
 
     def forget(self, stream_id: int) -> None:
         """The owner is done with the stream. It stays tracked (and keeps its
