@@ -157,21 +157,21 @@ def main(argv: list[str] | None = None) -> int:
             cpu = {"solo": 0.0, "stalled": 0.0}
             switches = {"solo": 0, "stalled": 0}
             other = {"solo": 0.0, "stalled": 0.0}  # the Tether agent and this process
-            for _ in range(args.rounds):
+
+            def measure(kind: str, rates: list[float]) -> None:
+                """One download from the Tether agent, its work counted under ``kind``."""
                 before, sw = cpu_seconds(broker.proc.pid), _switches(broker.proc.pid)
                 o = cpu_seconds(tether.pid) + _own_cpu()
-                solo.append(_download(broker.uds, addrs["127.0.0.3"], total))
-                cpu["solo"] += cpu_seconds(broker.proc.pid) - before
-                other["solo"] += cpu_seconds(tether.pid) + _own_cpu() - o
-                switches["solo"] += _switches(broker.proc.pid) - sw
+                rates.append(_download(broker.uds, addrs["127.0.0.3"], total))
+                cpu[kind] += cpu_seconds(broker.proc.pid) - before
+                other[kind] += cpu_seconds(tether.pid) + _own_cpu() - o
+                switches[kind] += _switches(broker.proc.pid) - sw
+
+            for _ in range(args.rounds):
+                measure("solo", solo)
                 stuck = _connect(broker.uds, addrs["127.0.0.2"])
                 time.sleep(0.5)  # the konnectivity tunnel's buffer fills; its stream stalls
-                before, sw = cpu_seconds(broker.proc.pid), _switches(broker.proc.pid)
-                o = cpu_seconds(tether.pid) + _own_cpu()
-                stalled.append(_download(broker.uds, addrs["127.0.0.3"], total))
-                cpu["stalled"] += cpu_seconds(broker.proc.pid) - before
-                other["stalled"] += cpu_seconds(tether.pid) + _own_cpu() - o
-                switches["stalled"] += _switches(broker.proc.pid) - sw
+                measure("stalled", stalled)
                 stuck.close()
             gib = total * args.rounds / (1024 * MiB)
             m_solo, m_stalled = statistics.median(solo), statistics.median(stalled)

@@ -4,6 +4,7 @@ pending dials and the data streams that answer them."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from typing import Protocol
 
 import attrs
@@ -42,6 +43,21 @@ class PendingDial:
     error: DialError | None = None
     #: The tunnel's share of the broker's buffer budget (None: no budget).
     grant: Grant | None = None
+
+
+class Awaited(Protocol):
+    """A dial a frontend waits on (either kind of agent's)."""
+
+    done: trio.Event
+    error: DialError | None
+
+
+def fail_pending(pending: Iterable[Awaited], reason: str) -> None:
+    """The agent's connection is gone: every dial still waiting fails at once."""
+    for dial in pending:
+        if not dial.done.is_set():
+            dial.error = DialError(DialOutcome.AGENT_LOST, f"agent connection lost: {reason}")
+            dial.done.set()
 
 
 class Roster(Protocol):
@@ -316,19 +332,7 @@ class AgentConnection:
             # Every refusal is counted; a flood of them must not flood the log.
             if self.refused_claims > 10 and self.refused_claims % 1000:
                 return kept
-            log.warning(
-                "agent %s/%s declared identifiers its credential does not allow; dropped: %s",
-                self.cluster,
-                self.agent_id,
-                "&".join(refused),
-                extra=event(
-                    "identifier_not_allowed",
-                    agent_id=self.agent_id,
-                    cluster=self.cluster,
-                    remote=self.remote,
-                    refused="&".join(refused),
-                ),
-            )
+            warn_identifiers_not_allowed(self.cluster, self.agent_id, self.remote, refused)
         return kept
 
     def _identifiers_changed(self, old: AgentIdentifiers, new: AgentIdentifiers, when: str) -> None:
@@ -449,12 +453,7 @@ class AgentConnection:
     def fail_all(self, reason: str) -> None:
         """The connection died: every pending dial fails at once."""
         self.closed = True
-        for pending in self.pending.values():
-            if not pending.done.is_set():
-                pending.error = DialError(
-                    DialOutcome.AGENT_LOST, f"agent connection lost: {reason}"
-                )
-                pending.done.set()
+        fail_pending(self.pending.values(), reason)
 
 
 def _serial(der: bytes | None) -> str | None:
@@ -466,3 +465,23 @@ def _serial(der: bytes | None) -> str | None:
         return f"{x509.load_der_x509_certificate(der).serial_number:x}"
     except ValueError:
         return None
+
+
+def warn_identifiers_not_allowed(
+    cluster: str, agent_id: str, remote: str, refused: list[str]
+) -> None:
+    """The WARNING for identifiers an agent (either kind) declared that its
+    credential does not allow; they are dropped and the agent keeps serving."""
+    log.warning(
+        "agent %s/%s declared identifiers its credential does not allow; dropped: %s",
+        cluster,
+        agent_id,
+        "&".join(refused),
+        extra=event(
+            "identifier_not_allowed",
+            agent_id=agent_id,
+            cluster=cluster,
+            remote=remote,
+            refused="&".join(refused),
+        ),
+    )

@@ -47,7 +47,7 @@ import urllib.parse
 
 import trio
 
-from broker.agent_conn import ServerInfo
+from broker.agent_conn import ServerInfo, fail_pending, warn_identifiers_not_allowed
 from broker.auth import Authenticator, AuthError, Identity
 from broker.dialing import DialError, DialOutcome
 from broker.metrics import BrokerMetrics
@@ -74,7 +74,7 @@ from protocol.identifiers import AgentIdentifiers, Allowance
 from protocol.outcomes import CloseReason
 from tether.netio.h2driver import H2Driver
 from tether.netio.logs import event, limited
-from tether.netio.tunnel import Keepalive, StreamAborted, TunnelClosed
+from tether.netio.tunnel import Keepalive, ReceiveQueue, StreamAborted, TunnelClosed
 
 log = logging.getLogger("tether.broker")
 
@@ -93,7 +93,7 @@ MAX_CLOSING = 4096
 _LOG_FIRST = 10
 
 
-class KonnectivityTunnel:
+class KonnectivityTunnel(ReceiveQueue):
     """One connection of a konnectivity agent (a ``connectID``), as the
     frontends use a tunnel (:class:`tether.netio.tunnel.Tunnel`)."""
 
@@ -110,14 +110,10 @@ class KonnectivityTunnel:
         #: The tunnel's share of the broker's buffer budget (its buffer).
         self.grant = grant
         self.limit = min(TUNNEL_BUFFER, grant.window) if grant is not None else TUNNEL_BUFFER
-        self._chunks: collections.deque[StreamData] = collections.deque()
-        self._buffered = 0
+        ReceiveQueue.__init__(self)
         #: Delivered to the frontend (or buffered) and not yet acknowledged.
         self._held = 0
-        self._eof = False
-        self._abort: StreamAborted | None = None
         self._closing = False  # CLOSE_REQ sent
-        self._readable = trio.Event()
         #: The agent's packet loop waits here for room in the buffer.
         self.room = trio.lowlevel.ParkingLot()
 
@@ -130,46 +126,21 @@ class KonnectivityTunnel:
     def deliver(self, data: bytes) -> None:
         if self._abort is not None or self._eof:
             return
-        self._chunks.append(StreamData(self.stream_id, data, len(data)))
-        self._buffered += len(data)
         self._held += len(data)
-        self._readable.set()
+        self._deliver(StreamData(self.stream_id, data, len(data)))
 
     def ended(self, error: str = "") -> None:
         """CLOSE_RSP from the agent: the target side is gone."""
         if error:
             self.aborted_by(StreamAborted(f"closed by the agent: {error}"))
         else:
-            self._eof = True
-            self._readable.set()
+            self._ended()
 
     def aborted_by(self, exc: StreamAborted) -> None:
-        if self._abort is None:
-            self._abort = exc
-        self._readable.set()
+        self._record_abort(exc)
         self.room.unpark_all()
 
     # ------------------------------------------------------------ frontend
-
-    @property
-    def buffered(self) -> int:
-        return self._buffered
-
-    @property
-    def aborted(self) -> bool:
-        return self._abort is not None
-
-    async def receive(self) -> StreamData | None:
-        while not self._chunks:
-            if self._abort is not None:
-                raise self._abort
-            if self._eof:
-                return None
-            self._readable = trio.Event()
-            await self._readable.wait()
-        chunk = self._chunks.popleft()
-        self._buffered -= len(chunk.data)
-        return chunk
 
     def acknowledge(self, flow_len: int) -> None:
         self._held = max(0, self._held - flow_len)
@@ -348,7 +319,7 @@ class KonnectivityAgent:
         grant, tunnel.grant = tunnel.grant, None
         if grant is not None and self.conn.budget is not None:
             self.conn.budget.release(grant)
-        if not tunnel.aborted and not tunnel._eof:
+        if not tunnel.aborted and not tunnel.at_eof:
             self.closing[connect_id] = None
             while len(self.closing) > MAX_CLOSING:
                 self.closing.popitem(last=False)
@@ -446,12 +417,7 @@ class KonnectivityAgent:
     def fail_all(self, reason: str) -> None:
         """The connection is gone: pending dials fail at once, tunnels abort."""
         self.closed = True
-        for pending in self.pending.values():
-            if not pending.done.is_set():
-                pending.error = DialError(
-                    DialOutcome.AGENT_LOST, f"agent connection lost: {reason}"
-                )
-                pending.done.set()
+        fail_pending(self.pending.values(), reason)
         for tunnel in list(self.tunnels.values()):
             tunnel.aborted_by(StreamAborted(f"agent connection lost: {reason}"))
 
@@ -889,19 +855,7 @@ def _restrict(
     kept, refused = allowed.restrict(claimed)
     if refused:
         agent.metrics.bad_input.labels(SOURCE, "identifier_not_allowed").inc()
-        log.warning(
-            "agent %s/%s declared identifiers its credential does not allow; dropped: %s",
-            agent.cluster,
-            agent.agent_id,
-            "&".join(refused),
-            extra=event(
-                "identifier_not_allowed",
-                agent_id=agent.agent_id,
-                cluster=agent.cluster,
-                remote=agent.remote,
-                refused="&".join(refused),
-            ),
-        )
+        warn_identifiers_not_allowed(agent.cluster, agent.agent_id, agent.remote, refused)
     return kept
 
 

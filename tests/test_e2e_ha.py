@@ -18,6 +18,18 @@ from tether.tools.launch import start_broker
 pytestmark = [pytest.mark.e2e]
 
 
+#: The start of a TCP-mode HAProxy config with one frontend, ``agents``.
+HAPROXY_HEAD = """global
+  maxconn 1000
+defaults
+  mode tcp
+  timeout connect 2s
+  timeout client 1h
+  timeout server 1h
+frontend agents
+"""
+
+
 def haproxy_binary() -> str:
     found = shutil.which("haproxy") or (
         "/usr/sbin/haproxy" if Path("/usr/sbin/haproxy").exists() else None
@@ -34,15 +46,8 @@ def start_haproxy(tmp: Path, brokers: list[BrokerHandle]) -> tuple[Proc, int]:
     )
     cfg = tmp / "haproxy.cfg"
     cfg.write_text(
-        f"""global
-  maxconn 1000
-defaults
-  mode tcp
-  timeout connect 2s
-  timeout client 1h
-  timeout server 1h
-frontend agents
-  bind 127.0.0.1:{port}
+        HAPROXY_HEAD
+        + f"""  bind 127.0.0.1:{port}
   default_backend brokers
 backend brokers
   balance roundrobin

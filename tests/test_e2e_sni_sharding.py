@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import trio
 from procs import BrokerHandle, Proc, connect_tunnel, free_port, http_get, serve_echo, wait_for
-from test_e2e_ha import agent_readiness, broker_agents, haproxy_binary
+from test_e2e_ha import HAPROXY_HEAD, agent_readiness, broker_agents, haproxy_binary
 from test_e2e_routing import token_line
 
 from edge_agent.config import tls_server_name
@@ -75,15 +75,8 @@ def haproxy_by_sni(
     )
     cfg = tmp / "haproxy-sni.cfg"
     cfg.write_text(
-        f"""global
-  maxconn 1000
-defaults
-  mode tcp
-  timeout connect 2s
-  timeout client 1h
-  timeout server 1h
-frontend agents
-  bind 127.0.0.1:{port}
+        HAPROXY_HEAD
+        + f"""  bind 127.0.0.1:{port}
   tcp-request inspect-delay 5s
   tcp-request content accept if {{ req.ssl_hello_type 1 }}
 {routes}
@@ -278,6 +271,37 @@ async def two_sets(
     return sets, port
 
 
+async def honest_beta_agent(
+    beta: BrokerHandle, agent_factory: Callable[..., Proc], lb: int
+) -> None:
+    """beta-1, through HAProxy under beta's name: the control beside a hostile agent."""
+    agent_factory(beta, "--cluster=beta", SERVER_NAME, agent_id="beta-1", port=lb)
+    await beta.ready(agents=1)
+
+
+def alpha_agent_posing_as_beta(
+    beta: BrokerHandle,
+    agent_factory: Callable[..., Proc],
+    pkis: dict[str, PkiPaths],
+    bundle: Path,
+    lb: int,
+) -> tuple[Proc, int]:
+    """alpha-3, with alpha's certificate, trusting ``bundle`` and sending
+    beta's server name through HAProxy; returns it and its health port."""
+    health = free_port()
+    proc = agent_factory(
+        beta,
+        f"--ca-cert={bundle}",
+        "--cluster=beta",
+        SERVER_NAME,
+        f"--health-server-port={health}",
+        agent_id="alpha-3",
+        pki=pkis["alpha"],
+        port=lb,
+    )
+    return proc, health
+
+
 @pytest.mark.timeout(120)
 async def test_sni_of_another_cluster_lands_there_and_is_refused(
     tmp_path: Path,
@@ -291,20 +315,10 @@ async def test_sni_of_another_cluster_lands_there_and_is_refused(
     (public) CA, so the refusal is the broker's, not the agent's."""
     sets, lb = await two_sets(tmp_path, pkis, procs_started)
     beta = sets["beta"][0]
-    agent_factory(beta, "--cluster=beta", SERVER_NAME, agent_id="beta-1", port=lb)
-    await beta.ready(agents=1)
+    await honest_beta_agent(beta, agent_factory, lb)
     assert await metric(beta.admin_port, "tether_bad_input_total", source="agent") == 0
-    bundle = both_cas(tmp_path, pkis)
-    hostile_health = free_port()
-    hostile = agent_factory(
-        beta,
-        f"--ca-cert={bundle}",
-        "--cluster=beta",
-        SERVER_NAME,
-        f"--health-server-port={hostile_health}",
-        agent_id="alpha-3",
-        pki=pkis["alpha"],
-        port=lb,
+    hostile, hostile_health = alpha_agent_posing_as_beta(
+        beta, agent_factory, pkis, both_cas(tmp_path, pkis), lb
     )
 
     async def refused_twice() -> bool:
@@ -338,19 +352,8 @@ async def test_sni_of_another_cluster_is_refused_even_where_its_ca_is_trusted(
     bundle = both_cas(tmp_path, pkis)
     sets, lb = await two_sets(tmp_path, pkis, procs_started, f"--cluster-ca-cert={bundle}")
     beta = sets["beta"][0]
-    agent_factory(beta, "--cluster=beta", SERVER_NAME, agent_id="beta-1", port=lb)
-    await beta.ready(agents=1)
-    hostile_health = free_port()
-    hostile = agent_factory(
-        beta,
-        f"--ca-cert={bundle}",
-        "--cluster=beta",
-        SERVER_NAME,
-        f"--health-server-port={hostile_health}",
-        agent_id="alpha-3",
-        pki=pkis["alpha"],
-        port=lb,
-    )
+    await honest_beta_agent(beta, agent_factory, lb)
+    hostile, hostile_health = alpha_agent_posing_as_beta(beta, agent_factory, pkis, bundle, lb)
 
     async def refused_twice() -> bool:
         n = await metric(

@@ -512,11 +512,8 @@ def test_control_stream_window_overflow_is_a_protocol_error() -> None:
 # -------------------------------------------------------------- TLS stream
 
 
-@pytest.mark.timeout(30)
-async def test_tls_stream_both_ends_sending_without_deadlock() -> None:
-    """Both ends send 32 MiB at once while reading. The reader used to wait
-    for the send lock to flush, so with both senders blocked on full socket
-    buffers neither end read again: a deadlock."""
+async def tls_pair() -> tuple[TLSStream, TLSStream]:
+    """A server and a client TLSStream over a socketpair, handshakes done."""
     ca = trustme.CA()
     server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ca.issue_cert("localhost").configure_cert(server_ctx)
@@ -530,6 +527,15 @@ async def test_tls_stream_both_ends_sending_without_deadlock() -> None:
     async with trio.open_nursery() as nursery:
         nursery.start_soon(server.do_handshake)
         nursery.start_soon(client.do_handshake)
+    return server, client
+
+
+@pytest.mark.timeout(30)
+async def test_tls_stream_both_ends_sending_without_deadlock() -> None:
+    """Both ends send 32 MiB at once while reading. The reader used to wait
+    for the send lock to flush, so with both senders blocked on full socket
+    buffers neither end read again: a deadlock."""
+    server, client = await tls_pair()
     total, chunk = 32 * 1024 * 1024, b"x" * (256 * 1024)
 
     async def send(stream: TLSStream) -> None:
@@ -556,19 +562,9 @@ async def test_tls_stream_closed_forcefully_closes_its_socket() -> None:
     closes the socket underneath: a sender blocked in a shielded write on a
     peer that stopped reading (write-through) is woken by that close, and
     the socket is not left open."""
-    ca = trustme.CA()
-    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ca.issue_cert("localhost").configure_cert(server_ctx)
-    client_ctx = ssl.create_default_context()
-    ca.configure_trust(client_ctx)
-    a, b = trio.socket.socketpair()
-    server = TLSStream(trio.SocketStream(a), server_ctx, server_side=True)
-    client = TLSStream(
-        trio.SocketStream(b), client_ctx, server_side=False, server_hostname="localhost"
-    )
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(server.do_handshake)
-        nursery.start_soon(client.do_handshake)
+    server, client = await tls_pair()
+    assert isinstance(client.transport, trio.SocketStream)
+    sock = client.transport.socket
     blocked: list[BaseException] = []
 
     async def stuck_sender() -> None:
@@ -586,5 +582,5 @@ async def test_tls_stream_closed_forcefully_closes_its_socket() -> None:
             await trio.sleep(0.2)
             await trio.aclose_forcefully(client)
     assert blocked, "the blocked sender was not woken"
-    assert b.fileno() == -1  # the socket itself is closed
+    assert sock.fileno() == -1  # the socket itself is closed
     await server.aclose()

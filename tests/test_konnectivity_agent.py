@@ -27,6 +27,7 @@ import pytest
 import trio
 from grpc_client import close_req, data_pkt, dial_cls, dial_req, open_call
 from konn_agent import KonnAgent, close_rsp, data
+from test_grpc_frontend import Target, wait_until
 
 from protocol import konnectivity_pb2 as pb
 from tether.tools.certs import PkiPaths
@@ -38,40 +39,6 @@ MiB = 1024 * 1024
 
 
 # ------------------------------------------------------------------ helpers
-
-
-class Target:
-    """A TCP server on 127.0.0.1; ``handler(conn)`` runs in a thread per connection."""
-
-    def __init__(self, handler: Callable[[socket.socket], None]) -> None:
-        self._sock = socket.create_server(("127.0.0.1", 0), backlog=128)
-        self.port = int(self._sock.getsockname()[1])
-        self.address = f"127.0.0.1:{self.port}"
-        self._handler = handler
-        self.conns: list[socket.socket] = []
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self._sock.accept()
-            except OSError:
-                return
-            self.conns.append(conn)
-            threading.Thread(target=self._run, args=(conn,), daemon=True).start()
-
-    def _run(self, conn: socket.socket) -> None:
-        try:
-            self._handler(conn)
-        except OSError:
-            pass
-        finally:
-            conn.close()
-
-    def close(self) -> None:
-        self._sock.close()
-        for c in self.conns:
-            c.close()
 
 
 def echo(conn: socket.socket) -> None:
@@ -89,14 +56,6 @@ def metric(broker: BrokerHandle, name: str, labels: str = "") -> float:
     pattern = re.escape(name + (("{" + labels + "}") if labels else "")) + r" (\S+)"
     match = re.search("^" + pattern + "$", metrics_text(broker), re.M)
     return float(match.group(1)) if match else 0.0
-
-
-def wait_until(predicate: Callable[[], object], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.05)
 
 
 def connect(broker: BrokerHandle, target: str, timeout: float = 10) -> tuple[socket.socket, bytes]:

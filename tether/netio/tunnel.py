@@ -96,7 +96,67 @@ class Tunnel(Protocol):
         """The owner is done with it (see :meth:`TunnelConnection.forget`)."""
 
 
-class TunnelStream:
+class ReceiveQueue:
+    """The receiving half every kind of tunnel shares: payload pieces the
+    connection's reader delivered and the frontend has not taken yet, then
+    the end (``None`` from :meth:`receive`) or an abort (raised)."""
+
+    def __init__(self) -> None:
+        self._chunks: collections.deque[events.StreamData] = collections.deque()
+        self._buffered = 0
+        self._eof = False
+        self._abort: StreamAborted | None = None
+        self._readable = trio.Event()
+
+    def _deliver(self, ev: events.StreamData) -> None:
+        self._chunks.append(ev)
+        self._buffered += len(ev.data)
+        self._readable.set()
+
+    def _ended(self) -> None:
+        self._eof = True
+        self._readable.set()
+
+    def _record_abort(self, exc: StreamAborted) -> None:
+        """Keep the first abort; wake a waiting :meth:`receive` to raise it."""
+        if self._abort is None:
+            self._abort = exc
+        self._readable.set()
+
+    @property
+    def buffered(self) -> int:
+        """Payload bytes received but not yet taken by :meth:`receive`."""
+        return self._buffered
+
+    @property
+    def aborted(self) -> bool:
+        return self._abort is not None
+
+    @property
+    def at_eof(self) -> bool:
+        """The peer ended the stream cleanly."""
+        return self._eof
+
+    async def receive(self) -> events.StreamData | None:
+        """Next payload piece; ``None`` at the end. Raises StreamAborted.
+
+        Call ``acknowledge`` with the piece's ``flow_len`` once its bytes
+        have been written to the destination: that, and only that, lets the
+        peer send more on this tunnel.
+        """
+        while not self._chunks:
+            if self._abort is not None:
+                raise self._abort
+            if self._eof:
+                return None
+            self._readable = trio.Event()
+            await self._readable.wait()
+        chunk = self._chunks.popleft()
+        self._buffered -= len(chunk.data)
+        return chunk
+
+
+class TunnelStream(ReceiveQueue):
     """One tunneled TCP connection: an HTTP/2 stream carrying msgpack bins."""
 
     def __init__(
@@ -114,11 +174,7 @@ class TunnelStream:
         self.grant = grant
         self._outbox_limit = budgets.outbox_limit(grant.window) if grant else OUTBOX_LIMIT
         self._forgotten = False
-        self._chunks: collections.deque[events.StreamData] = collections.deque()
-        self._buffered = 0
-        self._eof = False
-        self._abort: StreamAborted | None = None
-        self._readable = trio.Event()
+        ReceiveQueue.__init__(self)
         self._writable = trio.Event()
         self._accepted_event = trio.Event()
         # Outgoing payload waiting for the connection's scheduler, and what
@@ -130,23 +186,12 @@ class TunnelStream:
 
     # -------------------------------------------------- fed by the reader
 
-    def _deliver(self, ev: events.StreamData) -> None:
-        self._chunks.append(ev)
-        self._buffered += len(ev.data)
-        self._readable.set()
-
-    def _ended(self) -> None:
-        self._eof = True
-        self._readable.set()
-
     def _aborted(self, exc: StreamAborted) -> None:
-        if self._abort is None:
-            self._abort = exc
+        self._record_abort(exc)
         # Nothing queued is sent after an abort (the scheduler drops us).
         self._outbox.clear()
         self._out_eof = False
         self._out_close = None
-        self._readable.set()
         self._writable.set()
         self._accepted_event.set()
         self._release()
@@ -198,38 +243,11 @@ class TunnelStream:
 
     # ---------------------------------------------------------- public
 
-    @property
-    def buffered(self) -> int:
-        """Payload bytes received but not yet taken by :meth:`receive`."""
-        return self._buffered
-
-    @property
-    def aborted(self) -> bool:
-        return self._abort is not None
-
     async def wait_accepted(self) -> None:
         """Agent: wait for the broker to pair this stream with its dial."""
         await self._accepted_event.wait()
         if self._abort is not None:
             raise self._abort
-
-    async def receive(self) -> events.StreamData | None:
-        """Next payload piece; ``None`` at END_STREAM. Raises StreamAborted.
-
-        Call :meth:`acknowledge` with the piece's ``flow_len`` once its bytes
-        have been written to the destination: that, and only that, lets the
-        peer send more on this stream.
-        """
-        while not self._chunks:
-            if self._abort is not None:
-                raise self._abort
-            if self._eof:
-                return None
-            self._readable = trio.Event()
-            await self._readable.wait()
-        chunk = self._chunks.popleft()
-        self._buffered -= len(chunk.data)
-        return chunk
 
     def grow_window(self, n: int) -> bool:
         """Raise our receive window by ``n`` bytes if the process's buffer
