@@ -58,7 +58,9 @@ DEFAULT_PROFILES = {
 }
 #: S3 is judged on these (issue 6); elsewhere it is not run on emulated links.
 S3_PROFILES = ("lte", "satellite")
-BENCH_PREFIX = "tbench"
+#: Namespace name prefix (``TETHER_BENCH_PREFIX``: runs from several checkouts
+#: on one machine keep apart).
+BENCH_PREFIX = os.environ.get("TETHER_BENCH_PREFIX", "tbench")
 
 
 class Run:

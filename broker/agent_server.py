@@ -328,6 +328,7 @@ class AgentServer:
             name=f"agent {remote}",
             budget=self.budget,
             initial=bytes(first.buffer),
+            auto_lowat=self.socket_options.auto_notsent_lowat,
         )
 
         def rtt_seen(rtt: float) -> None:

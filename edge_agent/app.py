@@ -692,6 +692,7 @@ class Agent:
                 keepalive=Keepalive(cfg.keepalive_time, cfg.keepalive_timeout),
                 name="broker",
                 budget=self.budget,
+                auto_lowat=self.socket_options.auto_notsent_lowat,
             )
             link.conn = conn
             if self.metrics is not None:

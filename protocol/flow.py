@@ -1,13 +1,15 @@
 """The flow-control rules, in one place (sans-IO, pure functions).
 
 - *Connection* credit goes back as soon as DATA lands in a bounded buffer,
-  batched per eighth of the connection window (:func:`connection_credit_due`,
-  applied by :mod:`protocol.h2base`), so stalled streams never hold it
-  hostage.
+  batched per :data:`CREDIT_STEP` of the connection window
+  (:func:`connection_credit_due`, applied by :mod:`protocol.h2base`), so
+  stalled streams never hold it hostage.
 - *Stream* credit goes back only once the destination took the bytes,
-  batched per quarter of the stream's window (:func:`stream_credit_due`):
-  a blocked sender always has at least that much outstanding, so it keeps
-  streaming. A stream's buffered bytes are therefore bounded by its window.
+  continuously: whenever :data:`CREDIT_STEP` of the stream's window has been
+  taken (:func:`stream_credit_due`), so a sender is never more than that
+  short of a full window in flight. A stream's buffered bytes are therefore
+  bounded by its window. Windows themselves follow the link
+  (:mod:`protocol.tuner`).
 - A sender takes from its source only what the peer's window and its own
   outbox allow (:func:`writable`); what it may put into HTTP/2 now is
   :func:`payload_room` (a tunnel payload is a msgpack ``bin`` with a header
@@ -21,16 +23,19 @@ import attrs
 
 #: Bytes of the largest msgpack ``bin`` header (``bin32``).
 BIN_HEADER = 5
+#: Credit goes back once this share of a window is owed (1/16: a WINDOW_UPDATE
+#: per 64 KiB of a 1 MiB window, about one per DATA frame).
+CREDIT_STEP = 16
 
 
 def connection_credit_due(unacked: int, connection_window: int) -> bool:
     """Whether connection credit earned so far should go back now."""
-    return unacked >= connection_window // 8
+    return unacked >= connection_window // CREDIT_STEP
 
 
 def stream_credit_due(unacked: int, window: int) -> bool:
     """Whether a stream's earned credit should go back now (WINDOW_UPDATE)."""
-    return unacked >= window // 4
+    return unacked >= window // CREDIT_STEP
 
 
 def payload_room(send_window: int, send_chunk: int) -> int:

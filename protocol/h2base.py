@@ -145,6 +145,9 @@ class H2Base:
         self._out = bytearray()  # output taken from h2 (or written beside it), in order
         self._unread_replies = 0  # bytes h2 queued in reply since the last data_to_send
         self._conn_unacked = 0
+        #: Our receive window for the whole connection (grows with the
+        #: streams' windows, :meth:`grow_connection_window`).
+        self.connection_window = settings.connection_window
 
     # ------------------------------------------------------------- lifecycle
 
@@ -329,7 +332,7 @@ class H2Base:
         return True
 
     def _flush_conn_credit(self) -> None:
-        if flow.connection_credit_due(self._conn_unacked, self.settings.connection_window):
+        if flow.connection_credit_due(self._conn_unacked, self.connection_window):
             try:
                 self.h2.increment_flow_control_window(self._conn_unacked)
             except h2.exceptions.ProtocolError:
@@ -337,6 +340,25 @@ class H2Base:
             self._conn_unacked = 0
 
     # -------------------------------------------------------------- streams
+
+    def grow_connection_window(self, n: int) -> bool:
+        """Raise our connection receive window by ``n`` (a WINDOW_UPDATE on
+        stream 0); say whether it grew (never past 2**31 - 1)."""
+        if n <= 0 or self.connection_window + n > 2**31 - 1 or self.closed:
+            return False
+        try:
+            self.h2.increment_flow_control_window(n)
+        except h2.exceptions.ProtocolError:
+            return False
+        self.connection_window += n
+        return True
+
+    def peer_credit(self, stream_id: int) -> int:
+        """Bytes the peer may still send us on ``stream_id`` (0: gone)."""
+        try:
+            return self.h2.remote_flow_control_window(stream_id)
+        except (h2.exceptions.ProtocolError, KeyError):
+            return 0
 
     def credit_stream(self, stream_id: int, n: int) -> None:
         """Return ``n`` bytes of stream credit (WINDOW_UPDATE); a no-op for

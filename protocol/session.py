@@ -106,6 +106,8 @@ class _Stream:
     window: int
     state: DataState = DataState.PENDING
     unacked: int = 0  # stream credit earned but not yet sent as WINDOW_UPDATE
+    #: Credit still to keep back after a shrink (see shrink_window).
+    withheld: int = 0
 
     def move(self, event: DataInput, side: Side) -> None:
         self.state = states.transition(states.DATA_TRANSITIONS, self.state, event, side)
@@ -449,6 +451,10 @@ class TunnelSession:
         return self._earn(stream, flow_len)
 
     def _earn(self, stream: _Stream, n: int) -> bool:
+        if stream.withheld:
+            kept = min(stream.withheld, n)
+            stream.withheld -= kept
+            n -= kept
         stream.unacked += n
         # Batched WINDOW_UPDATEs (see protocol.flow).
         if flow.stream_credit_due(stream.unacked, stream.window):
@@ -475,8 +481,50 @@ class TunnelSession:
         if stream.window + n > 2**31 - 1:
             return False
         stream.window += n
-        self._base.credit_stream(stream_id, n)
+        # Credit kept back after a shrink covers (part of) the growth.
+        kept = min(stream.withheld, n)
+        stream.withheld -= kept
+        self._base.credit_stream(stream_id, n - kept)
         return True
+
+    def shrink_window(self, stream_id: int, n: int) -> int:
+        """Lower a data stream's receive window by up to ``n`` (never below
+        ``min_stream_window``); return by how much. Credit already given
+        cannot be taken back, so the next that many bytes the destination
+        takes earn none (:meth:`withheld`): the buffered bytes fall to the
+        new window as the reader catches up."""
+        stream = self._streams.get(stream_id)
+        if stream is None or n <= 0:
+            return 0
+        n = min(n, stream.window - self.config.min_stream_window)
+        if n <= 0:
+            return 0
+        stream.window -= n
+        stream.withheld += n
+        return n
+
+    def withheld(self, stream_id: int) -> int:
+        """Credit a shrunk stream still keeps back (0: its buffer fits its window)."""
+        stream = self._streams.get(stream_id)
+        return stream.withheld if stream is not None else 0
+
+    def peer_credit(self, stream_id: int) -> int:
+        """Bytes the peer may still send on a data stream before it must wait."""
+        return self._base.peer_credit(stream_id)
+
+    @property
+    def connection_window(self) -> int:
+        """Our receive window for the whole connection."""
+        return self._base.connection_window
+
+    def fit_connection_window(self) -> bool:
+        """Grow the connection window when the data streams' windows together
+        outgrow it (it costs no memory of its own: each stream's window bounds
+        what it buffers); say whether a WINDOW_UPDATE was queued."""
+        total = sum(st.window for st in self._streams.values())
+        have = self._base.connection_window
+        want = total + total // flow.CREDIT_STEP
+        return want > have and self._base.grow_connection_window(want - have)
 
     def _window(self, window: int | None) -> int:
         cfg = self.config

@@ -208,7 +208,8 @@ def add_tunnel_arguments(group: Any, d: Any, peer: str) -> None:
         type=int,
         default=d.tcp_notsent_lowat,
         help=f"TCP_NOTSENT_LOWAT (bytes) on the {peer}: keeps unsent bulk data out of the "
-        "kernel queue, where interactive bytes could not overtake it; 0 = off",
+        "kernel queue, where interactive bytes could not overtake it; 0 = automatic "
+        "(about 10 ms of the measured link), -1 = off",
     )
     group.add_argument(
         "--stream-window",

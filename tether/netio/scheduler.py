@@ -1,10 +1,19 @@
-"""The stream scheduler: queued payload into HTTP/2, round robin.
+"""The stream scheduler: queued payload into HTTP/2, round robin, with a
+fast lane for small messages.
 
-Each stream with queued output waits in one line; the writer asks for up to
+Each stream with queued output waits in a line; the writer asks for up to
 one write batch at a time (:meth:`RoundRobin.fill`) and every stream in the
 line gets :data:`QUANTUM` bytes per turn, so a bulk stream can neither
 starve an interactive one nor queue megabytes ahead of it. A stream alone
 in the line may fill the whole batch.
+
+A stream that queues a small message (at most :data:`SMALL_MESSAGE` bytes
+when it joins) waits in the *fast lane* instead, which every batch serves
+first: a keystroke or an RPC reply does not wait behind a turn of every
+bulk stream. The fast lane takes at most half of a batch, and a stream in
+it gets one message's worth per turn before it must queue again (a stream
+that keeps more queued is bulk and joins the ordinary line), so bulk
+streams keep at least half of every batch.
 """
 
 from __future__ import annotations
@@ -14,6 +23,8 @@ from typing import Protocol
 
 #: Bytes a stream gets per turn of the round-robin scheduler.
 QUANTUM = 16 * 1024
+#: A stream joining with at most this much queued goes to the fast lane.
+SMALL_MESSAGE = 4 * 1024
 
 
 class Schedulable(Protocol):
@@ -28,6 +39,11 @@ class Schedulable(Protocol):
     @property
     def has_output(self) -> bool: ...
 
+    @property
+    def backlog(self) -> int:
+        """Payload bytes queued to send."""
+        ...
+
     def take(self, limit: int) -> int:
         """Move up to ``limit`` queued bytes into HTTP/2; return how many."""
         ...
@@ -38,21 +54,31 @@ class RoundRobin:
 
     def __init__(self) -> None:
         self._line: collections.deque[Schedulable] = collections.deque()
+        self._fast: collections.deque[Schedulable] = collections.deque()
+        #: Turns served from the fast lane (for tests and metrics).
+        self.fast_turns = 0
 
     @property
     def ready(self) -> bool:
         """Some stream has output waiting."""
-        return bool(self._line)
+        return bool(self._line) or bool(self._fast)
 
     def schedule(self, stream: Schedulable) -> None:
-        """Put ``stream`` in the line (once)."""
+        """Put ``stream`` in a line (once): the fast lane when what it has
+        queued is one small message, else the round robin."""
         if not stream.queued:
             stream.queued = True
-            self._line.append(stream)
+            if stream.backlog <= SMALL_MESSAGE:
+                self._fast.append(stream)
+            else:
+                self._line.append(stream)
 
     def fill(self, budget: int) -> None:
-        """Move queued stream data into HTTP/2: QUANTUM per stream per turn,
-        until ``budget`` bytes or nothing more can go."""
+        """Move queued stream data into HTTP/2: the fast lane first (at most
+        half the budget when bulk waits too), then QUANTUM per stream per
+        turn, until ``budget`` bytes or nothing more can go."""
+        if self._fast:
+            budget -= self._fill_fast(budget // 2 if self._line else budget)
         line = self._line
         while line and budget > 0:
             stream = line.popleft()
@@ -68,3 +94,21 @@ class RoundRobin:
                 # Drained, or blocked on window: the owner schedules it
                 # again when the window opens.
                 stream.queued = False
+
+    def _fill_fast(self, budget: int) -> int:
+        """One turn per fast-lane stream, up to ``budget`` bytes; what is left
+        of a stream (more than one message after all) joins the round robin."""
+        fast, spent = self._fast, 0
+        while fast and spent < budget:
+            stream = fast.popleft()
+            if stream.aborted:
+                stream.queued = False
+                continue
+            self.fast_turns += 1
+            sent = stream.take(min(SMALL_MESSAGE, budget - spent))
+            spent += sent
+            if stream.has_output and sent > 0:
+                self._line.append(stream)
+            else:
+                stream.queued = False
+        return spent

@@ -7,7 +7,11 @@
   loss on radio links far better than CUBIC.
 - ``TCP_NOTSENT_LOWAT`` keeps the unsent part of the kernel's send queue
   small, so bulk data waits in our scheduler, where an interactive stream can
-  overtake it, rather than in the kernel, where it cannot.
+  overtake it, rather than in the kernel, where it cannot. By default it is
+  set, and kept up to date, from the link's estimate
+  (:meth:`protocol.tuner.LinkEstimate.notsent_lowat`, :func:`set_notsent_lowat`).
+- :func:`tcp_info` reads the kernel's RTT and delivery rate for the window
+  tuner (:mod:`protocol.tuner`).
 
 Every option is best effort: a platform without one keeps working.
 """
@@ -28,6 +32,7 @@ log = logging.getLogger(__name__)
 TCP_USER_TIMEOUT = getattr(socket, "TCP_USER_TIMEOUT", 18)
 TCP_CONGESTION = getattr(socket, "TCP_CONGESTION", 13)
 TCP_NOTSENT_LOWAT = getattr(socket, "TCP_NOTSENT_LOWAT", 25)
+TCP_INFO = getattr(socket, "TCP_INFO", 11)
 
 
 @attrs.frozen
@@ -40,7 +45,13 @@ class TunnelSocketOptions:
     keepalive_count: int = 3
     #: Congestion control name (e.g. "bbr"); None keeps the system default.
     congestion: str | None = None
+    #: Fixed TCP_NOTSENT_LOWAT in bytes; None: automatic (the connection sets
+    #: it from the link's estimate); 0 or less: not set at all.
     notsent_lowat: int | None = None
+
+    @property
+    def auto_notsent_lowat(self) -> bool:
+        return self.notsent_lowat is None
 
 
 def available_congestion_controls() -> list[str]:
@@ -84,7 +95,7 @@ def apply(sock: socket.socket, opts: TunnelSocketOptions) -> None:
                 exc.strerror,
                 " ".join(available_congestion_controls()) or "unknown",
             )
-    if opts.notsent_lowat:
+    if opts.notsent_lowat is not None and opts.notsent_lowat > 0:
         _set(sock, tcp, TCP_NOTSENT_LOWAT, opts.notsent_lowat, "TCP_NOTSENT_LOWAT")
 
 
@@ -144,3 +155,55 @@ def set_linger_zero(stream: object) -> None:
         raw.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     except OSError:
         pass
+
+
+@attrs.frozen
+class TcpInfo:
+    """What the window tuner reads from ``TCP_INFO``."""
+
+    #: Smoothed and lowest round-trip time, seconds (0: not measured yet).
+    rtt: float
+    min_rtt: float
+    #: The kernel's latest delivery-rate estimate, bytes per second (0: none).
+    delivery_rate: float
+    #: Bytes in the send queue not yet sent.
+    notsent: int
+
+
+#: Offsets in ``struct tcp_info`` (linux/tcp.h): 8 bytes of u8 fields, then
+#: u32s (tcpi_rtt is the 16th), then u64s and more u32s.
+_RTT_OFFSET = 8 + 15 * 4
+_NOTSENT_OFFSET = 8 + 24 * 4 + 4 * 8 + 2 * 4
+_MIN_RTT_OFFSET = _NOTSENT_OFFSET + 4
+_DELIVERY_RATE_OFFSET = _MIN_RTT_OFFSET + 3 * 4
+_TCP_INFO_LEN = _DELIVERY_RATE_OFFSET + 8
+
+
+def tcp_info(stream: object) -> TcpInfo | None:
+    """The kernel's view of ``stream``'s TCP connection; None when unknown
+    (not TCP, or a kernel too old to report a delivery rate)."""
+    raw = _raw_socket(stream)
+    if raw is None:
+        return None
+    try:
+        buf = raw.getsockopt(socket.IPPROTO_TCP, TCP_INFO, 256)
+    except OSError:
+        return None
+    if len(buf) < _TCP_INFO_LEN:
+        return None
+    (rtt_us,) = struct.unpack_from("I", buf, _RTT_OFFSET)
+    notsent, min_rtt_us = struct.unpack_from("II", buf, _NOTSENT_OFFSET)
+    (rate,) = struct.unpack_from("Q", buf, _DELIVERY_RATE_OFFSET)
+    return TcpInfo(rtt_us / 1e6, min_rtt_us / 1e6, float(rate), notsent)
+
+
+def set_notsent_lowat(stream: object, nbytes: int) -> bool:
+    """Set ``TCP_NOTSENT_LOWAT`` on ``stream``'s socket; say whether it took."""
+    raw = _raw_socket(stream)
+    if raw is None:
+        return False
+    try:
+        raw.setsockopt(socket.IPPROTO_TCP, TCP_NOTSENT_LOWAT, nbytes)
+    except OSError:
+        return False
+    return True

@@ -7,6 +7,14 @@ plus a keepalive task that detects dead links. Data-stream events are routed
 to :class:`TunnelStream` objects; everything else goes to the owner's
 :class:`ConnectionHandler`. Payload waits in each stream's small outbox; the
 writer's scheduler (:mod:`tether.netio.scheduler`) moves it into HTTP/2.
+
+Windows follow the link (:mod:`protocol.tuner`): each connection keeps a
+:class:`protocol.tuner.LinkEstimate` (RTT from keepalive PINGs and
+``TCP_INFO``, delivery rate from the payload its streams receive and the
+kernel's estimate), each receiving stream with a budget grant a
+:class:`protocol.tuner.StreamTuner`, whose advice goes through the
+process's :class:`protocol.budget.BufferBudget`. The same estimate sets the
+socket's ``TCP_NOTSENT_LOWAT`` unless it was configured.
 """
 
 from __future__ import annotations
@@ -23,12 +31,13 @@ import h2.errors
 import trio
 
 from protocol import budget as budgets
-from protocol import events, flow, messages, session
+from protocol import events, flow, messages, session, tuner
 from protocol.codes import CloseCode
 from protocol.errors import ProtocolError
 from protocol.outcomes import CloseReason
 from tether.netio.h2driver import H2Driver
 from tether.netio.scheduler import RoundRobin
+from tether.netio.sockopts import set_notsent_lowat, tcp_info
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +45,11 @@ log = logging.getLogger(__name__)
 #: full window; a stream with a smaller window queues less, see
 #: :func:`protocol.budget.outbox_limit`).
 OUTBOX_LIMIT = budgets.OUTBOX_LIMIT
+#: Bounds of the tuning task's period (it follows the link's RTT).
+TUNE_MIN_S = 0.05
+TUNE_MAX_S = 1.0
+#: TCP_NOTSENT_LOWAT is set again when the estimate moved by more than this share.
+LOWAT_CHANGE = 0.25
 
 
 class TunnelClosed(Exception):
@@ -173,6 +187,13 @@ class TunnelStream(ReceiveQueue):
         #: when the stream is over (see :meth:`_release`).
         self.grant = grant
         self._outbox_limit = budgets.outbox_limit(grant.window) if grant else OUTBOX_LIMIT
+        #: Grows and shrinks our receive window with the link; only a stream
+        #: with a budget grant is tuned (the budget bounds every change).
+        self.tuner = (
+            tuner.StreamTuner(conn.tuner_config, grant.window)
+            if grant is not None and conn.budget is not None
+            else None
+        )
         self._forgotten = False
         ReceiveQueue.__init__(self)
         self._writable = trio.Event()
@@ -238,6 +259,10 @@ class TunnelStream(ReceiveQueue):
     def has_output(self) -> bool:
         return bool(self._outbox) or self._out_eof or self._out_close is not None
 
+    @property
+    def backlog(self) -> int:
+        return len(self._outbox)
+
     def _accept(self) -> None:
         self._accepted_event.set()
 
@@ -256,16 +281,58 @@ class TunnelStream(ReceiveQueue):
         budget, grant = self.conn.budget, self.grant
         if budget is None or grant is None or not budget.may_grow(grant, n):
             return False
+        if self.conn.session.withheld(self.stream_id):
+            return False  # still shrinking: the budget has not caught up
         if not self.conn.session.grow_window(self.stream_id, n):
             return False
         budget.grow(grant, n)
-        self._outbox_limit = budgets.outbox_limit(grant.window)
+        self._resized(grant)
         self.conn.wake_writer()
         return True
 
+    def shrink_window(self, n: int) -> int:
+        """Lower our receive window by up to ``n`` bytes; return by how much.
+        The budget share follows as the reader takes the bytes already
+        credited (see :meth:`protocol.session.TunnelSession.shrink_window`),
+        so what the stream may hold never exceeds what it reserved."""
+        if self.grant is None:
+            return 0
+        return self.conn.session.shrink_window(self.stream_id, n)
+
+    def _resized(self, grant: budgets.Grant) -> None:
+        self._outbox_limit = budgets.outbox_limit(grant.window)
+        if self.tuner is not None:
+            self.tuner.resized(self.conn.session.stream_window(self.stream_id))
+
+    def _landed(self) -> None:
+        """Reader: DATA for this stream arrived (the tuner notes the credit
+        the peer had left and what we hold unread)."""
+        if self.tuner is not None:
+            self.tuner.landed(self.conn.session.peer_credit(self.stream_id), self.buffered)
+
     def acknowledge(self, flow_len: int) -> None:
-        if self.conn.session.acknowledge(self.stream_id, flow_len):
+        sess, sid = self.conn.session, self.stream_id
+        before = sess.withheld(sid)
+        if sess.acknowledge(sid, flow_len):
             self.conn.wake_writer()  # a WINDOW_UPDATE to send
+        grant, budget = self.grant, self.conn.budget
+        if grant is None or budget is None or self.tuner is None:
+            return
+        if before:
+            # Credit kept back after a shrink: the bytes it covered have
+            # left, so their share of the budget goes back now.
+            absorbed = before - sess.withheld(sid)
+            if absorbed > 0:
+                budget.shrink(grant, absorbed)
+                self._resized(grant)
+            return
+        change = self.tuner.advise(
+            self.conn.link, trio.current_time(), budget.reserved > budget.high_water
+        )
+        if change > 0:
+            self.grow_window(change)
+        elif change < 0 and self.shrink_window(-change):
+            self.tuner.resized(sess.stream_window(sid))
 
     async def wait_writable(self) -> int:
         """Wait for send credit; return how many payload bytes may go now.
@@ -357,8 +424,22 @@ class TunnelConnection:
         name: str = "tunnel",
         budget: budgets.BufferBudget | None = None,
         initial: bytes = b"",
+        tuning: tuner.TunerConfig | None = None,
+        auto_lowat: bool = True,
     ) -> None:
         self.transport = transport
+        #: The link as this connection measures it, and how its streams'
+        #: windows follow it.
+        self.link = tuner.LinkEstimate()
+        self.tuner_config = tuning or tuner.TunerConfig(
+            floor=sess.config.min_stream_window,
+            ceiling=min(tuner.TunerConfig().ceiling, sess.config.connection_window),
+        )
+        #: Set TCP_NOTSENT_LOWAT from :attr:`link` (False: configured, or off).
+        self.auto_lowat = auto_lowat
+        self.notsent_lowat = 0
+        self._streams_added = trio.Event()
+        self._bdp_ping: tuple[bytes, float] | None = None
         #: The process's buffer budget, shared by all its connections: each
         #: stream's grant comes from it and goes back to it.
         self.budget = budget
@@ -406,7 +487,9 @@ class TunnelConnection:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Run until the connection ends; always closes the transport."""
-        await self._driver.run(self._keepalive, on_closed=self._shutdown, task_status=task_status)
+        await self._driver.run(
+            self._keepalive, self._tune, on_closed=self._shutdown, task_status=task_status
+        )
 
     def abort(self, reason: CloseReason, detail: str = "") -> None:
         """Tear the connection down now (from any task)."""
@@ -470,6 +553,7 @@ class TunnelConnection:
         when the stream is over."""
         ts = TunnelStream(self, stream_id, dial_id, grant)
         self.streams[stream_id] = ts
+        self._streams_added.set()
         return ts
 
     def set_rtt_observer(self, fn: Callable[[float], None]) -> None:
@@ -493,6 +577,8 @@ class TunnelConnection:
             ts = self.streams.get(ev.stream_id)
             if ts is not None:
                 ts._deliver(ev)
+                self.link.delivered(len(ev.data), trio.current_time())
+                ts._landed()
         elif isinstance(ev, events.WindowOpened):
             if ev.stream_id is None:
                 for ts in self.streams.values():
@@ -531,6 +617,9 @@ class TunnelConnection:
                 self._ping[1].set()
             if ev.payload in self._probes:
                 self._probes[ev.payload].set()
+            if self._bdp_ping is not None and self._bdp_ping[0] == ev.payload:
+                self.link.rtt_sample(trio.current_time() - self._bdp_ping[1])
+                self._bdp_ping = None
         elif isinstance(ev, events.ConnectionClosed):
             # h2 allows no stream traffic after GOAWAY: this is the end.
             reason = CloseReason.GOAWAY if ev.goaway else CloseReason.CONTROL_CLOSED
@@ -585,9 +674,42 @@ class TunnelConnection:
                     CloseReason.KEEPALIVE_TIMEOUT, f"keepalive: no PING ACK within {timeout:g}s"
                 )
                 return
+            rtt = trio.current_time() - sent_at
+            self.link.rtt_sample(rtt)
             if self._on_rtt is not None:
-                self._on_rtt(trio.current_time() - sent_at)
+                self._on_rtt(rtt)
             await trio.sleep(interval)
+
+    async def _tune(self) -> None:
+        """While streams are open, once per round trip (within bounds): read
+        the kernel's RTT and delivery rate into :attr:`link` (or, on a
+        transport without ``TCP_INFO``, time a PING), set TCP_NOTSENT_LOWAT
+        from it, and grow the connection window to the streams' windows.
+        With no streams it sleeps until one is added."""
+        while True:
+            if not self.streams:
+                self._streams_added = trio.Event()
+                await self._streams_added.wait()
+            await trio.sleep(min(TUNE_MAX_S, max(TUNE_MIN_S, self.link.round_length)))
+            self.tune_once(trio.current_time())
+
+    def tune_once(self, now: float) -> None:
+        """One step of :meth:`_tune` (``now``: trio time)."""
+        info = tcp_info(self.transport)
+        if info is not None:
+            if info.rtt > 0:
+                self.link.rtt_sample(info.rtt)
+            self.link.rate_sample(info.delivery_rate, now)
+        elif self._bdp_ping is None and not self._driver.closed:
+            self._bdp_ping = (self.session.send_ping(os.urandom(8)), now)
+            self.wake_writer()
+        if self.auto_lowat and self.link.srtt is not None:
+            lowat = self.link.notsent_lowat(now)
+            moved = abs(lowat - self.notsent_lowat) > self.notsent_lowat * LOWAT_CHANGE
+            if moved and set_notsent_lowat(self.transport, lowat):
+                self.notsent_lowat = lowat
+        if self.session.fit_connection_window():
+            self.wake_writer()
 
     # ------------------------------------------------------------ teardown
 
