@@ -12,13 +12,13 @@ epoch) and what it observed.
   (:attr:`LinkEstimate.bdp`) and the ``TCP_NOTSENT_LOWAT`` that keeps the
   socket's unsent queue to a few milliseconds of the link
   (:meth:`LinkEstimate.notsent_lowat`).
-- :class:`StreamTuner` (one per receiving stream) notes, for every DATA that
-  lands, how much credit the peer still had and how much we held unread.
-  A round (one round-trip time) in which the peer nearly ran out of credit
-  while our buffer was nearly empty means the window, not the reader, held
-  the sender back: the window doubles, up to :attr:`TunerConfig.headroom`
+- :class:`StreamTuner` (one per receiving stream) counts the bytes that land
+  in each round (one round-trip time) and how much we held unread. A round
+  that brought most of a window (:attr:`TunerConfig.full_round`, gRPC's 2/3)
+  while our buffer drained at some point of it means the window, not the reader, held the
+  sender back: the window doubles, up to :attr:`TunerConfig.headroom`
   bandwidth-delay products and :attr:`TunerConfig.ceiling`. A slow reader
-  (our buffer full) never grows it. Rounds in which the window sat far above
+  (our buffer never drained, few bytes per round) never grows it. Rounds in which the window sat far above
   what the link carries bring it back down, and so does memory pressure
   (the process's :class:`protocol.budget.BufferBudget` past its high-water
   mark), to the window the stream was opened with.
@@ -58,10 +58,11 @@ class TunerConfig:
     #: round trip during which the reader gets nothing) without letting a
     #: window run away.
     headroom: int = 4
-    #: The peer counts as short of credit below this share of the window.
-    short_of_credit: float = 1 / 8
-    #: Our buffer counts as empty (a keen reader) below this share.
-    reader_keen: float = 1 / 4
+    #: A round that lands this share of the window used all of it.
+    full_round: float = 2 / 3
+    #: Our buffer never below this share of the window in a round: the
+    #: reader, not the window, is what holds the sender back.
+    reader_behind: float = 1 / 4
     #: Quiet rounds (not short of credit) before an oversized window shrinks.
     quiet_rounds: int = 8
 
@@ -108,7 +109,8 @@ class LinkEstimate:
         """``n`` payload bytes arrived for the connection's streams; a round
         trip's worth of them makes one rate sample."""
         if self._round_start is None:
-            self._round_start, self._round_bytes = now, n
+            # These bytes were on their way before the round began.
+            self._round_start, self._round_bytes = now, 0
             return
         self._round_bytes += n
         elapsed = now - self._round_start
@@ -131,6 +133,7 @@ class LinkEstimate:
         """Bandwidth-delay product in bytes (0 until both are known)."""
         if self.srtt is None:
             return 0
+
         return int(self.rate(now) * self.srtt)
 
     def notsent_lowat(self, now: float) -> int:
@@ -156,7 +159,11 @@ class StreamTuner:
     #: rounds shrink it back to this, never below.
     initial: int = 0
     _round_start: float | None = None
-    _short: bool = False
+    _round_bytes: int = 0
+    #: The least we held unread at any point of the round (a burst that
+    #: lands at once is no sign of a slow reader; a buffer that never
+    #: drains is).
+    _least_buffered: int = 2**62
     _quiet: int = 0
     #: Growth steps taken and shrink steps taken (for metrics and tests).
     grown: int = 0
@@ -167,40 +174,51 @@ class StreamTuner:
             self.initial = self.window
         self.initial = max(self.config.floor, self.initial)
 
-    def landed(self, credit_left: int, buffered: int) -> None:
-        """DATA landed: the peer may send ``credit_left`` more bytes now, and
-        we hold ``buffered`` bytes its reader has not taken yet."""
-        cfg, w = self.config, self.window
-        if credit_left < w * cfg.short_of_credit and buffered < w * cfg.reader_keen:
-            self._short = True
+    def landed(self, n: int) -> None:
+        """``n`` payload bytes landed."""
+        self._round_bytes += n
 
     def resized(self, window: int) -> None:
         self.window = window
 
-    def advise(self, link: LinkEstimate, now: float, pressure: bool) -> int:
+    def advise(self, link: LinkEstimate, now: float, pressure: bool, buffered: int = 0) -> int:
         """Bytes the window should change by now: > 0 grow, < 0 shrink, 0 keep.
 
-        Called as the reader takes bytes; decides at most once per round.
-        ``pressure``: the process's buffer budget is past its high-water mark.
+        Called each time the reader took bytes, with what it still has to
+        take (``buffered``); decides at most once per round. ``pressure``:
+        the process's buffer budget is past its high-water mark.
         """
         cfg, w = self.config, self.window
+        self._least_buffered = min(self._least_buffered, buffered)
         if pressure:
-            self._round_start, self._short = now, False
+            self._new_round(now)
+            if w > self.initial:
+                self.shrunk += 1
             return min(0, self.initial - w)
         if self._round_start is None or link.srtt is None:
             # No round trip measured yet: nothing to size a window by.
-            self._round_start = now
+            self._new_round(now)
             return 0
-        if now - self._round_start < link.round_length:
+        elapsed = now - self._round_start
+        if elapsed < link.round_length:
             return 0
-        short, self._short, self._round_start = self._short, False, now
+        per_round = self._round_bytes * link.round_length / elapsed
+        behind = self._least_buffered > w * cfg.reader_behind
+        short = per_round >= w * cfg.full_round and not behind
+        self._new_round(now)
         bdp = link.bdp(now)
         cap = min(cfg.ceiling, max(self.initial, cfg.headroom * bdp if bdp else cfg.ceiling))
         if short:
             self._quiet = 0
-            return max(0, min(w * cfg.gain, cap) - w)
+            grow = max(0, min(w * cfg.gain, cap) - w)
+            self.grown += grow > 0
+            return grow
         self._quiet += 1
         if self._quiet >= cfg.quiet_rounds and bdp and w > cap + cap // 2:
             self._quiet = 0
+            self.shrunk += 1
             return max(self.initial, cap) - w
         return 0
+
+    def _new_round(self, now: float) -> None:
+        self._round_start, self._round_bytes, self._least_buffered = now, 0, 2**62

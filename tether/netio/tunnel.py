@@ -304,11 +304,11 @@ class TunnelStream(ReceiveQueue):
         if self.tuner is not None:
             self.tuner.resized(self.conn.session.stream_window(self.stream_id))
 
-    def _landed(self) -> None:
-        """Reader: DATA for this stream arrived (the tuner notes the credit
-        the peer had left and what we hold unread)."""
+    def _landed(self, n: int) -> None:
+        """Reader: ``n`` payload bytes for this stream arrived (the tuner
+        counts them per round)."""
         if self.tuner is not None:
-            self.tuner.landed(self.conn.session.peer_credit(self.stream_id), self.buffered)
+            self.tuner.landed(n)
 
     def acknowledge(self, flow_len: int) -> None:
         sess, sid = self.conn.session, self.stream_id
@@ -327,7 +327,10 @@ class TunnelStream(ReceiveQueue):
                 self._resized(grant)
             return
         change = self.tuner.advise(
-            self.conn.link, trio.current_time(), budget.reserved > budget.high_water
+            self.conn.link,
+            trio.current_time(),
+            budget.reserved > budget.high_water,
+            self.buffered,
         )
         if change > 0:
             self.grow_window(change)
@@ -578,7 +581,7 @@ class TunnelConnection:
             if ts is not None:
                 ts._deliver(ev)
                 self.link.delivered(len(ev.data), trio.current_time())
-                ts._landed()
+                ts._landed(len(ev.data))
         elif isinstance(ev, events.WindowOpened):
             if ev.stream_id is None:
                 for ts in self.streams.values():
