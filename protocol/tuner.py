@@ -43,6 +43,11 @@ LOWAT_MAX = 1024 * 1024
 RATE_HORIZON = 10.0
 #: Shortest round, so a tiny RTT (loopback) does not tune on every frame.
 MIN_ROUND = 0.010
+#: While interactive bytes share the connection with bulk, the socket holds
+#: at most this many path bandwidth-delay products (unacknowledged plus
+#: unsent), and at least :data:`INFLIGHT_MIN` bytes.
+INFLIGHT_BDPS = 1.25
+INFLIGHT_MIN = 64 * 1024
 
 
 @attrs.frozen
@@ -87,12 +92,14 @@ class LinkEstimate:
     _round_start: float | None = None
     _round_bytes: int = 0
 
-    def rtt_sample(self, rtt: float) -> None:
-        """One round-trip time: a PING's answer, or the kernel's ``tcpi_rtt``."""
+    def rtt_sample(self, rtt: float, min_rtt: float = 0.0) -> None:
+        """One round-trip time: a PING's answer, or the kernel's ``tcpi_rtt``
+        (with its ``tcpi_min_rtt``, when known)."""
         if not rtt > 0:
             return
         self.srtt = rtt if self.srtt is None else 0.875 * self.srtt + 0.125 * rtt
-        self.min_rtt = rtt if self.min_rtt is None else min(self.min_rtt, rtt)
+        least = min(rtt, min_rtt) if min_rtt > 0 else rtt
+        self.min_rtt = least if self.min_rtt is None else min(self.min_rtt, least)
 
     def rate_sample(self, bytes_per_s: float, now: float) -> None:
         """One delivery-rate sample (say, the kernel's ``tcpi_delivery_rate``)."""
@@ -135,6 +142,18 @@ class LinkEstimate:
             return 0
 
         return int(self.rate(now) * self.srtt)
+
+    def inflight_target(self, now: float) -> int:
+        """Bytes the socket should hold (sent but unacknowledged, plus
+        unsent) while interactive bytes wait behind bulk: about one
+        bandwidth-delay product of the path without its queue, so they do
+        not wait behind a link queue full of our own bulk (0: unknown)."""
+        if self.min_rtt is None:
+            return 0
+        rate = self.rate(now)
+        if not rate:
+            return 0
+        return max(INFLIGHT_MIN, int(INFLIGHT_BDPS * rate * self.min_rtt))
 
     def notsent_lowat(self, now: float) -> int:
         """``TCP_NOTSENT_LOWAT`` for the connection's socket: the unsent queue

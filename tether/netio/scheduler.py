@@ -8,7 +8,8 @@ starve an interactive one nor queue megabytes ahead of it. A stream alone
 in the line may fill the whole batch.
 
 A stream that queues a small message (at most :data:`SMALL_MESSAGE` bytes
-when it joins) waits in the *fast lane* instead, which every batch serves
+when it joins, and little lately: its owner says, ``Schedulable.small``)
+waits in the *fast lane* instead, which every batch serves
 first: a keystroke or an RPC reply does not wait behind a turn of every
 bulk stream. The fast lane takes at most half of a batch, and a stream in
 it gets one message's worth per turn before it must queue again (a stream
@@ -23,8 +24,13 @@ from typing import Protocol
 
 #: Bytes a stream gets per turn of the round-robin scheduler.
 QUANTUM = 16 * 1024
-#: A stream joining with at most this much queued goes to the fast lane.
+#: A stream joining with at most this much queued (and not sending fast,
+#: see :data:`SMALL_RATE`) goes to the fast lane.
 SMALL_MESSAGE = 4 * 1024
+#: Bytes per :data:`SMALL_WINDOW_S` seconds above which a stream is bulk,
+#: however small its writes (about 1.3 Mbit/s).
+SMALL_RATE = 16 * 1024
+SMALL_WINDOW_S = 0.1
 
 
 class Schedulable(Protocol):
@@ -40,8 +46,9 @@ class Schedulable(Protocol):
     def has_output(self) -> bool: ...
 
     @property
-    def backlog(self) -> int:
-        """Payload bytes queued to send."""
+    def small(self) -> bool:
+        """What it has queued is one small message, and it sends little
+        (:data:`SMALL_MESSAGE`, :data:`SMALL_RATE`)."""
         ...
 
     def take(self, limit: int) -> int:
@@ -63,22 +70,30 @@ class RoundRobin:
         """Some stream has output waiting."""
         return bool(self._line) or bool(self._fast)
 
+    @property
+    def bulk_waiting(self) -> bool:
+        """Some stream in the round robin (not the fast lane) has output waiting."""
+        return bool(self._line)
+
     def schedule(self, stream: Schedulable) -> None:
         """Put ``stream`` in a line (once): the fast lane when what it has
         queued is one small message, else the round robin."""
         if not stream.queued:
             stream.queued = True
-            if stream.backlog <= SMALL_MESSAGE:
+            if stream.small:
                 self._fast.append(stream)
             else:
                 self._line.append(stream)
 
-    def fill(self, budget: int) -> None:
+    def fill(self, budget: int, bulk: bool = True) -> None:
         """Move queued stream data into HTTP/2: the fast lane first (at most
         half the budget when bulk waits too), then QUANTUM per stream per
-        turn, until ``budget`` bytes or nothing more can go."""
+        turn, until ``budget`` bytes or nothing more can go. ``bulk=False``:
+        the fast lane only (the socket holds enough bulk already)."""
         if self._fast:
-            budget -= self._fill_fast(budget // 2 if self._line else budget)
+            budget -= self._fill_fast(budget // 2 if self._line and bulk else budget)
+        if not bulk:
+            return
         line = self._line
         while line and budget > 0:
             stream = line.popleft()

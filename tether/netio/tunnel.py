@@ -35,9 +35,10 @@ from protocol import events, flow, messages, session, tuner
 from protocol.codes import CloseCode
 from protocol.errors import ProtocolError
 from protocol.outcomes import CloseReason
+from tether.netio import scheduler
 from tether.netio.h2driver import H2Driver
 from tether.netio.scheduler import RoundRobin
-from tether.netio.sockopts import set_notsent_lowat, tcp_info
+from tether.netio.sockopts import set_notsent_lowat, tcp_info, unacked_bytes
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +51,9 @@ TUNE_MIN_S = 0.05
 TUNE_MAX_S = 1.0
 #: TCP_NOTSENT_LOWAT is set again when the estimate moved by more than this share.
 LOWAT_CHANGE = 0.25
+#: A stream served from the scheduler's fast lane within this many seconds
+#: makes the connection hold bulk back to about one BDP in its socket.
+INTERACTIVE_S = 1.0
 
 
 class TunnelClosed(Exception):
@@ -204,6 +208,8 @@ class TunnelStream(ReceiveQueue):
         self._out_eof = False
         self._out_close: messages.Close | None = None
         self.queued = False  # in the scheduler's round-robin line
+        self._recent_start = -math.inf
+        self._recent_bytes = 0
 
     # -------------------------------------------------- fed by the reader
 
@@ -260,8 +266,18 @@ class TunnelStream(ReceiveQueue):
         return bool(self._outbox) or self._out_eof or self._out_close is not None
 
     @property
-    def backlog(self) -> int:
-        return len(self._outbox)
+    def small(self) -> bool:
+        return (
+            len(self._outbox) <= scheduler.SMALL_MESSAGE
+            and self._recent_bytes <= scheduler.SMALL_RATE
+        )
+
+    def _count_queued(self, n: int) -> None:
+        """How much this stream queued lately (for :attr:`small`)."""
+        now = trio.current_time()
+        if now - self._recent_start > scheduler.SMALL_WINDOW_S:
+            self._recent_start, self._recent_bytes = now, 0
+        self._recent_bytes += n
 
     def _accept(self) -> None:
         self._accepted_event.set()
@@ -378,6 +394,7 @@ class TunnelStream(ReceiveQueue):
         while view:
             cap = await self.wait_writable()
             self._outbox += view[:cap]
+            self._count_queued(min(cap, len(view)))
             view = view[cap:]
             self.conn.schedule(self, wake=False)
             await self.conn.write_through()
@@ -455,8 +472,15 @@ class TunnelConnection:
         self.rejection: events.ControlRejected | None = None
         self._scheduler = RoundRobin()
         self._driver: H2Driver[events.Event] = H2Driver(
-            transport, sess, self._dispatch, scheduler=self._scheduler, initial=initial
+            transport,
+            sess,
+            self._dispatch,
+            scheduler=self._scheduler,
+            initial=initial,
+            hold_bulk=self._hold_bulk,
         )
+        self._fast_turns = 0
+        self._fast_at = -math.inf
         self._ping: tuple[bytes, trio.Event] | None = None
         self._probes: dict[bytes, trio.Event] = {}
         self._on_rtt: Callable[[float], None] | None = None
@@ -696,12 +720,26 @@ class TunnelConnection:
             await trio.sleep(min(TUNE_MAX_S, max(TUNE_MIN_S, self.link.round_length)))
             self.tune_once(trio.current_time())
 
+    def _hold_bulk(self) -> bool:
+        """Whether bulk should wait: interactive bytes went through the fast
+        lane lately and the socket already holds about one path BDP
+        (:meth:`protocol.tuner.LinkEstimate.inflight_target`), so what the
+        link queues ahead of the next one is not more of our own bulk."""
+        turns = self._scheduler.fast_turns
+        now = trio.current_time()
+        if turns != self._fast_turns:
+            self._fast_turns, self._fast_at = turns, now
+        if now - self._fast_at > INTERACTIVE_S:
+            return False
+        target = self.link.inflight_target(now)
+        return target > 0 and unacked_bytes(self.transport) > target
+
     def tune_once(self, now: float) -> None:
         """One step of :meth:`_tune` (``now``: trio time)."""
         info = tcp_info(self.transport)
         if info is not None:
             if info.rtt > 0:
-                self.link.rtt_sample(info.rtt)
+                self.link.rtt_sample(info.rtt, info.min_rtt)
             self.link.rate_sample(info.delivery_rate, now)
         elif self._bdp_ping is None and not self._driver.closed:
             self._bdp_ping = (self.session.send_ping(os.urandom(8)), now)
