@@ -43,11 +43,6 @@ LOWAT_MAX = 1024 * 1024
 RATE_HORIZON = 10.0
 #: Shortest round, so a tiny RTT (loopback) does not tune on every frame.
 MIN_ROUND = 0.010
-#: While interactive bytes share the connection with bulk, the socket holds
-#: at most this many path bandwidth-delay products (unacknowledged plus
-#: unsent), and at least :data:`INFLIGHT_MIN` bytes.
-INFLIGHT_BDPS = 1.25
-INFLIGHT_MIN = 64 * 1024
 
 
 @attrs.frozen
@@ -142,18 +137,6 @@ class LinkEstimate:
             return 0
 
         return int(self.rate(now) * self.srtt)
-
-    def inflight_target(self, now: float) -> int:
-        """Bytes the socket should hold (sent but unacknowledged, plus
-        unsent) while interactive bytes wait behind bulk: about one
-        bandwidth-delay product of the path without its queue, so they do
-        not wait behind a link queue full of our own bulk (0: unknown)."""
-        if self.min_rtt is None:
-            return 0
-        rate = self.rate(now)
-        if not rate:
-            return 0
-        return max(INFLIGHT_MIN, int(INFLIGHT_BDPS * rate * self.min_rtt))
 
     def notsent_lowat(self, now: float) -> int:
         """``TCP_NOTSENT_LOWAT`` for the connection's socket: the unsent queue

@@ -13,7 +13,7 @@ import trio.testing
 from test_tunnel_memory import tunnel
 
 from tether.netio.h2driver import BATCH
-from tether.netio.scheduler import QUANTUM
+from tether.netio.scheduler import QUANTUM, SMALL_MESSAGE, SMALL_RATE, RoundRobin
 from tether.netio.tunnel import TunnelStream
 
 MiB = 1024 * 1024
@@ -125,3 +125,82 @@ async def test_bulk_streams_share_the_connection_fairly(pair: object) -> None:
             nursery.cancel_scope.cancel()
     total = sum(shares)
     assert min(shares) >= total / 3 * 0.7, shares  # round robin: nobody starves
+
+
+# ---------------------------------------------------------- the fast lane
+
+
+class Queue:
+    """A stream for the scheduler alone: ``pending`` bytes, taken in order."""
+
+    def __init__(self, name: str, pending: int, log: list[tuple[str, int]]) -> None:
+        self.name, self.pending, self.log = name, pending, log
+        self.queued = False
+        self.aborted = False
+
+    @property
+    def has_output(self) -> bool:
+        return self.pending > 0
+
+    @property
+    def small(self) -> bool:
+        return self.pending <= SMALL_MESSAGE
+
+    def take(self, limit: int) -> int:
+        n = min(limit, self.pending)
+        self.pending -= n
+        self.log.append((self.name, n))
+        return n
+
+
+def test_a_small_message_goes_first_ahead_of_every_bulk_stream() -> None:
+    log: list[tuple[str, int]] = []
+    rr = RoundRobin()
+    bulk = [Queue(f"bulk{i}", MiB, log) for i in range(3)]
+    for q in bulk:
+        rr.schedule(q)
+    chat = Queue("chat", 64, log)
+    rr.schedule(chat)  # joins last
+    rr.fill(32 * 1024)
+    assert log[0] == ("chat", 64)
+    assert rr.fast_turns == 1 and not chat.queued
+
+
+def test_the_fast_lane_never_takes_more_than_half_a_batch_beside_bulk() -> None:
+    log: list[tuple[str, int]] = []
+    rr = RoundRobin()
+    bulk = Queue("bulk", 1 << 40, log)
+    chatty = [Queue(f"c{i}", SMALL_MESSAGE, log) for i in range(200)]
+    for _ in range(50):
+        rr.schedule(bulk)
+        for q in chatty:  # every one keeps a full small message queued
+            q.pending = SMALL_MESSAGE
+            rr.schedule(q)
+        del log[:]
+        rr.fill(BATCH)
+        to_bulk = sum(n for name, n in log if name == "bulk")
+        assert to_bulk >= BATCH // 2, to_bulk
+    # Streams the fast lane did not reach wait their turn there, in order.
+    assert rr.ready
+
+
+def test_a_small_stream_with_more_queued_than_one_message_joins_the_round_robin() -> None:
+    log: list[tuple[str, int]] = []
+    rr = RoundRobin()
+    q = Queue("q", SMALL_MESSAGE, log)
+    rr.schedule(q)
+    q.pending = 10 * SMALL_MESSAGE  # queued more before the writer came
+    rr.fill(BATCH)
+    assert log[0] == ("q", SMALL_MESSAGE)
+    assert q.pending == 0  # the rest went through the round robin
+
+
+@pytest.mark.timeout(60)
+async def test_a_stream_that_sends_fast_is_bulk_however_small_its_writes() -> None:
+    async with tunnel() as t:
+        chat_a, _ = await t.open_stream(1)
+        await chat_a.send_all(b"x" * 64)
+        assert chat_a.small
+        for _ in range(SMALL_RATE // 1024 + 1):  # > SMALL_RATE within a moment
+            await chat_a.send_all(b"y" * 1024)
+        assert not chat_a.small

@@ -59,8 +59,6 @@ LINGER = 1.0
 WRITE_BUFFER = 4 * 1024 * 1024
 #: How long the writer may take for the last frames once reading stopped.
 FINAL_FLUSH = 1.0
-#: While bulk is held back (``hold_bulk``), the writer looks again this often.
-HOLD_POLL = 0.002
 
 EventT = TypeVar("EventT")
 EventT_co = TypeVar("EventT_co", covariant=True)
@@ -85,10 +83,7 @@ class Scheduler(Protocol):
     @property
     def ready(self) -> bool: ...
 
-    @property
-    def bulk_waiting(self) -> bool: ...
-
-    def fill(self, budget: int, bulk: bool = True) -> None: ...
+    def fill(self, budget: int) -> None: ...
 
 
 class H2Driver(Generic[EventT]):
@@ -111,12 +106,8 @@ class H2Driver(Generic[EventT]):
         on_handshake_timeout: Callable[[], None] | None = None,
         linger: float = LINGER,
         initial: bytes = b"",
-        hold_bulk: Callable[[], bool] | None = None,
     ) -> None:
         self.transport = transport
-        #: True while bulk stream data should wait (the socket already holds
-        #: enough of it ahead of interactive bytes); the fast lane still goes.
-        self.hold_bulk = hold_bulk
         self.engine = engine
         self.handle = handle
         self.scheduler = scheduler
@@ -284,7 +275,7 @@ class H2Driver(Generic[EventT]):
             return False
         scheduler = self.scheduler
         if scheduler is not None:
-            scheduler.fill(budget, not self._holding())
+            scheduler.fill(budget)
         data = self._take_output()
         if scheduler is not None and scheduler.ready:
             self.wake_writer()
@@ -313,22 +304,11 @@ class H2Driver(Generic[EventT]):
             self._progress.unpark_all()
         return True
 
-    def _holding(self) -> bool:
-        return self.hold_bulk is not None and self.hold_bulk()
-
     async def _writer(self) -> None:
         batch = BATCH
         scheduler = self.scheduler
-        held = False
         while True:
-            if held:
-                # Bulk waits for the socket's queue to shrink, which no
-                # event announces: look again shortly (or at once for more
-                # output, an interactive byte say).
-                with trio.move_on_after(HOLD_POLL):
-                    await self._want_write.wait()
-            else:
-                await self._want_write.wait()
+            await self._want_write.wait()
             self._want_write = trio.Event()
             while self._writing:  # a sender is writing through
                 await self._progress.park()
@@ -336,10 +316,8 @@ class H2Driver(Generic[EventT]):
                 # Nothing unsent in the kernel: the socket wants more now,
                 # and asking the event loop would only say so a trip later.
                 batch = min(BATCH, batch * 2)
-                held = self._holding()
-                scheduler.fill(batch, not held)
-                held = held and scheduler.bulk_waiting
-                if scheduler.ready and not held:
+                scheduler.fill(batch)
+                if scheduler.ready:
                     self._want_write.set()
             elif scheduler is not None and scheduler.ready:
                 # Stream data waits until the socket wants more. With
@@ -362,13 +340,9 @@ class H2Driver(Generic[EventT]):
                 batch = SMALL_BATCH if waited else min(BATCH, batch * 2)
                 while self._writing:  # a sender wrote through meanwhile
                     await self._progress.park()
-                held = self._holding()
-                scheduler.fill(batch, not held)
-                held = held and scheduler.bulk_waiting
-                if scheduler.ready and not held:
+                scheduler.fill(batch)
+                if scheduler.ready:
                     self._want_write.set()  # more queued: come back after this write
-            else:
-                held = False
             data = self._take_output()
             if not data:
                 self._progress.unpark_all()

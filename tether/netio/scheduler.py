@@ -70,11 +70,6 @@ class RoundRobin:
         """Some stream has output waiting."""
         return bool(self._line) or bool(self._fast)
 
-    @property
-    def bulk_waiting(self) -> bool:
-        """Some stream in the round robin (not the fast lane) has output waiting."""
-        return bool(self._line)
-
     def schedule(self, stream: Schedulable) -> None:
         """Put ``stream`` in a line (once): the fast lane when what it has
         queued is one small message, else the round robin."""
@@ -85,15 +80,12 @@ class RoundRobin:
             else:
                 self._line.append(stream)
 
-    def fill(self, budget: int, bulk: bool = True) -> None:
+    def fill(self, budget: int) -> None:
         """Move queued stream data into HTTP/2: the fast lane first (at most
         half the budget when bulk waits too), then QUANTUM per stream per
-        turn, until ``budget`` bytes or nothing more can go. ``bulk=False``:
-        the fast lane only (the socket holds enough bulk already)."""
+        turn, until ``budget`` bytes or nothing more can go."""
         if self._fast:
-            budget -= self._fill_fast(budget // 2 if self._line and bulk else budget)
-        if not bulk:
-            return
+            budget -= self._fill_fast(budget // 2 if self._line else budget)
         line = self._line
         while line and budget > 0:
             stream = line.popleft()

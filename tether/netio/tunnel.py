@@ -38,7 +38,7 @@ from protocol.outcomes import CloseReason
 from tether.netio import scheduler
 from tether.netio.h2driver import H2Driver
 from tether.netio.scheduler import RoundRobin
-from tether.netio.sockopts import set_notsent_lowat, tcp_info, unacked_bytes
+from tether.netio.sockopts import set_notsent_lowat, tcp_info
 
 log = logging.getLogger(__name__)
 
@@ -51,9 +51,6 @@ TUNE_MIN_S = 0.05
 TUNE_MAX_S = 1.0
 #: TCP_NOTSENT_LOWAT is set again when the estimate moved by more than this share.
 LOWAT_CHANGE = 0.25
-#: A stream served from the scheduler's fast lane within this many seconds
-#: makes the connection hold bulk back to about one BDP in its socket.
-INTERACTIVE_S = 1.0
 
 
 class TunnelClosed(Exception):
@@ -477,10 +474,7 @@ class TunnelConnection:
             self._dispatch,
             scheduler=self._scheduler,
             initial=initial,
-            hold_bulk=self._hold_bulk,
         )
-        self._fast_turns = 0
-        self._fast_at = -math.inf
         self._ping: tuple[bytes, trio.Event] | None = None
         self._probes: dict[bytes, trio.Event] = {}
         self._on_rtt: Callable[[float], None] | None = None
@@ -719,20 +713,6 @@ class TunnelConnection:
                 await self._streams_added.wait()
             await trio.sleep(min(TUNE_MAX_S, max(TUNE_MIN_S, self.link.round_length)))
             self.tune_once(trio.current_time())
-
-    def _hold_bulk(self) -> bool:
-        """Whether bulk should wait: interactive bytes went through the fast
-        lane lately and the socket already holds about one path BDP
-        (:meth:`protocol.tuner.LinkEstimate.inflight_target`), so what the
-        link queues ahead of the next one is not more of our own bulk."""
-        turns = self._scheduler.fast_turns
-        now = trio.current_time()
-        if turns != self._fast_turns:
-            self._fast_turns, self._fast_at = turns, now
-        if now - self._fast_at > INTERACTIVE_S:
-            return False
-        target = self.link.inflight_target(now)
-        return target > 0 and unacked_bytes(self.transport) > target
 
     def tune_once(self, now: float) -> None:
         """One step of :meth:`_tune` (``now``: trio time)."""
