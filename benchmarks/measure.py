@@ -260,8 +260,22 @@ def latency_summary(samples: Sequence[float]) -> dict[str, Any]:
 
 # ------------------------------------------------------------------ TCP info
 
-_SS_CONN = re.compile(r"^\d+\s+\d+\s+(\S+):(\d+)\s+(\S+):(\d+)")
+_SS_CONN = re.compile(r"^\d+\s+(\d+)\s+(\S+):(\d+)\s+(\S+):(\d+)")
 _SS_CC = re.compile(r"^\s*(\w+)\s+wscale")
+
+
+def wait_send_queues_empty(exec_prefix: Sequence[str], timeout: float = 60.0) -> float:
+    """Wait until no TCP connection in the namespace has bytes queued to
+    send (``ss`` Send-Q: unsent plus unacknowledged); return how long that
+    took. A contender's transfer that just ended may leave megabytes in its
+    socket (ssh's, say), which would otherwise share the link with the next
+    contender's measurement."""
+    start = time.monotonic()
+    while time.monotonic() - start < timeout:
+        if not any(c["send_q"] for c in tcp_connections(exec_prefix)):
+            break
+        time.sleep(0.2)
+    return time.monotonic() - start
 
 
 def tcp_connections(exec_prefix: Sequence[str]) -> list[dict[str, Any]]:
@@ -279,7 +293,12 @@ def tcp_connections(exec_prefix: Sequence[str]) -> list[dict[str, Any]]:
         for line in out.splitlines():
             if m := _SS_CONN.match(line):
                 conns.append(
-                    {"local_port": int(m.group(2)), "peer_port": int(m.group(4)), "cc": None}
+                    {
+                        "local_port": int(m.group(3)),
+                        "peer_port": int(m.group(5)),
+                        "cc": None,
+                        "send_q": int(m.group(1)),
+                    }
                 )
             elif conns and (c := _SS_CC.match(line)):
                 conns[-1]["cc"] = c.group(1)

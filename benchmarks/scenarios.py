@@ -259,6 +259,9 @@ def s4_goodput(
     out: dict[str, Any] = {"warmup_s": warmup, "measure_s": measure_s, "contenders": {}}
     for name in st.contenders:
         with _guard(errors, f"S4/{profile.name}/{name}", progress):
+            # The previous contender's leftover send queue must not share
+            # the link with this one's measurement.
+            quiet = measure.wait_send_queues_empty(st.link.exec_prefix("edge"))
             cc: dict[str, str | None] = {}
             edge = st.edge_pid(name)
             sampler = measure.MemorySampler({name: edge} if edge else {})
@@ -278,6 +281,7 @@ def s4_goodput(
                 "mbps": g.bps / 1e6,
                 "cc": cc.get(name),
                 "timeline": g.timeline,
+                "waited_for_quiet_link_s": round(quiet, 2),
             }
             if edge:
                 peak = footprint.setdefault(name, {"rss": 0, "uss": 0})
@@ -298,6 +302,7 @@ def s5_under_load(
     out: dict[str, Any] = {"rtt_ms": rtt_s(profile) * 1000, "contenders": {}}
     for name in st.contenders:
         with _guard(errors, f"S5/{profile.name}/{name}", progress):
+            measure.wait_send_queues_empty(st.link.exec_prefix("edge"))
             opener = st.opener(name)
             echo_conn = opener(st.echo_port, 60)
             stop = threading.Event()
