@@ -73,6 +73,11 @@ class BufferBudget:
     #: Streams opened with the floor window, and opens refused (for metrics).
     shrunk_total: int = 0
     refused_total: int = 0
+    #: Window growths granted, refused (past the high-water mark), and
+    #: windows shrunk back (for metrics; see protocol/tuner.py).
+    grown_total: int = 0
+    growth_refused_total: int = 0
+    window_shrunk_total: int = 0
     #: The last :meth:`open` was refused (callers log the change, not each refusal).
     exhausted: bool = False
 
@@ -119,7 +124,10 @@ class BufferBudget:
     def grow(self, grant: Grant, n: int) -> bool:
         """Grow ``grant``'s window by ``n`` if :meth:`may_grow`; say whether it did."""
         if not self.may_grow(grant, n):
+            if not grant.released and n > 0:
+                self.growth_refused_total += 1
             return False
+        self.grown_total += 1
         cost = stream_cost(grant.window + n)
         self.reserved += cost - grant.cost
         grant.window += n
@@ -131,6 +139,7 @@ class BufferBudget:
         if grant.released:
             return
         window = max(self.min_window, grant.window - max(0, n))
+        self.window_shrunk_total += window < grant.window
         cost = stream_cost(window)
         self.reserved -= grant.cost - cost
         grant.window, grant.cost = window, cost

@@ -274,6 +274,9 @@ async def test_the_broker_refuses_dials_past_its_own_budget(
     # Past the high-water mark new tunnels got the floor window.
     assert metric(text, "tether_buffer_budget_shrunk_total") > 0
     assert metric(text, REFUSED) == statuses[503]
+    # Clients that do not read never make their windows grow (the tuner
+    # grows a window only for a reader that keeps up).
+    assert metric(text, "tether_stream_window_changes_total", change="grown") == 0
     assert metric(text, DIAL_FAILURES, reason="broker_busy") == statuses[503]
     assert await wait_log(broker, "buffer budget exhausted")
     # The refused dials never reached the agent.

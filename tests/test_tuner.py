@@ -170,6 +170,7 @@ def test_a_window_grows_to_carry_the_link_and_stays_within_its_bounds(
     cap = max(initial, m.config.headroom * bdp * 1.1)
     assert m.peak_window <= min(cap, m.config.ceiling) + 1, (m.peak_window, cap)
     assert m.peak_window >= min(bdp, m.config.ceiling) or m.peak_window == initial
+    assert budget.grown_total == m.tuner.grown
 
 
 @settings(max_examples=25, deadline=None)
@@ -211,7 +212,7 @@ def test_memory_pressure_shrinks_a_grown_window_back_to_its_initial_size(
     # The budget share follows once the reader took what was credited.
     assert m.grant.window == m.window + m.withheld
     if grown > 64 * KiB:
-        assert m.tuner.shrunk >= 1
+        assert m.tuner.shrunk >= 1 and budget.window_shrunk_total >= 1
         assert budget.reserved < stream_cost(grown)
 
 

@@ -113,6 +113,16 @@ class _BudgetCollector(Collector):
             "Dials refused because the buffer budget was exhausted (busy).",
             value=b.refused_total,
         )
+        changes = CounterMetricFamily(
+            "tether_stream_window_changes",
+            "Receive windows tuned to the link: grown, shrunk back, or a growth the "
+            "buffer budget refused (past its high-water mark).",
+            labels=["change"],
+        )
+        changes.add_metric(["grown"], b.grown_total)
+        changes.add_metric(["shrunk"], b.window_shrunk_total)
+        changes.add_metric(["refused"], b.growth_refused_total)
+        yield changes
 
 
 def _expiry_of(ctx: ReloadableContext) -> Callable[[], float]:

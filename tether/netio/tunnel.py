@@ -293,6 +293,8 @@ class TunnelStream(ReceiveQueue):
         bandwidth-delay product); say whether it grew."""
         budget, grant = self.conn.budget, self.grant
         if budget is None or grant is None or not budget.may_grow(grant, n):
+            if budget is not None and grant is not None:
+                budget.growth_refused_total += 1
             return False
         if self.conn.session.withheld(self.stream_id):
             return False  # still shrinking: the budget has not caught up
