@@ -108,6 +108,8 @@ class AgentConnection:
         self._held: tuple[str, ...] = ()  # server ids the agent already holds (hello)
         #: The agent process's instance id from its hello; "" from an older agent.
         self.instance = ""
+        #: The hello carried the hedge marker (protocol/handshake.py ``AGENT_HEDGE``).
+        self.hedge = False
         #: The last keepalive round trip, seconds (None before the first).
         self.rtt: float | None = None
         self.conn: TunnelConnection | None = None
@@ -312,6 +314,7 @@ class AgentConnection:
             return handshake.Refusal(403, exc.reason, str(exc))
         self._held = hello.connected_servers
         self.instance = hello.instance
+        self.hedge = hello.hedge
         self.identity = identity
         self.agent_id = identity.agent_id
         self.cluster = identity.cluster

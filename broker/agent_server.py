@@ -45,6 +45,11 @@ class _Probe:
         self.live = True
 
 
+#: Superseded connections an agent may keep open beside its registered one
+#: (hedged reconnects, docs/protocol.md 6.): a further hedge closes the oldest.
+MAX_SUPERSEDED = 2
+
+
 class AgentServer:
     def __init__(
         self,
@@ -81,6 +86,9 @@ class AgentServer:
         self.agents: set[AgentConnection] = set()
         #: Connections a newly admitted agent replaces, closed once it is told.
         self._replacing: dict[AgentConnection, RoutableAgent] = {}
+        #: Per (cluster, agent id): older connections a hedge superseded that
+        #: still carry streams, oldest first (at most MAX_SUPERSEDED).
+        self.superseded: dict[tuple[str, str], list[AgentConnection]] = {}
         #: Liveness probes in flight, per registered connection.
         self._probes: dict[AgentConnection, _Probe] = {}
         self.socket_options = socket_options
@@ -191,10 +199,61 @@ class AgentServer:
                     instance=agent.instance or None,
                 ),
             )
-            if isinstance(replaced, AgentConnection):
+            if isinstance(replaced, AgentConnection) and self._hedges(agent, replaced):
+                self._supersede(agent, replaced)
+            elif isinstance(replaced, AgentConnection):
                 replaced.replace(agent)
             else:
                 replaced.abort("replaced by a new connection from the same agent")
+
+    @staticmethod
+    def _hedges(agent: AgentConnection, old: AgentConnection) -> bool:
+        """Whether ``agent`` is a hedge of ``old``: the marker, and the same
+        agent process (instance) authenticated by the same credential. A
+        marker from anyone else changes nothing (docs/security.md)."""
+        return (
+            agent.hedge
+            and bool(agent.instance)
+            and agent.instance == old.instance
+            and agent.identity is not None
+            and old.identity is not None
+            and agent.identity.credential is not None
+            and agent.identity.credential == old.identity.credential
+        )
+
+    def _supersede(self, agent: AgentConnection, old: AgentConnection) -> None:
+        """``agent`` takes new dials; ``old`` keeps its open streams until it
+        ends (the agent closes it when they are done, keepalive when dead)."""
+        key = (agent.cluster, agent.agent_id)
+        held = [c for c in self.superseded.get(key, []) if not c.closed and c.conn is not None]
+        held.append(old)
+        while len(held) > MAX_SUPERSEDED:
+            held.pop(0).replace(agent)
+        self.superseded[key] = held
+        self.metrics.hedges_accepted.inc()
+        log.info(
+            "agent %s/%s hedged from %s; its connection from %s keeps %d stream(s) until it ends",
+            agent.cluster,
+            agent.agent_id,
+            agent.remote,
+            old.remote,
+            len(old.conn.streams) if old.conn is not None else 0,
+            extra=event(
+                "agent_hedged",
+                agent_id=agent.agent_id,
+                cluster=agent.cluster,
+                remote=agent.remote,
+                previous=old.remote,
+            ),
+        )
+
+    def _unsupersede(self, agent: AgentConnection) -> None:
+        key = (agent.cluster, agent.agent_id)
+        held = self.superseded.get(key)
+        if held is not None and agent in held:
+            held.remove(agent)
+            if not held:
+                del self.superseded[key]
 
     def refresh(self, agent: AgentConnection) -> None:
         """``agent``'s identifiers changed: the registry routes by the new ones."""
@@ -362,6 +421,7 @@ class AgentServer:
             self.agents.discard(agent)
             self._replacing.pop(agent, None)
             self.registry.remove(agent)  # a no-op unless this connection is the registered one
+            self._unsupersede(agent)
             agent.fail_all(conn.closed_reason or "closed")
             if conn.close_reason is CloseReason.CONTROL_UNUSABLE:
                 # Not reading its control stream (a window that stays shut).

@@ -32,6 +32,9 @@ AGENT_IDENTIFIERS = "tether-agent-identifiers"
 CONNECTED_SERVERS = "tether-connected-servers"
 #: The agent process's instance id, drawn once per start (absent: an older agent).
 AGENT_INSTANCE = "tether-agent-instance"
+#: A hedged connection (``1``): the agent keeps its current connection to
+#: this replica while this one is set up (docs/protocol.md, 6. Reconnect).
+AGENT_HEDGE = "tether-agent-hedge"
 AUTHORIZATION = "authorization"
 # The broker's welcome (200 response headers).
 SERVER_ID = "tether-server-id"
@@ -102,6 +105,9 @@ class Hello:
     #: The agent process's instance id (:func:`valid_instance`); "" from an
     #: older agent, which sends none.
     instance: str = ""
+    #: A hedged connection: the broker takes it for new dials and leaves the
+    #: agent's current one (same credential and instance) open until it ends.
+    hedge: bool = False
 
     @property
     def path(self) -> str:
@@ -115,6 +121,8 @@ class Hello:
             headers[CONNECTED_SERVERS] = ",".join(sorted(self.connected_servers))
         if self.instance:
             headers[AGENT_INSTANCE] = self.instance
+        if self.hedge:
+            headers[AGENT_HEDGE] = "1"
         if self.token is not None:
             headers[AUTHORIZATION] = f"Bearer {self.token}"
         return headers
@@ -137,6 +145,11 @@ class Hello:
         instance = headers.get(AGENT_INSTANCE, "")
         if instance and not valid_instance(instance):
             raise HandshakeError("bad_instance", f"invalid {AGENT_INSTANCE} header")
+        hedge = headers.get(AGENT_HEDGE, "")
+        if hedge not in ("", "1"):
+            raise HandshakeError("bad_hedge", f"invalid {AGENT_HEDGE} header (only 1)")
+        if hedge and not instance:
+            raise HandshakeError("bad_hedge", f"{AGENT_HEDGE} needs {AGENT_INSTANCE}")
         return cls(
             agent_id=agent_id,
             identifiers=identifiers,
@@ -144,6 +157,7 @@ class Hello:
             connected_servers=servers,
             token=bearer_token(headers),
             instance=instance,
+            hedge=bool(hedge),
         )
 
 

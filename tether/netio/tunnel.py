@@ -561,6 +561,18 @@ class TunnelConnection:
             del self._probes[payload]
         return acked.is_set() and not self._driver.closed
 
+    @property
+    def last_rx(self) -> float:
+        """When the connection last received anything (trio clock)."""
+        return self._driver.last_rx
+
+    def send_probe(self) -> None:
+        """One PING, not waited for: its ACK (like anything else received)
+        moves :attr:`last_rx` (the agent's hedging probe, protocol/hedge.py)."""
+        if not self._driver.closed:
+            self.session.send_ping(os.urandom(8))
+            self.wake_writer()
+
     # ------------------------------------------------------------- tasks
 
     async def _keepalive(self) -> None:
