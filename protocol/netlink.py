@@ -212,6 +212,14 @@ def affects(change: Change, local_address: str) -> Effect | None:
 
 def _same(a: str, b: str) -> bool:
     try:
-        return ipaddress.ip_address(a) == ipaddress.ip_address(b.split("%", 1)[0])
+        return _plain(a) == _plain(b)
     except ValueError:
         return False
+
+
+def _plain(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    """``text`` without a zone, an IPv4-mapped IPv6 address as IPv4."""
+    ip = ipaddress.ip_address(text.split("%", 1)[0])
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    return ip
