@@ -233,12 +233,9 @@ async def test_a_stream_on_a_dead_old_connection_ends_with_an_error_never_corrup
                 answer = b""
         n.cancel_scope.cancel()
     await tunnel.aclose()
-    # Ended without the target's digest: the broken transfer was never
-    # completed with wrong or missing bytes.
-    assert answer != hashlib.sha256(payload).hexdigest().encode()
-    assert answer == b"" or len(answer) == 64 and answer.isalnum()
-    if answer:  # a digest, only of exactly what was sent: never corrupted
-        pytest.fail(f"the target saw a complete stream from a dead connection: {answer!r}")
+    # Ended with an error (no answer at all), never with an answer about
+    # bytes other than those sent.
+    assert answer == b"", answer
     await wait_for(lambda: _logged(agent, "old connection to broker .* ended"), 40, "old ended")
     text = await agent_metrics(admin)
     assert metric(text, "tether_agent_hedges_total", outcome="won") == 1
