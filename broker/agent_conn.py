@@ -110,6 +110,8 @@ class AgentConnection:
         self.instance = ""
         #: The hello carried the hedge marker (protocol/handshake.py ``AGENT_HEDGE``).
         self.hedge = False
+        #: A hedge of this agent took its registered place; it keeps its streams.
+        self.superseded = False
         #: The last keepalive round trip, seconds (None before the first).
         self.rtt: float | None = None
         self.conn: TunnelConnection | None = None

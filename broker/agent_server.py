@@ -227,6 +227,8 @@ class AgentServer:
         key = (agent.cluster, agent.agent_id)
         held = [c for c in self.superseded.get(key, []) if not c.closed and c.conn is not None]
         held.append(old)
+        old.superseded = True
+        self.metrics.agents_by_kind.labels("tether").dec()  # counted once, as the newcomer
         while len(held) > MAX_SUPERSEDED:
             held.pop(0).replace(agent)
         self.superseded[key] = held
@@ -254,6 +256,44 @@ class AgentServer:
             held.remove(agent)
             if not held:
                 del self.superseded[key]
+
+    def _promote(self, ended: AgentConnection) -> None:
+        """The registered connection ``ended`` is gone: the newest connection
+        it superseded that still runs takes dials again (two hedges may
+        reach the broker in one race, and the agent keeps the first)."""
+        key = (ended.cluster, ended.agent_id)
+        held = self.superseded.get(key, [])
+        while held:
+            cand = held.pop()
+            if cand.closed or cand.conn is None or cand.conn.closed_reason is not None:
+                continue
+            assert cand.identity is not None
+            identity = cand.identity
+            try:
+                self.registry.add(
+                    cand, Membership(identity.credential, identity.cap_key, identity.cap)
+                )
+            except RegistryRefused:
+                continue
+            cand.superseded = False
+            self.metrics.agents_by_kind.labels("tether").inc()
+            log.info(
+                "agent %s/%s: its connection from %s ended; the one from %s takes dials again",
+                ended.cluster,
+                ended.agent_id,
+                ended.remote,
+                cand.remote,
+                extra=event(
+                    "agent_hedged",
+                    agent_id=cand.agent_id,
+                    cluster=cand.cluster,
+                    remote=cand.remote,
+                    previous=ended.remote,
+                ),
+            )
+            break
+        if not held:
+            self.superseded.pop(key, None)
 
     def refresh(self, agent: AgentConnection) -> None:
         """``agent``'s identifiers changed: the registry routes by the new ones."""
@@ -420,8 +460,11 @@ class AgentServer:
             self.connections.discard(conn)
             self.agents.discard(agent)
             self._replacing.pop(agent, None)
+            was_registered = self.registry.get(agent.cluster, agent.agent_id) is agent
             self.registry.remove(agent)  # a no-op unless this connection is the registered one
             self._unsupersede(agent)
+            if was_registered:
+                self._promote(agent)
             agent.fail_all(conn.closed_reason or "closed")
             if conn.close_reason is CloseReason.CONTROL_UNUSABLE:
                 # Not reading its control stream (a window that stays shut).
@@ -457,7 +500,8 @@ class AgentServer:
                     ),
                 )
             if agent.registered.is_set():
-                self.metrics.agents_by_kind.labels("tether").dec()
+                if not agent.superseded:
+                    self.metrics.agents_by_kind.labels("tether").dec()
                 cause = _cause(conn)
                 self.metrics.agent_disconnects.labels(cause).inc()
                 log.info(

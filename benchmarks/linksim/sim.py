@@ -50,6 +50,7 @@ CLOUD_ADDR = "198.18.0.1"
 EDGE_ADDR = "198.18.0.2"
 #: Where the edge moves to in the mobility scenario (S10): another /30.
 MOVED_EDGE_ADDR = "198.18.0.6"
+MOVED_SUBNET = "198.18.0.4/30"
 PREFIX_LEN = 30
 CLOUD_MAC = "02:00:c6:12:00:01"
 EDGE_MAC = "02:00:c6:12:00:02"
@@ -340,7 +341,7 @@ class LinkSim:
         new = MOVED_EDGE_ADDR if old == EDGE_ADDR else EDGE_ADDR
         cloud, edge = self.cloud_ns, self.edge_ns
         # The cloud reaches both subnets over the link, with no ARP (static).
-        ip("-n", cloud, "route", "replace", f"{MOVED_EDGE_ADDR}/{PREFIX_LEN}", "dev", IFACE)
+        ip("-n", cloud, "route", "replace", MOVED_SUBNET, "dev", IFACE)
         ip(
             *("-n", cloud, "neigh", "replace", MOVED_EDGE_ADDR, "lladdr", EDGE_MAC),
             *("dev", IFACE, "nud", "permanent"),

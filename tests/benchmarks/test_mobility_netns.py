@@ -76,6 +76,7 @@ async def run_scenario(
         finally:
             stack.close()
     assert not [ns for ns in list_namespaces("hedge") if "hedge" in ns]
+    print(f"\nfirst working request after {took} s; transfers: {report.summary()}")
     return took, report, log
 
 
