@@ -227,19 +227,21 @@ class AgentServer:
         key = (agent.cluster, agent.agent_id)
         held = [c for c in self.superseded.get(key, []) if not c.closed and c.conn is not None]
         held.append(old)
-        old.superseded = True
+        rerouted = old.supersede()
         self.metrics.agents_by_kind.labels("tether").dec()  # counted once, as the newcomer
         while len(held) > MAX_SUPERSEDED:
             held.pop(0).replace(agent)
         self.superseded[key] = held
         self.metrics.hedges_accepted.inc()
         log.info(
-            "agent %s/%s hedged from %s; its connection from %s keeps %d stream(s) until it ends",
+            "agent %s/%s hedged from %s; its connection from %s keeps %d stream(s) until it "
+            "ends, %d unanswered dial(s) go again on the new one",
             agent.cluster,
             agent.agent_id,
             agent.remote,
             old.remote,
             len(old.conn.streams) if old.conn is not None else 0,
+            rerouted,
             extra=event(
                 "agent_hedged",
                 agent_id=agent.agent_id,

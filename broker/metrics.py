@@ -78,6 +78,12 @@ class BrokerMetrics(TunnelMetrics):
             "connection kept its open streams.",
             registry=r,
         )
+        self.dials_rerouted = prom.Counter(
+            "tether_dials_rerouted_total",
+            "Dials sent again on an agent's hedged connection because the connection "
+            "they were sent on was superseded before the agent answered.",
+            registry=r,
+        )
         self.agent_disconnects = prom.Counter(
             "tether_agent_disconnects_total",
             "Agent connections that ended, by cause.",

@@ -947,6 +947,7 @@ class Agent:
                 return
             # One attempt may take a few round trips, never the whole connect timeout.
             policy.attempt_timeout = min(self.cfg.connect_timeout, max(2.0, 8 * (link.rtt or 0)))
+            policy.recover_after = 2 * policy.attempt_timeout
             step = policy.step(conn.last_rx, link.rtt)
             self._count_hedge(step.outcome)
             if step.outcome is Outcome.RECOVERED:

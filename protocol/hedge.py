@@ -13,7 +13,11 @@ race begins: every ``retry`` seconds a fresh connection attempt starts
 
 - an attempt is accepted by the broker: it takes new dials (``won``), the
   old connection's streams finish or die with it;
-- the old link is heard from again first: the race stops (``recovered``);
+- the old link is heard from again but no attempt won for ``recover_after``
+  seconds (the broker takes no new connections): the race stops
+  (``recovered``). An old link that answers sooner does not stop the race:
+  its TCP connection is still in the backoff the outage left, a fresh one is
+  not;
 - the old link died and nothing won within ``linger`` seconds: the race
   gives up and the ordinary reconnect schedule takes over (``gave_up``).
 
@@ -85,6 +89,8 @@ class HedgePolicy:
     linger: float = 60.0
     #: The most attempts in flight at once.
     max_parallel: int = 8
+    #: Racing this long with the old link answering and no win: stop racing.
+    recover_after: float = 5.0
     state: State = State.WATCHING
     in_flight: int = 0
     _probe_at: float | None = None
@@ -138,8 +144,13 @@ class HedgePolicy:
         self._last_attempt = -math.inf
 
     def _race_step(self, now: float, last_rx: float) -> Step:
-        if self._died_at is None and last_rx > self._race_at and not self.triggered:
-            # The old link answered before any attempt won: keep it.
+        if (
+            self._died_at is None
+            and last_rx > self._race_at
+            and not self.triggered
+            and now - self._race_at >= self.recover_after
+        ):
+            # The old link answers and no fresh connection gets through: keep it.
             self.state = State.WATCHING
             self._probe_at = None
             return Step(Action.WAIT, 0.0, Outcome.RECOVERED)

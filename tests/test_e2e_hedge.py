@@ -121,6 +121,10 @@ def hedged(
     )
 
 
+async def _ready(value: bool) -> bool:
+    return value
+
+
 async def _logged(proc: Proc, pattern: str) -> bool:
     return re.search(pattern, proc.log()) is not None
 
@@ -162,9 +166,18 @@ async def test_a_hedge_takes_new_dials_and_the_old_stream_keeps_its_bytes(
         paused = relay.pause()
         assert paused
         stalled_at = trio.current_time()
+        early: list[tuple[int, bytes]] = []
+
+        async def dial_while_stalled() -> None:
+            # Sent on the stalled connection; rerouted to the hedge once it wins.
+            early.append(await whoami(broker, f"127.0.0.1:{whoami_port}"))
+
+        n.start_soon(dial_while_stalled)
         await wait_for(lambda: _logged(agent, "hedged reconnect to broker .* won"), 20, "hedge")
         took = trio.current_time() - stalled_at
         assert took < 10, took  # 1 s silence + probe bound + a handshake, on a loaded machine
+        await wait_for(lambda: _ready(bool(early)), 10, "the stalled dial, rerouted")
+        assert early == [(200, b"127.0.0.1")]
         assert await whoami(broker, f"127.0.0.1:{whoami_port}") == (200, b"127.0.0.1")
         assert "old connection to broker" not in agent.log()  # still carrying the upload
         relay.resume(paused)
@@ -177,6 +190,7 @@ async def test_a_hedge_takes_new_dials_and_the_old_stream_keeps_its_bytes(
     assert metric(text, "tether_agent_hedges_total", outcome="won") == 1
     btext = await broker.metrics()
     assert metric(btext, "tether_agent_hedges_accepted_total") == 1
+    assert metric(btext, "tether_dials_rerouted_total") >= 1
     assert metric(btext, "tether_agent_disconnects_total", cause="replaced") == 0
     assert "agent_id_live" not in broker.proc.log()
     # New dials keep working through the new connection.

@@ -60,16 +60,26 @@ def test_answered_probe_keeps_watching() -> None:
 
 
 @pytest.mark.timeout(10)
-def test_old_link_heard_first_recovers_and_a_slow_rtt_waits_longer() -> None:
+def test_old_link_answering_does_not_stop_the_race_until_recover_after() -> None:
+    """The old link answers right after the outage: still in retransmission
+    backoff, so the race goes on; only when fresh connections keep failing
+    for ``recover_after`` does it stop and keep the old one."""
     clock = Clock()
-    p = make(clock)
+    p = make(clock, recover_after=4.0)
     clock.now += 3.0
     assert p.step(100.0, rtt=0.6).wait == pytest.approx(2.4)  # 4 round trips
     clock.now += 2.0
     assert p.step(100.0, rtt=0.6).action is Action.WAIT
     clock.now += 0.4
     assert p.step(100.0, rtt=0.6).action is Action.ATTEMPT
-    clock.now += 0.3
+    raced_at = clock.now
+    clock.now += 0.5
+    step = p.step(clock.now)  # the old link answered
+    assert step.outcome is None and step.action is Action.ATTEMPT and p.racing
+    while clock.now - raced_at < 4.0:
+        assert p.step(clock.now).outcome is None
+        p.attempt_ended(False)
+        clock.now += 0.5
     step = p.step(clock.now)
     assert step.outcome is Outcome.RECOVERED and p.state is State.WATCHING
     p.attempt_cancelled()
