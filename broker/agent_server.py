@@ -134,6 +134,21 @@ class AgentServer:
                 handshake.RefusalReason.AGENT_ID_LIVE.value,
                 f"agent_id_live: agent id {agent.agent_id} is contended by several connections",
             )
+        old = self.registry.get(agent.cluster, agent.agent_id)
+        if (
+            isinstance(old, AgentConnection)
+            and old.hedge
+            and self._hedges(agent, old)
+            and old.conn is not None
+            and trio.current_time() - old.conn.last_rx < self.probe_timeout(old)
+        ):
+            # Two fresh connections of one race: the first accepted keeps
+            # the place (the agent keeps the first welcome it reads).
+            return handshake.Refusal(
+                409,
+                handshake.RefusalReason.DUPLICATE.value,
+                "duplicate: another hedged connection of this agent already takes new dials",
+            )
         try:
             replaced = self.registry.add(
                 agent, Membership(identity.credential, identity.cap_key, identity.cap)

@@ -915,7 +915,15 @@ class Agent:
         conn = link.conn
         assert conn is not None
         while conn.streams or link.dials:
-            await link.dial_ended.wait()
+            log.debug(
+                "superseded link to broker %s: waiting for %d stream(s), %d dial(s)",
+                link.server_id,
+                len(conn.streams),
+                len(link.dials),
+            )
+            # A forgotten stream leaves once its queued bytes are sent: look again.
+            with trio.move_on_after(0.5):
+                await link.dial_ended.wait()
         conn.goaway("superseded by a hedged connection")
         with trio.move_on_after(1.0):
             await conn.flush()
@@ -1068,6 +1076,9 @@ class Agent:
         if conn.rejection is not None:
             err = conn.rejection
             if handshake.Refusal.reason_of(err.reason_token) is handshake.RefusalReason.DUPLICATE:
+                if link.attempt is not None:
+                    log.debug("hedged attempt not needed: %s", err.message)
+                    return LinkOutcome.duplicate(err.message)
                 log.info("balancer chose a replica we already hold: %s", err.message)
                 return LinkOutcome.duplicate(err.message)
             if (

@@ -55,7 +55,7 @@ class AgentConfig:
     tcp_notsent_lowat: int = 0
     connect_timeout: float = 10.0
     #: Seconds of silence before a probe, then a hedged reconnect (0: off).
-    hedge_after: float = 3.0
+    hedge_after: float = 10.0
     #: Spacing of fresh connection attempts while a hedge races.
     hedge_interval: float = 0.5
     #: How the agent notices address and route changes: netlink, poll or off.
