@@ -75,3 +75,57 @@ async def test_a_hedge_marker_does_not_let_another_credential_or_process_in(
     assert metric(text, "tether_agent_disconnects_total", cause="replaced") == 0
     assert "agent_hedged" not in broker.proc.log()
     assert real.alive() and "disconnected from broker" not in real.log()
+
+
+@pytest.mark.timeout(120)
+async def test_one_race_holds_one_place_and_the_agent_gets_it_back(
+    tmp_path: Path,
+    broker_factory: Callable[..., BrokerHandle],
+    agent_factory: Callable[..., Proc],
+    nursery: trio.Nursery,
+) -> None:
+    """With the agent's own credential and instance (a stolen device's, say)
+    a hedge takes new dials; a second one while the first is live is refused
+    409 ``duplicate``, so one race never stacks connections; when the
+    hedge ends, the agent's own connection takes dials again."""
+    own = "own-token-0123456789"
+    tokens = tmp_path / "tokens"
+    tokens.write_text(token_line(own, "edge-02"))
+    broker = broker_factory(f"--agent-token-file={tokens}")
+    await broker.up()
+    tok = tmp_path / "own.token"
+    tok.write_text(own + "\n")
+    real = agent_factory(
+        broker,
+        f"--service-account-token-path={tok}",
+        "--hedge-after=0",
+        agent_id="edge-02",
+        client_cert=False,
+    )
+    await broker.ready(agents=1)
+    found = re.search(r"agent connected: id=edge-02 .*instance=([0-9a-f]+)", broker.proc.log())
+    assert found is not None
+    instance = found.group(1)
+    port = await serve_whoami(nursery, "127.0.0.1")
+    target = f"127.0.0.1:{port}"
+    held: list[trio.abc.Stream] = []
+    status, text = await control_status(
+        broker, "edge-02", own, instance=instance, extra=HEDGE, hold=held
+    )
+    assert status == "200", (status, text)
+    status, text = await control_status(broker, "edge-02", own, instance=instance, extra=HEDGE)
+    assert status == "409" and "duplicate:" in text, (status, text)
+    text = await broker.metrics()
+    assert metric(text, "tether_agent_hedges_accepted_total") == 1
+    assert metric(text, "tether_agents_connected", kind="tether") == 1
+    for stream in held:
+        await trio.aclose_forcefully(stream)
+    with trio.fail_after(20):
+        while "takes dials again" not in broker.proc.log():
+            await trio.sleep(0.1)
+    before = len(dials_by(real))
+    for _ in range(3):
+        assert await whoami(broker, target) == (200, b"127.0.0.1")
+    assert len(dials_by(real)) == before + 3
+    text = await broker.metrics()
+    assert metric(text, "tether_agents_connected", kind="tether") == 1
