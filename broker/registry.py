@@ -252,11 +252,11 @@ class Registry:
         started = trio.current_time()
         try:
             host, _port = split_host_port(addr)
-            for _ in range(MAX_REROUTES + 1):
+            for attempt in range(MAX_REROUTES + 1):
                 agent = self.choose(cluster, host)
                 if agent is None:
                     raise DialError(DialOutcome.NO_AGENT, "no agent available")
-                left = timeout - (trio.current_time() - started)
+                left = timeout - (trio.current_time() - started) if attempt else timeout
                 if left <= 0:
                     raise DialError(DialOutcome.TIMEOUT, f"dial to {addr} timed out")
                 try:
