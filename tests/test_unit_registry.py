@@ -411,7 +411,7 @@ async def test_a_rerouted_dial_goes_to_the_connection_that_took_the_place() -> N
     registry.add(old, Membership("cred"))
 
     async def hedge_takes_over() -> None:
-        await trio.lowlevel.checkpoint()
+        # Runs while the dial on ``old`` waits for its answer.
         registry.add(new, Membership("cred"))  # the same credential: replaces old
 
     async with trio.open_nursery() as n:
