@@ -406,17 +406,20 @@ async def test_a_rerouted_dial_goes_to_the_connection_that_took_the_place() -> N
     from broker.dialing import Rerouted
 
     registry = _registry()
-    old = _agent("a", error=Rerouted())
     new = _agent("a", answer="stream")
+
+    @attrs.define(eq=False)
+    class Superseded(StubAgent):
+        async def dial(
+            self, dial_id: int, addr: str, timeout: float, early: bytes | None = None
+        ) -> TunnelStream:
+            self.dials.append((dial_id, addr, timeout, early))
+            registry.add(new, Membership("cred"))  # the hedge takes the place meanwhile
+            raise Rerouted()
+
+    old = Superseded("a")
     registry.add(old, Membership("cred"))
-
-    async def hedge_takes_over() -> None:
-        # Runs while the dial on ``old`` waits for its answer.
-        registry.add(new, Membership("cred"))  # the same credential: replaces old
-
-    async with trio.open_nursery() as n:
-        n.start_soon(hedge_takes_over)
-        stream, agent = await registry.dial("c", "10.2.3.4:443", 5.0)
+    stream, agent = await registry.dial("c", "10.2.3.4:443", 5.0)
     assert stream == "stream" and agent is new
     assert [d[0] for d in old.dials] == [1] and [d[0] for d in new.dials] == [2]
     assert new.dials[0][2] <= 5.0
