@@ -668,10 +668,16 @@ def s10_mobility(
     echo, attempts every 0.5 s), ``d.s10_moves`` times, moving back and forth."""
     names = [n for n in S10_CONTENDERS if n in st.contenders]
     runs: list[dict[str, Any]] = []
+    lost: dict[str, int] = {}  # contenders that never came back, and after which move
     for move in range(d.s10_moves):
         with _guard(errors, f"S10/{move + 1}", progress):
-            pre = wait_healthy(st, 120)
-            if any(pre.get(n) is None for n in names):
+            pre = wait_healthy(st, 60 if runs else 120)
+            for n in names:
+                if pre.get(n) is None and runs:
+                    lost[n] = move
+                    progress(f"    S10 {n} did not come back after move {move}; left out")
+            names = [n for n in names if n not in lost]
+            if not names or any(pre.get(n) is None for n in names):
                 raise RuntimeError(f"contenders not healthy before the move: {pre}")
             transfers = [_Transfer(st, n) for n in names]
             time.sleep(1.0)  # the downloads are flowing
@@ -687,8 +693,8 @@ def s10_mobility(
                 for n, r in results.items()
             )
             progress(f"    S10 move {move + 1}: first working request after {summary}")
-    out: dict[str, Any] = {"moves": len(runs), "contenders": {}}
-    for name in names:
+    out: dict[str, Any] = {"moves": len(runs), "contenders": {}, "lost_after_move": lost}
+    for name in [n for n in S10_CONTENDERS if n in st.contenders]:
         recs = [r[name]["recovery_s"] for r in runs if name in r]
         got = [x for x in recs if x is not None]
         out["contenders"][name] = {
