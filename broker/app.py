@@ -22,9 +22,11 @@ from broker.leases import LeasePublisher
 from broker.metrics import BrokerMetrics
 from broker.registry import Registry
 from protocol import leases
+from protocol.admission import Admission, AdmissionConfig
 from protocol.budget import BufferBudget
 from protocol.session import SessionConfig
-from tether.netio import kubeapi, sockopts, tls
+from tether.netio import kubeapi, sockopts, tickets, tls
+from tether.netio.admission import AdmissionGate
 from tether.netio.http import serve_http, text
 from tether.netio.kubeapi import KubeClient
 from tether.netio.limits import PerPeerLimiter
@@ -40,6 +42,11 @@ from tether.netio.process import wait_for_stop_signal
 from tether.netio.tunnel import Keepalive
 
 log = logging.getLogger("tether.broker")
+
+#: The agent port's listen backlog: a reconnect storm waits there for
+#: accept pacing instead of in SYN retransmits (the kernel caps it at
+#: net.core.somaxconn).
+AGENT_BACKLOG = 4096
 
 Handler = Callable[[trio.abc.Stream], Awaitable[None]]
 
@@ -90,7 +97,12 @@ class Broker:
         self.agent_tls = tls.ReloadableContext(
             "cluster",
             self._agent_context,
-            [cfg.cluster_cert, cfg.cluster_key, *self.authenticator.ca_files],
+            [
+                cfg.cluster_cert,
+                cfg.cluster_key,
+                *self.authenticator.ca_files,
+                cfg.agent_tls_ticket_key_file,
+            ],
             cert_file=cfg.cluster_cert,
         )
         #: Buffered tunnel data of every agent connection together.
@@ -114,6 +126,27 @@ class Broker:
             budget=self.budget,
             flood_penalty_after=cfg.flood_penalty_after,
         )
+        #: New agent connections under admission control (a reconnect storm).
+        self.admission = AdmissionGate(
+            Admission(
+                AdmissionConfig(
+                    max_handshakes=cfg.max_concurrent_handshakes,
+                    accept_rate=cfg.agent_accept_rate,
+                    accept_burst=max(1, int(cfg.agent_accept_rate / 10)),
+                    max_queue=cfg.agent_accept_queue,
+                    max_wait=cfg.handshake_timeout / 2,
+                    max_shedding=max(1, cfg.max_concurrent_handshakes // 4),
+                ),
+                0.0,  # built before trio runs: the bucket starts full
+            ),
+            on_verdict=lambda v: self.metrics.admission.labels(v.value).inc(),
+        )
+        for state, read in (
+            ("handshaking", lambda: self.admission.admission.active),
+            ("queued", lambda: self.admission.admission.queued),
+            ("shedding", lambda: self.admission.admission.shedding),
+        ):
+            self.metrics.admission_state.labels(state).set_function(read)
         self.frontend_trust: roles.FrontendTrust | None = None
         self.frontend_tls: tls.ReloadableContext | None = None
         if cfg.server_port:
@@ -178,6 +211,9 @@ class Broker:
             self.authenticator.load_cas()
         except (OSError, ValueError) as exc:
             raise tls.TLSConfigError(f"cannot load agent CA bundle: {exc}") from None
+        if self.cfg.agent_tls_ticket_key_file:
+            key = tickets.load_key(self.cfg.agent_tls_ticket_key_file)
+            tickets.apply(ctx, key, tickets.session_context(self.authenticator.ca_files))
         return ctx
 
     def _frontend_ca_files(self) -> list[str]:
@@ -461,10 +497,15 @@ class Broker:
                 await nursery.start(self.leases.run)
             ports: dict[str, int] = {}
             agent_l = await open_tcp_listener(
-                cfg.agent_bind_address, cfg.agent_port, what="the agent port (--agent-port)"
+                cfg.agent_bind_address,
+                cfg.agent_port,
+                backlog=AGENT_BACKLOG,
+                what="the agent port (--agent-port)",
             )
             ports["agent"] = listener_port(agent_l)
-            nursery.start_soon(_serve, agent_l, self.agent_server.handle)
+            # Paced and bounded (tether/netio/admission.py); the listeners
+            # below have their own accept loops and never wait on it.
+            nursery.start_soon(self.admission.serve, agent_l, self.agent_server.handle)
             self.bind_sockets()
             for c in self.clusters:
                 if c.name in self.sockets:
