@@ -37,6 +37,7 @@ import os
 import resource
 import secrets
 import signal
+import ssl
 import sys
 import tempfile
 import time
@@ -90,6 +91,12 @@ class Fleet:
         self.changed = trio.Event()
         self.handshake_failures = 0
         self.dials_served = 0
+        #: Each agent's last TLS session, offered for resumption (as tether-agent does).
+        self.sessions: dict[int, ssl.SSLSession] = {}
+        self.resumed = 0
+        self.full_handshakes = 0
+        #: 503 overloaded answers, and the retry hints they carried.
+        self.shed = 0
 
     def _changed(self) -> None:
         self.changed.set()
@@ -104,12 +111,16 @@ class Fleet:
         await trio.sleep(backoff.rng.uniform(0, 1.0))
         while True:
             started = trio.current_time()
-            accepted = await self._connection(i)
+            accepted, retry_after = await self._connection(i)
             if accepted:
                 backoff.connected_for(trio.current_time() - started)
+            if retry_after is not None:
+                backoff.retry_hint(retry_after)
             await trio.sleep(backoff.next_delay())
 
-    async def _connection(self, i: int) -> bool:
+    async def _connection(self, i: int) -> tuple[bool, float | None]:
+        """One connection's life: whether it was accepted, and an
+        overloaded broker's retry hint."""
         try:
             with trio.fail_after(10):
                 tcp = await trio.open_tcp_stream(
@@ -117,7 +128,13 @@ class Fleet:
                 )
                 # The agent's own socket options (TCP_NODELAY above all).
                 sockopts.apply(tcp.socket, SOCKET_OPTIONS)  # type: ignore[arg-type]
-                stream = TLSStream(tcp, self.ctx, server_side=False, server_hostname="127.0.0.1")
+                stream = TLSStream(
+                    tcp,
+                    self.ctx,
+                    server_side=False,
+                    server_hostname="127.0.0.1",
+                    session=self.sessions.get(i),
+                )
                 try:
                     await stream.do_handshake()
                 except BaseException:
@@ -125,7 +142,11 @@ class Fleet:
                     raise
         except (OSError, trio.TooSlowError, trio.BrokenResourceError):
             self.handshake_failures += 1
-            return False
+            return False, None
+        if stream.session_reused:
+            self.resumed += 1
+        else:
+            self.full_handshakes += 1
         sess = TunnelSession(Role.AGENT, SessionConfig(), clock=trio.current_time)
         sess.initiate()
         sess.open_control(
@@ -140,6 +161,7 @@ class Fleet:
         agent = SimAgent(self, i)
         conn = TunnelConnection(stream, sess, agent, keepalive=Keepalive(15, 15), name="sim")
         agent.conn = conn
+        agent.stream = stream
         try:
             async with trio.open_nursery() as nursery:
                 agent.nursery = nursery
@@ -149,7 +171,11 @@ class Fleet:
             if i in self.connected:
                 self.connected.discard(i)
                 self._changed()
-        return agent.accepted
+        rejection = conn.rejection
+        if rejection is not None and rejection.reason_token == "overloaded":
+            self.shed += 1
+            return False, rejection.retry_after
+        return agent.accepted, None
 
 
 class SimAgent:
@@ -159,6 +185,7 @@ class SimAgent:
         self.fleet = fleet
         self.i = i
         self.conn: TunnelConnection | None = None
+        self.stream: TLSStream | None = None
         self.nursery: trio.Nursery | None = None
         self.accepted = False
 
@@ -170,6 +197,9 @@ class SimAgent:
 
     def on_control_accepted(self, ev: session.ControlAccepted) -> None:
         self.accepted = True
+        tls_session = self.stream.session if self.stream is not None else None
+        if tls_session is not None and tls_session.has_ticket:
+            self.fleet.sessions[self.i] = tls_session
         self.fleet.connected.add(self.i)
         self.fleet._changed()
 
@@ -316,20 +346,31 @@ def _restart(broker: BrokerHandle, workdir: Path) -> BrokerHandle:
 
 
 async def run(
-    n: int, workdir: Path, dial_s: float, storm_cap_s: float, progress: Any = print
+    n: int,
+    workdir: Path,
+    dial_s: float,
+    storm_cap_s: float,
+    progress: Any = print,
+    extra_args: tuple[str, ...] = (),
 ) -> dict[str, Any]:
+    """``extra_args``: more broker flags (admission settings to compare)."""
     limit = raise_fd_limit(max(4 * n + 1024, 65536))
     pki = init_pki(workdir / "pki")
     token = secrets.token_urlsafe(32)
     token_file = workdir / "agent-tokens"
     digest = hashlib.sha256(token.encode()).hexdigest()
     token_file.write_text(f"sha256:{digest} {CLUSTER} sim-* max={n}\n")  # one token, n agents
+    ticket_key = workdir / "ticket.key"
+    ticket_key.write_bytes(secrets.token_bytes(80))
+    ticket_key.chmod(0o600)
     broker = start_broker(
         workdir,
         pki,
         f"--agent-token-file={token_file}",
         f"--cluster-name={CLUSTER}",
+        f"--agent-tls-ticket-key-file={ticket_key}",
         "--log-level=warning",
+        *extra_args,
         tcp=False,
     )
     out: dict[str, Any] = {"agents": n, "fd_limit": limit}
@@ -374,6 +415,7 @@ async def run(
             )
 
             # Reconnect storm after a crash-restart on the same port.
+            before = (fleet.resumed, fleet.full_handshakes, fleet.shed)
             broker = _restart(broker, workdir)
             restarted = trio.current_time()
             await broker.up()
@@ -395,6 +437,11 @@ async def run(
             out["storm_healthz"] = health
             out["storm_dials"] = storm_dials
             out["handshake_failures"] = fleet.handshake_failures
+            out["storm_tls"] = {
+                "resumed": fleet.resumed - before[0],
+                "full": fleet.full_handshakes - before[1],
+                "shed_503": fleet.shed - before[2],
+            }
             progress(
                 f"    S9 reconnect storm: {len(fleet.connected)}/{n} back in "
                 f"{out['storm_settle_s'] or float('nan'):.1f} s; /healthz p99 "

@@ -78,11 +78,11 @@ class LinkOutcome:
     drain_retry: float | None = None
     #: The broker's refusal token (protocol/handshake.py), "" if none.
     refusal: str = ""
-    #: An overloaded broker's retry hint (``tether-retry-after``), seconds.
-    retry_after: float | None = None
     #: How long the link lasted (LOST: since its control stream was opened;
     #: FAILED: since the dial began).
     lasted: float | None = None
+    #: An overloaded broker's retry hint (``tether-retry-after``), seconds.
+    retry_after: float | None = None
 
     @classmethod
     def connected(cls) -> LinkOutcome:
@@ -103,7 +103,9 @@ class LinkOutcome:
         refusal: str = "",
         retry_after: float | None = None,
     ) -> LinkOutcome:
-        return cls(Kind.FAILED, cause, detail, accepted, drain_retry, refusal, retry_after)
+        return cls(
+            Kind.FAILED, cause, detail, accepted, drain_retry, refusal, retry_after=retry_after
+        )
 
     @property
     def label(self) -> str:
