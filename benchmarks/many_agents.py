@@ -90,6 +90,7 @@ class Fleet:
         self.connected: set[int] = set()
         self.changed = trio.Event()
         self.handshake_failures = 0
+        self.failure_kinds: dict[str, int] = {}
         self.dials_served = 0
         #: Each agent's last TLS session, offered for resumption (as tether-agent does).
         self.sessions: dict[int, ssl.SSLSession] = {}
@@ -140,8 +141,10 @@ class Fleet:
                 except BaseException:
                     await trio.aclose_forcefully(stream)
                     raise
-        except (OSError, trio.TooSlowError, trio.BrokenResourceError):
+        except (OSError, trio.TooSlowError, trio.BrokenResourceError) as exc:
             self.handshake_failures += 1
+            kind = type(exc).__name__
+            self.failure_kinds[kind] = self.failure_kinds.get(kind, 0) + 1
             return False, None
         if stream.session_reused:
             self.resumed += 1
@@ -437,6 +440,16 @@ async def run(
             out["storm_healthz"] = health
             out["storm_dials"] = storm_dials
             out["handshake_failures"] = fleet.handshake_failures
+            out["handshake_failure_kinds"] = fleet.failure_kinds
+            if broker.admin_port:
+                _, text = await http_get(broker.admin_port, "/metrics")
+                out["broker_admission"] = [
+                    line
+                    for line in text.decode().splitlines()
+                    if line.startswith(
+                        ("tether_agent_admission_total", "tether_tls_handshakes_total")
+                    )
+                ]
             out["storm_tls"] = {
                 "resumed": fleet.resumed - before[0],
                 "full": fleet.full_handshakes - before[1],
