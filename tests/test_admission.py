@@ -10,11 +10,15 @@ import random
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from test_config_layering import broker_creds
 
+from broker import config as broker_config
+from broker.app import Broker
 from protocol import handshake
 from protocol.admission import Admission, AdmissionConfig, Ticket, Verdict
 from protocol.backoff import RETRY_JITTER, Backoff
 from protocol.reconnect import Cause, LinkOutcome, ReconnectPolicy
+from tether.tools.certs import PkiPaths
 
 
 def config(**kw: float) -> AdmissionConfig:
@@ -232,3 +236,42 @@ def test_an_old_broker_without_the_hint_keeps_the_old_behaviour() -> None:
     # An overloaded answer without a hint: the normal backoff, not the cap.
     bare = LinkOutcome.failed(Cause.OVERLOADED, "overloaded", refusal="overloaded")
     assert policy().after(bare).ceiling == 1.0
+
+
+# ------------------------------------------------------------ the flags
+
+
+@pytest.mark.parametrize(
+    ("flag", "message"),
+    [
+        ("--max-concurrent-handshakes=0", "--max-concurrent-handshakes must be at least 1"),
+        ("--agent-accept-rate=0", "--agent-accept-rate must be above 0"),
+        ("--agent-accept-rate=-5", "--agent-accept-rate must be above 0"),
+        ("--agent-accept-rate=nan", "--agent-accept-rate must be above 0"),
+        ("--agent-accept-queue=-1", "--agent-accept-queue must be 0 or more"),
+    ],
+)
+def test_bad_admission_flags_are_one_line_errors(
+    flag: str, message: str, pki: PkiPaths, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as info:
+        broker_config.from_args([*broker_creds(pki), flag], {})
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) <= 2, err
+
+
+def test_admission_flags_reach_the_controller(pki: PkiPaths) -> None:
+    cfg = broker_config.from_args(
+        [
+            *broker_creds(pki),
+            "--max-concurrent-handshakes=7",
+            "--agent-accept-rate=50",
+            "--agent-accept-queue=9",
+            "--handshake-timeout=8",
+        ],
+        {},
+    )
+    admission = Broker(cfg).admission.admission.config
+    assert (admission.max_handshakes, admission.accept_rate, admission.max_queue) == (7, 50.0, 9)
+    assert (admission.accept_burst, admission.max_wait, admission.max_shedding) == (5, 4.0, 1)
