@@ -471,6 +471,8 @@ async def run(
                 trio.current_time() - restarted if len(fleet.connected) >= n else None
             )
             out["storm_connected"] = len(fleet.connected)
+            # Work, not time: the restarted broker's CPU from its start until all were back.
+            out["storm_broker_cpu_s"] = measure.cpu_seconds(broker.proc.pid)
             stop.set()
             await trio.sleep(0.3)
             out["storm_healthz"] = health

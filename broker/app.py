@@ -136,6 +136,8 @@ class Broker:
                     max_queue=cfg.agent_accept_queue,
                     max_wait=cfg.handshake_timeout / 2,
                     max_shedding=max(1, cfg.max_concurrent_handshakes // 4),
+                    max_per_source=cfg.max_handshakes_per_ip,
+                    max_active_per_source=max(1, cfg.max_concurrent_handshakes // 4),
                 ),
                 0.0,  # built before trio runs: the bucket starts full
             ),

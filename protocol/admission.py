@@ -17,7 +17,12 @@ that bounded:
   (``max_shedding``) and its hello is answered ``503 overloaded`` with a
   retry hint (:meth:`Admission.retry_after_ms`), so the agent comes back when
   the backlog should have drained instead of on its own backoff. With the
-  shedding lane full too, it is dropped (closed before any TLS).
+  shedding lane full too, it is dropped (closed before any TLS);
+- **one source cannot take it all**: a source address holds at most
+  ``max_per_source`` connections in admission (handshaking, queued or
+  shed; beyond, dropped) and at most ``max_active_per_source`` of the
+  handshake slots; the queue lets a connection of another source overtake
+  one whose source is at its share (looking ``SCAN`` places deep).
 
 Pure and clock-free: every call takes ``now`` (seconds, any monotonic
 origin) and the retry hint takes the random draw it jitters with. The trio
@@ -54,6 +59,9 @@ class AdmissionConfig:
     max_queue: int = 2048
     max_wait: float = 5.0
     max_shedding: int = 8
+    #: Connections of one source address in admission / in handshake slots.
+    max_per_source: int = 128
+    max_active_per_source: int = 8
     #: The retry hint's bounds, in milliseconds.
     min_retry_ms: int = 1000
     max_retry_ms: int = 30_000
@@ -65,6 +73,8 @@ class AdmissionConfig:
             raise ValueError("accept_rate must be > 0 and accept_burst at least 1")
         if self.max_queue < 0 or self.max_shedding < 0 or self.max_wait <= 0:
             raise ValueError("max_queue and max_shedding must be >= 0, max_wait > 0")
+        if self.max_per_source < 1 or self.max_active_per_source < 1:
+            raise ValueError("max_per_source and max_active_per_source must be at least 1")
         if not 0 < self.min_retry_ms <= self.max_retry_ms:
             raise ValueError("need 0 < min_retry_ms <= max_retry_ms")
 
@@ -77,11 +87,14 @@ class Ticket:
     number: int
     arrived: float
     verdict: Verdict
+    source: str = ""
     done: bool = False
 
 
 #: How many recent handshake completions the rate estimate looks at.
 _RATE_WINDOW = 64
+#: How deep the queue is searched for a connection whose source has room.
+SCAN = 64
 
 
 class Admission:
@@ -97,6 +110,9 @@ class Admission:
         self.shedding = 0
         self._queue: deque[Ticket] = deque()
         self._completions: deque[float] = deque(maxlen=_RATE_WINDOW)
+        #: Per source: connections in admission, and those in handshake slots.
+        self._held: dict[str, int] = {}
+        self._active_by: dict[str, int] = {}
         #: Totals per verdict, as first decided or later changed to.
         self.totals = {v: 0 for v in Verdict}
 
@@ -122,13 +138,22 @@ class Admission:
     def queued(self) -> int:
         return len(self._queue)
 
-    def arrive(self, now: float) -> Ticket:
-        """A connection was accepted (spends one accept token)."""
+    def arrive(self, now: float, source: str = "") -> Ticket:
+        """A connection from ``source`` (its address) was accepted (spends
+        one accept token); call :meth:`expire` first to act on the changes."""
         self._refill(now)
         self._tokens = max(0.0, self._tokens - 1.0)
-        self.expire(now)
-        ticket = Ticket(next(self._numbers), now, Verdict.QUEUE)
-        if self.active < self.config.max_handshakes and not self._queue:
+        ticket = Ticket(next(self._numbers), now, Verdict.QUEUE, source)
+        if self._held.get(source, 0) >= self.config.max_per_source:
+            self._set(ticket, Verdict.DROP)
+            ticket.done = True
+            return ticket
+        self._held[source] = self._held.get(source, 0) + 1
+        if (
+            self.active < self.config.max_handshakes
+            and self._has_room(source)
+            and self._eligible() is None  # none waiting ahead that could go first
+        ):
             self._set(ticket, Verdict.ADMIT)
         elif len(self._queue) < self.config.max_queue:
             self._queue.append(ticket)
@@ -137,26 +162,60 @@ class Admission:
             self._shed_or_drop(ticket)
         return ticket
 
+    def _has_room(self, source: str) -> bool:
+        return self._active_by.get(source, 0) < self.config.max_active_per_source
+
     def finished(self, ticket: Ticket, now: float) -> list[Ticket]:
         """``ticket``'s handshake (ADMIT or SHED) is over, or a queued one
         was given up by its connection; the tickets whose verdict changed."""
         changed: list[Ticket] = []
         if ticket.done:
             return changed
-        ticket.done = True
         if ticket.verdict is Verdict.ADMIT:
             self.active -= 1
+            self._uncount(self._active_by, ticket.source)
             self._completions.append(now)
         elif ticket.verdict is Verdict.SHED:
             self.shedding -= 1
         elif ticket.verdict is Verdict.QUEUE:
             self._queue.remove(ticket)
+        self._leave(ticket)
         changed.extend(self.expire(now))
-        while self._queue and self.active < self.config.max_handshakes:
-            head = self._queue.popleft()
+        while self.active < self.config.max_handshakes:
+            head = self._pop_eligible()
+            if head is None:
+                break
             self._set(head, Verdict.ADMIT)
             changed.append(head)
         return changed
+
+    def _eligible(self) -> int | None:
+        """Where the oldest queued ticket (within ``SCAN``) whose source
+        has room is."""
+        for i, ticket in enumerate(itertools.islice(self._queue, SCAN)):
+            if self._has_room(ticket.source):
+                return i
+        return None
+
+    def _pop_eligible(self) -> Ticket | None:
+        i = self._eligible()
+        if i is None:
+            return None
+        ticket = self._queue[i]
+        del self._queue[i]
+        return ticket
+
+    def _leave(self, ticket: Ticket) -> None:
+        ticket.done = True
+        self._uncount(self._held, ticket.source)
+
+    @staticmethod
+    def _uncount(counts: dict[str, int], source: str) -> None:
+        left = counts.get(source, 0) - 1
+        if left > 0:
+            counts[source] = left
+        else:
+            counts.pop(source, None)
 
     def expire(self, now: float) -> list[Ticket]:
         """Queued tickets older than ``max_wait``: shed or dropped."""
@@ -176,13 +235,14 @@ class Admission:
             self._set(ticket, Verdict.SHED)
         else:
             self._set(ticket, Verdict.DROP)
-            ticket.done = True
+            self._leave(ticket)
 
     def _set(self, ticket: Ticket, verdict: Verdict) -> None:
         ticket.verdict = verdict
         self.totals[verdict] += 1
         if verdict is Verdict.ADMIT:
             self.active += 1
+            self._active_by[ticket.source] = self._active_by.get(ticket.source, 0) + 1
         elif verdict is Verdict.SHED:
             self.shedding += 1
 

@@ -90,8 +90,8 @@ def test_retry_hint_grows_with_the_backlog_and_is_bounded() -> None:
     cfg = config(max_handshakes=4, max_queue=1000, accept_rate=100.0, min_retry_ms=1000)
     a = Admission(cfg, now=0.0)
     small = a.retry_after_ms(0.0)
-    for _ in range(600):
-        a.arrive(0.0)
+    for i in range(600):
+        a.arrive(0.0, f"10.0.{i // 250}.{i % 250}")
     big = a.retry_after_ms(0.0)
     assert small == cfg.min_retry_ms
     assert big == pytest.approx(600 / 100.0 * 1000, rel=0.01)
@@ -132,28 +132,48 @@ def test_bad_settings_are_refused(kw: dict[str, float]) -> None:
 
 @given(
     st.lists(
-        st.tuples(st.sampled_from(["arrive", "finish", "expire"]), st.floats(0, 0.5)),
+        st.tuples(
+            st.sampled_from(["arrive", "finish", "expire"]),
+            st.floats(0, 0.5),
+            st.sampled_from(["a", "b", "c"]),
+        ),
         max_size=200,
     ),
     st.integers(1, 5),
     st.integers(0, 5),
     st.integers(0, 3),
+    st.integers(1, 6),
+    st.integers(1, 3),
 )
 @settings(max_examples=300, deadline=None)
 def test_counts_stay_exact_and_bounded(
-    steps: list[tuple[str, float]], slots: int, queue: int, shed: int
+    steps: list[tuple[str, float, str]],
+    slots: int,
+    queue: int,
+    shed: int,
+    per_source: int,
+    active_per_source: int,
 ) -> None:
     """Whatever happens, in order: never more handshakes, queued or shed
-    connections than configured; the queue is FIFO; every ticket ends once."""
-    cfg = config(max_handshakes=slots, max_queue=queue, max_shedding=shed, max_wait=1.0)
+    connections than configured, in all and per source; the queue is FIFO
+    per source; every ticket ends once."""
+    cfg = config(
+        max_handshakes=slots,
+        max_queue=queue,
+        max_shedding=shed,
+        max_wait=1.0,
+        max_per_source=per_source,
+        max_active_per_source=active_per_source,
+    )
     a = Admission(cfg, now=0.0)
     now = 0.0
     live: list[Ticket] = []
     rng = random.Random(len(steps))
-    for op, dt in steps:
+    for op, dt, source in steps:
         now += dt
         if op == "arrive":
-            ticket = a.arrive(now)
+            a.expire(now)
+            ticket = a.arrive(now, source)
             if ticket.verdict is not Verdict.DROP:
                 live.append(ticket)
         elif op == "finish" and live:
@@ -170,10 +190,17 @@ def test_counts_stay_exact_and_bounded(
             a.queued,
             a.shedding,
         )
-        # A slot never sits free while a connection waits for one.
-        assert a.queued == 0 or a.active == slots
-        queued = [t.number for t in live if t.verdict is Verdict.QUEUE]
-        assert queued == sorted(queued)
+        for src in "abc":
+            mine = [t for t in live if t.source == src]
+            assert len(mine) <= per_source
+            assert sum(1 for t in mine if t.verdict is Verdict.ADMIT) <= active_per_source
+            queued = [t.number for t in mine if t.verdict is Verdict.QUEUE]
+            assert queued == sorted(queued)
+        # A slot sits free while connections wait only if their sources are at their share.
+        if a.active < slots:
+            waiting = {t.source for t in live if t.verdict is Verdict.QUEUE}
+            admitted = [t.source for t in live if t.verdict is Verdict.ADMIT]
+            assert all(admitted.count(src) >= active_per_source for src in waiting)
         assert 1 <= a.retry_after_ms(rng.random()) <= cfg.max_retry_ms
 
 
@@ -275,3 +302,20 @@ def test_admission_flags_reach_the_controller(pki: PkiPaths) -> None:
     admission = Broker(cfg).admission.admission.config
     assert (admission.max_handshakes, admission.accept_rate, admission.max_queue) == (7, 50.0, 9)
     assert (admission.accept_burst, admission.max_wait, admission.max_shedding) == (5, 4.0, 1)
+
+
+def test_one_source_cannot_take_every_slot_or_the_queue() -> None:
+    a = Admission(
+        config(max_handshakes=4, max_queue=100, max_per_source=6, max_active_per_source=2),
+        now=0.0,
+    )
+    hostile = [a.arrive(0.0, "10.0.0.66") for _ in range(8)]
+    assert [t.verdict for t in hostile] == [Verdict.ADMIT] * 2 + [Verdict.QUEUE] * 4 + [
+        Verdict.DROP
+    ] * 2
+    # Another source is admitted at once, ahead of the hostile queue.
+    other = a.arrive(0.0, "10.0.0.7")
+    assert other.verdict is Verdict.ADMIT
+    # When a hostile handshake ends, its own queued one takes the slot back.
+    changed = a.finished(hostile[0], 0.1)
+    assert changed == [hostile[2]]

@@ -58,9 +58,9 @@ async def test_a_storm_of_agents_after_a_crash(tmp_path: Path) -> None:
     assert admitted and float(admitted[0].split()[-1]) >= STORM_AGENTS, out["broker_admission"]
 
 
-async def _silent(port: int, held: list[trio.SocketStream]) -> None:
+async def _silent(port: int, held: list[trio.SocketStream], source: str | None = None) -> None:
     """A TCP connection to the agent port that never sends a ClientHello."""
-    held.append(await trio.open_tcp_stream("127.0.0.1", port))
+    held.append(await trio.open_tcp_stream("127.0.0.1", port, local_address=source))
 
 
 async def _admission(broker: BrokerHandle, verdict: str) -> float:
@@ -129,3 +129,31 @@ async def _at_least(broker: BrokerHandle, verdict: str, n: float) -> bool:
 
 async def _logged(proc: Proc, pattern: str) -> bool:
     return re.search(pattern, proc.log()) is not None
+
+
+@pytest.mark.timeout(120)
+async def test_one_address_cannot_hold_every_handshake_slot(
+    broker_factory: Callable[..., BrokerHandle],
+    agent_factory: Callable[..., Proc],
+    nursery: trio.Nursery,
+) -> None:
+    """Four handshake slots, so one address may hold one of them. 40 silent
+    connections from 127.0.0.66 do not keep an agent from 127.0.0.1 out:
+    it is admitted at once (no 503) and dialed, while they wait."""
+    broker = broker_factory("--max-concurrent-handshakes=4", "--handshake-timeout=30")
+    await broker.up()
+    held: list[trio.SocketStream] = []
+    for _ in range(40):
+        await _silent(broker.agent_port, held, source="127.0.0.66")
+    await wait_for(lambda: _at_least(broker, "queue", 39), 10, "the silent ones queued")
+    agent = agent_factory(broker)
+    with trio.fail_after(10):
+        await broker.ready(agents=1)
+    assert "overloaded" not in agent.log()
+    port = await serve_whoami(nursery, "127.0.0.1")
+    assert await whoami(broker, f"127.0.0.1:{port}") == (200, b"127.0.0.1")
+    text = await broker.metrics()
+    assert metric(text, "tether_agent_admission_connections", state="handshaking") <= 1
+    assert metric(text, "tether_agent_admission_connections", state="queued") >= 38
+    for stream in held:
+        await trio.aclose_forcefully(stream)

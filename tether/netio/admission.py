@@ -99,7 +99,9 @@ class AdmissionGate:
                     log.error("agent port: accept failed (%s); retrying in 100 ms", exc)
                     await trio.sleep(0.1)
                     continue
-                ticket = self.admission.arrive(trio.current_time())
+                now = trio.current_time()
+                self._wake(self.admission.expire(now))
+                ticket = self.admission.arrive(now, _source(stream))
                 self._on_verdict(ticket.verdict)
                 if ticket.verdict is Verdict.DROP:
                     stream.socket.close()
@@ -127,3 +129,11 @@ class AdmissionGate:
             self._waiting.pop(ticket, None)
             self.release(ticket)
             await trio.aclose_forcefully(stream)
+
+
+def _source(stream: trio.SocketStream) -> str:
+    """The peer's address (its share of admission is counted by it)."""
+    try:
+        return str(stream.socket.getpeername()[0])
+    except OSError:
+        return "?"
