@@ -260,10 +260,10 @@ class Admission:
     def retry_after_ms(self, draw: float) -> int:
         """The hint for a shed agent: how long the backlog ahead of it
         should take to drain (within the configured bounds), jittered by
-        ``draw`` (uniform in [0, 1)) to between 1x and 2x of that, never past
-        ``max_retry_ms``."""
+        ``draw`` (uniform in [0, 1)) to between 0.5x and 1.5x of that (on
+        average the estimate itself), never past ``max_retry_ms``."""
         backlog = self.active + self.queued + self.shedding
         drain_ms = backlog / self.handshake_rate() * 1000.0
         base = min(self.config.max_retry_ms, max(self.config.min_retry_ms, drain_ms))
-        ms = base * (1.0 + min(max(draw, 0.0), 1.0))
-        return int(min(self.config.max_retry_ms, ms))
+        ms = base * (0.5 + min(max(draw, 0.0), 1.0))
+        return int(min(self.config.max_retry_ms, max(1.0, ms)))
