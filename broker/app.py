@@ -47,6 +47,10 @@ log = logging.getLogger("tether.broker")
 #: accept pacing instead of in SYN retransmits (the kernel caps it at
 #: net.core.somaxconn).
 AGENT_BACKLOG = 4096
+#: The share of --handshake-timeout an agent connection may wait for a
+#: handshake slot; the rest is left for the handshake (the agent's own
+#: connect deadline is as long by default).
+QUEUE_WAIT_SHARE = 0.7
 
 Handler = Callable[[trio.abc.Stream], Awaitable[None]]
 
@@ -134,7 +138,7 @@ class Broker:
                     accept_rate=cfg.agent_accept_rate,
                     accept_burst=max(1, int(cfg.agent_accept_rate / 10)),
                     max_queue=cfg.agent_accept_queue,
-                    max_wait=cfg.handshake_timeout / 2,
+                    max_wait=cfg.handshake_timeout * QUEUE_WAIT_SHARE,
                     max_shedding=max(1, cfg.max_concurrent_handshakes // 4),
                     max_per_source=cfg.max_handshakes_per_ip,
                     max_active_per_source=max(1, cfg.max_concurrent_handshakes // 4),

@@ -63,9 +63,9 @@ class BrokerConfig:
     max_frontend_connections: int = 10_000
     optimistic_connect: bool = False
     max_handshakes_per_ip: int = 128
-    max_concurrent_handshakes: int = 32
+    max_concurrent_handshakes: int = 128
     agent_accept_rate: float = 1000.0
-    agent_accept_queue: int = 2048
+    agent_accept_queue: int = 16384
     flood_penalty_after: int = 3
     max_grpc_message_size: int = 4 * 1024 * 1024
     max_grpc_streams: int = 1000
@@ -382,7 +382,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=d.agent_accept_queue,
         help="accepted agent connections that may wait for a handshake slot (each at most "
-        "half --handshake-timeout); beyond it they are shed: answered 503 overloaded with "
+        "0.7 of --handshake-timeout); beyond it they are shed: answered 503 overloaded with "
         "a tether-retry-after hint",
     )
     ops.add_argument(
