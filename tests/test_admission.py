@@ -302,7 +302,11 @@ def test_admission_flags_reach_the_controller(pki: PkiPaths) -> None:
     )
     admission = Broker(cfg).admission.admission.config
     assert (admission.max_handshakes, admission.accept_rate, admission.max_queue) == (7, 50.0, 9)
-    assert (admission.accept_burst, admission.max_wait, admission.max_shedding) == (5, pytest.approx(5.6), 1)
+    assert (admission.accept_burst, admission.max_wait, admission.max_shedding) == (
+        5,
+        pytest.approx(5.6),
+        1,
+    )
 
 
 def test_one_source_cannot_take_every_slot_or_the_queue() -> None:
