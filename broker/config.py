@@ -63,7 +63,7 @@ class BrokerConfig:
     max_frontend_connections: int = 10_000
     optimistic_connect: bool = False
     max_handshakes_per_ip: int = 128
-    max_concurrent_handshakes: int = 128
+    max_concurrent_handshakes: int = 32
     agent_accept_rate: float = 1000.0
     agent_accept_queue: int = 16384
     flood_penalty_after: int = 3

@@ -53,15 +53,15 @@ class Verdict(enum.Enum):
 
 @attrs.frozen
 class AdmissionConfig:
-    max_handshakes: int = 128
+    max_handshakes: int = 32
     accept_rate: float = 1000.0
     accept_burst: int = 100
     max_queue: int = 16384
     max_wait: float = 7.0
-    max_shedding: int = 32
+    max_shedding: int = 8
     #: Connections of one source address in admission / in handshake slots.
     max_per_source: int = 128
-    max_active_per_source: int = 32
+    max_active_per_source: int = 8
     #: The retry hint's bounds, in milliseconds.
     min_retry_ms: int = 1000
     max_retry_ms: int = 30_000
