@@ -210,7 +210,6 @@ class WorkerRegistry(Registry):
                     raise
         return await super().dial(cluster, addr, timeout, early)
 
-
     @staticmethod
     def _placeholder(remote: RemoteAgent) -> RoutableAgent:
         return remote  # type: ignore[return-value]  # frontends only log who it was
@@ -672,11 +671,12 @@ class Supervisor:
                 await self._serve_ports(nursery)
                 nursery.start_soon(self._scrape)
                 log.info(
-                    "broker %s supervisor up: %d workers, agent port %s",
+                    "broker %s supervisor up: %d workers, agent port %s, worker channels in %s",
                     self.cfg.server_id,
                     len(self.slots),
                     self.cfg.agent_port,
-                    extra=event("supervisor_started", workers=len(self.slots)),
+                    self.dir,
+                    extra=event("supervisor_started", workers=len(self.slots), dir=self.dir),
                 )
                 await wait_for_stop_signal(log)
                 await self._drain()
@@ -848,7 +848,19 @@ class Supervisor:
             rows = wp.merged_agents((s.index, s.agents) for s in self.slots)
             return 200, "application/json", json.dumps(rows, indent=1).encode() + b"\n"
 
-        return {"/metrics": metrics, "/agents": agents}
+        def workers() -> tuple[int, str, bytes]:
+            rows = [
+                {
+                    "worker": s.index,
+                    "pid": s.proc.pid if s.proc is not None and s.live else 0,
+                    "live": s.live,
+                    "agents": self.table.count(s.index),
+                }
+                for s in self.slots
+            ]
+            return 200, "application/json", json.dumps(rows, indent=1).encode() + b"\n"
+
+        return {"/metrics": metrics, "/agents": agents, "/workers": workers}
 
     async def _scrape(self, interval: float = 1.0) -> None:
         """Each worker's /metrics and /agents, for the host's admin port."""
