@@ -277,10 +277,13 @@ def merge_metrics(texts: Mapping[str, bytes], label: str = "worker") -> bytes:
             name, labels, rest = m.group(1), m.group(2), m.group(3)
             inner = labels[1:-1] if labels else b""
             merged = tag + (b"," + inner if inner else b"")
-            if family not in families:
-                families[family] = []
-                order.append(family)
-            families[family].append(name + b"{" + merged + b"}" + rest)
+            # A sample belongs to the family its HELP/TYPE named (``_total``,
+            # ``_bucket``... suffixes), else to a family of its own name.
+            home = family if family and name.startswith(family) else name
+            if home not in families:
+                families[home] = []
+                order.append(home)
+            families[home].append(name + b"{" + merged + b"}" + rest)
     return b"".join(line + b"\n" for f in order for line in families[f])
 
 
