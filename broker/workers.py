@@ -68,7 +68,7 @@ from protocol import events
 from protocol import workers as wp
 from protocol.backoff import Backoff
 from protocol.codes import CloseCode
-from protocol.identifiers import AgentIdentifiers
+from protocol.identifiers import AgentIdentifiers, match_rank
 from protocol.messages import split_host_port
 from tether.netio.http import serve_http, text
 from tether.netio.listeners import ListenError, listener_port, open_tcp_listener
@@ -145,6 +145,20 @@ class HostRouter:
         return index.choose(self.strategies, host, self._randbelow) if index else None
 
 
+def tier(ids: AgentIdentifiers, host: str, strategies: Sequence[str]) -> tuple[int, int]:
+    """Which tier of the routing rule an agent serves ``host`` from: the
+    strategy's position, then (``destHost``) the most specific match
+    first. Lower is better; agents of one tier are equally eligible."""
+    for i, strategy in enumerate(strategies):
+        if strategy == "destHost":
+            rank = match_rank(ids, host)
+            if rank is not None:
+                return (i, -rank)
+        elif strategy == "default" or ids.default_route:
+            return (i, 0)
+    return (len(strategies), 0)
+
+
 class WorkerRegistry(Registry):
     """A worker's registry: its own agents, announced to the host; dials
     routed on the host's view (:class:`HostRouter`)."""
@@ -200,8 +214,8 @@ class WorkerRegistry(Registry):
                 host, _port = split_host_port(addr)
             except DialError:
                 host = ""
-            remote = link.router.choose(cluster, host) if host else None
-            if remote is not None and remote.worker != link.index:
+            remote = link.remote_owner(cluster, host) if host else None
+            if remote is not None:
                 try:
                     tunnel = await link.relay_dial(remote, addr, timeout, early)
                     return tunnel, self._placeholder(remote)
@@ -350,6 +364,22 @@ class WorkerLink:
         )
         if isinstance(registry, WorkerRegistry):
             registry.link = self
+
+    def remote_owner(self, cluster: str, host: str) -> RemoteAgent | None:
+        """The other worker's agent a dial to ``host`` should go to, or None
+        to serve it here: the host's choice, unless one of this worker's
+        own agents is in the same tier of the routing rule (then any of
+        them is as right, and no hand-over is needed)."""
+        remote = self.router.choose(cluster, host)
+        if remote is None or remote.worker == self.index:
+            return None
+        local = self.registry.choose(cluster, host)
+        strategies = self.router.strategies
+        if local is not None and tier(local.identifiers, host, strategies) <= tier(
+            remote.identifiers, host, strategies
+        ):
+            return None
+        return remote
 
     def path(self, worker: int) -> str:
         return os.path.join(self.dir, f"worker-{worker}.sock")
@@ -557,9 +587,9 @@ class WorkerLink:
             host, _port = split_host_port(target)
         except DialError:
             return False
-        remote = self.router.choose(cluster, host)
+        remote = self.remote_owner(cluster, host)
         sock = getattr(stream, "socket", None)
-        if remote is None or remote.worker == self.index or sock is None:
+        if remote is None or sock is None:
             return False
         try:
             await self._send_handover(

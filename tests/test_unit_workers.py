@@ -167,3 +167,53 @@ def test_merged_agents_name_their_worker() -> None:
         {"cluster": "c", "agent_id": "a", "worker": 0},
         {"cluster": "c", "agent_id": "b", "worker": 1},
     ]
+
+
+# ------------------------------------------------ the worker's tier rule
+
+hosts = st.sampled_from(["10.0.0.1", "10.0.0.2", "10.1.2.3", "db", "web"])
+idents = st.builds(
+    lambda parts: "&".join(parts),
+    st.lists(
+        st.sampled_from(
+            [
+                "ipv4=10.0.0.1",
+                "cidr=10.0.0.0/24",
+                "cidr=10.0.0.0/8",
+                "host=db",
+                "default-route=true",
+            ]
+        ),
+        max_size=3,
+        unique=True,
+    ),
+)
+
+
+@given(
+    st.lists(idents, min_size=1, max_size=6),
+    hosts,
+    st.sampled_from([("destHost", "defaultRoute", "default"), ("destHost",), ("default",)]),
+)
+def test_tier_names_exactly_the_eligible_agents(
+    claims: list[str], host: str, strategies: tuple[str, ...]
+) -> None:
+    """A worker keeps a dial when its own agent is in the tier the host's
+    choice came from: ``tier`` must rank the registry's eligible set first."""
+    from broker.routing_index import ClusterIndex
+    from broker.workers import RemoteAgent, tier
+    from protocol.identifiers import AgentIdentifiers
+
+    index: ClusterIndex[RemoteAgent] = ClusterIndex()
+    agents = [
+        RemoteAgent(i % 2, "c", f"a{i}", AgentIdentifiers.parse(c)) for i, c in enumerate(claims)
+    ]
+    for a in agents:
+        index.add(a)
+    eligible = index.eligible(strategies, host)
+    ranks = {id(a): tier(a.identifiers, host, strategies) for a in agents}
+    if eligible:
+        best = min(ranks.values())
+        assert {id(a) for a in eligible} == {id(a) for a in agents if ranks[id(a)] == best}
+    else:
+        assert all(r[0] == len(strategies) for r in ranks.values())
