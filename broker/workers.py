@@ -121,7 +121,9 @@ class HostRouter:
         return len(self._agents)
 
     def up(self, msg: wp.AgentUp) -> None:
-        self.down(msg.cluster, msg.agent_id)
+        old = self._agents.get((msg.cluster, msg.agent_id))
+        if old is not None:
+            self.down(msg.cluster, msg.agent_id, old.worker)
         try:
             ids = AgentIdentifiers.parse(msg.identifiers)
         except ValueError:
@@ -130,15 +132,17 @@ class HostRouter:
         self._agents[(msg.cluster, msg.agent_id)] = agent
         self._index.setdefault(msg.cluster, ClusterIndex()).add(agent)
 
-    def down(self, cluster: str, agent_id: str) -> None:
-        old = self._agents.pop((cluster, agent_id), None)
-        if old is not None:
+    def down(self, cluster: str, agent_id: str, worker: int) -> None:
+        """Forget ``worker``'s agent (not one that replaced it on another)."""
+        old = self._agents.get((cluster, agent_id))
+        if old is not None and old.worker == worker:
+            del self._agents[(cluster, agent_id)]
             self._index[cluster].remove(old)
 
     def gone(self, worker: int) -> None:
         for key, agent in list(self._agents.items()):
             if agent.worker == worker:
-                self.down(*key)
+                self.down(*key, worker)
 
     def choose(self, cluster: str, host: str) -> RemoteAgent | None:
         index = self._index.get(cluster)
@@ -408,6 +412,12 @@ class WorkerLink:
     # ------------------------------------------------------------ control
 
     def announce(self, msg: wp.Message) -> None:
+        """Tell the supervisor about one of our agents; our own router takes
+        it at once (the supervisor's broadcast skips the worker it came from)."""
+        if isinstance(msg, wp.AgentUp):
+            self.router.up(msg)
+        elif isinstance(msg, wp.AgentDown):
+            self.router.down(msg.cluster, msg.agent_id, msg.worker)
         self._outbox.append(wp.encode(msg))
         self._outbox_ready.set()
 
@@ -468,7 +478,7 @@ class WorkerLink:
         if isinstance(msg, wp.AgentUp):
             self.router.up(msg)
         elif isinstance(msg, wp.AgentDown):
-            self.router.down(msg.cluster, msg.agent_id)
+            self.router.down(msg.cluster, msg.agent_id, msg.worker)
         elif isinstance(msg, wp.WorkerGone):
             self.router.gone(msg.worker)
             self._peers.pop(msg.worker, None)
@@ -831,8 +841,9 @@ class Supervisor:
 
     async def _send_all(self, out: list[tuple[int, wp.Message]]) -> None:
         for target, msg in out:
+            origin = msg.worker if isinstance(msg, (wp.AgentUp, wp.AgentDown)) else -1
             for slot in self.slots:
-                if slot.live and target in (-1, slot.index):
+                if slot.live and target in (-1, slot.index) and slot.index != origin:
                     await self._send(slot, msg)
 
     # ------------------------------------------------- health and admin

@@ -217,3 +217,18 @@ def test_tier_names_exactly_the_eligible_agents(
         assert {id(a) for a in eligible} == {id(a) for a in agents if ranks[id(a)] == best}
     else:
         assert all(r[0] == len(strategies) for r in ranks.values())
+
+
+def test_router_keeps_the_newcomer_when_the_old_owner_reports_down() -> None:
+    """Worker 0's agent reconnected to worker 1; worker 0's late AgentDown
+    (after the supervisor's Evict) must not remove worker 1's entry."""
+    from broker.workers import HostRouter
+
+    router = HostRouter(("default",))
+    router.up(wp.AgentUp(0, "c", "a1", ""))
+    router.up(wp.AgentUp(1, "c", "a1", ""))
+    router.down("c", "a1", 0)
+    chosen = router.choose("c", "10.0.0.1")
+    assert chosen is not None and chosen.worker == 1
+    router.gone(1)
+    assert router.choose("c", "10.0.0.1") is None and len(router) == 0
