@@ -26,7 +26,9 @@ import hashlib
 import json
 import os
 import secrets
+import signal
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -100,7 +102,33 @@ async def _handshake_load(fleet: Fleet, seconds: float, concurrency: int = 32) -
     return {"handshakes_ok": ok, "failed": failed, "per_s": ok / elapsed}
 
 
-async def one_run(workers: int, n: int, seconds: float, workdir: Path) -> dict[str, Any]:
+class SyscallCount:
+    """``strace -c -f`` attached to the broker's processes for one phase:
+    the syscalls they made, a count of work that does not depend on how
+    busy the machine is (strace slows them down: rates under it mean nothing)."""
+
+    def __init__(self, root: int, out: Path) -> None:
+        pids = measure.descendants(root)
+        self.out = out
+        argv = ["strace", "-c", "-f", "-o", str(out)]
+        for pid in pids:
+            argv += ["-p", str(pid)]
+        self.proc = subprocess.Popen(argv, stderr=subprocess.DEVNULL)
+        time.sleep(1.0)  # attached
+
+    def stop(self) -> int:
+        self.proc.send_signal(signal.SIGINT)
+        self.proc.wait(30)
+        for line in self.out.read_text().splitlines():
+            parts = line.split()
+            if parts and parts[-1] == "total":
+                return int(parts[3] if len(parts) >= 6 else parts[2])
+        return 0
+
+
+async def one_run(
+    workers: int, n: int, seconds: float, workdir: Path, count_syscalls: bool = False
+) -> dict[str, Any]:
     pki = init_pki(workdir / "pki")
     token = secrets.token_urlsafe(32)
     token_file = workdir / f"tokens-{workers}"
@@ -130,7 +158,15 @@ async def one_run(workers: int, n: int, seconds: float, workdir: Path) -> dict[s
         await broker.up()
         async with trio.open_nursery() as nursery:
             b0, s0, w0 = cpu()
+            counter = (
+                SyscallCount(broker.proc.pid, workdir / "hs.strace") if count_syscalls else None
+            )
             out["handshakes"] = await _handshake_load(fleet, seconds)
+            if counter is not None:
+                calls = counter.stop()
+                out["handshakes"]["syscalls_per_op"] = calls / max(
+                    1, out["handshakes"]["handshakes_ok"]
+                )
             b1, s1, w1 = cpu()
             out["handshakes"]["broker_cpu_pct"] = (b1 - b0) / (w1 - w0) * 100
             out["handshakes"]["simulator_cpu_pct"] = (s1 - s0) / (w1 - w0) * 100
@@ -141,7 +177,13 @@ async def one_run(workers: int, n: int, seconds: float, workdir: Path) -> dict[s
             out["connected"] = len(fleet.connected)
             await trio.sleep(1.0)
             b0, s0, w0 = cpu()
+            counter = (
+                SyscallCount(broker.proc.pid, workdir / "dial.strace") if count_syscalls else None
+            )
             out["dial"] = await _dial_load(broker.uds, seconds)
+            if counter is not None:
+                calls = counter.stop()
+                out["dial"]["syscalls_per_op"] = calls / max(1, out["dial"]["dials_ok"])
             b1, s1, w1 = cpu()
             out["dial"]["broker_cpu_pct"] = (b1 - b0) / (w1 - w0) * 100
             out["dial"]["simulator_cpu_pct"] = (s1 - s0) / (w1 - w0) * 100
@@ -172,14 +214,23 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-async def run(n: int, rounds: int, seconds: float, workdir: Path) -> dict[str, Any]:
+async def run(
+    n: int, rounds: int, seconds: float, workdir: Path, count_syscalls: bool = False
+) -> dict[str, Any]:
     raise_fd_limit(65536)
     runs = []
     for r in range(rounds):
         for workers in (1, 2):
             sub = workdir / f"r{r}-w{workers}"
             sub.mkdir(parents=True)
-            result = await one_run(workers, n, seconds, sub)
+            result = await one_run(workers, n, seconds, sub, count_syscalls)
+            if count_syscalls:
+                print(
+                    f"  round {r} workers={workers}: syscalls per dial "
+                    f"{result['dial']['syscalls_per_op']:.1f}, per handshake "
+                    f"{result['handshakes']['syscalls_per_op']:.1f}",
+                    flush=True,
+                )
             print(
                 f"  round {r} workers={workers}: {result['dial']['dials_per_s']:.0f} dials/s "
                 f"(broker {result['dial']['broker_cpu_pct']:.0f}% CPU, simulator "
@@ -199,9 +250,17 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--seconds", type=float, default=5.0)
     p.add_argument("--json", default="")
+    p.add_argument(
+        "--count-syscalls",
+        action="store_true",
+        help="count the broker's syscalls per dial and per handshake with strace -c -f "
+        "(rates are then meaningless)",
+    )
     args = p.parse_args()
     with tempfile.TemporaryDirectory(prefix="tether-bench-workers-") as tmp:
-        result = trio.run(run, args.agents, args.rounds, args.seconds, Path(tmp))
+        result = trio.run(
+            run, args.agents, args.rounds, args.seconds, Path(tmp), args.count_syscalls
+        )
     print(json.dumps(result["summary"], indent=1))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))
