@@ -669,6 +669,8 @@ class _Slot:
     sock: trio.socket.SocketType | None = None
     lock: trio.Lock = attrs.Factory(trio.Lock)
     live: bool = False
+    #: Said Hello once: a later exit is a crash, not a start-up error.
+    started: bool = False
     admin_port: int = 0
     pid: int = 0
     metrics: bytes = b""
@@ -719,17 +721,22 @@ class Supervisor:
                     extra=event("supervisor_started", workers=len(self.slots), dir=self.dir),
                 )
                 await wait_for_stop_signal(log)
-                await self._drain()
+                await self._stop_workers()
                 nursery.cancel_scope.cancel()
         finally:
+            with trio.CancelScope(shield=True):
+                await self._stop_workers()
             self.broker.remove_sockets()
             shutil.rmtree(self.dir, ignore_errors=True)
             log.info("broker supervisor stopped", extra=event("stopped"))
 
-    async def _drain(self) -> None:
+    async def _stop_workers(self) -> None:
+        """SIGTERM every running worker (each drains), wait, kill stragglers:
+        the drain, and after a start-up failure too (no worker outlives us)."""
         self.stopping = True
         running = [s.proc for s in self.slots if s.proc is not None and s.proc.returncode is None]
-        log.info("draining %d worker(s)", len(running))
+        if running:
+            log.info("draining %d worker(s)", len(running))
         for proc in running:
             proc.send_signal(signal.SIGTERM)
         limit = self.cfg.drain_timeout + self.cfg.drain_retry + 10
@@ -740,6 +747,7 @@ class Supervisor:
             if proc.returncode is None:
                 log.warning("worker pid %d did not stop within %gs; killing it", proc.pid, limit)
                 proc.kill()
+                await proc.wait()
 
     async def _keep_running(self, slot: _Slot) -> None:
         backoff = Backoff(base=0.5, cap=10.0, stable_after=30.0)
@@ -748,6 +756,12 @@ class Supervisor:
             code = await self._run_worker(slot)
             if self.stopping:
                 return
+            if code == 2 and not slot.started:
+                # A start-up error (a port taken, a bad address): restarting
+                # cannot fix it. The worker logged why; stop the host.
+                raise ListenError(
+                    errno.EINVAL, f"worker {slot.index} could not start (see its error above)"
+                )
             backoff.connected_for(trio.current_time() - started)
             delay = backoff.next_delay()
             self.restarts.inc()
@@ -813,6 +827,7 @@ class Supervisor:
     async def _on_worker(self, slot: _Slot, msg: wp.Message) -> None:
         if isinstance(msg, wp.Hello):
             slot.admin_port, slot.pid = msg.admin_port, msg.pid
+            slot.started = True
             snapshot = self.table.snapshot()
             slot.live = True
             for m in snapshot:

@@ -429,3 +429,42 @@ agent_identifiers = "any"
     )
     assert refused >= AGENTS
     assert broker.proc.stop(timeout=30) == 0
+
+
+# ------------------------------------------------------------ start-up
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("value", ["0", "65", "many"])
+def test_bad_workers_value_is_a_one_line_error(tmp_path: Path, pki: PkiPaths, value: str) -> None:
+    broker = start_broker(tmp_path, pki, f"--workers={value}")
+    assert broker.proc.popen.wait(30) == 2
+    assert "--workers" in broker.proc.log()
+    broker.proc.stop()
+
+
+@pytest.mark.timeout(90)
+async def test_agent_port_taken_stops_the_host_with_exit_2(tmp_path: Path, pki: PkiPaths) -> None:
+    """A worker's start-up error is not retried forever: the supervisor
+    stops every worker, removes the socket and exits 2."""
+    with socket.socket() as squatter:  # no SO_REUSEPORT: the port is not shareable
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen()
+        port = squatter.getsockname()[1]
+        broker = start_broker(tmp_path, pki, "--workers=2", f"--agent-port={port}")
+        try:
+            code = await trio.to_thread.run_sync(broker.proc.popen.wait, 60)
+        finally:
+            broker.proc.stop()
+    log = broker.proc.log()
+    assert code == 2, log[-2000:]
+    assert "cannot listen on the agent port" in log
+    assert "could not start" in log
+    assert not Path(broker.uds).exists()
+    children = [p for p in Path("/proc").iterdir() if p.name.isdigit()]
+    for p in children:
+        try:
+            ppid = int(p.joinpath("stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        assert ppid != broker.proc.pid, "a worker outlived its supervisor"
