@@ -448,11 +448,11 @@ class WorkerLink:
         while True:
             await self._outbox_ready.wait()
             self._outbox_ready = trio.Event()
-            while self._outbox:
-                data = self._outbox.popleft()
-                while data:
-                    sent = await self._control.send(data)
-                    data = data[sent:]
+            # Everything queued in one write: a storm's announcements batch.
+            data = b"".join(self._outbox)
+            self._outbox.clear()
+            while data:
+                data = data[await self._control.send(data) :]
 
     async def _read_control(self) -> None:
         decoder = wp.FrameDecoder()
@@ -667,7 +667,8 @@ class _Slot:
     index: int
     proc: trio.Process | None = None
     sock: trio.socket.SocketType | None = None
-    lock: trio.Lock = attrs.Factory(trio.Lock)
+    outbox: collections.deque[bytes] = attrs.Factory(collections.deque)
+    outbox_ready: trio.Event = attrs.Factory(trio.Event)
     live: bool = False
     #: Said Hello once: a later exit is a crash, not a start-up error.
     started: bool = False
@@ -793,14 +794,16 @@ class Supervisor:
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._read_worker, slot)
+                nursery.start_soon(self._write_worker, slot)
                 await proc.wait()
                 nursery.cancel_scope.cancel()
         finally:
             self.workers_up.dec()
             slot.live = False
             slot.sock.close()
+            slot.outbox.clear()  # a restarted worker starts from the snapshot
             slot.metrics, slot.agents = b"", []
-        await self._send_all(self.table.apply_gone(slot.index))
+        self._send_all(self.table.apply_gone(slot.index))
         return proc.returncode
 
     async def _read_worker(self, slot: _Slot) -> None:
@@ -822,44 +825,54 @@ class Supervisor:
                     slot.proc.kill()
                 return
             for msg in messages:
-                await self._on_worker(slot, msg)
+                self._on_worker(slot, msg)
 
-    async def _on_worker(self, slot: _Slot, msg: wp.Message) -> None:
+    def _on_worker(self, slot: _Slot, msg: wp.Message) -> None:
         if isinstance(msg, wp.Hello):
             slot.admin_port, slot.pid = msg.admin_port, msg.pid
             slot.started = True
-            snapshot = self.table.snapshot()
             slot.live = True
-            for m in snapshot:
-                await self._send(slot, m)
+            for m in self.table.snapshot():  # queued before any later change
+                self._queue(slot, wp.encode(m))
         elif isinstance(msg, (wp.AgentUp, wp.AgentDown)) and msg.worker == slot.index:
             out = (
                 self.table.apply_up(msg)
                 if isinstance(msg, wp.AgentUp)
                 else (self.table.apply_down(msg))
             )
-            await self._send_all(out)
+            self._send_all(out)
         else:
             self.bad_input.labels("unexpected_message").inc()
 
-    async def _send(self, slot: _Slot, msg: wp.Message) -> None:
-        if slot.sock is None:
-            return
-        data = wp.encode(msg)
-        try:
-            async with slot.lock:
+    @staticmethod
+    def _queue(slot: _Slot, frame: bytes) -> None:
+        slot.outbox.append(frame)
+        slot.outbox_ready.set()
+
+    async def _write_worker(self, slot: _Slot) -> None:
+        """The only writer of a worker's channel: queued frames in order,
+        as many as are waiting in one write."""
+        assert slot.sock is not None
+        while True:
+            await slot.outbox_ready.wait()
+            slot.outbox_ready = trio.Event()
+            data = b"".join(slot.outbox)
+            slot.outbox.clear()
+            try:
                 while data:
                     data = data[await slot.sock.send(data) :]
-        except OSError as exc:
-            if exc.errno not in (errno.EPIPE, errno.EBADF, errno.ECONNRESET):
-                raise
+            except OSError as exc:
+                if exc.errno not in (errno.EPIPE, errno.EBADF, errno.ECONNRESET):
+                    raise
+                return
 
-    async def _send_all(self, out: list[tuple[int, wp.Message]]) -> None:
+    def _send_all(self, out: list[tuple[int, wp.Message]]) -> None:
         for target, msg in out:
             origin = msg.worker if isinstance(msg, (wp.AgentUp, wp.AgentDown)) else -1
+            frame = wp.encode(msg)
             for slot in self.slots:
                 if slot.live and target in (-1, slot.index) and slot.index != origin:
-                    await self._send(slot, msg)
+                    self._queue(slot, frame)
 
     # ------------------------------------------------- health and admin
 
