@@ -324,8 +324,8 @@ _STATUS = {
 }
 
 
-def _peer_is_sibling(sock: trio.socket.SocketType) -> bool:
-    """Whether the peer is a process of our uid whose parent is our parent."""
+def _peer_is_sibling(sock: trio.socket.SocketType, supervisor: int) -> bool:
+    """Whether the peer is a process of our uid whose parent is our supervisor."""
     pid, uid, _gid = _CRED.unpack(
         sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _CRED.size)
     )
@@ -337,7 +337,7 @@ def _peer_is_sibling(sock: trio.socket.SocketType) -> bool:
     except OSError:
         return False
     fields = stat[stat.rfind(b")") + 2 :].split()
-    return len(fields) > 1 and int(fields[1]) == os.getppid()
+    return len(fields) > 1 and int(fields[1]) == supervisor
 
 
 class WorkerLink:
@@ -346,6 +346,9 @@ class WorkerLink:
 
     def __init__(self, env: dict[str, Any], metrics: BrokerMetrics, registry: Registry) -> None:
         self.index = int(env["index"])
+        #: Our parent when we started (if it dies we are re-parented, and a
+        #: process that init adopted must not pass for a sibling).
+        self._supervisor = os.getppid()
         self.dir = str(env["dir"])
         self.metrics = metrics
         self.registry = registry
@@ -503,7 +506,7 @@ class WorkerLink:
         assert self._nursery is not None
         while True:
             conn, _ = await listener.accept()
-            if not _peer_is_sibling(conn):
+            if not _peer_is_sibling(conn, self._supervisor):
                 self.metrics.bad_input.labels("worker_channel", "peer_not_worker").inc()
                 limited(
                     log,
@@ -522,14 +525,14 @@ class WorkerLink:
         fds: collections.deque[int] = collections.deque()
         try:
             while True:
-                data, anc, _flags, _addr = await conn.recvmsg(
-                    65536, socket.CMSG_SPACE(_MAX_FDS * 4)
-                )
+                data, anc, flags, _addr = await conn.recvmsg(65536, socket.CMSG_SPACE(_MAX_FDS * 4))
                 for level, kind, payload in anc:
                     if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
                         got = array.array("i")
                         got.frombytes(payload[: len(payload) - len(payload) % 4])
                         fds.extend(got)
+                if flags & socket.MSG_CTRUNC:
+                    raise wp.WorkerProtocolError("fd_truncated", "too many descriptors at once")
                 if not data:
                     return
                 for msg in decoder.feed(data):
