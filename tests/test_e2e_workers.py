@@ -12,6 +12,7 @@ counted; a dial of another cluster is still refused.
 from __future__ import annotations
 
 import array
+import functools
 import hashlib
 import json
 import os
@@ -22,6 +23,8 @@ import socket
 import socketserver
 import stat
 import threading
+import time
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -240,7 +243,7 @@ def test_grpc_dials_reach_agents_of_either_worker(
     tmp_path: Path, wpki: PkiPaths, procs_started: list[Proc], targets: dict[int, int]
 ) -> None:
     broker = start_host(tmp_path, wpki, procs_started, mode="grpc")
-    trio.run(owners, broker)
+    owner = trio.run(owners, broker)
     with grpc.insecure_channel(f"unix:{broker.uds}") as channel:
         for round_ in range(2):
             for i in range(AGENTS):
@@ -257,6 +260,15 @@ def test_grpc_dials_reach_agents_of_either_worker(
                         if len(got.partition(b"\r\n\r\n")[2]) >= BLOB:
                             break
                     assert digest(got.partition(b"\r\n\r\n")[2]) == digest(blob(i)), (round_, i)
+    # One gRPC connection, on one worker: every dial to the other worker's
+    # agents was relayed to their owner.
+    time.sleep(1.5)  # the supervisor scrapes its workers each second
+    relayed = trio.run(
+        functools.partial(
+            host_metric, broker, "tether_broker_worker_handovers_total", kind="relay", result="sent"
+        )
+    )
+    assert relayed >= 2 * min(Counter(owner.values()).values()), (relayed, owner)
     assert broker.proc.stop(timeout=30) == 0
 
 
