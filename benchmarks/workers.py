@@ -22,16 +22,16 @@ the workers for the same cores, so the ratio is bounded by what is left.
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import os
 import secrets
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -102,30 +102,6 @@ async def _handshake_load(fleet: Fleet, seconds: float, concurrency: int = 32) -
     return {"handshakes_ok": ok, "failed": failed, "per_s": ok / elapsed}
 
 
-class SyscallCount:
-    """``strace -c -f`` attached to the broker's processes for one phase:
-    the syscalls they made, a count of work that does not depend on how
-    busy the machine is (strace slows them down: rates under it mean nothing)."""
-
-    def __init__(self, root: int, out: Path) -> None:
-        pids = measure.descendants(root)
-        self.out = out
-        argv = ["strace", "-c", "-f", "-o", str(out)]
-        for pid in pids:
-            argv += ["-p", str(pid)]
-        self.proc = subprocess.Popen(argv, stderr=subprocess.DEVNULL)
-        time.sleep(1.0)  # attached
-
-    def stop(self) -> int:
-        self.proc.send_signal(signal.SIGINT)
-        self.proc.wait(30)
-        for line in self.out.read_text().splitlines():
-            parts = line.split()
-            if parts and parts[-1] == "total":
-                return int(parts[3] if len(parts) >= 6 else parts[2])
-        return 0
-
-
 async def one_run(
     workers: int, n: int, seconds: float, workdir: Path, count_syscalls: bool = False
 ) -> dict[str, Any]:
@@ -154,39 +130,37 @@ async def one_run(
             time.monotonic(),
         )
 
+    async def measured(
+        load: Callable[[], Awaitable[dict[str, Any]]], ok_key: str
+    ) -> dict[str, Any]:
+        """One phase: its result, the broker's and the simulator's CPU, and
+        (``count_syscalls``) the broker's syscalls per operation."""
+        pids = measure.descendants(broker.proc.pid) if count_syscalls else []
+        b0, s0, w0 = cpu()
+        with measure.counting_syscalls(pids) as totals:
+            result = await load()
+        b1, s1, w1 = cpu()
+        result["broker_cpu_pct"] = (b1 - b0) / (w1 - w0) * 100
+        result["simulator_cpu_pct"] = (s1 - s0) / (w1 - w0) * 100
+        if count_syscalls:
+            result["syscalls_per_op"] = sum(totals) / max(1, result[ok_key])
+        return result
+
     try:
         await broker.up()
         async with trio.open_nursery() as nursery:
-            b0, s0, w0 = cpu()
-            counter = (
-                SyscallCount(broker.proc.pid, workdir / "hs.strace") if count_syscalls else None
+            out["handshakes"] = await measured(
+                functools.partial(_handshake_load, fleet, seconds), "handshakes_ok"
             )
-            out["handshakes"] = await _handshake_load(fleet, seconds)
-            if counter is not None:
-                calls = counter.stop()
-                out["handshakes"]["syscalls_per_op"] = calls / max(
-                    1, out["handshakes"]["handshakes_ok"]
-                )
-            b1, s1, w1 = cpu()
-            out["handshakes"]["broker_cpu_pct"] = (b1 - b0) / (w1 - w0) * 100
-            out["handshakes"]["simulator_cpu_pct"] = (s1 - s0) / (w1 - w0) * 100
             for i in range(n):
                 nursery.start_soon(fleet.run_agent, i)
             with trio.move_on_after(120):
                 await fleet.wait_connected(n)
             out["connected"] = len(fleet.connected)
             await trio.sleep(1.0)
-            b0, s0, w0 = cpu()
-            counter = (
-                SyscallCount(broker.proc.pid, workdir / "dial.strace") if count_syscalls else None
+            out["dial"] = await measured(
+                functools.partial(_dial_load, broker.uds, seconds), "dials_ok"
             )
-            out["dial"] = await _dial_load(broker.uds, seconds)
-            if counter is not None:
-                calls = counter.stop()
-                out["dial"]["syscalls_per_op"] = calls / max(1, out["dial"]["dials_ok"])
-            b1, s1, w1 = cpu()
-            out["dial"]["broker_cpu_pct"] = (b1 - b0) / (w1 - w0) * 100
-            out["dial"]["simulator_cpu_pct"] = (s1 - s0) / (w1 - w0) * 100
             nursery.cancel_scope.cancel()
     finally:
         out["exit_code"] = broker.proc.stop(timeout=30)
