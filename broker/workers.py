@@ -107,6 +107,15 @@ class RemoteAgent:
     usable: bool = True
     load: int = 0
 
+    async def dial(
+        self, dial_id: int, addr: str, timeout: float, early: bytes | None = None
+    ) -> Tunnel:
+        """Never called: its worker dials it (:meth:`WorkerLink.relay_dial`)."""
+        raise DialError(DialOutcome.AGENT_LOST, f"agent owned by worker {self.worker}")
+
+    def abort(self, reason: str) -> None:
+        """Its owner closes it (the supervisor's ``Evict``)."""
+
 
 class HostRouter:
     """Every agent of the host, by cluster, in the registry's indexes."""
@@ -221,16 +230,11 @@ class WorkerRegistry(Registry):
             remote = link.remote_owner(cluster, host) if host else None
             if remote is not None:
                 try:
-                    tunnel = await link.relay_dial(remote, addr, timeout, early)
-                    return tunnel, self._placeholder(remote)
+                    return await link.relay_dial(remote, addr, timeout, early), remote
                 except DialError as exc:
                     self.metrics.dial_failures.labels(exc.code).inc()
                     raise
         return await super().dial(cluster, addr, timeout, early)
-
-    @staticmethod
-    def _placeholder(remote: RemoteAgent) -> RoutableAgent:
-        return remote  # type: ignore[return-value]  # frontends only log who it was
 
 
 def make_registry(metrics: BrokerMetrics, strategies: tuple[str, ...]) -> Registry:
