@@ -499,7 +499,8 @@ class WorkerLink:
                     msg.reason,
                     extra=event("agent_evicted", cluster=msg.cluster, agent_id=msg.agent_id),
                 )
-                self.metrics.agent_rejected.labels(msg.reason).inc()
+                if msg.reason != "replaced":  # a replacement counts as a disconnect
+                    self.metrics.agent_rejected.labels(msg.reason).inc()
                 agent.abort(msg.reason)
         else:
             self.metrics.bad_input.labels("worker_control", "unexpected_kind").inc()
