@@ -480,3 +480,58 @@ async def test_agent_port_taken_stops_the_host_with_exit_2(tmp_path: Path, pki: 
         except (OSError, IndexError, ValueError):
             continue
         assert ppid != broker.proc.pid, "a worker outlived its supervisor"
+
+
+@pytest.mark.timeout(120)
+async def test_same_id_with_another_credential_on_another_worker_loses(
+    tmp_path: Path, pki: PkiPaths, procs_started: list[Proc]
+) -> None:
+    """The host's registry view: an agent id live on one worker cannot be
+    taken by another credential through the other worker either."""
+
+    def token_line(token: str) -> str:
+        return f"sha256:{hashlib.sha256(token.encode()).hexdigest()} default dup\n"
+
+    tokens = tmp_path / "tokens"
+    tokens.write_text(token_line("token-one") + token_line("token-two"))
+    broker = start_broker(tmp_path, pki, "--workers=2", f"--agent-token-file={tokens}")
+    procs_started.append(broker.proc)
+    (tmp_path / "one").write_text("token-one\n")
+    (tmp_path / "two").write_text("token-two\n")
+    first = start_agent(
+        tmp_path,
+        broker,
+        f"--service-account-token-path={tmp_path / 'one'}",
+        agent_id="dup",
+        client_cert=False,
+    )
+    procs_started.append(first)
+    await owners(broker, 1, spread=False)
+    (live,) = await admin_json(broker, "/agents")
+    second = start_agent(
+        tmp_path,
+        broker,
+        f"--service-account-token-path={tmp_path / 'two'}",
+        "--sync-interval=0.2",
+        "--sync-interval-cap=0.5",
+        agent_id="dup",
+        client_cert=False,
+    )
+    procs_started.append(second)
+
+    async def evicted_on_the_other_worker() -> bool:
+        # Each retry comes from a new source port: SO_REUSEPORT sends one
+        # to the other worker soon (ten retries on one worker: 1 in 1024).
+        return "identity_in_use on another worker" in broker.proc.log()
+
+    await wait_for(evicted_on_the_other_worker, 60, "the newcomer evicted by the other worker")
+    await trio.sleep(1.5)  # a scrape
+    rows = await admin_json(broker, "/agents")
+    assert [(r["agent_id"], r["remote"], r["worker"]) for r in rows] == [
+        ("dup", live["remote"], live["worker"])
+    ], rows
+    assert "replaced" not in first.log()
+    rejected = await host_metric(
+        broker, "tether_agent_connections_rejected_total", reason="identity_in_use"
+    )
+    assert rejected >= 1
