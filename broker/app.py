@@ -273,7 +273,7 @@ class Broker:
             bound.sock.close()
         self.sockets.clear()
 
-    def _lost_sockets(self) -> list[str]:
+    def lost_sockets(self) -> list[str]:
         """Clusters whose socket path no longer leads to our socket; logs changes."""
         lost = [name for name, bound in self.sockets.items() if not bound.owned()]
         for name in set(lost) - self._sockets_lost:
@@ -290,7 +290,7 @@ class Broker:
 
     async def _watch_sockets(self, interval: float = 1.0) -> None:
         while True:
-            self._lost_sockets()
+            self.lost_sockets()
             await trio.sleep(interval)
 
     # ------------------------------------------------------------- health
@@ -302,7 +302,7 @@ class Broker:
         def readyz() -> tuple[int, str, bytes]:
             if self.stopping:
                 return text(503, "shutting down")
-            lost = self._lost_sockets()
+            lost = self.lost_sockets()
             if lost:
                 return text(503, f"frontend socket lost: {', '.join(sorted(lost))}")
             n = self.registry.count()
@@ -366,7 +366,7 @@ class Broker:
         assert self.frontend_trust is not None
         return self.frontend_trust.identify(tls_stream.getpeercert(binary_form=True))
 
-    def _frontend_handler(
+    def frontend_handler(
         self, frontend: str, cluster: str = "", local_only: bool = False
     ) -> Handler:
 
@@ -493,7 +493,7 @@ class Broker:
                 if c.name in uds:
                     uds_l = uds[c.name]
                     frontend = "grpc" if c.frontend_mode == "grpc" else "uds"
-                    nursery.start_soon(_serve, uds_l, self._frontend_handler(frontend, c.name))
+                    nursery.start_soon(_serve, uds_l, self.frontend_handler(frontend, c.name))
             nursery.start_soon(self._watch_sockets)
             if cfg.server_port:
                 tcp_l = await open_tcp(
@@ -502,7 +502,7 @@ class Broker:
                     what="the TCP frontend (--server-port)",
                 )
                 ports["server"] = listener_port(tcp_l)
-                nursery.start_soon(_serve, tcp_l, self._frontend_handler("tcp"))
+                nursery.start_soon(_serve, tcp_l, self.frontend_handler("tcp"))
             if cfg.health_port and not self.worker:  # the supervisor serves the host's
                 health_l = await open_tcp_listener(
                     cfg.health_bind_address, cfg.health_port, what="the health port (--health-port)"

@@ -566,7 +566,7 @@ class WorkerLink:
             return
         sock.setblocking(False)
         stream = PrefixStream(trio.SocketStream(trio.socket.from_stdlib_socket(sock)), msg.data)
-        handler = broker._frontend_handler(msg.frontend, msg.cluster, local_only=True)
+        handler = broker.frontend_handler(msg.frontend, msg.cluster, local_only=True)
         self.handovers.labels(msg.frontend, "received").inc()
         self._nursery.start_soon(handler, stream)
 
@@ -907,7 +907,7 @@ class Supervisor:
         def readyz() -> tuple[int, str, bytes]:
             if self.stopping:
                 return text(503, "shutting down")
-            lost = self.broker._lost_sockets()
+            lost = self.broker.lost_sockets()
             if lost:
                 return text(503, f"frontend socket lost: {', '.join(sorted(lost))}")
             n = len(self.table)
