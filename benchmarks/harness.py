@@ -54,6 +54,8 @@ ALL_SCENARIOS = ("S1", "S2", "S3", "S4", "S5", "S6", "S7", "S8", "S9", "S10")
 EMULATED = ("lte", "5g", "satellite", "lossy-iot", "flaky")
 #: Profiles whose S4 varies widely run to run: median and spread of several runs.
 LOSSY_PROFILES = ("satellite", "lossy-iot", "flaky")
+#: Profiles only S4 runs on (an echo series across a 20 s outage says nothing).
+S4_ONLY_PROFILES = ("flaky",)
 DEFAULT_PROFILES = {
     "full": ("loopback", *EMULATED),
     "quick": ("loopback", "lte"),
@@ -277,7 +279,7 @@ class Run:
                     self.progress("S8 footprint, idle")
                     self.sc("S8")["idle"] = scenarios.s8_idle(st, self.d.s8_idle_s, self.progress)
                     self.sc("S8")["idle_profile"] = name
-                if self.wants("S2"):
+                if self.wants("S2") and name not in S4_ONLY_PROFILES:
                     self.progress(f"S2 echo, {name}")
                     self.sc("S2")[name] = scenarios.s2_echo(
                         st, prof, self.d, self.errors, self.progress
