@@ -7,6 +7,7 @@ import json
 import logging
 import ssl
 from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
 
 import trio
 
@@ -22,9 +23,11 @@ from broker.leases import LeasePublisher
 from broker.metrics import BrokerMetrics
 from broker.registry import Registry
 from protocol import leases
+from protocol.admission import Admission, AdmissionConfig
 from protocol.budget import BufferBudget
 from protocol.session import SessionConfig
-from tether.netio import kubeapi, sockopts, tls
+from tether.netio import kubeapi, sockopts, tickets, tls
+from tether.netio.admission import AdmissionGate
 from tether.netio.http import serve_http, text
 from tether.netio.kubeapi import KubeClient
 from tether.netio.limits import PerPeerLimiter
@@ -39,16 +42,34 @@ from tether.netio.logs import event, limited, run_suppressed_reporter
 from tether.netio.process import wait_for_stop_signal
 from tether.netio.tunnel import Keepalive
 
+if TYPE_CHECKING:
+    from broker.workers import WorkerLink
+
 log = logging.getLogger("tether.broker")
+
+#: The agent port's listen backlog: a reconnect storm waits there for
+#: accept pacing instead of in SYN retransmits (the kernel caps it at
+#: net.core.somaxconn).
+AGENT_BACKLOG = 4096
+#: The share of --handshake-timeout an agent connection may wait for a
+#: handshake slot; the rest is left for the handshake (the agent's own
+#: connect deadline is as long by default).
+QUEUE_WAIT_SHARE = 0.7
 
 Handler = Callable[[trio.abc.Stream], Awaitable[None]]
 
 
 class Broker:
-    def __init__(self, cfg: BrokerConfig) -> None:
+    def __init__(
+        self,
+        cfg: BrokerConfig,
+        make_registry: Callable[[BrokerMetrics, tuple[str, ...]], Registry] = Registry,
+    ) -> None:
         self.cfg = cfg
         self.metrics = BrokerMetrics()
-        self.registry = Registry(self.metrics, cfg.proxy_strategies)
+        self.registry = make_registry(self.metrics, cfg.proxy_strategies)
+        #: ``--workers``: this process is one of the host's workers.
+        self.worker: WorkerLink | None = None
         self.server = ServerInfo(cfg.server_id, cfg.server_count)
         self.leases: LeasePublisher | None = None
         if cfg.enable_lease_controller:
@@ -60,6 +81,7 @@ class Broker:
                 on_count=self._lease_count,
             )
         self.clusters = clusters_from(cfg)
+        self.cluster_names = frozenset(c.name for c in self.clusters)
         frontend_subjects = roles.parse_subjects(cfg.frontend_allowed_subjects)
         self.authenticator = Authenticator(
             self.clusters,
@@ -90,7 +112,12 @@ class Broker:
         self.agent_tls = tls.ReloadableContext(
             "cluster",
             self._agent_context,
-            [cfg.cluster_cert, cfg.cluster_key, *self.authenticator.ca_files],
+            [
+                cfg.cluster_cert,
+                cfg.cluster_key,
+                *self.authenticator.ca_files,
+                cfg.agent_tls_ticket_key_file,
+            ],
             cert_file=cfg.cluster_cert,
         )
         #: Buffered tunnel data of every agent connection together.
@@ -114,6 +141,29 @@ class Broker:
             budget=self.budget,
             flood_penalty_after=cfg.flood_penalty_after,
         )
+        #: New agent connections under admission control (a reconnect storm).
+        self.admission = AdmissionGate(
+            Admission(
+                AdmissionConfig(
+                    max_handshakes=cfg.max_concurrent_handshakes,
+                    accept_rate=cfg.agent_accept_rate,
+                    accept_burst=max(1, int(cfg.agent_accept_rate / 10)),
+                    max_queue=cfg.agent_accept_queue,
+                    max_wait=cfg.handshake_timeout * QUEUE_WAIT_SHARE,
+                    max_shedding=max(1, cfg.max_concurrent_handshakes // 4),
+                    max_per_source=cfg.max_handshakes_per_ip,
+                    max_active_per_source=max(1, cfg.max_concurrent_handshakes // 4),
+                ),
+                0.0,  # built before trio runs: the bucket starts full
+            ),
+            on_verdict=lambda v: self.metrics.admission.labels(v.value).inc(),
+        )
+        for state, read in (
+            ("handshaking", lambda: self.admission.admission.active),
+            ("queued", lambda: self.admission.admission.queued),
+            ("shedding", lambda: self.admission.admission.shedding),
+        ):
+            self.metrics.admission_state.labels(state).set_function(read)
         self.frontend_trust: roles.FrontendTrust | None = None
         self.frontend_tls: tls.ReloadableContext | None = None
         if cfg.server_port:
@@ -178,6 +228,9 @@ class Broker:
             self.authenticator.load_cas()
         except (OSError, ValueError) as exc:
             raise tls.TLSConfigError(f"cannot load agent CA bundle: {exc}") from None
+        if self.cfg.agent_tls_ticket_key_file:
+            key = tickets.load_key(self.cfg.agent_tls_ticket_key_file)
+            tickets.apply(ctx, key, tickets.session_context(self.authenticator.ca_files))
         return ctx
 
     def _frontend_ca_files(self) -> list[str]:
@@ -251,6 +304,10 @@ class Broker:
                 functools.partial(_owned, bound)
             )
 
+    def _bound_listeners(self) -> dict[str, trio.SocketListener]:
+        self.bind_sockets()
+        return {name: bound.listener() for name, bound in self.sockets.items()}
+
     def remove_sockets(self) -> None:
         """Unlink the frontend sockets that are still this broker's, then close them."""
         for bound in self.sockets.values():
@@ -258,7 +315,7 @@ class Broker:
             bound.sock.close()
         self.sockets.clear()
 
-    def _lost_sockets(self) -> list[str]:
+    def lost_sockets(self) -> list[str]:
         """Clusters whose socket path no longer leads to our socket; logs changes."""
         lost = [name for name, bound in self.sockets.items() if not bound.owned()]
         for name in set(lost) - self._sockets_lost:
@@ -275,7 +332,7 @@ class Broker:
 
     async def _watch_sockets(self, interval: float = 1.0) -> None:
         while True:
-            self._lost_sockets()
+            self.lost_sockets()
             await trio.sleep(interval)
 
     # ------------------------------------------------------------- health
@@ -287,7 +344,7 @@ class Broker:
         def readyz() -> tuple[int, str, bytes]:
             if self.stopping:
                 return text(503, "shutting down")
-            lost = self._lost_sockets()
+            lost = self.lost_sockets()
             if lost:
                 return text(503, f"frontend socket lost: {', '.join(sorted(lost))}")
             n = self.registry.count()
@@ -329,8 +386,13 @@ class Broker:
 
     # ---------------------------------------------------------- frontends
 
-    def _connect_settings(self, cluster: str, frontend: str) -> ConnectSettings:
+    def _connect_settings(
+        self, cluster: str, frontend: str, local_only: bool = False
+    ) -> ConnectSettings:
+        worker = self.worker
         return ConnectSettings(
+            handover=worker.handover if worker and frontend == "uds" and not local_only else None,
+            local_only=local_only,
             cluster=cluster,
             dial_timeout=self.cfg.backend_dial_timeout,
             header_timeout=self.cfg.frontend_header_timeout,
@@ -346,7 +408,9 @@ class Broker:
         assert self.frontend_trust is not None
         return self.frontend_trust.identify(tls_stream.getpeercert(binary_form=True))
 
-    def _frontend_handler(self, frontend: str, cluster: str = "") -> Handler:
+    def frontend_handler(
+        self, frontend: str, cluster: str = "", local_only: bool = False
+    ) -> Handler:
 
         async def handle(stream: trio.abc.Stream) -> None:
             if self.stopping and frontend == "grpc":
@@ -386,7 +450,7 @@ class Broker:
                 if frontend == "grpc":
                     await self.grpc_frontends[target_cluster].handle(stream)
                 else:
-                    settings = self._connect_settings(target_cluster, frontend)
+                    settings = self._connect_settings(target_cluster, frontend, local_only)
                     await handle_connect(stream, self.registry, self.metrics, settings)
             except Exception:
                 log.exception("frontend handler failed")
@@ -460,27 +524,33 @@ class Broker:
             if self.leases is not None:
                 await nursery.start(self.leases.run)
             ports: dict[str, int] = {}
-            agent_l = await open_tcp_listener(
-                cfg.agent_bind_address, cfg.agent_port, what="the agent port (--agent-port)"
+            open_tcp = self.worker.open_listener if self.worker else open_tcp_listener
+            agent_l = await open_tcp(
+                cfg.agent_bind_address,
+                cfg.agent_port,
+                backlog=AGENT_BACKLOG,
+                what="the agent port (--agent-port)",
             )
             ports["agent"] = listener_port(agent_l)
-            nursery.start_soon(_serve, agent_l, self.agent_server.handle)
-            self.bind_sockets()
+            # Paced and bounded (tether/netio/admission.py); the listeners
+            # below have their own accept loops and never wait on it.
+            nursery.start_soon(self.admission.serve, agent_l, self.agent_server.handle)
+            uds = self.worker.inherited if self.worker else self._bound_listeners()
             for c in self.clusters:
-                if c.name in self.sockets:
-                    uds_l = self.sockets[c.name].listener()
+                if c.name in uds:
+                    uds_l = uds[c.name]
                     frontend = "grpc" if c.frontend_mode == "grpc" else "uds"
-                    nursery.start_soon(_serve, uds_l, self._frontend_handler(frontend, c.name))
+                    nursery.start_soon(_serve, uds_l, self.frontend_handler(frontend, c.name))
             nursery.start_soon(self._watch_sockets)
             if cfg.server_port:
-                tcp_l = await open_tcp_listener(
+                tcp_l = await open_tcp(
                     cfg.server_bind_address,
                     cfg.server_port,
                     what="the TCP frontend (--server-port)",
                 )
                 ports["server"] = listener_port(tcp_l)
-                nursery.start_soon(_serve, tcp_l, self._frontend_handler("tcp"))
-            if cfg.health_port:
+                nursery.start_soon(_serve, tcp_l, self.frontend_handler("tcp"))
+            if cfg.health_port and not self.worker:  # the supervisor serves the host's
                 health_l = await open_tcp_listener(
                     cfg.health_bind_address, cfg.health_port, what="the health port (--health-port)"
                 )
@@ -495,9 +565,13 @@ class Broker:
                     )
                 )
             admin = "off"
-            if cfg.admin_port:
+            if cfg.admin_port or self.worker:
+                # A worker's admin port is loopback, any port: the supervisor
+                # scrapes it for the host's /metrics and /agents.
                 admin_l = await open_tcp_listener(
-                    cfg.admin_bind_address, cfg.admin_port, what="the admin port (--admin-port)"
+                    "127.0.0.1" if self.worker else cfg.admin_bind_address,
+                    0 if self.worker else cfg.admin_port,
+                    what="the admin port (--admin-port)",
                 )
                 ports["admin"] = listener_port(admin_l)
                 admin = f"{cfg.admin_bind_address or '*'}:{ports['admin']}"
@@ -530,6 +604,8 @@ class Broker:
                 admin,
                 extra=event("started", server_id=cfg.server_id, ports=ports),
             )
+            if self.worker is not None:
+                await nursery.start(self.worker.run, self, ports)
             task_status.started(ports)
             await wait_for_stop_signal(log)
             await self.shutdown()

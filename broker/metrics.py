@@ -72,6 +72,18 @@ class BrokerMetrics(TunnelMetrics):
             ["reason"],
             registry=r,
         )
+        self.hedges_accepted = prom.Counter(
+            "tether_agent_hedges_accepted_total",
+            "Hedged agent connections that took new dials while the agent's previous "
+            "connection kept its open streams.",
+            registry=r,
+        )
+        self.dials_rerouted = prom.Counter(
+            "tether_dials_rerouted_total",
+            "Dials sent again on an agent's hedged connection because the connection "
+            "they were sent on was superseded before the agent answered.",
+            registry=r,
+        )
         self.agent_disconnects = prom.Counter(
             "tether_agent_disconnects_total",
             "Agent connections that ended, by cause.",
@@ -102,6 +114,20 @@ class BrokerMetrics(TunnelMetrics):
             "Registered agents by kind: tether (Tether's protocol) or konnectivity "
             "(a stock konnectivity agent on /AgentService/Connect).",
             ["kind"],
+            registry=r,
+        )
+        self.admission = prom.Counter(
+            "tether_agent_admission",
+            "Agent-port connections by admission verdict (protocol/admission.py): admit "
+            "(handshake at once), queue (waited for a handshake slot), shed (answered "
+            "503 overloaded with a retry hint), drop (closed before TLS).",
+            ["verdict"],
+            registry=r,
+        )
+        self.admission_state = prom.Gauge(
+            "tether_agent_admission_connections",
+            "Agent-port connections in admission now: handshaking, queued or shedding.",
+            ["state"],
             registry=r,
         )
         self.konnectivity_tunnels = prom.Gauge(

@@ -32,6 +32,9 @@ AGENT_IDENTIFIERS = "tether-agent-identifiers"
 CONNECTED_SERVERS = "tether-connected-servers"
 #: The agent process's instance id, drawn once per start (absent: an older agent).
 AGENT_INSTANCE = "tether-agent-instance"
+#: A hedged connection (``1``): the agent keeps its current connection to
+#: this replica while this one is set up (docs/protocol.md, 6. Reconnect).
+AGENT_HEDGE = "tether-agent-hedge"
 AUTHORIZATION = "authorization"
 # The broker's welcome (200 response headers).
 SERVER_ID = "tether-server-id"
@@ -39,6 +42,10 @@ SERVER_COUNT = "tether-server-count"
 DIAL_FAIL_CODES = "tether-dial-fail-codes"
 # The broker's refusal (non-200 response headers), beside the body text.
 REFUSAL = "tether-refusal"
+#: With ``503 overloaded``: milliseconds to wait before dialing again.
+RETRY_AFTER = "tether-retry-after"
+#: The longest retry hint an agent takes (longer: not a hint).
+MAX_RETRY_AFTER_MS = 3_600_000
 # A data stream's request header.
 DIAL_ID = "tether-dial-id"
 
@@ -70,6 +77,9 @@ class RefusalReason(enum.Enum):
     #: 409: this id is live on another connection with the same credential,
     #: from another agent process (two devices sharing one identity).
     AGENT_ID_LIVE = "agent_id_live"
+    #: 503: the broker is shedding new connections (a reconnect storm);
+    #: :data:`RETRY_AFTER` says when to dial again.
+    OVERLOADED = "overloaded"
 
 
 def valid_token(token: str) -> bool:
@@ -102,6 +112,9 @@ class Hello:
     #: The agent process's instance id (:func:`valid_instance`); "" from an
     #: older agent, which sends none.
     instance: str = ""
+    #: A hedged connection: the broker takes it for new dials and leaves the
+    #: agent's current one (same credential and instance) open until it ends.
+    hedge: bool = False
 
     @property
     def path(self) -> str:
@@ -115,6 +128,8 @@ class Hello:
             headers[CONNECTED_SERVERS] = ",".join(sorted(self.connected_servers))
         if self.instance:
             headers[AGENT_INSTANCE] = self.instance
+        if self.hedge:
+            headers[AGENT_HEDGE] = "1"
         if self.token is not None:
             headers[AUTHORIZATION] = f"Bearer {self.token}"
         return headers
@@ -137,6 +152,11 @@ class Hello:
         instance = headers.get(AGENT_INSTANCE, "")
         if instance and not valid_instance(instance):
             raise HandshakeError("bad_instance", f"invalid {AGENT_INSTANCE} header")
+        hedge = headers.get(AGENT_HEDGE, "")
+        if hedge not in ("", "1"):
+            raise HandshakeError("bad_hedge", f"invalid {AGENT_HEDGE} header (only 1)")
+        if hedge and not instance:
+            raise HandshakeError("bad_hedge", f"{AGENT_HEDGE} needs {AGENT_INSTANCE}")
         return cls(
             agent_id=agent_id,
             identifiers=identifiers,
@@ -144,6 +164,7 @@ class Hello:
             connected_servers=servers,
             token=bearer_token(headers),
             instance=instance,
+            hedge=bool(hedge),
         )
 
 
@@ -198,13 +219,30 @@ class Refusal:
     status: int
     token: str
     text: str = ""
+    #: When to dial again (:data:`RETRY_AFTER`), milliseconds; None: no hint.
+    retry_after_ms: int | None = None
 
     def __attrs_post_init__(self) -> None:
         if not valid_token(self.token):
             raise HandshakeError("bad_refusal", f"invalid refusal token {self.token!r}")
+        if self.retry_after_ms is not None and not 0 <= self.retry_after_ms <= MAX_RETRY_AFTER_MS:
+            raise HandshakeError("bad_refusal", f"retry hint out of range: {self.retry_after_ms}")
 
     def to_headers(self) -> dict[str, str]:
-        return {REFUSAL: self.token}
+        headers = {REFUSAL: self.token}
+        if self.retry_after_ms is not None:
+            headers[RETRY_AFTER] = str(self.retry_after_ms)
+        return headers
+
+    @staticmethod
+    def retry_after_from_headers(headers: Mapping[str, str]) -> float | None:
+        """The retry hint of a response in seconds; None when absent (an
+        older broker) or not a number of milliseconds within an hour."""
+        value = headers.get(RETRY_AFTER, "")
+        if not (value.isascii() and value.isdigit() and len(value) <= 7):
+            return None
+        ms = int(value)
+        return ms / 1000.0 if ms <= MAX_RETRY_AFTER_MS else None
 
     @staticmethod
     def token_from_headers(headers: Mapping[str, str]) -> str:

@@ -8,7 +8,8 @@ both schedules: the *backoff* (base ``--sync-interval``, cap
 ``--sync-interval-cap``, reset once a link stayed healthy) for brokers that
 answered and refused, dropped us or drained, and the short *probe* schedule
 (cap ``--probe-interval-cap``) while no broker can be reached at all. It
-applies a broker's drain hint (reconnect within its retry window), sends an
+applies a broker's drain hint (reconnect within its retry window) and an
+overloaded broker's retry hint (wait that long, jittered), sends an
 authentication rejection straight to the cap, spaces out a balancer's
 duplicate picks, and once the agent is stopping it never dials again.
 """
@@ -28,6 +29,8 @@ class Cause(enum.Enum):
 
     DRAIN = "drain"
     REJECTED = "rejected"
+    #: 503 overloaded: the broker sheds new connections (a reconnect storm).
+    OVERLOADED = "overloaded"
     CONNECT_TIMEOUT = "connect_timeout"
     CONNECT_FAILED = "connect_failed"
     TLS_HANDSHAKE = "tls_handshake"
@@ -40,11 +43,15 @@ class Cause(enum.Enum):
     TRANSPORT_ERROR = "transport_error"
     #: The broker replaced this link by another connection with our agent id.
     REPLACED = "replaced"
+    #: The local address the link was bound to disappeared (the device moved).
+    ADDRESS_GONE = "address_gone"
     OTHER = "other"
 
 
 #: Failures before any byte reached a broker process: the network's fault.
 UNREACHABLE = frozenset({Cause.CONNECT_FAILED, Cause.CONNECT_TIMEOUT})
+#: A link that ended because the device moved: dial again at once, once.
+MOVED = frozenset({Cause.ADDRESS_GONE})
 
 
 class Kind(enum.Enum):
@@ -78,6 +85,8 @@ class LinkOutcome:
     #: How long the link lasted (LOST: since its control stream was opened;
     #: FAILED: since the dial began).
     lasted: float | None = None
+    #: An overloaded broker's retry hint (``tether-retry-after``), seconds.
+    retry_after: float | None = None
 
     @classmethod
     def connected(cls) -> LinkOutcome:
@@ -96,8 +105,11 @@ class LinkOutcome:
         accepted: bool = False,
         drain_retry: float | None = None,
         refusal: str = "",
+        retry_after: float | None = None,
     ) -> LinkOutcome:
-        return cls(Kind.FAILED, cause, detail, accepted, drain_retry, refusal)
+        return cls(
+            Kind.FAILED, cause, detail, accepted, drain_retry, refusal, retry_after=retry_after
+        )
 
     @property
     def label(self) -> str:
@@ -176,6 +188,10 @@ class ReconnectPolicy:
         if outcome.kind is Kind.DUPLICATE:
             delay = self.rng.uniform(0, self.base)
             return Decision(True, delay, Schedule.DUPLICATE, ceiling=self.base)
+        if outcome.kind is Kind.LOST and outcome.cause in MOVED:
+            # The link worked until the address went away: the next one is
+            # expected to work at once (a failure then follows the probes).
+            return Decision(True, 0.0, Schedule.NOW)
         unreachable = outcome.cause in UNREACHABLE
         schedule = self.probe if unreachable else self.backoff
         if outcome.lasted is not None:
@@ -184,6 +200,8 @@ class ReconnectPolicy:
             self.backoff.rejected()
         if outcome.drain_retry is not None:
             self.backoff.drain_hint(outcome.drain_retry)
+        if outcome.retry_after is not None:
+            self.backoff.retry_hint(outcome.retry_after)
         ceiling = schedule.ceiling()
         delay = schedule.next_delay()
         attempt = schedule.attempt
