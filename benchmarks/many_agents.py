@@ -1,6 +1,7 @@
 """S9, broker scale: N agents simulated in one process against one real broker.
 
-    python -m benchmarks.many_agents [--agents 1000] [--dial-seconds 5] [--json OUT]
+    python -m benchmarks.many_agents [--agents 1000] [--dial-seconds 5]
+        [--idle-seconds 60] [--no-storm] [--broker-source DIR] [--json OUT]
 
 Each simulated agent is the project's own protocol stack, not a mock: a TCP
 connection, :class:`tether.netio.tls_stream.TLSStream` (TLS 1.3, ALPN h2),
@@ -19,18 +20,27 @@ Measured:
 
 - memory per connected agent: broker RSS (and USS) with N agents connected,
   minus the same broker with none, divided by N;
+- idle CPU: the broker's CPU use (% of one core) over ``--idle-seconds``
+  with all N agents connected and nothing else happening: keepalive,
+  timers and tasks, per agent per hour as well;
 - dials per second: 64 concurrent CONNECT clients on the broker's Unix
   socket, each dial carrying one echoed byte, for ``--dial-seconds``; the
   broker's and this process's CPU use are recorded, since on a 2-core box
-  the simulator competes with the broker;
+  the simulator competes with the broker; broker CPU seconds per 1,000 dials;
 - reconnect storm: the broker is killed (SIGKILL: a crash, no drain hint)
   and started again on the same port; the time from the restart until all N
-  agents are connected again, while ``/healthz`` is polled every 250 ms.
+  agents are connected again, while ``/healthz`` is polled every 250 ms
+  (``--no-storm`` skips it).
+
+``--broker-source DIR`` runs the broker from another checkout of the
+project (``python -m broker`` with ``PYTHONPATH=DIR``) with this simulator,
+for before/after comparisons of the broker alone.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import os
@@ -282,8 +292,40 @@ def _restart(broker: BrokerHandle, workdir: Path) -> BrokerHandle:
     )
 
 
+def broker_prefix(source: Path | None) -> list[str]:
+    """The command prefix that runs the broker from ``source`` (another
+    checkout of the project) rather than from this one."""
+    if source is None:
+        return []
+    return ["env", f"PYTHONPATH={source.resolve()}", sys.executable]
+
+
+async def _idle_cpu(pid: int, seconds: float, n: int) -> dict[str, Any]:
+    """The broker's CPU use while all agents are connected and idle."""
+    c0, w0 = measure.cpu_seconds(pid), time.monotonic()
+    sim0 = measure.cpu_seconds(os.getpid())
+    await trio.sleep(seconds)
+    wall = time.monotonic() - w0
+    cpu = measure.cpu_seconds(pid) - c0
+    return {
+        "seconds": wall,
+        "broker_cpu_pct": cpu / wall * 100,
+        # CPU seconds per idle agent per hour
+        "broker_cpu_s_per_agent_hour": cpu / wall * 3600 / max(1, n),
+        "simulator_cpu_pct": (measure.cpu_seconds(os.getpid()) - sim0) / wall * 100,
+    }
+
+
 async def run(
-    n: int, workdir: Path, dial_s: float, storm_cap_s: float, progress: Any = print
+    n: int,
+    workdir: Path,
+    dial_s: float,
+    storm_cap_s: float,
+    progress: Any = print,
+    *,
+    idle_s: float = 0.0,
+    storm: bool = True,
+    broker_source: Path | None = None,
 ) -> dict[str, Any]:
     limit = raise_fd_limit(max(4 * n + 1024, 65536))
     pki = init_pki(workdir / "pki")
@@ -298,6 +340,7 @@ async def run(
         f"--cluster-name={CLUSTER}",
         "--log-level=warning",
         tcp=False,
+        prefix=broker_prefix(broker_source),
     )
     out: dict[str, Any] = {"agents": n, "fd_limit": limit}
     fleet = Fleet(n, broker.agent_port, token, pki.ca_cert)
@@ -325,6 +368,13 @@ async def run(
             out["per_agent_uss_kib"] = (full["uss"] - base["uss"]) / max(1, len(fleet.connected))
             progress(f"    S9 broker memory per agent: {out['per_agent_rss_kib']:.1f} KiB RSS")
 
+            if idle_s > 0:
+                out["idle"] = await _idle_cpu(broker.proc.pid, idle_s, len(fleet.connected))
+                progress(
+                    f"    S9 idle: broker CPU {out['idle']['broker_cpu_pct']:.1f}% of a core "
+                    f"over {idle_s:g} s (simulator {out['idle']['simulator_cpu_pct']:.0f}%)"
+                )
+
             b0, s0, w0 = (
                 measure.cpu_seconds(broker.proc.pid),
                 measure.cpu_seconds(os.getpid()),
@@ -332,13 +382,22 @@ async def run(
             )
             out["dial"] = await _dial_load(broker.uds, dial_s)
             wall = time.monotonic() - w0
-            out["dial"]["broker_cpu_pct"] = (measure.cpu_seconds(broker.proc.pid) - b0) / wall * 100
-            out["dial"]["simulator_cpu_pct"] = (measure.cpu_seconds(os.getpid()) - s0) / wall * 100
+            dial = out["dial"]
+            broker_cpu = measure.cpu_seconds(broker.proc.pid) - b0
+            sim_cpu = measure.cpu_seconds(os.getpid()) - s0
+            dial["broker_cpu_pct"] = broker_cpu / wall * 100
+            dial["simulator_cpu_pct"] = sim_cpu / wall * 100
+            dial["broker_cpu_s_per_1000_dials"] = broker_cpu / max(1, dial["dials_ok"]) * 1000
+            dial["simulator_cpu_s_per_1000_dials"] = sim_cpu / max(1, dial["dials_ok"]) * 1000
             progress(
-                f"    S9 {out['dial']['dials_per_s']:.0f} dials/s "
-                f"(broker CPU {out['dial']['broker_cpu_pct']:.0f}%, "
-                f"simulator {out['dial']['simulator_cpu_pct']:.0f}%)"
+                f"    S9 {dial['dials_per_s']:.0f} dials/s "
+                f"(broker CPU {dial['broker_cpu_pct']:.0f}%, "
+                f"{dial['broker_cpu_s_per_1000_dials']:.2f} s per 1,000 dials; "
+                f"simulator {dial['simulator_cpu_pct']:.0f}%)"
             )
+            if not storm:
+                nursery.cancel_scope.cancel()
+                return out
 
             # Reconnect storm after a crash-restart on the same port.
             broker = _restart(broker, workdir)
@@ -370,8 +429,10 @@ async def run(
     return out
 
 
-def run_blocking(n: int, workdir: Path, dial_s: float, storm_cap_s: float = 120) -> dict[str, Any]:
-    return trio.run(run, n, workdir, dial_s, storm_cap_s)
+def run_blocking(
+    n: int, workdir: Path, dial_s: float, storm_cap_s: float = 120, **options: Any
+) -> dict[str, Any]:
+    return trio.run(functools.partial(run, n, workdir, dial_s, storm_cap_s, **options))
 
 
 def main() -> int:
@@ -379,11 +440,26 @@ def main() -> int:
     parser.add_argument("--agents", type=int, default=1000)
     parser.add_argument("--dial-seconds", type=float, default=5.0)
     parser.add_argument("--storm-cap", type=float, default=120.0)
+    parser.add_argument(
+        "--idle-seconds", type=float, default=0.0, help="measure idle broker CPU this long"
+    )
+    parser.add_argument("--no-storm", action="store_true", help="skip the reconnect storm")
+    parser.add_argument(
+        "--broker-source", type=Path, help="run the broker from this checkout (before/after)"
+    )
     parser.add_argument("--json", type=Path, help="write the results here")
     args = parser.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     with tempfile.TemporaryDirectory(prefix="tether-s9-") as tmp:
-        result = run_blocking(args.agents, Path(tmp), args.dial_seconds, args.storm_cap)
+        result = run_blocking(
+            args.agents,
+            Path(tmp),
+            args.dial_seconds,
+            args.storm_cap,
+            idle_s=args.idle_seconds,
+            storm=not args.no_storm,
+            broker_source=args.broker_source,
+        )
     text = json.dumps(result, indent=2)
     if args.json:
         args.json.write_text(text)
