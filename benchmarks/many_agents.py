@@ -56,7 +56,7 @@ from typing import Any
 import trio
 
 from benchmarks import measure
-from protocol import messages, session
+from protocol import keepalive, messages, session
 from protocol.backoff import Backoff
 from protocol.session import Role, SessionConfig, TunnelSession
 from tether.netio import sockopts, tls
@@ -67,6 +67,7 @@ from tether.tools.launch import BrokerHandle, Proc, http_get, start_broker
 
 CLUSTER = "default"
 #: What ``tether-agent`` sets with its default keepalive (15 s + 15 s).
+KEEPALIVE = Keepalive(15, 15)
 SOCKET_OPTIONS = sockopts.TunnelSocketOptions(user_timeout=30.0, keepalive_idle=15.0)
 
 
@@ -144,11 +145,13 @@ class Fleet:
                 "tether-agent-identifiers": f"host=sim-{i}",
                 "tether-cluster": CLUSTER,
                 "authorization": f"Bearer {self.token}",
+                # As tether-agent: it drives keepalive, the broker answers.
+                keepalive.HEADER: keepalive.header_value(KEEPALIVE.interval) or "",
             },
             f"127.0.0.1:{self.port}",
         )
         agent = SimAgent(self, i)
-        conn = TunnelConnection(stream, sess, agent, keepalive=Keepalive(15, 15), name="sim")
+        conn = TunnelConnection(stream, sess, agent, keepalive=KEEPALIVE, name="sim")
         agent.conn = conn
         try:
             async with trio.open_nursery() as nursery:

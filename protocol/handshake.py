@@ -16,6 +16,7 @@ from collections.abc import Mapping
 
 import attrs
 
+from protocol import keepalive
 from protocol.errors import ProtocolError
 from protocol.identifiers import AgentIdentifiers, valid_name
 
@@ -102,6 +103,9 @@ class Hello:
     #: The agent process's instance id (:func:`valid_instance`); "" from an
     #: older agent, which sends none.
     instance: str = ""
+    #: The keepalive interval this agent drives, as announced
+    #: (:func:`protocol.keepalive.header_value`); None: the broker drives.
+    keepalive_ms: str | None = None
 
     @property
     def path(self) -> str:
@@ -117,6 +121,8 @@ class Hello:
             headers[AGENT_INSTANCE] = self.instance
         if self.token is not None:
             headers[AUTHORIZATION] = f"Bearer {self.token}"
+        if self.keepalive_ms is not None:
+            headers[keepalive.HEADER] = self.keepalive_ms
         return headers
 
     @classmethod
