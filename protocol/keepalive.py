@@ -158,20 +158,22 @@ class LinkKeepalive:
         return last_rx + self.interval
 
     def poll(self, now: float, last_rx: float) -> Action:
+        # Every threshold is the same sum :meth:`due` returns, so a poll at
+        # ``due`` always acts (no float rounding can make it spin).
         if self.mode is Mode.OFF:
             return Action.NONE
         if self.mode is Mode.ANSWER:
-            return Action.DEAD if now - last_rx >= self.timeout else Action.NONE
+            return Action.DEAD if now >= last_rx + self.timeout else Action.NONE
         if self._ping is not None:
-            # Any read since the PING went also proves the link: an ACK
-            # queued behind bulk data arrives later, but the bytes arrive.
-            if now - self._sent_at >= self.timeout and last_rx < self._sent_at:
-                return Action.DEAD
             if last_rx >= self._sent_at:
+                # Any read since the PING went also proves the link: an ACK
+                # queued behind bulk data arrives later, but the bytes arrive.
                 self._ping = None
+            elif now >= self._sent_at + self.timeout:
+                return Action.DEAD
             else:
                 return Action.NONE
-        return Action.PING if now - last_rx >= self.interval else Action.NONE
+        return Action.PING if now >= last_rx + self.interval else Action.NONE
 
     def ping_sent(self, payload: bytes, now: float) -> None:
         self._ping = payload
