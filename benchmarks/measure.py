@@ -12,10 +12,13 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import shutil
+import signal
 import subprocess
+import tempfile
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -153,6 +156,51 @@ def dial_time(opener: Opener, port: int, timeout: float = 30) -> float:
 
 
 # ------------------------------------------------------------------ /proc
+
+
+@contextlib.contextmanager
+def counting_syscalls(pids: list[int]) -> Iterator[list[int]]:
+    """System calls made by each of ``pids`` (and their threads) inside the
+    ``with`` block, counted by ``strace -c -f`` (-1 each without strace);
+    the yielded list is filled in when the block ends. strace slows the
+    processes: use the count, not the time."""
+    totals: list[int] = []
+    if not pids or shutil.which("strace") is None:
+        yield totals
+        totals.extend(-1 for _ in pids)
+        return
+    outs, procs = [], []
+    for pid in pids:
+        fd, name = tempfile.mkstemp(prefix="tether-strace-")
+        os.close(fd)
+        outs.append(name)
+        procs.append(
+            subprocess.Popen(
+                ["strace", "-c", "-f", "-o", name, "-p", str(pid)],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+        )
+    time.sleep(0.5)  # attached
+    try:
+        yield totals
+    finally:
+        for p, name in zip(procs, outs, strict=True):
+            p.send_signal(signal.SIGINT)
+            p.wait(timeout=10)
+            text = Path(name).read_text()
+            os.unlink(name)
+            m = re.search(r"^\s*100\.00\s+\S+\s+\S+\s+(\d+)", text, re.MULTILINE) or re.search(
+                r"(\d+)\s+(?:\d+\s+)?total", text
+            )
+            totals.append(int(m.group(1)) if m else -1)
+
+
+def syscalls_during(pids: list[int], work: Callable[[], object]) -> list[int]:
+    """:func:`counting_syscalls` around ``work()``."""
+    with counting_syscalls(pids) as totals:
+        work()
+    return totals
 
 
 def cpu_seconds(pid: int) -> float:

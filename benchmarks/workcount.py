@@ -31,7 +31,6 @@ import argparse
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -83,42 +82,11 @@ def _summary(before: dict[str, float], after: dict[str, float], per: float) -> d
     return {k: round(v / per, 2) for k, v in out.items()}
 
 
-def _strace(pids: list[int], work: Any) -> list[int]:
-    """Syscalls made by each of ``pids`` while ``work()`` runs."""
-    if shutil.which("strace") is None:
-        return [-1 for _ in pids]
-    outs, procs = [], []
-    for pid in pids:
-        fd, name = tempfile.mkstemp(prefix="workcount-strace-")
-        os.close(fd)
-        outs.append(name)
-        procs.append(
-            subprocess.Popen(
-                ["strace", "-c", "-f", "-o", name, "-p", str(pid)],
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-            )
-        )
-    time.sleep(0.5)  # attached
-    work()
-    totals = []
-    for p, name in zip(procs, outs, strict=True):
-        p.send_signal(signal.SIGINT)
-        p.wait(timeout=10)
-        text = Path(name).read_text()
-        os.unlink(name)
-        m = re.search(r"^\s*100\.00\s+\S+\s+\S+\s+(\d+)", text, re.MULTILINE) or re.search(
-            r"(\d+)\s+(?:\d+\s+)?total", text
-        )
-        totals.append(int(m.group(1)) if m else -1)
-    return totals
-
-
 def measure_one(args: argparse.Namespace) -> dict[str, Any]:
     """Measure the code on PYTHONPATH (run in a child process per version)."""
     from benchmarks import contenders
     from benchmarks.linksim import LinkSim
-    from benchmarks.measure import bulk_download, echo_once
+    from benchmarks.measure import bulk_download, echo_once, syscalls_during
 
     out_dir = Path(os.environ["TETHER_WORKCOUNT_DIR"])
     results: dict[str, Any] = {}
@@ -183,7 +151,7 @@ def measure_one(args: argparse.Namespace) -> dict[str, Any]:
                         "seconds": round(seconds, 3),
                     }
                     if args.strace:
-                        sa, sb = _strace([agent, broker], work)
+                        sa, sb = syscalls_during([agent, broker], work)
                         row[phase]["agent"]["syscalls"] = round(sa / per, 2)
                         row[phase]["broker"]["syscalls"] = round(sb / per, 2)
                 results[name] = row

@@ -7,6 +7,7 @@ import json
 import logging
 import ssl
 from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
 
 import trio
 
@@ -39,16 +40,25 @@ from tether.netio.logs import event, limited, run_suppressed_reporter
 from tether.netio.process import wait_for_stop_signal
 from tether.netio.tunnel import Keepalive
 
+if TYPE_CHECKING:
+    from broker.workers import WorkerLink
+
 log = logging.getLogger("tether.broker")
 
 Handler = Callable[[trio.abc.Stream], Awaitable[None]]
 
 
 class Broker:
-    def __init__(self, cfg: BrokerConfig) -> None:
+    def __init__(
+        self,
+        cfg: BrokerConfig,
+        make_registry: Callable[[BrokerMetrics, tuple[str, ...]], Registry] = Registry,
+    ) -> None:
         self.cfg = cfg
         self.metrics = BrokerMetrics()
-        self.registry = Registry(self.metrics, cfg.proxy_strategies)
+        self.registry = make_registry(self.metrics, cfg.proxy_strategies)
+        #: ``--workers``: this process is one of the host's workers.
+        self.worker: WorkerLink | None = None
         self.server = ServerInfo(cfg.server_id, cfg.server_count)
         self.leases: LeasePublisher | None = None
         if cfg.enable_lease_controller:
@@ -60,6 +70,7 @@ class Broker:
                 on_count=self._lease_count,
             )
         self.clusters = clusters_from(cfg)
+        self.cluster_names = frozenset(c.name for c in self.clusters)
         frontend_subjects = roles.parse_subjects(cfg.frontend_allowed_subjects)
         self.authenticator = Authenticator(
             self.clusters,
@@ -251,6 +262,10 @@ class Broker:
                 functools.partial(_owned, bound)
             )
 
+    def _bound_listeners(self) -> dict[str, trio.SocketListener]:
+        self.bind_sockets()
+        return {name: bound.listener() for name, bound in self.sockets.items()}
+
     def remove_sockets(self) -> None:
         """Unlink the frontend sockets that are still this broker's, then close them."""
         for bound in self.sockets.values():
@@ -258,7 +273,7 @@ class Broker:
             bound.sock.close()
         self.sockets.clear()
 
-    def _lost_sockets(self) -> list[str]:
+    def lost_sockets(self) -> list[str]:
         """Clusters whose socket path no longer leads to our socket; logs changes."""
         lost = [name for name, bound in self.sockets.items() if not bound.owned()]
         for name in set(lost) - self._sockets_lost:
@@ -275,7 +290,7 @@ class Broker:
 
     async def _watch_sockets(self, interval: float = 1.0) -> None:
         while True:
-            self._lost_sockets()
+            self.lost_sockets()
             await trio.sleep(interval)
 
     # ------------------------------------------------------------- health
@@ -287,7 +302,7 @@ class Broker:
         def readyz() -> tuple[int, str, bytes]:
             if self.stopping:
                 return text(503, "shutting down")
-            lost = self._lost_sockets()
+            lost = self.lost_sockets()
             if lost:
                 return text(503, f"frontend socket lost: {', '.join(sorted(lost))}")
             n = self.registry.count()
@@ -329,8 +344,13 @@ class Broker:
 
     # ---------------------------------------------------------- frontends
 
-    def _connect_settings(self, cluster: str, frontend: str) -> ConnectSettings:
+    def _connect_settings(
+        self, cluster: str, frontend: str, local_only: bool = False
+    ) -> ConnectSettings:
+        worker = self.worker
         return ConnectSettings(
+            handover=worker.handover if worker and frontend == "uds" and not local_only else None,
+            local_only=local_only,
             cluster=cluster,
             dial_timeout=self.cfg.backend_dial_timeout,
             header_timeout=self.cfg.frontend_header_timeout,
@@ -346,7 +366,9 @@ class Broker:
         assert self.frontend_trust is not None
         return self.frontend_trust.identify(tls_stream.getpeercert(binary_form=True))
 
-    def _frontend_handler(self, frontend: str, cluster: str = "") -> Handler:
+    def frontend_handler(
+        self, frontend: str, cluster: str = "", local_only: bool = False
+    ) -> Handler:
 
         async def handle(stream: trio.abc.Stream) -> None:
             if self.stopping and frontend == "grpc":
@@ -386,7 +408,7 @@ class Broker:
                 if frontend == "grpc":
                     await self.grpc_frontends[target_cluster].handle(stream)
                 else:
-                    settings = self._connect_settings(target_cluster, frontend)
+                    settings = self._connect_settings(target_cluster, frontend, local_only)
                     await handle_connect(stream, self.registry, self.metrics, settings)
             except Exception:
                 log.exception("frontend handler failed")
@@ -460,27 +482,28 @@ class Broker:
             if self.leases is not None:
                 await nursery.start(self.leases.run)
             ports: dict[str, int] = {}
-            agent_l = await open_tcp_listener(
+            open_tcp = self.worker.open_listener if self.worker else open_tcp_listener
+            agent_l = await open_tcp(
                 cfg.agent_bind_address, cfg.agent_port, what="the agent port (--agent-port)"
             )
             ports["agent"] = listener_port(agent_l)
             nursery.start_soon(_serve, agent_l, self.agent_server.handle)
-            self.bind_sockets()
+            uds = self.worker.inherited if self.worker else self._bound_listeners()
             for c in self.clusters:
-                if c.name in self.sockets:
-                    uds_l = self.sockets[c.name].listener()
+                if c.name in uds:
+                    uds_l = uds[c.name]
                     frontend = "grpc" if c.frontend_mode == "grpc" else "uds"
-                    nursery.start_soon(_serve, uds_l, self._frontend_handler(frontend, c.name))
+                    nursery.start_soon(_serve, uds_l, self.frontend_handler(frontend, c.name))
             nursery.start_soon(self._watch_sockets)
             if cfg.server_port:
-                tcp_l = await open_tcp_listener(
+                tcp_l = await open_tcp(
                     cfg.server_bind_address,
                     cfg.server_port,
                     what="the TCP frontend (--server-port)",
                 )
                 ports["server"] = listener_port(tcp_l)
-                nursery.start_soon(_serve, tcp_l, self._frontend_handler("tcp"))
-            if cfg.health_port:
+                nursery.start_soon(_serve, tcp_l, self.frontend_handler("tcp"))
+            if cfg.health_port and not self.worker:  # the supervisor serves the host's
                 health_l = await open_tcp_listener(
                     cfg.health_bind_address, cfg.health_port, what="the health port (--health-port)"
                 )
@@ -495,9 +518,13 @@ class Broker:
                     )
                 )
             admin = "off"
-            if cfg.admin_port:
+            if cfg.admin_port or self.worker:
+                # A worker's admin port is loopback, any port: the supervisor
+                # scrapes it for the host's /metrics and /agents.
                 admin_l = await open_tcp_listener(
-                    cfg.admin_bind_address, cfg.admin_port, what="the admin port (--admin-port)"
+                    "127.0.0.1" if self.worker else cfg.admin_bind_address,
+                    0 if self.worker else cfg.admin_port,
+                    what="the admin port (--admin-port)",
                 )
                 ports["admin"] = listener_port(admin_l)
                 admin = f"{cfg.admin_bind_address or '*'}:{ports['admin']}"
@@ -530,6 +557,8 @@ class Broker:
                 admin,
                 extra=event("started", server_id=cfg.server_id, ports=ports),
             )
+            if self.worker is not None:
+                await nursery.start(self.worker.run, self, ports)
             task_status.started(ports)
             await wait_for_stop_signal(log)
             await self.shutdown()

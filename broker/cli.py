@@ -5,6 +5,9 @@ from __future__ import annotations
 import sys
 import time
 
+import attrs
+
+from broker import workers
 from broker.app import Broker, clusters_from
 from broker.clusters import ClusterConfig, ConfigError
 from broker.config import BrokerConfig, from_args
@@ -57,12 +60,22 @@ def main(argv: list[str] | None = None) -> int:
     )
     if not tls.start_up_checks_pass(checks, log):
         return 2
+    env = workers.worker_env()
+    if env is not None:  # one of a supervisor's workers (broker/workers.py)
+        first = int(env["index"]) == 0
+        cfg = attrs.evolve(cfg, enable_lease_controller=cfg.enable_lease_controller and first)
     try:
-        broker = Broker(cfg)
-        broker.bind_sockets()
+        broker = Broker(cfg, workers.make_registry) if env is not None else Broker(cfg)
+        if env is None:
+            broker.bind_sockets()
     except (TLSConfigError, ConfigError, TokenReviewError, UnixSocketError, KubeApiError) as exc:
         log.error("%s", exc)
         return 2
+    if env is not None:
+        broker.worker = workers.WorkerLink(env, broker.metrics, broker.registry)
+    elif cfg.workers > 1:
+        supervisor = workers.Supervisor(broker, sys.argv[1:] if argv is None else argv)
+        return run_main(supervisor.run, log)
     return run_main(broker.run, log)
 
 

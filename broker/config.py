@@ -10,6 +10,7 @@ keeps naming the multi-cluster file.
 from __future__ import annotations
 
 import argparse
+import os
 import uuid
 from collections.abc import Mapping
 
@@ -66,6 +67,8 @@ class BrokerConfig:
     max_grpc_message_size: int = 4 * 1024 * 1024
     max_grpc_streams: int = 1000
     drain_timeout: float = 10.0
+    #: Worker processes sharing this host's listeners (broker/workers.py); 1: none.
+    workers: int = 1
     drain_retry: float = 5.0
     config: str = ""
     agent_token_file: str = ""
@@ -98,6 +101,18 @@ def _mode(text: str) -> str:
         return f"{parse_mode(text):04o}"
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _workers(text: str) -> int:
+    if text.strip() == "auto":
+        return max(1, os.cpu_count() or 1)
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number or 'auto'") from None
+    if not 1 <= n <= 64:
+        raise argparse.ArgumentTypeError("must be between 1 and 64, or 'auto'")
+    return n
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -357,6 +372,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="agent-port floods (GOAWAY ENHANCE_YOUR_CALM) one source address is forgiven "
         "within 60 s; after that its new connections are closed at accept for 1 s, "
         "doubling up to 60 s; 0 turns the penalty off (many agents behind one NAT address)",
+    )
+    ops.add_argument(
+        "--workers",
+        type=_workers,
+        default=d.workers,
+        help="worker processes sharing the listening sockets, so one host uses every "
+        "core; 'auto': one per core. Each agent keeps one connection (to the worker "
+        "that accepted it); a dial that lands on another worker is handed to the owner",
     )
     ops.add_argument(
         "--drain-timeout",

@@ -10,7 +10,7 @@ The request parser is sans-IO, in :mod:`protocol.connect_request`.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import attrs
 import trio
@@ -42,6 +42,11 @@ class ConnectSettings:
     optimistic_wait: float = 0.01
     #: True once the broker drains: requests get 503 and no dial starts.
     draining: Callable[[], bool] = lambda: False
+    #: ``--workers``: offered every parsed request (stream, cluster, target,
+    #: the bytes read so far); True when another worker took the connection.
+    handover: Callable[[trio.abc.Stream, str, str, bytes], Awaitable[bool]] | None = None
+    #: A connection another worker handed over: dial this worker's agents only.
+    local_only: bool = False
 
 
 class _ClientGone(Exception):
@@ -87,9 +92,13 @@ async def _serve(
 ) -> None:
     parser = ConnectRequestParser()
     parsed: ConnectTarget | ConnectRefusal | None = None
+    raw = bytearray() if settings.handover is not None else None
     with trio.move_on_after(settings.header_timeout):
         while parsed is None:
-            parsed = parser.feed(bytes(await stream.receive_some(16384)))
+            chunk = bytes(await stream.receive_some(16384))
+            if raw is not None:
+                raw += chunk
+            parsed = parser.feed(chunk)
     if parsed is None:
         metrics.bad_input.labels("frontend", "header_timeout").inc()
         limited(
@@ -123,6 +132,12 @@ async def _serve(
         )
         return
     target = parsed.target
+    if (
+        settings.handover is not None
+        and raw is not None
+        and await settings.handover(stream, settings.cluster, target, bytes(raw))
+    ):
+        return  # the owner of the chosen agent serves it from here on
     # Bytes the client sent before the dial starts ride inside the dial
     # message (the agent writes them right after connecting); bytes that
     # arrive while it is under way are sent once the stream exists.
@@ -221,7 +236,12 @@ async def _dial_watching_client(
         nursery.start_soon(watch, nursery.cancel_scope)
         try:
             ts, _agent = await registry.dial(
-                settings.cluster, target, settings.dial_timeout, early or None
+                settings.cluster,
+                target,
+                settings.dial_timeout,
+                early or None,
+                # A worker that kept the connection dials its own agents.
+                local_only=settings.local_only or settings.handover is not None,
             )
             result.append(ts)
         except DialError as exc:  # raised out of the nursery it would be grouped

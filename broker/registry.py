@@ -244,9 +244,19 @@ class Registry:
         return next(self._dial_ids)
 
     async def dial(
-        self, cluster: str, addr: str, timeout: float, early: bytes | None = None
+        self,
+        cluster: str,
+        addr: str,
+        timeout: float,
+        early: bytes | None = None,
+        *,
+        local_only: bool = False,
     ) -> tuple[Tunnel, RoutableAgent]:
-        """Route and perform one dial; raise DialError with the outcome."""
+        """Route and perform one dial; raise DialError with the outcome.
+
+        ``local_only``: a worker's registry (:mod:`broker.workers`) routes
+        across the host's workers unless told to use only its own agents;
+        this one has only its own."""
         started = trio.current_time()
         try:
             host, _port = split_host_port(addr)

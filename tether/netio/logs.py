@@ -42,6 +42,9 @@ EVENTS = frozenset(
     {
         "started",  # process up: listeners open
         "stopped",  # process finished its drain
+        "supervisor_started",  # broker --workers: the supervisor started its workers
+        "worker_exited",  # broker --workers: a worker exited; restarted with backoff
+        "agent_evicted",  # broker --workers: the same agent id won on another worker
         "agent_connected",  # broker: agent registered; agent: broker accepted us
         "agent_disconnected",  # an agent connection that had been accepted ended
         "agent_replaced",  # broker: a newcomer took an agent id's place; agent: we were replaced
