@@ -92,8 +92,11 @@ def source_address(i: int) -> str:
 
 
 class Fleet:
-    def __init__(self, n: int, port: int, token: str, ca: Path) -> None:
+    def __init__(
+        self, n: int, port: int, token: str, ca: Path, keepalive: Keepalive = KEEPALIVE
+    ) -> None:
         self.n = n
+        self.keepalive = keepalive
         self.port = port
         self.token = token
         self.ctx = tls.client_context(ca, None, None, alpn=["h2"])
@@ -146,12 +149,12 @@ class Fleet:
                 "tether-cluster": CLUSTER,
                 "authorization": f"Bearer {self.token}",
                 # As tether-agent: it drives keepalive, the broker answers.
-                keepalive.HEADER: keepalive.header_value(KEEPALIVE.interval) or "",
+                keepalive.HEADER: keepalive.header_value(self.keepalive.interval) or "",
             },
             f"127.0.0.1:{self.port}",
         )
         agent = SimAgent(self, i)
-        conn = TunnelConnection(stream, sess, agent, keepalive=KEEPALIVE, name="sim")
+        conn = TunnelConnection(stream, sess, agent, keepalive=self.keepalive, name="sim")
         agent.conn = conn
         try:
             async with trio.open_nursery() as nursery:
@@ -329,6 +332,7 @@ async def run(
     idle_s: float = 0.0,
     storm: bool = True,
     broker_source: Path | None = None,
+    keepalive_s: float = KEEPALIVE.interval,
 ) -> dict[str, Any]:
     limit = raise_fd_limit(max(4 * n + 1024, 65536))
     pki = init_pki(workdir / "pki")
@@ -346,7 +350,8 @@ async def run(
         prefix=broker_prefix(broker_source),
     )
     out: dict[str, Any] = {"agents": n, "fd_limit": limit}
-    fleet = Fleet(n, broker.agent_port, token, pki.ca_cert)
+    fleet = Fleet(n, broker.agent_port, token, pki.ca_cert, Keepalive(keepalive_s, 15))
+    out["agent_keepalive_s"] = keepalive_s
     try:
         settle = 2.0 if n >= 100 else 0.3  # let allocations level off before reading RSS
         await broker.up()
@@ -446,6 +451,12 @@ def main() -> int:
     parser.add_argument(
         "--idle-seconds", type=float, default=0.0, help="measure idle broker CPU this long"
     )
+    parser.add_argument(
+        "--keepalive",
+        type=float,
+        default=KEEPALIVE.interval,
+        help="the simulated agents' keepalive interval, seconds (15: tether-agent's default)",
+    )
     parser.add_argument("--no-storm", action="store_true", help="skip the reconnect storm")
     parser.add_argument(
         "--broker-source", type=Path, help="run the broker from this checkout (before/after)"
@@ -462,6 +473,7 @@ def main() -> int:
             idle_s=args.idle_seconds,
             storm=not args.no_storm,
             broker_source=args.broker_source,
+            keepalive_s=args.keepalive,
         )
     text = json.dumps(result, indent=2)
     if args.json:
