@@ -28,13 +28,18 @@ Measured:
   broker's and this process's CPU use are recorded, since on a 2-core box
   the simulator competes with the broker; broker CPU seconds per 1,000 dials;
 - reconnect storm: the broker is killed (SIGKILL: a crash, no drain hint)
-  and started again on the same port; the time from the restart until all N
-  agents are connected again, while ``/healthz`` is polled every 250 ms
-  (``--no-storm`` skips it).
+  and started again on the same port (with the same
+  ``--agent-tls-ticket-key-file``, so reconnects may resume their TLS
+  sessions; ``--no-ticket-key`` for a broker without it); the time from the
+  restart until all N agents are connected again, while ``/healthz`` is
+  polled every 100 ms from a separate process (p50, p99, worst, failures)
+  and 4 CONNECT clients dial the agents already back. The simulated agents
+  offer their last TLS session and wait out a ``503 overloaded`` retry hint,
+  as tether-agent does (``--no-storm`` skips it).
 
 ``--broker-source DIR`` runs the broker from another checkout of the
-project (``python -m broker`` with ``PYTHONPATH=DIR``) with this simulator,
-for before/after comparisons of the broker alone.
+project (``PYTHONPATH=DIR``) with this simulator, for before/after
+comparisons of the broker alone.
 """
 
 from __future__ import annotations
@@ -47,6 +52,8 @@ import os
 import resource
 import secrets
 import signal
+import socket
+import ssl
 import sys
 import tempfile
 import time
@@ -103,7 +110,14 @@ class Fleet:
         self.connected: set[int] = set()
         self.changed = trio.Event()
         self.handshake_failures = 0
+        self.failure_kinds: dict[str, int] = {}
         self.dials_served = 0
+        #: Each agent's last TLS session, offered for resumption (as tether-agent does).
+        self.sessions: dict[int, ssl.SSLSession] = {}
+        self.resumed = 0
+        self.full_handshakes = 0
+        #: 503 overloaded answers, and the retry hints they carried.
+        self.shed = 0
 
     def _changed(self) -> None:
         self.changed.set()
@@ -118,12 +132,16 @@ class Fleet:
         await trio.sleep(backoff.rng.uniform(0, 1.0))
         while True:
             started = trio.current_time()
-            accepted = await self._connection(i)
+            accepted, retry_after = await self._connection(i)
             if accepted:
                 backoff.connected_for(trio.current_time() - started)
+            if retry_after is not None:
+                backoff.retry_hint(retry_after)
             await trio.sleep(backoff.next_delay())
 
-    async def _connection(self, i: int) -> bool:
+    async def _connection(self, i: int) -> tuple[bool, float | None]:
+        """One connection's life: whether it was accepted, and an
+        overloaded broker's retry hint."""
         try:
             with trio.fail_after(10):
                 tcp = await trio.open_tcp_stream(
@@ -131,15 +149,27 @@ class Fleet:
                 )
                 # The agent's own socket options (TCP_NODELAY above all).
                 sockopts.apply(tcp.socket, SOCKET_OPTIONS)  # type: ignore[arg-type]
-                stream = TLSStream(tcp, self.ctx, server_side=False, server_hostname="127.0.0.1")
+                stream = TLSStream(
+                    tcp,
+                    self.ctx,
+                    server_side=False,
+                    server_hostname="127.0.0.1",
+                    session=self.sessions.get(i),
+                )
                 try:
                     await stream.do_handshake()
                 except BaseException:
                     await trio.aclose_forcefully(stream)
                     raise
-        except (OSError, trio.TooSlowError, trio.BrokenResourceError):
+        except (OSError, trio.TooSlowError, trio.BrokenResourceError) as exc:
             self.handshake_failures += 1
-            return False
+            kind = type(exc).__name__
+            self.failure_kinds[kind] = self.failure_kinds.get(kind, 0) + 1
+            return False, None
+        if stream.session_reused:
+            self.resumed += 1
+        else:
+            self.full_handshakes += 1
         sess = TunnelSession(Role.AGENT, SessionConfig(), clock=trio.current_time)
         sess.initiate()
         sess.open_control(
@@ -156,6 +186,7 @@ class Fleet:
         agent = SimAgent(self, i)
         conn = TunnelConnection(stream, sess, agent, keepalive=self.keepalive, name="sim")
         agent.conn = conn
+        agent.stream = stream
         try:
             async with trio.open_nursery() as nursery:
                 agent.nursery = nursery
@@ -165,7 +196,11 @@ class Fleet:
             if i in self.connected:
                 self.connected.discard(i)
                 self._changed()
-        return agent.accepted
+        rejection = conn.rejection
+        if rejection is not None and rejection.reason_token == "overloaded":
+            self.shed += 1
+            return False, rejection.retry_after
+        return agent.accepted, None
 
 
 class SimAgent:
@@ -175,6 +210,7 @@ class SimAgent:
         self.fleet = fleet
         self.i = i
         self.conn: TunnelConnection | None = None
+        self.stream: TLSStream | None = None
         self.nursery: trio.Nursery | None = None
         self.accepted = False
 
@@ -186,6 +222,9 @@ class SimAgent:
 
     def on_control_accepted(self, ev: session.ControlAccepted) -> None:
         self.accepted = True
+        tls_session = self.stream.session if self.stream is not None else None
+        if tls_session is not None and tls_session.has_ticket:
+            self.fleet.sessions[self.i] = tls_session
         self.fleet.connected.add(self.i)
         self.fleet._changed()
 
@@ -263,24 +302,82 @@ async def _dial_load(uds: str, seconds: float, concurrency: int = 64) -> dict[st
     }
 
 
-async def _health_probe(port: int, stop: trio.Event, out: dict[str, Any]) -> None:
-    worst = 0.0
-    fails = 0
-    n = 0
-    while not stop.is_set():
+def probe_loop(port: int, stop_file: Path, out_file: Path, interval: float = 0.1) -> None:
+    """``/healthz`` every ``interval`` with blocking sockets until
+    ``stop_file`` exists; the latencies (seconds, -1 failed) go to
+    ``out_file``. Run in its own process, so the simulator's event loop
+    (thousands of agents' TLS) is not part of what it measures."""
+    samples: list[float] = []
+    while not stop_file.exists():
         t0 = time.monotonic()
         try:
-            with trio.fail_after(2):
-                code, _ = await http_get(port, "/healthz")
-            if code != 200:
-                fails += 1
-        except (OSError, trio.TooSlowError, IndexError, ValueError):
-            fails += 1
-        n += 1
-        worst = max(worst, time.monotonic() - t0)
-        with trio.move_on_after(0.25):
-            await stop.wait()
-    out.update({"probes": n, "failed": fails, "worst_ms": worst * 1000})
+            with socket.create_connection(("127.0.0.1", port), timeout=2) as sock:
+                sock.settimeout(2)
+                sock.sendall(b"GET /healthz HTTP/1.0\r\nHost: x\r\n\r\n")
+                data = b""
+                while chunk := sock.recv(4096):
+                    data += chunk
+            ok = data.startswith(b"HTTP/1.") and data.split(b" ", 2)[1] == b"200"
+        except OSError:
+            ok = False
+        elapsed = time.monotonic() - t0
+        samples.append(elapsed if ok else -1.0)
+        time.sleep(max(0.0, interval - elapsed))
+    out_file.write_text(json.dumps(samples))
+
+
+async def _health_probe(port: int, stop: trio.Event, out: dict[str, Any], workdir: Path) -> None:
+    """:func:`probe_loop` in a child process until ``stop``: latency
+    p50/p99/worst and failures (a probe over 2 s fails)."""
+    stop_file, out_file = workdir / "probe.stop", workdir / "probe.json"
+    stop_file.unlink(missing_ok=True)
+    argv = [sys.executable, "-m", "benchmarks.many_agents", "--probe", str(port)]
+    argv += ["--probe-files", str(stop_file), str(out_file)]
+    proc = await trio.lowlevel.open_process(argv)
+    try:
+        await stop.wait()
+    finally:
+        stop_file.touch()
+        with trio.move_on_after(5):
+            await proc.wait()
+        if proc.returncode is None:
+            proc.kill()
+    raw = json.loads(out_file.read_text()) if out_file.exists() else []
+    samples = [s for s in raw if s >= 0]
+    out.update(
+        {
+            "probes": len(raw),
+            "failed": len(raw) - len(samples),
+            "p50_ms": measure.pct(samples, 0.5) * 1000,
+            "p99_ms": measure.pct(samples, 0.99) * 1000,
+            "worst_ms": max(samples, default=0.0) * 1000,
+        }
+    )
+
+
+async def _storm_dials(uds: str, stop: trio.Event, out: dict[str, Any]) -> None:
+    """A light dial load through the storm (4 clients, each one dial every
+    200 ms at most: up to 20 dials/s, so the dials' own CPU does not weigh
+    on the storm): dials reach the agents already back."""
+    ok = failed = 0
+
+    async def client() -> None:
+        nonlocal ok, failed
+        while not stop.is_set():
+            started = trio.current_time()
+            try:
+                with trio.fail_after(5):
+                    await _connect_client(uds)
+                ok += 1
+            except (OSError, ConnectionError, trio.TooSlowError, trio.BrokenResourceError):
+                failed += 1
+            with trio.move_on_after(max(0.0, 0.2 - (trio.current_time() - started))):
+                await stop.wait()
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(4):
+            nursery.start_soon(client)
+    out.update({"ok": ok, "failed": failed})
 
 
 def _restart(broker: BrokerHandle, workdir: Path) -> BrokerHandle:
@@ -296,14 +393,6 @@ def _restart(broker: BrokerHandle, workdir: Path) -> BrokerHandle:
         broker.pki,
         broker.admin_port,
     )
-
-
-def broker_prefix(source: Path | None) -> list[str]:
-    """The command prefix that runs the broker from ``source`` (another
-    checkout of the project) rather than from this one."""
-    if source is None:
-        return []
-    return ["env", f"PYTHONPATH={source.resolve()}", sys.executable]
 
 
 async def _idle_cpu(pid: int, seconds: float, n: int) -> dict[str, Any]:
@@ -328,26 +417,37 @@ async def run(
     dial_s: float,
     storm_cap_s: float,
     progress: Any = print,
+    extra_args: tuple[str, ...] = (),
+    ticket_key: bool = True,
+    broker_source: Path | None = None,
     *,
     idle_s: float = 0.0,
     storm: bool = True,
-    broker_source: Path | None = None,
     keepalive_s: float = KEEPALIVE.interval,
 ) -> dict[str, Any]:
+    """``extra_args``: more broker flags (admission settings to compare);
+    ``ticket_key``: give the broker a ticket key file (survives the crash);
+    ``broker_source``: run the broker from this checkout (a before/after
+    comparison with the same simulator)."""
     limit = raise_fd_limit(max(4 * n + 1024, 65536))
     pki = init_pki(workdir / "pki")
     token = secrets.token_urlsafe(32)
     token_file = workdir / "agent-tokens"
     digest = hashlib.sha256(token.encode()).hexdigest()
     token_file.write_text(f"sha256:{digest} {CLUSTER} sim-* max={n}\n")  # one token, n agents
+    key_path = workdir / "ticket.key"
+    key_path.write_bytes(secrets.token_bytes(80))
+    key_path.chmod(0o600)
     broker = start_broker(
         workdir,
         pki,
         f"--agent-token-file={token_file}",
         f"--cluster-name={CLUSTER}",
+        *([f"--agent-tls-ticket-key-file={key_path}"] if ticket_key else []),
         "--log-level=warning",
+        *extra_args,
         tcp=False,
-        prefix=broker_prefix(broker_source),
+        prefix=("env", f"PYTHONPATH={broker_source}") if broker_source else (),
     )
     out: dict[str, Any] = {"agents": n, "fd_limit": limit}
     fleet = Fleet(n, broker.agent_port, token, pki.ca_cert, Keepalive(keepalive_s, 15))
@@ -408,28 +508,51 @@ async def run(
                 return out
 
             # Reconnect storm after a crash-restart on the same port.
+            before = (fleet.resumed, fleet.full_handshakes, fleet.shed)
             broker = _restart(broker, workdir)
             restarted = trio.current_time()
             await broker.up()
             out["storm_broker_listening_s"] = trio.current_time() - restarted
             # From the moment it listens, /healthz must keep answering.
             health: dict[str, Any] = {}
+            storm_dials: dict[str, Any] = {}
             stop = trio.Event()
-            nursery.start_soon(_health_probe, broker.health_port, stop, health)
+            nursery.start_soon(_health_probe, broker.health_port, stop, health, workdir)
+            nursery.start_soon(_storm_dials, broker.uds, stop, storm_dials)
             with trio.move_on_after(storm_cap_s):
                 await fleet.wait_connected(n)
             out["storm_settle_s"] = (
                 trio.current_time() - restarted if len(fleet.connected) >= n else None
             )
             out["storm_connected"] = len(fleet.connected)
+            # Work, not time: the restarted broker's CPU from its start until all were back.
+            out["storm_broker_cpu_s"] = measure.cpu_seconds(broker.proc.pid)
             stop.set()
             await trio.sleep(0.3)
             out["storm_healthz"] = health
+            out["storm_dials"] = storm_dials
             out["handshake_failures"] = fleet.handshake_failures
+            out["handshake_failure_kinds"] = fleet.failure_kinds
+            if broker.admin_port:
+                _, text = await http_get(broker.admin_port, "/metrics")
+                out["broker_admission"] = [
+                    line
+                    for line in text.decode().splitlines()
+                    if line.startswith(
+                        ("tether_agent_admission_total", "tether_tls_handshakes_total")
+                    )
+                ]
+            out["storm_tls"] = {
+                "resumed": fleet.resumed - before[0],
+                "full": fleet.full_handshakes - before[1],
+                "shed_503": fleet.shed - before[2],
+            }
             progress(
                 f"    S9 reconnect storm: {len(fleet.connected)}/{n} back in "
-                f"{out['storm_settle_s'] or float('nan'):.1f} s; /healthz worst "
-                f"{health.get('worst_ms', 0):.0f} ms, {health.get('failed', 0)} failed"
+                f"{out['storm_settle_s'] or float('nan'):.1f} s; /healthz p99 "
+                f"{health.get('p99_ms', 0):.0f} ms worst {health.get('worst_ms', 0):.0f} ms, "
+                f"{health.get('failed', 0)} failed; dials during it "
+                f"{storm_dials.get('ok', 0)} ok {storm_dials.get('failed', 0)} failed"
             )
             nursery.cancel_scope.cancel()
     finally:
@@ -438,9 +561,29 @@ async def run(
 
 
 def run_blocking(
-    n: int, workdir: Path, dial_s: float, storm_cap_s: float = 120, **options: Any
+    n: int,
+    workdir: Path,
+    dial_s: float,
+    storm_cap_s: float = 120,
+    extra_args: tuple[str, ...] = (),
+    ticket_key: bool = True,
+    broker_source: Path | None = None,
+    **options: Any,
 ) -> dict[str, Any]:
-    return trio.run(functools.partial(run, n, workdir, dial_s, storm_cap_s, **options))
+    return trio.run(
+        functools.partial(
+            run,
+            n,
+            workdir,
+            dial_s,
+            storm_cap_s,
+            print,
+            extra_args,
+            ticket_key,
+            broker_source,
+            **options,
+        )
+    )
 
 
 def main() -> int:
@@ -458,11 +601,24 @@ def main() -> int:
         help="the simulated agents' keepalive interval, seconds (15: tether-agent's default)",
     )
     parser.add_argument("--no-storm", action="store_true", help="skip the reconnect storm")
-    parser.add_argument(
-        "--broker-source", type=Path, help="run the broker from this checkout (before/after)"
-    )
     parser.add_argument("--json", type=Path, help="write the results here")
+    parser.add_argument(
+        "--no-ticket-key",
+        action="store_true",
+        help="no --agent-tls-ticket-key-file (a broker from before it)",
+    )
+    parser.add_argument(
+        "--broker-flag", action="append", default=[], help="another broker flag (repeatable)"
+    )
+    parser.add_argument(
+        "--broker-source", type=Path, help="run the broker from this checkout (PYTHONPATH)"
+    )
+    parser.add_argument("--probe", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--probe-files", nargs=2, type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.probe:
+        probe_loop(args.probe, *args.probe_files)
+        return 0
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     with tempfile.TemporaryDirectory(prefix="tether-s9-") as tmp:
         result = run_blocking(
@@ -470,9 +626,11 @@ def main() -> int:
             Path(tmp),
             args.dial_seconds,
             args.storm_cap,
+            tuple(args.broker_flag),
+            not args.no_ticket_key,
+            args.broker_source,
             idle_s=args.idle_seconds,
             storm=not args.no_storm,
-            broker_source=args.broker_source,
             keepalive_s=args.keepalive,
         )
     text = json.dumps(result, indent=2)

@@ -89,8 +89,12 @@ class AgentConnection:
         authenticator: Authenticator,
         peer_der: bytes | None,
         remote: str,
+        shed_retry_ms: int | None = None,
     ) -> None:
         self.metrics = metrics
+        #: Shed by admission control (a reconnect storm): the hello is
+        #: answered 503 overloaded with this retry hint, unauthenticated.
+        self.shed_retry_ms = shed_retry_ms
         self.roster = roster
         self.server = server
         self.authenticator = authenticator
@@ -215,7 +219,16 @@ class AgentConnection:
     async def _answer_control(self, ev: events.ControlRequested) -> None:
         """Authenticate the agent from its certificate or token and headers."""
         assert self.conn is not None
-        refusal = await self._authenticate(ev.headers)
+        if self.shed_retry_ms is not None:
+            refusal: handshake.Refusal | None = handshake.Refusal(
+                503,
+                handshake.RefusalReason.OVERLOADED.value,
+                "overloaded: the broker is admitting a reconnect storm; "
+                f"dial again in {self.shed_retry_ms} ms",
+                retry_after_ms=self.shed_retry_ms,
+            )
+        else:
+            refusal = await self._authenticate(ev.headers)
         if self.conn.closed_reason is not None:
             return
         if refusal is None and self.server.server_id in self._held:
@@ -249,7 +262,9 @@ class AgentConnection:
                 cert_serial=_serial(self.peer_der),
             )
             line = ("agent connection from %s rejected (%d): %s", self.remote, status, error)
-            if reason == "duplicate":
+            if reason == handshake.RefusalReason.OVERLOADED.value:
+                log.debug(*line, extra=fields)  # counted; thousands in a storm
+            elif reason == "duplicate":
                 log.log(level, *line, extra=fields)
             else:  # junk credentials in a loop: a budget per source address
                 # each reason its own budget: 401s in a loop must not hide a 429

@@ -28,6 +28,7 @@ from protocol.messages import Drain
 from protocol.outcomes import CloseReason
 from protocol.session import Role, SessionConfig, TunnelSession
 from tether.netio import sockopts
+from tether.netio.admission import Pass
 from tether.netio.limits import PeerSlot, PerPeerLimiter
 from tether.netio.logs import event, limited
 from tether.netio.tls_stream import TLSStream
@@ -200,8 +201,10 @@ class AgentServer:
         """``agent``'s identifiers changed: the registry routes by the new ones."""
         self.registry.refresh(agent)
 
-    async def handle(self, tcp: trio.SocketStream) -> None:
-        """Serve one agent connection; every failure stays inside."""
+    async def handle(self, tcp: trio.SocketStream, admitted: Pass | None = None) -> None:
+        """Serve one agent connection; every failure stays inside.
+        ``admitted``: its admission (tether/netio/admission.py), whose
+        handshake slot is given back once the TLS handshake is over."""
         try:
             host, port = tcp.socket.getpeername()[:2]
             remote = f"{host}:{port}"
@@ -223,14 +226,16 @@ class AgentServer:
             await trio.aclose_forcefully(tcp)
             return
         try:
-            await self._handle(tcp, remote, slot)
+            await self._handle(tcp, remote, slot, admitted)
         except Exception:
             log.exception("agent connection from %s: internal error", remote)
         finally:
             slot.release()
             await trio.aclose_forcefully(tcp)
 
-    async def _handle(self, tcp: trio.SocketStream, remote: str, slot: PeerSlot) -> None:
+    async def _handle(
+        self, tcp: trio.SocketStream, remote: str, slot: PeerSlot, admitted: Pass | None
+    ) -> None:
         if self.draining:
             return
         sockopts.apply(tcp.socket, self.socket_options)  # type: ignore[arg-type]
@@ -238,6 +243,7 @@ class AgentServer:
         try:
             with trio.fail_after(self.handshake_timeout):
                 await tls.do_handshake()
+            self.metrics.tls_handshakes.labels("yes" if tls.session_reused else "no").inc()
         except trio.TooSlowError:
             self.metrics.bad_input.labels("agent", "tls_handshake_timeout").inc()
             limited(
@@ -265,6 +271,10 @@ class AgentServer:
                 key="tls_handshake_failed/agent",
             )
             return
+        finally:
+            if admitted is not None:
+                admitted.release()  # the costly part is over
+        shed = admitted is not None and admitted.shed
         if tls.selected_alpn_protocol() != "h2":
             self.metrics.bad_input.labels("agent", "alpn").inc()
             limited(
@@ -308,6 +318,8 @@ class AgentServer:
             )
             await trio.aclose_forcefully(tls)
             return
+        if kind is Kind.KONNECTIVITY and shed:
+            return  # konnectivity has no retry hint: its own backoff
         if kind is Kind.KONNECTIVITY:
             await self._serve_konnectivity(tls, base, bytes(first.buffer), remote, slot)
             return
@@ -318,6 +330,7 @@ class AgentServer:
             self.authenticator,
             tls.getpeercert(binary_form=True),
             remote,
+            shed_retry_ms=admitted.retry_after_ms if admitted is not None and shed else None,
         )
         sess = TunnelSession(Role.BROKER, self.session_config, clock=trio.current_time, base=base)
         conn = TunnelConnection(

@@ -23,9 +23,11 @@ from broker.leases import LeasePublisher
 from broker.metrics import BrokerMetrics
 from broker.registry import Registry
 from protocol import leases
+from protocol.admission import Admission, AdmissionConfig
 from protocol.budget import BufferBudget
 from protocol.session import SessionConfig
-from tether.netio import kubeapi, sockopts, tls
+from tether.netio import kubeapi, sockopts, tickets, tls
+from tether.netio.admission import AdmissionGate
 from tether.netio.http import serve_http, text
 from tether.netio.kubeapi import KubeClient
 from tether.netio.limits import PerPeerLimiter
@@ -44,6 +46,15 @@ if TYPE_CHECKING:
     from broker.workers import WorkerLink
 
 log = logging.getLogger("tether.broker")
+
+#: The agent port's listen backlog: a reconnect storm waits there for
+#: accept pacing instead of in SYN retransmits (the kernel caps it at
+#: net.core.somaxconn).
+AGENT_BACKLOG = 4096
+#: The share of --handshake-timeout an agent connection may wait for a
+#: handshake slot; the rest is left for the handshake (the agent's own
+#: connect deadline is as long by default).
+QUEUE_WAIT_SHARE = 0.7
 
 Handler = Callable[[trio.abc.Stream], Awaitable[None]]
 
@@ -101,7 +112,12 @@ class Broker:
         self.agent_tls = tls.ReloadableContext(
             "cluster",
             self._agent_context,
-            [cfg.cluster_cert, cfg.cluster_key, *self.authenticator.ca_files],
+            [
+                cfg.cluster_cert,
+                cfg.cluster_key,
+                *self.authenticator.ca_files,
+                cfg.agent_tls_ticket_key_file,
+            ],
             cert_file=cfg.cluster_cert,
         )
         #: Buffered tunnel data of every agent connection together.
@@ -125,6 +141,29 @@ class Broker:
             budget=self.budget,
             flood_penalty_after=cfg.flood_penalty_after,
         )
+        #: New agent connections under admission control (a reconnect storm).
+        self.admission = AdmissionGate(
+            Admission(
+                AdmissionConfig(
+                    max_handshakes=cfg.max_concurrent_handshakes,
+                    accept_rate=cfg.agent_accept_rate,
+                    accept_burst=max(1, int(cfg.agent_accept_rate / 10)),
+                    max_queue=cfg.agent_accept_queue,
+                    max_wait=cfg.handshake_timeout * QUEUE_WAIT_SHARE,
+                    max_shedding=max(1, cfg.max_concurrent_handshakes // 4),
+                    max_per_source=cfg.max_handshakes_per_ip,
+                    max_active_per_source=max(1, cfg.max_concurrent_handshakes // 4),
+                ),
+                0.0,  # built before trio runs: the bucket starts full
+            ),
+            on_verdict=lambda v: self.metrics.admission.labels(v.value).inc(),
+        )
+        for state, read in (
+            ("handshaking", lambda: self.admission.admission.active),
+            ("queued", lambda: self.admission.admission.queued),
+            ("shedding", lambda: self.admission.admission.shedding),
+        ):
+            self.metrics.admission_state.labels(state).set_function(read)
         self.frontend_trust: roles.FrontendTrust | None = None
         self.frontend_tls: tls.ReloadableContext | None = None
         if cfg.server_port:
@@ -189,6 +228,9 @@ class Broker:
             self.authenticator.load_cas()
         except (OSError, ValueError) as exc:
             raise tls.TLSConfigError(f"cannot load agent CA bundle: {exc}") from None
+        if self.cfg.agent_tls_ticket_key_file:
+            key = tickets.load_key(self.cfg.agent_tls_ticket_key_file)
+            tickets.apply(ctx, key, tickets.session_context(self.authenticator.ca_files))
         return ctx
 
     def _frontend_ca_files(self) -> list[str]:
@@ -484,10 +526,15 @@ class Broker:
             ports: dict[str, int] = {}
             open_tcp = self.worker.open_listener if self.worker else open_tcp_listener
             agent_l = await open_tcp(
-                cfg.agent_bind_address, cfg.agent_port, what="the agent port (--agent-port)"
+                cfg.agent_bind_address,
+                cfg.agent_port,
+                backlog=AGENT_BACKLOG,
+                what="the agent port (--agent-port)",
             )
             ports["agent"] = listener_port(agent_l)
-            nursery.start_soon(_serve, agent_l, self.agent_server.handle)
+            # Paced and bounded (tether/netio/admission.py); the listeners
+            # below have their own accept loops and never wait on it.
+            nursery.start_soon(self.admission.serve, agent_l, self.agent_server.handle)
             uds = self.worker.inherited if self.worker else self._bound_listeners()
             for c in self.clusters:
                 if c.name in uds:

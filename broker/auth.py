@@ -35,6 +35,7 @@ import ipaddress
 import logging
 import os
 import re
+import time
 from collections.abc import Callable
 
 import attrs
@@ -285,6 +286,11 @@ class Authenticator:
         cluster = self._issuing_cluster(cert)
         if cluster is None:
             raise AuthError(403, "unknown_issuer", "certificate issuer matches no cluster CA")
+        # A resumed TLS session (a ticket) restores the certificate of the
+        # handshake it came from without OpenSSL checking its dates again.
+        now = time.time()
+        if not cert.not_valid_before_utc.timestamp() <= now < cert.not_valid_after_utc.timestamp():
+            raise AuthError(403, "certificate_expired", "certificate is not valid now")
         wrong_role = roles.agent_role_of(cert, self.frontend_subjects)
         if wrong_role is not None:
             raise AuthError(403, "wrong_role", f"{wrong_role}: not an agent credential")

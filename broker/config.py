@@ -42,6 +42,7 @@ class BrokerConfig:
     cluster_key: str = ""
     cluster_ca_cert: str = ""
     agent_tls_min_version: str = "1.3"
+    agent_tls_ticket_key_file: str = ""
     cluster_name: str = "default"
     health_bind_address: str = ""
     health_port: int = 8092
@@ -63,6 +64,9 @@ class BrokerConfig:
     max_frontend_connections: int = 10_000
     optimistic_connect: bool = False
     max_handshakes_per_ip: int = 128
+    max_concurrent_handshakes: int = 32
+    agent_accept_rate: float = 1000.0
+    agent_accept_queue: int = 16384
     flood_penalty_after: int = 3
     max_grpc_message_size: int = 4 * 1024 * 1024
     max_grpc_streams: int = 1000
@@ -212,6 +216,14 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["1.2", "1.3"],
         default=d.agent_tls_min_version,
         help="lowest TLS version on the agent port; 1.2 (AEAD suites only) for old agents",
+    )
+    ag.add_argument(
+        "--agent-tls-ticket-key-file",
+        default=d.agent_tls_ticket_key_file,
+        help="80 random bytes (head -c 80 /dev/urandom; mode 0600) that encrypt TLS session "
+        "tickets on the agent port: with the same file on every replica and across restarts "
+        "a reconnecting agent resumes its session instead of a full handshake; reloaded "
+        "with the certificates (empty: a per-process random key)",
     )
     ag.add_argument(
         "--cluster-name", default=d.cluster_name, help="cluster served by the single-cluster flags"
@@ -366,6 +378,29 @@ def build_parser() -> argparse.ArgumentParser:
         "more are closed at once",
     )
     ops.add_argument(
+        "--max-concurrent-handshakes",
+        type=int,
+        default=d.max_concurrent_handshakes,
+        help="agent-port TLS handshakes in progress at once (all sources); more connections "
+        "queue for a slot, so /healthz, the frontends and connected agents stay served "
+        "through a reconnect storm",
+    )
+    ops.add_argument(
+        "--agent-accept-rate",
+        type=float,
+        default=d.agent_accept_rate,
+        help="new agent-port connections accepted per second (burst: a tenth of it); "
+        "the rest wait in the kernel's listen backlog",
+    )
+    ops.add_argument(
+        "--agent-accept-queue",
+        type=int,
+        default=d.agent_accept_queue,
+        help="accepted agent connections that may wait for a handshake slot (each at most "
+        "0.7 of --handshake-timeout); beyond it they are shed: answered 503 overloaded with "
+        "a tether-retry-after hint",
+    )
+    ops.add_argument(
         "--flood-penalty-after",
         type=int,
         default=d.flood_penalty_after,
@@ -482,6 +517,12 @@ def validate(cfg: BrokerConfig) -> list[str]:
         problems.append("--max-grpc-message-size must be at least 1024")
     if cfg.max_grpc_streams < 1:
         problems.append("--max-grpc-streams must be at least 1")
+    if cfg.max_concurrent_handshakes < 1:
+        problems.append("--max-concurrent-handshakes must be at least 1")
+    if not cfg.agent_accept_rate > 0:
+        problems.append("--agent-accept-rate must be above 0")
+    if cfg.agent_accept_queue < 0:
+        problems.append("--agent-accept-queue must be 0 or more")
     if cfg.flood_penalty_after < 0:
         problems.append("--flood-penalty-after must be 0 (off) or more")
     if cfg.server_count < 1:

@@ -112,6 +112,20 @@ class BrokerMetrics(TunnelMetrics):
             ["kind"],
             registry=r,
         )
+        self.admission = prom.Counter(
+            "tether_agent_admission",
+            "Agent-port connections by admission verdict (protocol/admission.py): admit "
+            "(handshake at once), queue (waited for a handshake slot), shed (answered "
+            "503 overloaded with a retry hint), drop (closed before TLS).",
+            ["verdict"],
+            registry=r,
+        )
+        self.admission_state = prom.Gauge(
+            "tether_agent_admission_connections",
+            "Agent-port connections in admission now: handshaking, queued or shedding.",
+            ["state"],
+            registry=r,
+        )
         self.konnectivity_tunnels = prom.Gauge(
             "tether_konnectivity_agent_tunnels",
             "Tunnels open now on konnectivity agents' multiplexed streams.",

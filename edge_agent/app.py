@@ -341,6 +341,8 @@ class Agent:
             from tether.netio import kubeapi  # lazy: PyYAML and the client
 
             self._lease_api = kubeapi.load(cfg.kubeconfig)  # KubeApiError: a start-up error
+        #: The last broker TLS session and the context it belongs to.
+        self._tls_session: tuple[ssl.SSLContext | None, ssl.SSLSession | None] = (None, None)
         self.active_streams = 0
         self._idle = trio.Event()
         self._links_changed = trio.Event()
@@ -610,12 +612,7 @@ class Agent:
             with trio.fail_after(cfg.connect_timeout):
                 tcp = await trio.open_tcp_stream(cfg.proxy_server_host, cfg.proxy_server_port)
                 sockopts.apply(tcp.socket, self.socket_options)  # type: ignore[arg-type]
-                stream = TLSStream(
-                    tcp,
-                    self.ssl_context,
-                    server_side=False,
-                    server_hostname=self.server_name,
-                )
+                stream = self._tls_stream(tcp)
                 try:
                     await stream.do_handshake()
                 except BaseException:
@@ -641,7 +638,32 @@ class Agent:
         if stream.selected_alpn_protocol() != "h2":
             await trio.aclose_forcefully(stream)
             return LinkOutcome.failed(Cause.NO_H2, "broker did not negotiate h2")
+        resumed = stream.session_reused
+        log.debug("TLS handshake with the broker: %s", "resumed" if resumed else "full")
+        if self.metrics is not None:
+            self.metrics.tls_handshakes.labels("yes" if resumed else "no").inc()
         return stream
+
+    def _tls_stream(self, tcp: trio.SocketStream) -> TLSStream:
+        """A TLS client stream offering the last broker session for
+        resumption (a ticket: a reconnect costs the broker less). A session
+        belongs to the context it was made with, so a reloaded certificate
+        never resumes a session of the old one."""
+        ctx = self.ssl_context
+        session = self._tls_session[1] if self._tls_session[0] is ctx else None
+        try:
+            return TLSStream(
+                tcp, ctx, server_side=False, server_hostname=self.server_name, session=session
+            )
+        except ValueError:  # not this context's session after all
+            self._tls_session = (None, None)
+            return TLSStream(tcp, ctx, server_side=False, server_hostname=self.server_name)
+
+    def _keep_session(self, stream: TLSStream) -> None:
+        """Remember ``stream``'s session once the broker sent its ticket."""
+        session = stream.session
+        if session is not None and session.has_ticket:
+            self._tls_session = (self.ssl_context, session)
 
     async def _run_link(self, *, task_status: trio.TaskStatus[LinkOutcome]) -> None:
         """One connection's life. Reports a :class:`LinkOutcome` (connected,
@@ -709,6 +731,7 @@ class Agent:
                     conn.abort(CloseReason.HANDSHAKE_TIMEOUT, "control stream not accepted in time")
                     return
                 reported = True
+                self._keep_session(stream)
                 if self.stopping:
                     # The drain began while this link was being set up: it
                     # never registers, so the drain's GOAWAYs missed it.
@@ -717,7 +740,7 @@ class Agent:
                     await conn.flush()
                     conn.abort(CloseReason.DRAIN, "agent shutting down")
                     return
-                outcome = self._register(link)
+                outcome = self._register(link, stream.session_reused)
                 task_status.started(outcome)
                 if outcome.kind is Kind.DUPLICATE:
                     link.duplicate = True
@@ -753,7 +776,7 @@ class Agent:
             return None
         return token or None
 
-    def _register(self, link: BrokerLink) -> LinkOutcome:
+    def _register(self, link: BrokerLink, tls_resumed: bool = False) -> LinkOutcome:
         if link.server_id in self.links:
             log.info("already connected to broker %s; closing the duplicate", link.server_id)
             return LinkOutcome.duplicate(f"already connected to broker {link.server_id}")
@@ -766,16 +789,18 @@ class Agent:
         self.ever_connected.set()
         self._changed()
         log.info(
-            "connected to broker %s (%d/%d replicas)",
+            "connected to broker %s (%d/%d replicas; TLS %s)",
             link.server_id,
             len(self.links),
             self.server_count,
+            "resumed" if tls_resumed else "full handshake",
             extra=event(
                 "agent_connected",
                 agent_id=self.cfg.agent_id,
                 server_id=link.server_id,
                 connected=len(self.links),
                 expected=self.server_count,
+                tls_resumed=tls_resumed,
             ),
         )
         return LinkOutcome.connected()
@@ -783,13 +808,31 @@ class Agent:
     def _link_ended(self, link: BrokerLink, conn: TunnelConnection) -> LinkOutcome:
         if conn.rejection is not None:
             err = conn.rejection
-            if handshake.Refusal.reason_of(err.reason_token) is handshake.RefusalReason.DUPLICATE:
+            refused = handshake.Refusal.reason_of(err.reason_token)
+            if refused is handshake.RefusalReason.DUPLICATE:
                 log.info("balancer chose a replica we already hold: %s", err.message)
                 return LinkOutcome.duplicate(err.message)
-            if (
-                handshake.Refusal.reason_of(err.reason_token)
-                is handshake.RefusalReason.AGENT_ID_LIVE
-            ):
+            if refused is handshake.RefusalReason.OVERLOADED:
+                # A reconnect storm: the broker says when it expects room.
+                log.info(
+                    "broker overloaded (%d): %s; retry hint %s",
+                    err.status,
+                    err.message,
+                    "none" if err.retry_after is None else f"{err.retry_after:.3f}s",
+                    extra=event(
+                        "broker_overloaded",
+                        agent_id=self.cfg.agent_id,
+                        status=err.status,
+                        retry_after_s=err.retry_after,
+                    ),
+                )
+                return LinkOutcome.failed(
+                    Cause.OVERLOADED,
+                    f"overloaded: {err.status} {err.message}",
+                    refusal=err.reason_token,
+                    retry_after=err.retry_after,
+                )
+            if refused is handshake.RefusalReason.AGENT_ID_LIVE:
                 log.warning(
                     "broker refused this agent (409 agent_id_live): %s; if two devices share "
                     "this identity, give each its own --agent-id and certificate",

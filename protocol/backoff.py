@@ -3,7 +3,9 @@
 The delay before attempt n is uniform(0, min(cap, base * 2**n)). The
 exponent resets once a connection has stayed healthy for ``stable_after``
 seconds. An authentication rejection jumps straight to the cap, and a
-broker ``drain`` hint replaces the schedule with uniform(0, retry window).
+broker ``drain`` hint replaces the schedule with uniform(0, retry window),
+and an overloaded broker's retry hint (``503 overloaded`` with
+``tether-retry-after``) with uniform(hint, 1.25 x hint), never past the cap.
 Pure and clock-free: callers pass times and a random source.
 """
 
@@ -12,6 +14,9 @@ from __future__ import annotations
 import random
 
 import attrs
+
+#: An overloaded broker's retry hint is waited out to between 1x and this x.
+RETRY_JITTER = 1.25
 
 
 @attrs.define
@@ -22,6 +27,7 @@ class Backoff:
     rng: random.Random = attrs.field(factory=random.Random, repr=False)
     attempt: int = 0
     _hint: float | None = None
+    _retry: float | None = None
     _to_cap: bool = False
 
     def __attrs_post_init__(self) -> None:
@@ -30,6 +36,8 @@ class Backoff:
 
     def ceiling(self) -> float:
         """The upper bound of the next delay (what the logs show)."""
+        if self._retry is not None:
+            return min(self.cap, self._retry * RETRY_JITTER)
         if self._hint is not None:
             return self._hint
         if self._to_cap:
@@ -38,7 +46,11 @@ class Backoff:
 
     def next_delay(self) -> float:
         """Delay before the next attempt; advances the schedule."""
-        delay = self.rng.uniform(0.0, self.ceiling())
+        if self._retry is not None:
+            delay = min(self.cap, self.rng.uniform(self._retry, self._retry * RETRY_JITTER))
+        else:
+            delay = self.rng.uniform(0.0, self.ceiling())
+        self._retry = None
         self._hint = None
         self._to_cap = False
         self.attempt += 1
@@ -56,3 +68,7 @@ class Backoff:
     def drain_hint(self, retry_window: float) -> None:
         """The broker asked us to reconnect within ``retry_window`` seconds."""
         self._hint = max(0.0, retry_window)
+
+    def retry_hint(self, seconds: float) -> None:
+        """An overloaded broker asked us to dial again in ``seconds``."""
+        self._retry = max(0.0, seconds)

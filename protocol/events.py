@@ -39,6 +39,8 @@ class ControlRejected:
     status: int
     reason_token: str
     message: str
+    #: The broker's retry hint (``tether-retry-after``) in seconds; None without one.
+    retry_after: float | None = None
 
 
 @attrs.frozen

@@ -40,6 +40,10 @@ SERVER_COUNT = "tether-server-count"
 DIAL_FAIL_CODES = "tether-dial-fail-codes"
 # The broker's refusal (non-200 response headers), beside the body text.
 REFUSAL = "tether-refusal"
+#: With ``503 overloaded``: milliseconds to wait before dialing again.
+RETRY_AFTER = "tether-retry-after"
+#: The longest retry hint an agent takes (longer: not a hint).
+MAX_RETRY_AFTER_MS = 3_600_000
 # A data stream's request header.
 DIAL_ID = "tether-dial-id"
 
@@ -71,6 +75,9 @@ class RefusalReason(enum.Enum):
     #: 409: this id is live on another connection with the same credential,
     #: from another agent process (two devices sharing one identity).
     AGENT_ID_LIVE = "agent_id_live"
+    #: 503: the broker is shedding new connections (a reconnect storm);
+    #: :data:`RETRY_AFTER` says when to dial again.
+    OVERLOADED = "overloaded"
 
 
 def valid_token(token: str) -> bool:
@@ -204,13 +211,30 @@ class Refusal:
     status: int
     token: str
     text: str = ""
+    #: When to dial again (:data:`RETRY_AFTER`), milliseconds; None: no hint.
+    retry_after_ms: int | None = None
 
     def __attrs_post_init__(self) -> None:
         if not valid_token(self.token):
             raise HandshakeError("bad_refusal", f"invalid refusal token {self.token!r}")
+        if self.retry_after_ms is not None and not 0 <= self.retry_after_ms <= MAX_RETRY_AFTER_MS:
+            raise HandshakeError("bad_refusal", f"retry hint out of range: {self.retry_after_ms}")
 
     def to_headers(self) -> dict[str, str]:
-        return {REFUSAL: self.token}
+        headers = {REFUSAL: self.token}
+        if self.retry_after_ms is not None:
+            headers[RETRY_AFTER] = str(self.retry_after_ms)
+        return headers
+
+    @staticmethod
+    def retry_after_from_headers(headers: Mapping[str, str]) -> float | None:
+        """The retry hint of a response in seconds; None when absent (an
+        older broker) or not a number of milliseconds within an hour."""
+        value = headers.get(RETRY_AFTER, "")
+        if not (value.isascii() and value.isdigit() and len(value) <= 7):
+            return None
+        ms = int(value)
+        return ms / 1000.0 if ms <= MAX_RETRY_AFTER_MS else None
 
     @staticmethod
     def token_from_headers(headers: Mapping[str, str]) -> str:

@@ -8,7 +8,8 @@ both schedules: the *backoff* (base ``--sync-interval``, cap
 ``--sync-interval-cap``, reset once a link stayed healthy) for brokers that
 answered and refused, dropped us or drained, and the short *probe* schedule
 (cap ``--probe-interval-cap``) while no broker can be reached at all. It
-applies a broker's drain hint (reconnect within its retry window), sends an
+applies a broker's drain hint (reconnect within its retry window) and an
+overloaded broker's retry hint (wait that long, jittered), sends an
 authentication rejection straight to the cap, spaces out a balancer's
 duplicate picks, and once the agent is stopping it never dials again.
 """
@@ -28,6 +29,8 @@ class Cause(enum.Enum):
 
     DRAIN = "drain"
     REJECTED = "rejected"
+    #: 503 overloaded: the broker sheds new connections (a reconnect storm).
+    OVERLOADED = "overloaded"
     CONNECT_TIMEOUT = "connect_timeout"
     CONNECT_FAILED = "connect_failed"
     TLS_HANDSHAKE = "tls_handshake"
@@ -78,6 +81,8 @@ class LinkOutcome:
     #: How long the link lasted (LOST: since its control stream was opened;
     #: FAILED: since the dial began).
     lasted: float | None = None
+    #: An overloaded broker's retry hint (``tether-retry-after``), seconds.
+    retry_after: float | None = None
 
     @classmethod
     def connected(cls) -> LinkOutcome:
@@ -96,8 +101,11 @@ class LinkOutcome:
         accepted: bool = False,
         drain_retry: float | None = None,
         refusal: str = "",
+        retry_after: float | None = None,
     ) -> LinkOutcome:
-        return cls(Kind.FAILED, cause, detail, accepted, drain_retry, refusal)
+        return cls(
+            Kind.FAILED, cause, detail, accepted, drain_retry, refusal, retry_after=retry_after
+        )
 
     @property
     def label(self) -> str:
@@ -184,6 +192,8 @@ class ReconnectPolicy:
             self.backoff.rejected()
         if outcome.drain_retry is not None:
             self.backoff.drain_hint(outcome.drain_retry)
+        if outcome.retry_after is not None:
+            self.backoff.retry_hint(outcome.retry_after)
         ceiling = schedule.ceiling()
         delay = schedule.next_delay()
         attempt = schedule.attempt

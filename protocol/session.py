@@ -149,7 +149,7 @@ class TunnelSession:
         self._control_decoder = framing.ControlDecoder(self.config.max_message_size)
         #: Status and refusal token of a rejected control stream, until its
         #: body (the message) arrives and ControlRejected reports them.
-        self._refusal: tuple[int, str] | None = None
+        self._refusal: tuple[int, str, float | None] | None = None
         self._streams: dict[int, _Stream] = {}
 
     @staticmethod
@@ -592,7 +592,11 @@ class TunnelSession:
             else:
                 self._control_move(ControlInput.REJECT, Side.REMOTE)
                 code = int(status) if status.isascii() and status.isdigit() else 0
-                self._refusal = (code, handshake.Refusal.token_from_headers(headers))
+                self._refusal = (
+                    code,
+                    handshake.Refusal.token_from_headers(headers),
+                    handshake.Refusal.retry_after_from_headers(headers),
+                )
             return
         stream = self._streams.get(ev.stream_id)
         if stream is not None:
@@ -665,9 +669,9 @@ class TunnelSession:
     def _report_refusal(self, message: str, out: list[events.Event]) -> None:
         """Agent: the one ControlRejected for a rejected control stream."""
         if self._refusal is not None:
-            status, token = self._refusal
+            status, token, retry_after = self._refusal
             self._refusal = None
-            out.append(events.ControlRejected(status, token, message))
+            out.append(events.ControlRejected(status, token, message, retry_after))
 
     def _on_stream_ended(self, sid: int, out: list[events.Event]) -> None:
         if sid == self._control_id:

@@ -168,6 +168,7 @@ def test_labels_are_the_documented_tokens() -> None:
     assert [c.value for c in Cause] == [
         "drain",
         "rejected",
+        "overloaded",
         "connect_timeout",
         "connect_failed",
         "tls_handshake",

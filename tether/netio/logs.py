@@ -49,6 +49,7 @@ EVENTS = frozenset(
         "agent_disconnected",  # an agent connection that had been accepted ended
         "agent_replaced",  # broker: a newcomer took an agent id's place; agent: we were replaced
         "auth_rejected",  # broker refused an agent at the control stream
+        "broker_overloaded",  # agent: 503 overloaded, waiting out the broker's retry hint
         "frontend_rejected",  # broker refused a TCP frontend client certificate (role/cluster)
         "pki_migration_needed",  # startup: frontend and agent share a CA (an old PKI)
         "tls_handshake_failed",  # a TLS handshake failed or timed out

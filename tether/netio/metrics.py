@@ -63,6 +63,13 @@ class TunnelMetrics:
             ["cert"],
             registry=r,
         )
+        self.tls_handshakes = prom.Counter(
+            "tether_tls_handshakes",
+            f"TLS handshakes completed on {peer}, by whether a session ticket "
+            "resumed an earlier session (resumed: yes) or it was a full handshake (no).",
+            ["resumed"],
+            registry=r,
+        )
         prom.Gauge(
             "tether_tasks", f"Live trio tasks in the {process} (leak check).", registry=r
         ).set_function(introspect.trio_task_count)

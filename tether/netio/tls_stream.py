@@ -54,7 +54,11 @@ class TLSStream(trio.abc.Stream):
         *,
         server_side: bool,
         server_hostname: str | None = None,
+        session: ssl.SSLSession | None = None,
     ) -> None:
+        """``session``: a client's earlier session with this server (from
+        :attr:`session` of an earlier stream made with the same
+        ``context``), offered for resumption."""
         self.transport = transport
         self._incoming = ssl.MemoryBIO()
         self._outgoing = ssl.MemoryBIO()
@@ -63,6 +67,7 @@ class TLSStream(trio.abc.Stream):
             self._outgoing,
             server_side=server_side,
             server_hostname=None if server_side else server_hostname,
+            session=session,
         )
         self._send_lock = trio.Lock()
         self._handshook = False
@@ -79,6 +84,17 @@ class TLSStream(trio.abc.Stream):
 
     def version(self) -> str | None:
         return self._ssl.version()
+
+    @property
+    def session(self) -> ssl.SSLSession | None:
+        """The TLS session to resume next time (a client's; TLS 1.3 sends
+        its ticket after the handshake, so ask once data has arrived)."""
+        return self._ssl.session
+
+    @property
+    def session_reused(self) -> bool:
+        """Whether the handshake resumed an earlier session (a ticket)."""
+        return bool(self._ssl.session_reused)
 
     # ---------------------------------------------------------- internals
 
