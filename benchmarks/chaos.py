@@ -16,8 +16,10 @@ CONNECT frontend through its Unix socket, which the namespaces share.
 from __future__ import annotations
 
 import random
+import re
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import attrs
@@ -42,6 +44,8 @@ class ChaosReport:
     faults: list[tuple[float, str]] = attrs.Factory(list)
     recovered_s: float | None = None
     duration_s: float = 0.0
+    #: Hedged reconnects that won (agent logs): hedging was exercised.
+    hedges_won: int = 0
 
     def fail(self, reason: str) -> None:
         self.failed[reason] = self.failed.get(reason, 0) + 1
@@ -55,16 +59,19 @@ class ChaosReport:
             f"[{self.profile}] {self.transfers} transfers in {self.duration_s:.0f} s: "
             f"{self.ok} ok, failed {dict(sorted(self.failed.items()))}, "
             f"{self.bytes_verified} bytes verified, {self.corrupted_bytes} corrupted, "
-            f"slowest {self.slowest_s:.1f} s; faults {faults}; ready again after {recovered}"
+            f"slowest {self.slowest_s:.1f} s; faults {faults}; ready again after {recovered}; "
+            f"{self.hedges_won} hedged reconnect(s) won"
         )
 
 
 class Stack:
     """Broker, agent and echo target across the emulated link."""
 
-    def __init__(self, link: LinkSim, workdir: Path) -> None:
+    def __init__(self, link: LinkSim, workdir: Path, agent_args: Sequence[str] = ()) -> None:
         self.link = link
         self.workdir = workdir
+        #: Appended to the agent's flags (a later flag wins).
+        self.agent_args = tuple(agent_args)
         self.pki = init_pki(workdir / "pki", extra_sans=(CLOUD,))
         self.broker: BrokerHandle = start_broker(
             workdir,
@@ -102,7 +109,11 @@ class Stack:
             "--sync-interval-cap=3",
             "--keepalive-time=2",
             "--keepalive-timeout=3",
+            # Hedging well inside the 5 s keepalive budget, so the link-down
+            # faults race fresh connections beside the quiet one.
+            "--hedge-after=1",
             "--log-level=info",
+            *self.agent_args,
             prefix=self.link.exec_prefix("edge"),
         )
 
@@ -278,4 +289,10 @@ async def run_chaos(
                 report.recovered_s = trio.current_time() - recover_started
         finally:
             stack.close()
+            report.hedges_won = sum(
+                len(
+                    re.findall(r"hedged reconnect to broker \S+ won", p.read_text(errors="replace"))
+                )
+                for p in workdir.glob("agent-*.log")
+            )
     return report

@@ -164,7 +164,12 @@ def _rows(res: dict[str, Any]) -> list[tuple[str, dict[str, Any], str]]:
             cs = o.get("contenders", {})
             add(
                 f"S7 s from restore to a working request, {o['outage_s']:g} s outage, {prof}",
-                lambda c, cs=cs: _get(cs, c, "recovery_s"),
+                lambda c, cs=cs: _stat(_get(cs, c, "recovery_s"), _get(cs, c, "recovery_samples")),
+                "lower",
+            )
+            add(
+                f"S7 same, p99 (nearest rank), {o['outage_s']:g} s outage, {prof}",
+                lambda c, cs=cs: _get(cs, c, "p99_s"),
                 "lower",
             )
             add(
@@ -172,6 +177,13 @@ def _rows(res: dict[str, Any]) -> list[tuple[str, dict[str, Any], str]]:
                 lambda c, cs=cs: _get(cs, c, "detected_s"),
                 "lower",
             )
+    for prof, data in (sc.get("S10") or {}).items():
+        cs = data.get("contenders", {})
+        add(
+            f"S10 s from the new address to a working request, {prof}",
+            lambda c, cs=cs: _stat(_get(cs, c, "recovery_s"), _get(cs, c, "recovery_samples")),
+            "lower",
+        )
     s8 = sc.get("S8") or {}
     idle = _get(s8, "idle", "contenders") or {}
     during = s8.get("during_s4") or {}
@@ -366,6 +378,19 @@ def targets(res: dict[str, Any]) -> list[tuple[str, str, str, bool | None]]:
                 + "; detection "
                 + ", ".join(f"{o:g} s: {_num(v, 1)} s" for o, v in dets)
                 + " ('-': the link was back before the keepalive gave up)",
+                ok,
+            )
+        )
+    # S10
+    for prof, data in (sc.get("S10") or {}).items():
+        samples = [x for x in _get(data, "contenders", "tether-connect", "recovery_samples") or []]
+        got = [x for x in samples if x is not None]
+        ok = None if not samples else (len(got) == len(samples) and max(got) <= 1.0)
+        out.append(
+            (
+                f"S10 mobility, {prof}",
+                "first working request <= 1 s after the new address is up",
+                "CONNECT " + ", ".join(_num(x, 2) for x in samples) + " s",
                 ok,
             )
         )

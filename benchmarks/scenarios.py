@@ -48,6 +48,15 @@ class Durations:
     s6_on_link: bool = True
     s7_outages: tuple[float, ...] = (5.0, 20.0, 60.0)
     s7_cap_s: float = 90.0
+    #: Rounds of every outage length (interleaved), for p50/p99 and spread.
+    s7_repeats: int = 5
+    #: S4 runs per contender on the lossy profiles (LOSSY_PROFILES), interleaved.
+    s4_lossy_runs: int = 5
+    #: S4 on flaky: long enough to span one outage period of the profile.
+    s4_flaky_measure_s: float = 60.0
+    #: S10 address changes, and how long each may take to recover.
+    s10_moves: int = 5
+    s10_cap_s: float = 60.0
     s8_idle_s: float = 60.0
     s9_agents: int = 1000
     s9_dial_s: float = 5.0
@@ -72,6 +81,10 @@ PRESETS = {
         s6_link_s=3.0,
         s7_outages=(5.0, 20.0),
         s7_cap_s=60.0,
+        s7_repeats=2,
+        s4_lossy_runs=2,
+        s4_flaky_measure_s=30.0,
+        s10_moves=2,
         s8_idle_s=15.0,
         s9_agents=200,
         s9_dial_s=3.0,
@@ -95,6 +108,11 @@ PRESETS = {
         s4_min_warmup_s=0.5,
         s7_outages=(1.0,),
         s7_cap_s=30.0,
+        s7_repeats=1,
+        s4_lossy_runs=1,
+        s4_flaky_measure_s=2.0,
+        s10_moves=1,
+        s10_cap_s=10.0,
         s8_idle_s=1.0,
         s9_agents=20,
         s9_dial_s=1.0,
@@ -251,40 +269,66 @@ def s4_goodput(
     progress: Progress,
     footprint: dict[str, Any],
     min_warmup_s: float = 1.5,
+    runs: int = 1,
 ) -> dict[str, Any]:
     """Time-boxed download per contender after slow start; the edge-side
-    tunnel process's memory is sampled meanwhile (S8 'during S4')."""
+    tunnel process's memory is sampled meanwhile (S8 'during S4'). With
+    ``runs`` > 1 the contenders take turns, round after round, and each
+    reports the median with its samples (lossy links vary run to run)."""
     rtt = rtt_s(profile)
     warmup = max(min_warmup_s, 10 * rtt)
-    out: dict[str, Any] = {"warmup_s": warmup, "measure_s": measure_s, "contenders": {}}
-    for name in st.contenders:
-        with _guard(errors, f"S4/{profile.name}/{name}", progress):
-            cc: dict[str, str | None] = {}
-            edge = st.edge_pid(name)
-            sampler = measure.MemorySampler({name: edge} if edge else {})
-
-            def snapshot(name: str = name, cc: dict[str, str | None] = cc) -> None:
-                cc.update(congestion_by_contender(st))
-
-            with sampler:
-                g = measure.goodput(
-                    st.opener(name),
-                    st.source_port,
-                    warmup_s=warmup,
-                    measure_s=measure_s,
-                    on_running=snapshot,
-                )
-            out["contenders"][name] = {
-                "mbps": g.bps / 1e6,
-                "cc": cc.get(name),
-                "timeline": g.timeline,
-            }
-            if edge:
-                peak = footprint.setdefault(name, {"rss": 0, "uss": 0})
-                peak["rss"] = max(peak["rss"], sampler.peak[name]["rss"])
-                peak["uss"] = max(peak["uss"], sampler.peak[name]["uss"])
-            progress(f"    S4 {profile.name} {name}: {g.bps / 1e6:.2f} Mbit/s (cc {cc.get(name)})")
+    out: dict[str, Any] = {
+        "warmup_s": warmup,
+        "measure_s": measure_s,
+        "runs": runs,
+        "contenders": {},
+    }
+    for round_ in range(runs):
+        for name in st.contenders:
+            _s4_one(st, profile, name, warmup, measure_s, errors, progress, footprint, out)
+        if runs > 1:
+            progress(f"    S4 {profile.name}: round {round_ + 1}/{runs} done")
+    for c in out["contenders"].values():
+        c["mbps"] = statistics.median(c["mbps_samples"])
     return out
+
+
+def _s4_one(
+    st: Stacks,
+    profile: LinkProfile,
+    name: str,
+    warmup: float,
+    measure_s: float,
+    errors: dict[str, str],
+    progress: Progress,
+    footprint: dict[str, Any],
+    out: dict[str, Any],
+) -> None:
+    with _guard(errors, f"S4/{profile.name}/{name}", progress):
+        cc: dict[str, str | None] = {}
+        edge = st.edge_pid(name)
+        sampler = measure.MemorySampler({name: edge} if edge else {})
+
+        def snapshot(name: str = name, cc: dict[str, str | None] = cc) -> None:
+            cc.update(congestion_by_contender(st))
+
+        with sampler:
+            g = measure.goodput(
+                st.opener(name),
+                st.source_port,
+                warmup_s=warmup,
+                measure_s=measure_s,
+                on_running=snapshot,
+            )
+        entry = out["contenders"].setdefault(name, {"mbps_samples": []})
+        entry["mbps_samples"].append(g.bps / 1e6)
+        entry["cc"] = cc.get(name)
+        entry["timeline"] = g.timeline
+        if edge:
+            peak = footprint.setdefault(name, {"rss": 0, "uss": 0})
+            peak["rss"] = max(peak["rss"], sampler.peak[name]["rss"])
+            peak["uss"] = max(peak["uss"], sampler.peak[name]["uss"])
+        progress(f"    S4 {profile.name} {name}: {g.bps / 1e6:.2f} Mbit/s (cc {cc.get(name)})")
 
 
 # ------------------------------------------------------------------ S5
@@ -512,51 +556,192 @@ def s7_recovery(
 ) -> dict[str, Any]:
     """Force the link down for each outage length, then measure, per
     contender, the time from restore to the first new request that succeeds,
-    and each tunnel's own dead-link detection (from its log)."""
-    out: dict[str, Any] = {"outages": []}
-    for outage in d.s7_outages:
-        with _guard(errors, f"S7/{outage:g}s", progress):
-            pre = wait_healthy(st, 120)
-            if any(v is None for v in pre.values()):
-                raise RuntimeError(f"contenders not healthy before the outage: {pre}")
-            time.sleep(1.0)
-            watches: dict[str, LogWatch] = {}
-            for name, b in st.brokers.items():
-                if name in st.contenders:
-                    watches[name] = LogWatch(b.agent.log_path, r"disconnected from broker")
-            if st.ssh is not None:
-                watches["ssh"] = LogWatch(
-                    st.ssh.client.log_path, r"Timeout, server|Connection .*(reset|closed)|Broken"
-                )
-            t_down = time.monotonic()
-            st.link.set_down(True)
-            progress(f"    S7 link down for {outage:g} s")
-            time.sleep(outage)
-            st.link.set_down(False)
-            t_up = time.monotonic()
-            results: dict[str, Any] = {}
+    and each tunnel's own dead-link detection (from its log). The outage
+    lengths take turns for ``d.s7_repeats`` rounds; each contender reports
+    the median, p50 and p99 (nearest rank) and every sample."""
+    rounds: dict[float, list[dict[str, Any]]] = {o: [] for o in d.s7_outages}
+    for round_ in range(d.s7_repeats):
+        for outage in d.s7_outages:
+            with _guard(errors, f"S7/{outage:g}s/{round_ + 1}", progress):
+                rounds[outage].append(_s7_one(st, outage, d, progress))
+    out: dict[str, Any] = {"repeats": d.s7_repeats, "outages": []}
+    for outage, runs in rounds.items():
+        contenders: dict[str, Any] = {}
+        for name in st.contenders:
+            recs = [r[name]["recovery_s"] for r in runs if name in r]
+            got = [x for x in recs if x is not None]
+            detected = [r[name].get("detected_s") for r in runs if name in r]
+            det = [x for x in detected if x is not None]
+            contenders[name] = {
+                "recovery_s": statistics.median(got) if got else None,
+                "p50_s": measure.pct(got, 0.50) if got else None,
+                "p99_s": measure.pct(got, 0.99) if got else None,
+                "recovery_samples": recs,
+                "failed": len(recs) - len(got),
+                "attempts": [r[name]["attempts"] for r in runs if name in r],
+                "detected_s": statistics.median(det) if det else None,
+                "detected_line": next(
+                    (
+                        r[name].get("detected_line")
+                        for r in runs
+                        if r.get(name, {}).get("detected_line")
+                    ),
+                    None,
+                ),
+            }
+        out["outages"].append({"outage_s": outage, "contenders": contenders})
+        summary = ", ".join(
+            f"{n} p50 {c['p50_s']:.2f}s p99 {c['p99_s']:.2f}s"
+            if c["p50_s"] is not None
+            else f"{n} none"
+            for n, c in contenders.items()
+        )
+        progress(f"    S7 {outage:g} s outage, {len(runs)} round(s): {summary}")
+    return out
 
-            def run(name: str, results: dict[str, Any] = results, t_up: float = t_up) -> None:
-                rec, n = _first_success(st.opener(name), st.echo_port, t_up, d.s7_cap_s)
-                results[name] = {"recovery_s": rec, "attempts": n}
 
-            threads = [threading.Thread(target=run, args=(n,), daemon=True) for n in st.contenders]
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join(d.s7_cap_s + 60)
-            for name, w in watches.items():
-                w.stop()
-                if name in results:
-                    results[name]["detected_s"] = None if w.seen_at is None else w.seen_at - t_down
-                    results[name]["detected_line"] = w.line
-            out["outages"].append({"outage_s": outage, "contenders": results})
+def _s7_one(st: Stacks, outage: float, d: Durations, progress: Progress) -> dict[str, Any]:
+    pre = wait_healthy(st, 120)
+    if any(v is None for v in pre.values()):
+        raise RuntimeError(f"contenders not healthy before the outage: {pre}")
+    time.sleep(1.0)
+    watches: dict[str, LogWatch] = {}
+    for name, b in st.brokers.items():
+        if name in st.contenders:
+            watches[name] = LogWatch(b.agent.log_path, r"disconnected from broker")
+    if st.ssh is not None:
+        watches["ssh"] = LogWatch(
+            st.ssh.client.log_path, r"Timeout, server|Connection .*(reset|closed)|Broken"
+        )
+    t_down = time.monotonic()
+    st.link.set_down(True)
+    progress(f"    S7 link down for {outage:g} s")
+    time.sleep(outage)
+    st.link.set_down(False)
+    t_up = time.monotonic()
+    results = _first_success_each(st, st.contenders, t_up, d.s7_cap_s)
+    for name, w in watches.items():
+        w.stop()
+        if name in results:
+            results[name]["detected_s"] = None if w.seen_at is None else w.seen_at - t_down
+            results[name]["detected_line"] = w.line
+    summary = ", ".join(
+        f"{n} {r['recovery_s']:.2f}s" if r["recovery_s"] is not None else f"{n} none"
+        for n, r in results.items()
+    )
+    progress(f"    S7 {outage:g} s outage, recovered after restore: {summary}")
+    return results
+
+
+def _first_success_each(
+    st: Stacks, names: list[str], start: float, cap_s: float
+) -> dict[str, dict[str, Any]]:
+    """Per contender, in parallel: seconds from ``start`` to its first working request."""
+    results: dict[str, dict[str, Any]] = {}
+
+    def run(name: str) -> None:
+        rec, n = _first_success(st.opener(name), st.echo_port, start, cap_s)
+        results[name] = {"recovery_s": rec, "attempts": n}
+
+    threads = [threading.Thread(target=run, args=(n,), daemon=True) for n in names]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(cap_s + 60)
+    return results
+
+
+# ------------------------------------------------------------------ S10
+
+#: S10 contenders: the tunnels that must follow a moving edge (direct TCP
+#: dials the edge's old address, which is gone).
+S10_CONTENDERS = ("ssh", "tether-connect", "tether-grpc")
+
+
+def s10_mobility(
+    st: Stacks, d: Durations, errors: dict[str, str], progress: Progress
+) -> dict[str, Any]:
+    """The edge moves mid-transfer: a download runs through every tunnel;
+    the edge's address is removed, a new one (another subnet) added and the
+    default route moved to it. Per contender: seconds from the new address
+    and route being up to its first working request (fresh connection and
+    echo, attempts every 0.5 s), ``d.s10_moves`` times, moving back and forth."""
+    names = [n for n in S10_CONTENDERS if n in st.contenders]
+    runs: list[dict[str, Any]] = []
+    lost: dict[str, int] = {}  # contenders that never came back, and after which move
+    for move in range(d.s10_moves):
+        with _guard(errors, f"S10/{move + 1}", progress):
+            pre = wait_healthy(st, 60 if runs else 120)
+            for n in names:
+                if pre.get(n) is None and runs:
+                    lost[n] = move
+                    progress(f"    S10 {n} did not come back after move {move}; left out")
+            names = [n for n in names if n not in lost]
+            if not names or any(pre.get(n) is None for n in names):
+                raise RuntimeError(f"contenders not healthy before the move: {pre}")
+            transfers = [_Transfer(st, n) for n in names]
+            time.sleep(1.0)  # the downloads are flowing
+            before = st.link.edge_addr
+            t_up = st.link.move_edge()
+            progress(f"    S10 edge moved {before} -> {st.link.edge_addr}")
+            results = _first_success_each(st, names, t_up, d.s10_cap_s)
+            for t in transfers:
+                results[t.name]["transfer"] = t.close()
+            runs.append(results)
             summary = ", ".join(
                 f"{n} {r['recovery_s']:.2f}s" if r["recovery_s"] is not None else f"{n} none"
                 for n, r in results.items()
             )
-            progress(f"    S7 {outage:g} s outage, recovered after restore: {summary}")
+            progress(f"    S10 move {move + 1}: first working request after {summary}")
+    out: dict[str, Any] = {"moves": len(runs), "contenders": {}, "lost_after_move": lost}
+    for name in [n for n in S10_CONTENDERS if n in st.contenders]:
+        recs = [r[name]["recovery_s"] for r in runs if name in r]
+        got = [x for x in recs if x is not None]
+        out["contenders"][name] = {
+            "recovery_s": statistics.median(got) if got else None,
+            "p50_s": measure.pct(got, 0.50) if got else None,
+            "p99_s": measure.pct(got, 0.99) if got else None,
+            "recovery_samples": recs,
+            "transfers": [r[name].get("transfer") for r in runs if name in r],
+        }
     return out
+
+
+class _Transfer:
+    """A download through one contender while the edge moves: how many
+    bytes it got and how it ended (it may die with the old address)."""
+
+    def __init__(self, st: Stacks, name: str) -> None:
+        self.name = name
+        self.received = 0
+        self.ended = "running"
+        self._stop = threading.Event()
+        self._conn: Any = None
+        self._thread = threading.Thread(
+            target=self._run, args=(st.opener(name), st.source_port), daemon=True
+        )
+        self._thread.start()
+
+    def _run(self, opener: Any, port: int) -> None:
+        try:
+            self._conn = opener(port, 10.0)
+            self._conn.sendall(measure.ENDLESS.to_bytes(8, "big"))
+            while not self._stop.is_set():
+                chunk = self._conn.recv(65536)
+                if not chunk:
+                    self.ended = "eof"
+                    return
+                self.received += len(chunk)
+        except Exception as exc:
+            self.ended = "stopped" if self._stop.is_set() else f"error: {type(exc).__name__}"
+
+    def close(self) -> dict[str, Any]:
+        self._stop.set()
+        with contextlib.suppress(Exception):
+            if self._conn is not None:
+                self._conn.close()
+        self._thread.join(5)
+        return {"received": self.received, "ended": self.ended}
 
 
 # ------------------------------------------------------------------ S8

@@ -12,7 +12,7 @@ import trio
 from cryptography import x509
 
 from broker.auth import Authenticator, AuthError, Identity
-from broker.dialing import DialError, DialOutcome
+from broker.dialing import DialError, DialOutcome, Rerouted
 from broker.metrics import BrokerMetrics
 from protocol import events, handshake, keepalive, messages
 from protocol.budget import Grant
@@ -43,6 +43,10 @@ class PendingDial:
     error: DialError | None = None
     #: The tunnel's share of the broker's buffer budget (None: no budget).
     grant: Grant | None = None
+    #: The dial carried no early bytes (a reroute cannot deliver them twice).
+    reroutable: bool = True
+    #: Ended because a hedge superseded the connection before any answer.
+    rerouted: bool = False
 
 
 class Awaited(Protocol):
@@ -112,6 +116,10 @@ class AgentConnection:
         self._held: tuple[str, ...] = ()  # server ids the agent already holds (hello)
         #: The agent process's instance id from its hello; "" from an older agent.
         self.instance = ""
+        #: The hello carried the hedge marker (protocol/handshake.py ``AGENT_HEDGE``).
+        self.hedge = False
+        #: A hedge of this agent took its registered place; it keeps its streams.
+        self.superseded = False
         #: The last keepalive round trip, seconds (None before the first).
         self.rtt: float | None = None
         self.conn: TunnelConnection | None = None
@@ -165,7 +173,7 @@ class AgentConnection:
             raise DialError(
                 DialOutcome.BUSY, f"broker busy: {budget.describe()}", code="broker_busy"
             )
-        pending = PendingDial(dial_id, addr, grant=grant)
+        pending = PendingDial(dial_id, addr, grant=grant, reroutable=not early)
         self.pending[dial_id] = pending
         self.metrics.pending_dials.inc()
         delivered = False
@@ -183,6 +191,8 @@ class AgentConnection:
                 raise DialError(DialOutcome.AGENT_LOST, f"agent connection lost: {exc}") from None
             with trio.move_on_after(timeout):
                 await pending.done.wait()
+            if pending.rerouted and pending.stream is None and pending.error is None:
+                raise Rerouted()
             if pending.error is not None:
                 raise pending.error
             if pending.stream is None:
@@ -196,7 +206,7 @@ class AgentConnection:
                 if pending.stream is not None:
                     pending.stream.reset()  # returns the grant with the stream
                 else:
-                    if not pending.done.is_set():
+                    if not pending.done.is_set() or pending.rerouted:
                         self._send_cancel(dial_id)
                     if budget is not None and grant is not None:
                         budget.release(grant)
@@ -366,6 +376,7 @@ class AgentConnection:
             return handshake.Refusal(403, exc.reason, str(exc))
         self._held = hello.connected_servers
         self.instance = hello.instance
+        self.hedge = hello.hedge
         self.identity = identity
         self.agent_id = identity.agent_id
         self.cluster = identity.cluster
@@ -482,6 +493,20 @@ class AgentConnection:
         self.fail_all(reason)
         if self.conn is not None:
             self.conn.abort(CloseReason.REPLACED, reason)
+
+    def supersede(self) -> int:
+        """A hedge of this agent took its place: dials the agent has not
+        answered yet (and that carried no early bytes) end now, to be sent
+        again on the new connection; the rest, and open streams, stay.
+        Returns how many were rerouted."""
+        self.superseded = True
+        moved = 0
+        for pending in self.pending.values():
+            if pending.reroutable and not pending.done.is_set():
+                pending.rerouted = True
+                pending.done.set()
+                moved += 1
+        return moved
 
     def replace(self, by: AgentConnection) -> None:
         """``by`` took this connection's place: its pending dials fail at

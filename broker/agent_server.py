@@ -46,6 +46,11 @@ class _Probe:
         self.live = True
 
 
+#: Superseded connections an agent may keep open beside its registered one
+#: (hedged reconnects, docs/protocol.md 6.): a further hedge closes the oldest.
+MAX_SUPERSEDED = 2
+
+
 class AgentServer:
     def __init__(
         self,
@@ -82,6 +87,9 @@ class AgentServer:
         self.agents: set[AgentConnection] = set()
         #: Connections a newly admitted agent replaces, closed once it is told.
         self._replacing: dict[AgentConnection, RoutableAgent] = {}
+        #: Per (cluster, agent id): older connections a hedge superseded that
+        #: still carry streams, oldest first (at most MAX_SUPERSEDED).
+        self.superseded: dict[tuple[str, str], list[AgentConnection]] = {}
         #: Liveness probes in flight, per registered connection.
         self._probes: dict[AgentConnection, _Probe] = {}
         self.socket_options = socket_options
@@ -126,6 +134,21 @@ class AgentServer:
                 409,
                 handshake.RefusalReason.AGENT_ID_LIVE.value,
                 f"agent_id_live: agent id {agent.agent_id} is contended by several connections",
+            )
+        old = self.registry.get(agent.cluster, agent.agent_id)
+        if (
+            isinstance(old, AgentConnection)
+            and old.hedge
+            and self._hedges(agent, old)
+            and old.conn is not None
+            and trio.current_time() - old.conn.last_rx < self.probe_timeout(old)
+        ):
+            # Two fresh connections of one race: the first accepted keeps
+            # the place (the agent keeps the first welcome it reads).
+            return handshake.Refusal(
+                409,
+                handshake.RefusalReason.DUPLICATE.value,
+                "duplicate: another hedged connection of this agent already takes new dials",
             )
         try:
             replaced = self.registry.add(
@@ -192,10 +215,103 @@ class AgentServer:
                     instance=agent.instance or None,
                 ),
             )
-            if isinstance(replaced, AgentConnection):
+            if isinstance(replaced, AgentConnection) and self._hedges(agent, replaced):
+                self._supersede(agent, replaced)
+            elif isinstance(replaced, AgentConnection):
                 replaced.replace(agent)
             else:
                 replaced.abort("replaced by a new connection from the same agent")
+
+    @staticmethod
+    def _hedges(agent: AgentConnection, old: AgentConnection) -> bool:
+        """Whether ``agent`` is a hedge of ``old``: the marker, and the same
+        agent process (instance) authenticated by the same credential. A
+        marker from anyone else changes nothing (docs/security.md)."""
+        return (
+            agent.hedge
+            and bool(agent.instance)
+            and agent.instance == old.instance
+            and agent.identity is not None
+            and old.identity is not None
+            and agent.identity.credential is not None
+            and agent.identity.credential == old.identity.credential
+        )
+
+    def _supersede(self, agent: AgentConnection, old: AgentConnection) -> None:
+        """``agent`` takes new dials; ``old`` keeps its open streams until it
+        ends (the agent closes it when they are done, keepalive when dead)."""
+        key = (agent.cluster, agent.agent_id)
+        held = [c for c in self.superseded.get(key, []) if not c.closed and c.conn is not None]
+        held.append(old)
+        rerouted = old.supersede()
+        self.metrics.agents_by_kind.labels("tether").dec()  # counted once, as the newcomer
+        while len(held) > MAX_SUPERSEDED:
+            held.pop(0).replace(agent)
+        self.superseded[key] = held
+        self.metrics.hedges_accepted.inc()
+        log.info(
+            "agent %s/%s hedged from %s; its connection from %s keeps %d stream(s) until it "
+            "ends, %d unanswered dial(s) go again on the new one",
+            agent.cluster,
+            agent.agent_id,
+            agent.remote,
+            old.remote,
+            len(old.conn.streams) if old.conn is not None else 0,
+            rerouted,
+            extra=event(
+                "agent_hedged",
+                agent_id=agent.agent_id,
+                cluster=agent.cluster,
+                remote=agent.remote,
+                previous=old.remote,
+            ),
+        )
+
+    def _unsupersede(self, agent: AgentConnection) -> None:
+        key = (agent.cluster, agent.agent_id)
+        held = self.superseded.get(key)
+        if held is not None and agent in held:
+            held.remove(agent)
+            if not held:
+                del self.superseded[key]
+
+    def _promote(self, ended: AgentConnection) -> None:
+        """The registered connection ``ended`` is gone: the newest connection
+        it superseded that still runs takes dials again (two hedges may
+        reach the broker in one race, and the agent keeps the first)."""
+        key = (ended.cluster, ended.agent_id)
+        held = self.superseded.get(key, [])
+        while held:
+            cand = held.pop()
+            if cand.closed or cand.conn is None or cand.conn.closed_reason is not None:
+                continue
+            assert cand.identity is not None
+            identity = cand.identity
+            try:
+                self.registry.add(
+                    cand, Membership(identity.credential, identity.cap_key, identity.cap)
+                )
+            except RegistryRefused:
+                continue
+            cand.superseded = False
+            self.metrics.agents_by_kind.labels("tether").inc()
+            log.info(
+                "agent %s/%s: its connection from %s ended; the one from %s takes dials again",
+                ended.cluster,
+                ended.agent_id,
+                ended.remote,
+                cand.remote,
+                extra=event(
+                    "agent_hedged",
+                    agent_id=cand.agent_id,
+                    cluster=cand.cluster,
+                    remote=cand.remote,
+                    previous=ended.remote,
+                ),
+            )
+            break
+        if not held:
+            self.superseded.pop(key, None)
 
     def refresh(self, agent: AgentConnection) -> None:
         """``agent``'s identifiers changed: the registry routes by the new ones."""
@@ -374,7 +490,11 @@ class AgentServer:
             self.connections.discard(conn)
             self.agents.discard(agent)
             self._replacing.pop(agent, None)
+            was_registered = self.registry.get(agent.cluster, agent.agent_id) is agent
             self.registry.remove(agent)  # a no-op unless this connection is the registered one
+            self._unsupersede(agent)
+            if was_registered:
+                self._promote(agent)
             agent.fail_all(conn.closed_reason or "closed")
             if conn.close_reason is CloseReason.CONTROL_UNUSABLE:
                 # Not reading its control stream (a window that stays shut).
@@ -410,7 +530,8 @@ class AgentServer:
                     ),
                 )
             if agent.registered.is_set():
-                self.metrics.agents_by_kind.labels("tether").dec()
+                if not agent.superseded:
+                    self.metrics.agents_by_kind.labels("tether").dec()
                 cause = _cause(conn)
                 self.metrics.agent_disconnects.labels(cause).inc()
                 log.info(

@@ -57,3 +57,12 @@ class DialError(Exception):
         if code is DialFailCode.BAD_ADDRESS:
             return cls(DialOutcome.BAD_ADDRESS, f"bad address: {msg}", code=code.value)
         return cls(DialOutcome.FAILED, f"dial failed ({code.value}): {msg}", code=code.value)
+
+
+class Rerouted(DialError):
+    """The agent connection a dial was sent on was superseded by a hedged
+    connection of the same agent before the agent answered: the dial goes
+    again on the newest connection (docs/protocol.md, 6. Reconnect)."""
+
+    def __init__(self, message: str = "superseded by a hedged connection") -> None:
+        super().__init__(DialOutcome.AGENT_LOST, message, code="rerouted")

@@ -33,7 +33,7 @@ from typing import Protocol
 import attrs
 import trio
 
-from broker.dialing import DialError, DialOutcome
+from broker.dialing import DialError, DialOutcome, Rerouted
 from broker.metrics import BrokerMetrics
 from broker.routing_index import ClusterIndex
 from protocol.identifiers import AgentIdentifiers
@@ -44,6 +44,8 @@ from tether.netio.tunnel import Tunnel
 log = logging.getLogger("tether.broker")
 
 STRATEGIES = ("destHost", "defaultRoute", "default")
+#: How often one dial may be sent again after hedges superseded its connection.
+MAX_REROUTES = 2
 
 
 def parse_strategies(text: str) -> tuple[str, ...]:
@@ -260,10 +262,23 @@ class Registry:
         started = trio.current_time()
         try:
             host, _port = split_host_port(addr)
-            agent = self.choose(cluster, host)
-            if agent is None:
-                raise DialError(DialOutcome.NO_AGENT, "no agent available")
-            stream = await agent.dial(self.next_dial_id(), addr, timeout, early)
+            for attempt in range(MAX_REROUTES + 1):
+                agent = self.choose(cluster, host)
+                if agent is None:
+                    raise DialError(DialOutcome.NO_AGENT, "no agent available")
+                left = timeout - (trio.current_time() - started) if attempt else timeout
+                if left <= 0:
+                    raise DialError(DialOutcome.TIMEOUT, f"dial to {addr} timed out")
+                try:
+                    stream = await agent.dial(self.next_dial_id(), addr, left, early)
+                    break
+                except Rerouted:
+                    # A hedge of this agent took its place before it answered:
+                    # again, on the newest connection.
+                    self.metrics.dials_rerouted.inc()
+                    continue
+            else:
+                raise DialError(DialOutcome.AGENT_LOST, "the agent's connections kept changing")
         except DialError as exc:
             self.metrics.dial_failures.labels(exc.code).inc()
             log.info(

@@ -17,14 +17,15 @@ from edge_agent import sdnotify
 from edge_agent.config import AgentConfig, tls_server_name
 from edge_agent.dialer import DialFailed, dial_target
 from edge_agent.policy import Policy
-from protocol import events, handshake, keepalive, messages
+from protocol import events, handshake, keepalive, messages, netlink
 from protocol.budget import BufferBudget, Grant
 from protocol.codes import DialFailCode
 from protocol.errors import ProtocolError
+from protocol.hedge import Action, HedgePolicy, Outcome, State
 from protocol.outcomes import CloseReason
 from protocol.reconnect import Cause, Decision, Kind, LinkOutcome, ReconnectPolicy, Schedule
 from protocol.session import Role, SessionConfig, TunnelSession
-from tether.netio import sockopts, tls
+from tether.netio import netwatch, sockopts, tls
 from tether.netio.http import serve_http, text
 from tether.netio.listeners import listener_port, open_tcp_listener
 from tether.netio.logs import event, run_suppressed_reporter
@@ -69,6 +70,7 @@ _CLOSE_CAUSES = {
     CloseReason.GOAWAY: Cause.BROKER_CLOSED,
     CloseReason.CONTROL_CLOSED: Cause.BROKER_CLOSED,
     CloseReason.TRANSPORT_ERROR: Cause.TRANSPORT_ERROR,
+    CloseReason.ADDRESS_GONE: Cause.ADDRESS_GONE,
 }
 
 
@@ -93,6 +95,50 @@ def drain_pause_test_only() -> float:
         return 0.0
 
 
+class Race:
+    """A hedged reconnect in progress for one link (protocol/hedge.py decides)."""
+
+    def __init__(self, old: BrokerLink, policy: HedgePolicy) -> None:
+        self.old = old
+        self.policy = policy
+        self._changed = trio.Event()
+        #: Attempts not yet settled, each with the scope that cancels it.
+        self.attempts: dict[Attempt, trio.CancelScope] = {}
+
+    def poke(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
+
+    async def wait(self, seconds: float) -> None:
+        with trio.move_on_after(seconds):
+            await self._changed.wait()
+
+    def cancel_attempts(self) -> None:
+        for scope in self.attempts.values():
+            scope.cancel()
+
+
+class Attempt:
+    """One fresh connection of a race; settled exactly once."""
+
+    def __init__(self, race: Race) -> None:
+        self.race = race
+        self.settled = False
+
+    def settle(self, connected: bool | None) -> tuple[bool, Outcome | None]:
+        """``connected``: it reached the welcome (True), failed (False) or was
+        cancelled (None, not counted). Returns whether it takes over, and the
+        outcome to count."""
+        if self.settled:
+            return False, None
+        self.settled = True
+        self.race.attempts.pop(self, None)
+        if connected is None:
+            self.race.policy.attempt_cancelled()
+            return False, None
+        return self.race.policy.attempt_ended(connected)
+
+
 class BrokerLink:
     """Handler for one broker connection: answers dials, tracks readiness."""
 
@@ -100,6 +146,19 @@ class BrokerLink:
         self.agent = agent
         self.nursery = nursery
         self.conn: TunnelConnection | None = None
+        #: The tunnel socket's local and broker addresses (the mobility watch).
+        self.local_addr = ""
+        self.remote_addr = ""
+        #: The last keepalive round trip, seconds.
+        self.rtt: float | None = None
+        #: This link's hedging (None: off, or not registered yet).
+        self.race: Race | None = None
+        #: This link is an attempt of another link's race.
+        self.attempt: Attempt | None = None
+        #: A hedged connection took this link's place; it ends once its streams do.
+        self.superseded = False
+        #: Set (and renewed) whenever a dial of this link ends.
+        self.dial_ended = trio.Event()
         self.accepted = trio.Event()
         self.server_id = ""
         self.server_count = 1
@@ -278,6 +337,8 @@ class BrokerLink:
                 self.agent.budget.release(grant)
             else:
                 conn.forget(ts.stream_id)  # a no-op after relay(); releases the grant
+            self.dial_ended.set()
+            self.dial_ended = trio.Event()
 
 
 class Agent:
@@ -347,6 +408,11 @@ class Agent:
         self._idle = trio.Event()
         self._links_changed = trio.Event()
         self._lost: list[LinkOutcome] = []
+        #: Set when an address or route appeared: a waiting reconnect dials now.
+        self._net_event = trio.Event()
+        self._links_nursery: trio.Nursery | None = None
+        #: Netlink in use (True), polling (False), or not watching (None).
+        self.netlink_watch: bool | None = None
         self.ever_connected = trio.Event()
         self.notifier = sdnotify.Notifier.from_environment()
         self.metrics: AgentMetrics | None = None
@@ -514,6 +580,8 @@ class Agent:
                     await self._connection_loop()
 
             nursery.start_soon(loop)
+            if self.cfg.watch_network != "off":
+                self.netlink_watch = await nursery.start(self._watch_network)
             task_status.started(ports)
             await wait_for_stop_signal(log)
             await self.drain(loop_scope)
@@ -560,6 +628,7 @@ class Agent:
 
     async def _connection_loop(self) -> None:
         async with trio.open_nursery() as links_nursery:
+            self._links_nursery = links_nursery
             while self.reconnect.may_dial:
                 if self._lost:
                     # A working link died: back off before dialing again, so
@@ -579,7 +648,10 @@ class Agent:
         if decision.logged:
             self._log_reconnect(outcome, decision)
         if decision.redial and decision.schedule is not Schedule.NOW:
-            await trio.sleep(decision.delay)
+            # An address or route that appears meanwhile ends the wait: the
+            # device moved to a network that may work now.
+            with trio.move_on_after(decision.delay):
+                await self._net_event.wait()
 
     def _log_reconnect(self, outcome: LinkOutcome, decision: Decision) -> None:
         # One failure is the network's or the broker's business; a broker that
@@ -665,7 +737,9 @@ class Agent:
         if session is not None and session.has_ticket:
             self._tls_session = (self.ssl_context, session)
 
-    async def _run_link(self, *, task_status: trio.TaskStatus[LinkOutcome]) -> None:
+    async def _run_link(
+        self, attempt: Attempt | None = None, *, task_status: trio.TaskStatus[LinkOutcome]
+    ) -> None:
         """One connection's life. Reports a :class:`LinkOutcome` (connected,
         duplicate, stopped or failed) through ``task_status`` as soon as that
         is known; a connected link then keeps running until it ends, and is
@@ -680,6 +754,7 @@ class Agent:
         if isinstance(stream, LinkOutcome):
             task_status.started(failed(stream))
             return
+        local_addr, remote_addr = _socket_addresses(stream)
         sess = TunnelSession(Role.AGENT, self.session_config, clock=trio.current_time)
         sess.initiate()
         token = None
@@ -692,23 +767,28 @@ class Agent:
                 )
                 task_status.started(failed(unreadable))
                 return
+        held = tuple(self.links)
+        if attempt is not None:  # a hedge of the link to this replica: not a duplicate
+            held = tuple(sid for sid in held if sid != attempt.race.old.server_id)
         hello = handshake.Hello(
             agent_id=cfg.agent_id,
             identifiers=cfg.agent_identifiers,
             cluster=cfg.cluster,
             # Lets a replica we already hold refuse us (409) without touching
             # the live link.
-            connected_servers=tuple(self.links),
+            connected_servers=held,
             token=token,
             instance=self.instance,
             # We drive keepalive; the broker then only answers.
             keepalive_ms=keepalive.header_value(cfg.keepalive_time),
+            hedge=attempt is not None,
         )
         sess.open_control(hello.to_headers(), self.authority)
         reported = False
         started_at = trio.current_time()
         async with trio.open_nursery() as nursery:
             link = BrokerLink(self, nursery)
+            link.local_addr, link.remote_addr, link.attempt = local_addr, remote_addr, attempt
             conn = TunnelConnection(
                 stream,
                 sess,
@@ -718,9 +798,16 @@ class Agent:
                 budget=self.budget,
             )
             link.conn = conn
-            if self.metrics is not None:
-                conn.set_rtt_observer(self.metrics.keepalive_rtt.observe)
-                conn.set_stall_observer(self.metrics.window_stalls.inc)
+            metrics = self.metrics
+
+            def rtt_seen(rtt: float) -> None:
+                link.rtt = rtt
+                if metrics is not None:
+                    metrics.keepalive_rtt.observe(rtt)
+
+            conn.set_rtt_observer(rtt_seen)
+            if metrics is not None:
+                conn.set_stall_observer(metrics.window_stalls.inc)
 
             async def await_welcome() -> None:
                 nonlocal reported
@@ -758,9 +845,12 @@ class Agent:
             del self.links[link.server_id]
             self._changed()
         outcome = self._link_ended(link, conn)
+        racing = link.race is not None and link.race.policy.link_died()
+        if link.race is not None:
+            link.race.poke()
         if not reported:
             task_status.started(failed(outcome))
-        elif was_registered and not self.stopping:
+        elif was_registered and not self.stopping and not racing:
             # A working link died: the loop reconnects after a backoff.
             lost = attrs.evolve(outcome, kind=Kind.LOST, lasted=trio.current_time() - started_at)
             self._lost.append(lost)
@@ -777,6 +867,18 @@ class Agent:
         return token or None
 
     def _register(self, link: BrokerLink, tls_resumed: bool = False) -> LinkOutcome:
+        attempt = link.attempt
+        if attempt is not None:
+            race = attempt.race
+            same = link.server_id == race.old.server_id
+            takes, counted = attempt.settle(same)
+            self._count_hedge(counted)
+            if same and not takes:
+                return LinkOutcome.duplicate(f"late hedge to broker {link.server_id}")
+            if takes:
+                race.cancel_attempts()
+                race.poke()
+                return self._hedge_won(link, race)
         if link.server_id in self.links:
             log.info("already connected to broker %s; closing the duplicate", link.server_id)
             return LinkOutcome.duplicate(f"already connected to broker {link.server_id}")
@@ -784,6 +886,7 @@ class Agent:
             log.info("broker reports %d replica(s) (was %d)", link.server_count, self.server_count)
             self.server_count = link.server_count
         self.links[link.server_id] = link
+        self._start_hedging(link)
         if not self.ever_connected.is_set():
             self.notifier.ready()
         self.ever_connected.set()
@@ -805,11 +908,205 @@ class Agent:
         )
         return LinkOutcome.connected()
 
+    # ------------------------------------------------------------- hedging
+
+    def _count_hedge(self, outcome: Outcome | None) -> None:
+        if outcome is not None and self.metrics is not None:
+            self.metrics.hedges.labels(outcome.value).inc()
+
+    def _hedge_won(self, link: BrokerLink, race: Race) -> LinkOutcome:
+        """``link`` takes new dials in place of ``race.old`` (if that still
+        runs, its streams finish or die with it)."""
+        old = race.old
+        if self.links.get(old.server_id) is old:
+            old.superseded = True
+            old.nursery.start_soon(self._retire, old)
+        self.links[link.server_id] = link
+        self._changed()
+        self._start_hedging(link)
+        log.info(
+            "hedged reconnect to broker %s won; the old connection keeps %d stream(s)",
+            link.server_id,
+            len(old.conn.streams) if old.conn is not None else 0,
+            extra=event(
+                "hedge_won",
+                agent_id=self.cfg.agent_id,
+                server_id=link.server_id,
+                old_streams=len(old.conn.streams) if old.conn is not None else 0,
+            ),
+        )
+        return LinkOutcome.connected()
+
+    async def _retire(self, link: BrokerLink) -> None:
+        """A superseded link: once its streams and dials are done, close it."""
+        conn = link.conn
+        assert conn is not None
+        while conn.streams or link.dials:
+            log.debug(
+                "superseded link to broker %s: waiting for %d stream(s), %d dial(s)",
+                link.server_id,
+                len(conn.streams),
+                len(link.dials),
+            )
+            # A forgotten stream leaves once its queued bytes are sent: look again.
+            with trio.move_on_after(0.5):
+                await link.dial_ended.wait()
+        conn.goaway("superseded by a hedged connection")
+        with trio.move_on_after(1.0):
+            await conn.flush()
+        conn.abort(CloseReason.SUPERSEDED, "superseded by a hedged connection")
+
+    def _start_hedging(self, link: BrokerLink) -> None:
+        cfg = self.cfg
+        if cfg.hedge_after <= 0 or self._links_nursery is None or self.stopping:
+            return
+        budget = cfg.keepalive_time + cfg.keepalive_timeout
+        policy = HedgePolicy(
+            after=cfg.hedge_after,
+            clock=trio.current_time,
+            retry=cfg.hedge_interval,
+            attempt_timeout=cfg.connect_timeout,
+            linger=2 * budget,
+            max_parallel=16,
+        )
+        link.race = Race(link, policy)
+        self._links_nursery.start_soon(self._hedge_watch, link.race)
+
+    async def _hedge_watch(self, race: Race) -> None:
+        """Ask the policy and do what it says until it is done."""
+        link, policy = race.old, race.policy
+        conn = link.conn
+        assert conn is not None
+        while policy.state is not State.DONE and not self.stopping:
+            if policy.state is State.WATCHING and conn.closed_reason is not None:
+                return
+            # One attempt may take a few round trips, never the whole connect timeout.
+            policy.attempt_timeout = min(self.cfg.connect_timeout, max(2.0, 8 * (link.rtt or 0)))
+            policy.recover_after = 2 * policy.attempt_timeout
+            step = policy.step(conn.last_rx, link.rtt)
+            self._count_hedge(step.outcome)
+            if step.outcome is Outcome.RECOVERED:
+                race.cancel_attempts()
+                log.info(
+                    "broker %s answered again; hedged attempts stopped",
+                    link.server_id,
+                    extra=event("hedge_recovered", server_id=link.server_id),
+                )
+            if step.action is Action.PROBE:
+                conn.send_probe()
+            elif step.action is Action.ATTEMPT:
+                if policy.in_flight == 1 and not race.attempts:
+                    log.info(
+                        "broker %s silent for %.1fs; racing fresh connections",
+                        link.server_id,
+                        trio.current_time() - conn.last_rx,
+                        extra=event("hedge_started", server_id=link.server_id),
+                    )
+                attempt = Attempt(race)
+                race.attempts[attempt] = trio.CancelScope()
+                assert self._links_nursery is not None
+                self._links_nursery.start_soon(self._hedge_attempt, attempt)
+            if step.outcome is Outcome.GAVE_UP:
+                race.cancel_attempts()
+                # The ordinary reconnect takes over, as after any lost link.
+                self._lost.append(
+                    LinkOutcome(Kind.LOST, Cause.KEEPALIVE_TIMEOUT, "hedged reconnect gave up")
+                )
+                self._changed()
+                return
+            await race.wait(step.wait)
+
+    async def _hedge_attempt(self, attempt: Attempt) -> None:
+        scope = attempt.race.attempts.get(attempt)
+        assert scope is not None and self._links_nursery is not None
+        outcome: LinkOutcome | None = None
+        with scope:
+            scope.deadline = trio.current_time() + attempt.race.policy.attempt_timeout
+            outcome = await self._links_nursery.start(self._run_link, attempt)
+        if outcome is None or outcome.kind is not Kind.CONNECTED:
+            _, counted = attempt.settle(None if outcome is None else False)
+            self._count_hedge(counted)
+            if outcome is not None and outcome.kind is Kind.FAILED:
+                log.debug("hedged attempt failed: %s", outcome.detail)
+        attempt.race.poke()
+
+    # ------------------------------------------------------------ mobility
+
+    async def _watch_network(self, *, task_status: trio.TaskStatus[bool]) -> None:
+        def bad(reason: str) -> None:
+            if self.metrics is not None:
+                self.metrics.netwatch_errors.labels(reason).inc()
+
+        await netwatch.watch(
+            self._network_changed,
+            poll_interval=self.cfg.network_poll_interval,
+            on_error=bad,
+            use_netlink=self.cfg.watch_network == "netlink",
+            task_status=task_status,
+        )
+
+    def _network_changed(self, changes: list[netlink.Change] | None) -> None:
+        """Addresses or routes changed (None: check everything, polling)."""
+        appeared = changes is None or any(
+            netlink.affects(c, "") is netlink.Effect.ADDRESS_ADDED
+            or (isinstance(c, netlink.RouteChange) and c.added and c.is_default)
+            for c in changes
+        )
+        for link in list(self.links.values()):
+            if link.conn is None or not link.local_addr or link.conn.closed_reason is not None:
+                continue
+            if changes is None:
+                gone = not netwatch.address_present(link.local_addr)
+                moved = not gone and netwatch.route_source(link.remote_addr) != link.local_addr
+            else:
+                effects = {netlink.affects(c, link.local_addr) for c in changes}
+                gone = netlink.Effect.ADDRESS_GONE in effects
+                moved = (
+                    not gone
+                    and netlink.Effect.ROUTE_CHANGED in effects
+                    and netwatch.route_source(link.remote_addr) != link.local_addr
+                )
+            if gone or (moved and (link.race is None or link.race.policy.state is State.DONE)):
+                self._moved(
+                    link, netlink.Effect.ADDRESS_GONE if gone else netlink.Effect.ROUTE_CHANGED
+                )
+                link.ended_by = Cause.ADDRESS_GONE
+                link.conn.abort(
+                    CloseReason.ADDRESS_GONE,
+                    f"local address {link.local_addr} "
+                    + ("disappeared" if gone else "no longer routes to the broker"),
+                )
+            elif moved and link.race is not None:
+                self._moved(link, netlink.Effect.ROUTE_CHANGED)
+                link.race.policy.trigger()
+                link.race.poke()
+        if appeared:
+            self._net_event.set()
+            self._net_event = trio.Event()
+
+    def _moved(self, link: BrokerLink, effect: netlink.Effect) -> None:
+        log.info(
+            "network change (%s): reconnecting to broker %s now",
+            effect.value,
+            link.server_id,
+            extra=event(
+                "network_changed",
+                effect=effect.value,
+                server_id=link.server_id,
+                local=link.local_addr,
+            ),
+        )
+        if self.metrics is not None:
+            self.metrics.network_changes.labels(effect.value).inc()
+
     def _link_ended(self, link: BrokerLink, conn: TunnelConnection) -> LinkOutcome:
         if conn.rejection is not None:
             err = conn.rejection
             refused = handshake.Refusal.reason_of(err.reason_token)
             if refused is handshake.RefusalReason.DUPLICATE:
+                if link.attempt is not None:
+                    log.debug("hedged attempt not needed: %s", err.message)
+                    return LinkOutcome.duplicate(err.message)
                 log.info("balancer chose a replica we already hold: %s", err.message)
                 return LinkOutcome.duplicate(err.message)
             if refused is handshake.RefusalReason.OVERLOADED:
@@ -895,6 +1192,14 @@ class Agent:
             )
             return LinkOutcome.failed(Cause.REPLACED, f"replaced: {reason}", accepted=accepted)
         drained = link.drain_hint is not None
+        if link.superseded:
+            log.info(
+                "old connection to broker %s ended after a hedged reconnect: %s",
+                link.server_id,
+                reason,
+                extra=event("hedge_retired", server_id=link.server_id, reason=reason),
+            )
+            return LinkOutcome.failed(Cause.OTHER, f"superseded: {reason}", accepted=accepted)
         if accepted and not link.duplicate:
             # While we drain, the broker closing after our GOAWAY is the plan.
             log.log(
@@ -915,3 +1220,12 @@ class Agent:
                 Cause.DRAIN, f"drain: {reason}", accepted=accepted, drain_retry=link.drain_hint
             )
         return LinkOutcome.failed(cause, reason, accepted=accepted)
+
+
+def _socket_addresses(stream: TLSStream) -> tuple[str, str]:
+    """The tunnel socket's local and peer addresses ("" when unknown)."""
+    sock = getattr(stream.transport, "socket", None)
+    try:
+        return str(sock.getsockname()[0]), str(sock.getpeername()[0])  # type: ignore[union-attr]
+    except (OSError, AttributeError):
+        return "", ""

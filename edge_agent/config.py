@@ -54,6 +54,14 @@ class AgentConfig:
     tcp_congestion: str = ""
     tcp_notsent_lowat: int = 0
     connect_timeout: float = 10.0
+    #: Seconds of silence before a probe, then a hedged reconnect (0: off).
+    hedge_after: float = 10.0
+    #: Spacing of fresh connection attempts while a hedge races.
+    hedge_interval: float = 0.5
+    #: How the agent notices address and route changes: netlink, poll or off.
+    watch_network: str = "netlink"
+    #: Seconds between checks when polling (no netlink).
+    network_poll_interval: float = 2.0
     drain_timeout: float = 10.0
     allow: str = ""
     service_account_token_path: str = ""
@@ -172,6 +180,35 @@ def build_parser() -> argparse.ArgumentParser:
         type=settings.positive,
         default=d.connect_timeout,
         help="seconds for TCP, TLS and the control stream handshake",
+    )
+    b.add_argument(
+        "--hedge-after",
+        type=settings.non_negative,
+        default=d.hedge_after,
+        help="seconds a broker connection may hear nothing before the agent sends a probe "
+        "PING and, unanswered, races fresh connections beside it (hedged reconnect); the "
+        "first accepted takes new dials, streams on the old one finish or die with it; "
+        "0 disables",
+    )
+    b.add_argument(
+        "--hedge-interval",
+        type=settings.positive,
+        default=d.hedge_interval,
+        help="seconds between fresh connection attempts while a hedge races",
+    )
+    b.add_argument(
+        "--watch-network",
+        choices=("netlink", "poll", "off"),
+        default=d.watch_network,
+        help="notice local address and route changes (netlink, falling back to polling "
+        "where netlink is unavailable): reconnect at once when the tunnel's address "
+        "disappears, hedge when the route to the broker moves",
+    )
+    b.add_argument(
+        "--network-poll-interval",
+        type=settings.positive,
+        default=d.network_poll_interval,
+        help="seconds between address and route checks when polling",
     )
     b.add_argument(
         "--service-account-token-path",

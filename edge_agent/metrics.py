@@ -84,6 +84,26 @@ class AgentMetrics(TunnelMetrics):
             ["cause"],
             registry=r,
         )
+        self.hedges = prom.Counter(
+            "tether_agent_hedges",
+            "Hedged reconnects: fresh connections raced beside a quiet link, by outcome "
+            "(won, recovered, failed, late, gave_up).",
+            ["outcome"],
+            registry=r,
+        )
+        self.netwatch_errors = prom.Counter(
+            "tether_agent_netwatch_errors",
+            "Address and route watch problems (unreadable netlink messages, overruns), by reason.",
+            ["reason"],
+            registry=r,
+        )
+        self.network_changes = prom.Counter(
+            "tether_agent_network_changes",
+            "Local address and route changes that moved a tunnel, by effect "
+            "(address_gone, route_changed).",
+            ["effect"],
+            registry=r,
+        )
         self.lease_lists = prom.Counter(
             f"{NS}_lease_lists",
             "Lease list calls to the apiserver (--count-server-leases), by HTTP status "

@@ -33,6 +33,9 @@ AGENT_IDENTIFIERS = "tether-agent-identifiers"
 CONNECTED_SERVERS = "tether-connected-servers"
 #: The agent process's instance id, drawn once per start (absent: an older agent).
 AGENT_INSTANCE = "tether-agent-instance"
+#: A hedged connection (``1``): the agent keeps its current connection to
+#: this replica while this one is set up (docs/protocol.md, 6. Reconnect).
+AGENT_HEDGE = "tether-agent-hedge"
 AUTHORIZATION = "authorization"
 # The broker's welcome (200 response headers).
 SERVER_ID = "tether-server-id"
@@ -113,6 +116,9 @@ class Hello:
     #: The keepalive interval this agent drives, as announced
     #: (:func:`protocol.keepalive.header_value`); None: the broker drives.
     keepalive_ms: str | None = None
+    #: A hedged connection: the broker takes it for new dials and leaves the
+    #: agent's current one (same credential and instance) open until it ends.
+    hedge: bool = False
 
     @property
     def path(self) -> str:
@@ -126,6 +132,8 @@ class Hello:
             headers[CONNECTED_SERVERS] = ",".join(sorted(self.connected_servers))
         if self.instance:
             headers[AGENT_INSTANCE] = self.instance
+        if self.hedge:
+            headers[AGENT_HEDGE] = "1"
         if self.token is not None:
             headers[AUTHORIZATION] = f"Bearer {self.token}"
         if self.keepalive_ms is not None:
@@ -150,6 +158,11 @@ class Hello:
         instance = headers.get(AGENT_INSTANCE, "")
         if instance and not valid_instance(instance):
             raise HandshakeError("bad_instance", f"invalid {AGENT_INSTANCE} header")
+        hedge = headers.get(AGENT_HEDGE, "")
+        if hedge not in ("", "1"):
+            raise HandshakeError("bad_hedge", f"invalid {AGENT_HEDGE} header (only 1)")
+        if hedge and not instance:
+            raise HandshakeError("bad_hedge", f"{AGENT_HEDGE} needs {AGENT_INSTANCE}")
         return cls(
             agent_id=agent_id,
             identifiers=identifiers,
@@ -157,6 +170,7 @@ class Hello:
             connected_servers=servers,
             token=bearer_token(headers),
             instance=instance,
+            hedge=bool(hedge),
         )
 
 

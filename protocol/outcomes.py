@@ -36,6 +36,10 @@ class CloseReason(enum.Enum):
     REPLACED = "replaced"
     #: Agent: a second connection to a broker replica we already hold.
     DUPLICATE = "duplicate"
+    #: Agent: a hedged connection took new dials and this one's streams are done.
+    SUPERSEDED = "superseded"
+    #: Agent: the local address the connection was bound to disappeared.
+    ADDRESS_GONE = "address_gone"
     #: The owner ended it while draining.
     DRAIN = "drain"
     #: The owner ended it for another reason (shutdown, a test, ...).

@@ -43,11 +43,15 @@ class Cause(enum.Enum):
     TRANSPORT_ERROR = "transport_error"
     #: The broker replaced this link by another connection with our agent id.
     REPLACED = "replaced"
+    #: The local address the link was bound to disappeared (the device moved).
+    ADDRESS_GONE = "address_gone"
     OTHER = "other"
 
 
 #: Failures before any byte reached a broker process: the network's fault.
 UNREACHABLE = frozenset({Cause.CONNECT_FAILED, Cause.CONNECT_TIMEOUT})
+#: A link that ended because the device moved: dial again at once, once.
+MOVED = frozenset({Cause.ADDRESS_GONE})
 
 
 class Kind(enum.Enum):
@@ -184,6 +188,10 @@ class ReconnectPolicy:
         if outcome.kind is Kind.DUPLICATE:
             delay = self.rng.uniform(0, self.base)
             return Decision(True, delay, Schedule.DUPLICATE, ceiling=self.base)
+        if outcome.kind is Kind.LOST and outcome.cause in MOVED:
+            # The link worked until the address went away: the next one is
+            # expected to work at once (a failure then follows the probes).
+            return Decision(True, 0.0, Schedule.NOW)
         unreachable = outcome.cause in UNREACHABLE
         schedule = self.probe if unreachable else self.backoff
         if outcome.lasted is not None:

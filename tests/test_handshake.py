@@ -139,6 +139,25 @@ def test_the_agent_instance_is_a_short_token(bad: str) -> None:
     assert err.value.reason == "bad_instance"
 
 
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {"tether-agent-hedge": "yes", "tether-agent-instance": "ab12"},
+        {"tether-agent-hedge": "0", "tether-agent-instance": "ab12"},
+        {"tether-agent-hedge": "1"},  # a hedge is bound to an instance
+    ],
+)
+def test_the_hedge_marker_is_1_with_an_instance(headers: dict[str, str]) -> None:
+    hello = Hello(agent_id="a", instance="ab12", hedge=True)
+    assert hello.to_headers()["tether-agent-hedge"] == "1"
+    assert Hello.from_headers(hello.to_headers()).hedge is True
+    assert Hello.from_headers({"tether-agent-id": "a"}).hedge is False
+    assert "tether-agent-hedge" not in Hello(agent_id="a", instance="ab12").to_headers()
+    with pytest.raises(HandshakeError) as err:
+        Hello.from_headers({"tether-agent-id": "a", **headers})
+    assert err.value.reason == "bad_hedge"
+
+
 def test_the_replaced_message_round_trips_and_older_agents_ignore_unknown_types() -> None:
     import msgpack
 

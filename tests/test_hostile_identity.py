@@ -59,6 +59,7 @@ async def control_status(
     hold: list[trio.abc.Stream] | None = None,
     cert: tuple[Path, Path] | None = None,
     instance: str = "",
+    extra: tuple[tuple[str, str], ...] = (),
 ) -> tuple[str, str]:
     """Open the control stream with a bearer token (or a client ``cert``),
     as an attacker's script would; the broker's answer (status, error text).
@@ -76,6 +77,7 @@ async def control_status(
                     ("tether-agent-identifiers", identifiers),
                     *([("authorization", f"Bearer {token}")] if token else []),
                     *([("tether-agent-instance", instance)] if instance else []),
+                    *extra,
                 ],
             )
             await stream.send_all(

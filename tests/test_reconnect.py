@@ -180,6 +180,7 @@ def test_labels_are_the_documented_tokens() -> None:
         "broker_closed",
         "transport_error",
         "replaced",
+        "address_gone",
         "other",
     ]
     assert REFUSED.label == "connect_failed"

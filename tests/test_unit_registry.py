@@ -397,3 +397,34 @@ async def test_a_dead_connection_is_replaced_after_the_probe(
     older = _connection(server, "")
     refusal = await server.join(older)
     assert refusal is not None and refusal.token == "agent_id_live"
+
+
+async def test_a_rerouted_dial_goes_to_the_connection_that_took_the_place() -> None:
+    """A hedge superseded the connection a dial went out on before the agent
+    answered: the dial is sent again, on the registered (newest) one, with
+    what is left of its timeout; a place that keeps changing gives up."""
+    from broker.dialing import Rerouted
+
+    registry = _registry()
+    new = _agent("a", answer="stream")
+
+    @attrs.define(eq=False)
+    class Superseded(StubAgent):
+        async def dial(
+            self, dial_id: int, addr: str, timeout: float, early: bytes | None = None
+        ) -> TunnelStream:
+            self.dials.append((dial_id, addr, timeout, early))
+            registry.add(new, Membership("cred"))  # the hedge takes the place meanwhile
+            raise Rerouted()
+
+    old = Superseded("a")
+    registry.add(old, Membership("cred"))
+    stream, agent = await registry.dial("c", "10.2.3.4:443", 5.0)
+    assert stream == "stream" and agent is new
+    assert [d[0] for d in old.dials] == [1] and [d[0] for d in new.dials] == [2]
+    assert new.dials[0][2] <= 5.0
+    assert registry.metrics.registry.get_sample_value("tether_dials_rerouted_total") == 1
+    registry.add(_agent("a", error=Rerouted()), Membership("cred"))
+    with pytest.raises(DialError) as churn:
+        await registry.dial("c", "10.2.3.4:443", 5.0)
+    assert churn.value.outcome is DialOutcome.AGENT_LOST

@@ -48,6 +48,9 @@ DirectionOrBoth = Literal["both", "cloud_to_edge", "edge_to_cloud"]
 #: Addresses inside the namespaces (RFC 2544 benchmarking range 198.18.0.0/15).
 CLOUD_ADDR = "198.18.0.1"
 EDGE_ADDR = "198.18.0.2"
+#: Where the edge moves to in the mobility scenario (S10): another /30.
+MOVED_EDGE_ADDR = "198.18.0.6"
+MOVED_SUBNET = "198.18.0.4/30"
 PREFIX_LEN = 30
 CLOUD_MAC = "02:00:c6:12:00:01"
 EDGE_MAC = "02:00:c6:12:00:02"
@@ -326,6 +329,28 @@ class LinkSim:
         if direction != "both" and direction not in DIRECTIONS:
             raise ValueError(f"bad direction {direction!r}")
         self._request({"cmd": "down", "down": down, "direction": direction})
+
+    def move_edge(self) -> float:
+        """Mobility (S10): the edge's address changes, as when a device
+        changes networks. The old address is removed, the other one of
+        ``EDGE_ADDR`` and ``MOVED_EDGE_ADDR`` (each its own /30) added and
+        the edge's default route moved to it; the cloud routes both. Returns
+        ``time.monotonic()`` once the new address and route are up."""
+        assert self.cloud_ns is not None and self.edge_ns is not None, "needs emulation"
+        old = self.edge_addr
+        new = MOVED_EDGE_ADDR if old == EDGE_ADDR else EDGE_ADDR
+        cloud, edge = self.cloud_ns, self.edge_ns
+        # The cloud reaches both subnets over the link, with no ARP (static).
+        ip("-n", cloud, "route", "replace", MOVED_SUBNET, "dev", IFACE)
+        ip(
+            *("-n", cloud, "neigh", "replace", MOVED_EDGE_ADDR, "lladdr", EDGE_MAC),
+            *("dev", IFACE, "nud", "permanent"),
+        )
+        ip("-n", edge, "addr", "del", f"{old}/{PREFIX_LEN}", "dev", IFACE)
+        ip("-n", edge, "addr", "add", f"{new}/{PREFIX_LEN}", "dev", IFACE)
+        ip("-n", edge, "route", "replace", "default", "dev", IFACE, "src", new)
+        self.edge_addr = new
+        return time.monotonic()
 
     def reconfigure(
         self,

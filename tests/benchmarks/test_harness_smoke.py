@@ -1,6 +1,6 @@
 """The benchmark harness, end to end in seconds, so that it cannot rot.
 
-``python -m benchmarks run --smoke`` runs every scenario (S1-S9) with every
+``python -m benchmarks run --smoke`` runs every scenario (S1-S10) with every
 contender (direct TCP, ssh -R, Tether CONNECT and gRPC) on loopback and on
 the emulated ``lte`` link, after the emulator's own self-check on ``lte``.
 This test asserts only that the harness works: the files exist, every
@@ -48,7 +48,7 @@ def _leftover_processes(marker: str) -> list[str]:
     return found
 
 
-@pytest.mark.timeout(150)
+@pytest.mark.timeout(220)
 def test_smoke_run_reports_every_contender(tmp_path: Path) -> None:
     out = tmp_path / "out"
     # Every process's argv names a path in here; short, for the Unix sockets.
@@ -67,7 +67,7 @@ def _run_and_check(out: Path, scratch: Path) -> None:
         env=env,
         capture_output=True,
         text=True,
-        timeout=140,
+        timeout=210,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
 
@@ -104,6 +104,8 @@ def _run_and_check(out: Path, scratch: Path) -> None:
             for o in outages
         ), outages
         assert set(res["congestion"]["lte"]) >= CONTENDERS
+        s10 = sc["S10"]["lte"]["contenders"]
+        assert all(s10[n]["recovery_s"] is not None for n in ("tether-connect", "tether-grpc")), s10
         assert set(sc["S8"]["idle"]["contenders"]) >= CONTENDERS - {"direct"}
     s9 = sc["S9"]["result"]
     assert s9["initial_connected"] == s9["agents"] and s9["dial"]["dials_ok"] > 0

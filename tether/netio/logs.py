@@ -48,6 +48,12 @@ EVENTS = frozenset(
         "agent_connected",  # broker: agent registered; agent: broker accepted us
         "agent_disconnected",  # an agent connection that had been accepted ended
         "agent_replaced",  # broker: a newcomer took an agent id's place; agent: we were replaced
+        "agent_hedged",  # broker: a hedge took new dials, the old connection keeps its streams
+        "hedge_started",  # agent: a quiet link; fresh connections race beside it
+        "hedge_won",  # agent: a hedged connection took new dials
+        "hedge_recovered",  # agent: the quiet link answered first; the race stopped
+        "hedge_retired",  # agent: the old connection ended after a hedge won
+        "network_changed",  # agent: the tunnel's address went away or its route moved
         "auth_rejected",  # broker refused an agent at the control stream
         "broker_overloaded",  # agent: 503 overloaded, waiting out the broker's retry hint
         "frontend_rejected",  # broker refused a TCP frontend client certificate (role/cluster)

@@ -377,6 +377,8 @@ class TunnelConnection:
         )
         self._ka = LinkKeepalive.drive(self.keepalive.interval, self.keepalive.timeout)
         self._probes: dict[bytes, trio.Event] = {}
+        #: Hedging probes in flight (at most one per silence), by payload: when sent.
+        self._probe_pings: dict[bytes, float] = {}
         self._on_rtt: Callable[[float], None] | None = None
         self._on_stall: Callable[[], None] | None = None
         self._on_bad_stream: Callable[[int, str], None] | None = None
@@ -550,6 +552,9 @@ class TunnelConnection:
                     self._on_rtt(rtt)
             if ev.payload in self._probes:
                 self._probes[ev.payload].set()
+            sent = self._probe_pings.pop(ev.payload, None)
+            if sent is not None and self._on_rtt is not None:
+                self._on_rtt(trio.current_time() - sent)
         elif isinstance(ev, events.ConnectionClosed):
             # h2 allows no stream traffic after GOAWAY: this is the end.
             reason = CloseReason.GOAWAY if ev.goaway else CloseReason.CONTROL_CLOSED
@@ -579,6 +584,20 @@ class TunnelConnection:
         finally:
             del self._probes[payload]
         return acked.is_set() and not self._driver.closed
+
+    @property
+    def last_rx(self) -> float:
+        """When the connection last received anything (trio clock)."""
+        return self._driver.last_rx
+
+    def send_probe(self) -> None:
+        """One PING, not waited for: its ACK (like anything else received)
+        moves :attr:`last_rx` (the agent's hedging probe, protocol/hedge.py)."""
+        if not self._driver.closed:
+            if len(self._probe_pings) >= 8:  # unanswered ones: the link is quiet anyway
+                self._probe_pings.pop(next(iter(self._probe_pings)))
+            self._probe_pings[self.session.send_ping(os.urandom(8))] = trio.current_time()
+            self.wake_writer()
 
     # ------------------------------------------------------------- tasks
 

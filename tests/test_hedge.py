@@ -1,0 +1,150 @@
+"""The hedging policy (protocol/hedge.py): sans-IO, driven by a fake clock."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from protocol.hedge import Action, HedgePolicy, Outcome, State
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def make(clock: Clock, **kw: float) -> HedgePolicy:
+    return HedgePolicy(after=3.0, clock=clock, retry=0.5, linger=10.0, **kw)  # type: ignore[arg-type]
+
+
+@pytest.mark.timeout(10)
+def test_quiet_link_probes_then_races() -> None:
+    clock = Clock()
+    p = make(clock)
+    last_rx = clock.now
+    step = p.step(last_rx)
+    assert step.action is Action.WAIT and step.wait == pytest.approx(3.0)
+    clock.now += 3.0
+    step = p.step(last_rx)
+    assert step.action is Action.PROBE and step.wait == pytest.approx(1.0)
+    clock.now += 0.5
+    assert p.step(last_rx).action is Action.WAIT  # the probe has time left
+    clock.now += 0.5
+    step = p.step(last_rx)
+    assert step.action is Action.ATTEMPT and p.racing and p.in_flight == 1
+    assert p.step(last_rx).action is Action.WAIT  # spaced by retry
+    clock.now += 0.5
+    assert p.step(last_rx).action is Action.ATTEMPT and p.in_flight == 2
+    takes, outcome = p.attempt_ended(True)
+    assert takes and outcome is Outcome.WON and p.state is State.DONE
+    # A second attempt that connects later is late, and does not take over.
+    assert p.attempt_ended(True) == (False, Outcome.LATE)
+    assert p.step(last_rx).wait == math.inf
+
+
+@pytest.mark.timeout(10)
+def test_answered_probe_keeps_watching() -> None:
+    clock = Clock()
+    p = make(clock)
+    clock.now += 3.0
+    assert p.step(100.0).action is Action.PROBE
+    clock.now += 0.2
+    step = p.step(clock.now)  # the ACK arrived
+    assert step.action is Action.WAIT and step.wait == pytest.approx(3.0) and not p.racing
+
+
+@pytest.mark.timeout(10)
+def test_old_link_answering_does_not_stop_the_race_until_recover_after() -> None:
+    """The old link answers right after the outage: still in retransmission
+    backoff, so the race goes on; only when fresh connections keep failing
+    for ``recover_after`` does it stop and keep the old one."""
+    clock = Clock()
+    p = make(clock, recover_after=4.0)
+    clock.now += 3.0
+    assert p.step(100.0, rtt=0.6).wait == pytest.approx(2.4)  # 4 round trips
+    clock.now += 2.0
+    assert p.step(100.0, rtt=0.6).action is Action.WAIT
+    clock.now += 0.4
+    assert p.step(100.0, rtt=0.6).action is Action.ATTEMPT
+    raced_at = clock.now
+    clock.now += 0.5
+    step = p.step(clock.now)  # the old link answered
+    assert step.outcome is None and step.action is Action.ATTEMPT and p.racing
+    while clock.now - raced_at < 4.0:
+        assert p.step(clock.now).outcome is None
+        p.attempt_ended(False)
+        clock.now += 0.5
+    step = p.step(clock.now)
+    assert step.outcome is Outcome.RECOVERED and p.state is State.WATCHING
+    p.attempt_cancelled()
+    assert p.in_flight == 0
+
+
+@pytest.mark.timeout(10)
+def test_dead_link_lingers_then_gives_up() -> None:
+    clock = Clock()
+    p = make(clock)
+    assert p.link_died() is False and p.state is State.DONE  # not racing: nothing to do
+    p = make(clock)
+    quiet_since = clock.now
+    clock.now += 4.0
+    assert p.step(quiet_since).action is Action.PROBE
+    clock.now += 1.0
+    assert p.step(quiet_since).action is Action.ATTEMPT
+    assert p.racing
+    assert p.link_died() is True
+    died = clock.now
+    while clock.now - died < 10.0:
+        step = p.step(quiet_since)
+        assert step.outcome is None
+        if step.action is Action.ATTEMPT:
+            p.attempt_ended(False)
+        clock.now += 0.25
+    assert p.step(quiet_since).outcome is Outcome.GAVE_UP and p.state is State.DONE
+
+
+@pytest.mark.timeout(10)
+def test_trigger_races_at_once_and_is_not_undone_by_traffic() -> None:
+    clock = Clock()
+    p = make(clock)
+    p.trigger()
+    assert p.step(clock.now).action is Action.ATTEMPT
+    clock.now += 0.5
+    step = p.step(clock.now)  # the old path still answers: the route moved anyway
+    assert step.action is Action.ATTEMPT and step.outcome is None
+
+
+@pytest.mark.timeout(10)
+def test_bad_parameters_are_refused() -> None:
+    with pytest.raises(ValueError):
+        HedgePolicy(after=0, clock=Clock())
+
+
+@pytest.mark.timeout(60)
+@given(st.lists(st.tuples(st.floats(0, 2), st.booleans(), st.sampled_from("sdfc")), max_size=80))
+@settings(max_examples=200, deadline=None)
+def test_in_flight_is_bounded_and_never_negative(
+    events: list[tuple[float, bool, str]],
+) -> None:
+    clock = Clock()
+    p = make(clock, max_parallel=4)
+    last_rx = clock.now
+    for dt, heard, what in events:
+        clock.now += dt
+        if heard:
+            last_rx = clock.now
+        step = p.step(last_rx)
+        assert step.wait >= 0
+        if what == "d":
+            p.link_died()
+        elif what == "s" and p.in_flight:
+            p.attempt_ended(False)
+        elif what == "c" and p.in_flight:
+            p.attempt_cancelled()
+        assert 0 <= p.in_flight <= 4
