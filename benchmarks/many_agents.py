@@ -1,6 +1,7 @@
 """S9, broker scale: N agents simulated in one process against one real broker.
 
-    python -m benchmarks.many_agents [--agents 1000] [--dial-seconds 5] [--json OUT]
+    python -m benchmarks.many_agents [--agents 1000] [--dial-seconds 5]
+        [--idle-seconds 60] [--no-storm] [--broker-source DIR] [--json OUT]
 
 Each simulated agent is the project's own protocol stack, not a mock: a TCP
 connection, :class:`tether.netio.tls_stream.TLSStream` (TLS 1.3, ALPN h2),
@@ -19,10 +20,13 @@ Measured:
 
 - memory per connected agent: broker RSS (and USS) with N agents connected,
   minus the same broker with none, divided by N;
+- idle CPU: the broker's CPU use (% of one core) over ``--idle-seconds``
+  with all N agents connected and nothing else happening: keepalive,
+  timers and tasks, per agent per hour as well;
 - dials per second: 64 concurrent CONNECT clients on the broker's Unix
   socket, each dial carrying one echoed byte, for ``--dial-seconds``; the
   broker's and this process's CPU use are recorded, since on a 2-core box
-  the simulator competes with the broker;
+  the simulator competes with the broker; broker CPU seconds per 1,000 dials;
 - reconnect storm: the broker is killed (SIGKILL: a crash, no drain hint)
   and started again on the same port (with the same
   ``--agent-tls-ticket-key-file``, so reconnects may resume their TLS
@@ -31,12 +35,17 @@ Measured:
   polled every 100 ms from a separate process (p50, p99, worst, failures)
   and 4 CONNECT clients dial the agents already back. The simulated agents
   offer their last TLS session and wait out a ``503 overloaded`` retry hint,
-  as tether-agent does.
+  as tether-agent does (``--no-storm`` skips it).
+
+``--broker-source DIR`` runs the broker from another checkout of the
+project (``PYTHONPATH=DIR``) with this simulator, for before/after
+comparisons of the broker alone.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import os
@@ -54,7 +63,7 @@ from typing import Any
 import trio
 
 from benchmarks import measure
-from protocol import messages, session
+from protocol import keepalive, messages, session
 from protocol.backoff import Backoff
 from protocol.session import Role, SessionConfig, TunnelSession
 from tether.netio import sockopts, tls
@@ -65,6 +74,7 @@ from tether.tools.launch import BrokerHandle, Proc, http_get, start_broker
 
 CLUSTER = "default"
 #: What ``tether-agent`` sets with its default keepalive (15 s + 15 s).
+KEEPALIVE = Keepalive(15, 15)
 SOCKET_OPTIONS = sockopts.TunnelSocketOptions(user_timeout=30.0, keepalive_idle=15.0)
 
 
@@ -89,8 +99,11 @@ def source_address(i: int) -> str:
 
 
 class Fleet:
-    def __init__(self, n: int, port: int, token: str, ca: Path) -> None:
+    def __init__(
+        self, n: int, port: int, token: str, ca: Path, keepalive: Keepalive = KEEPALIVE
+    ) -> None:
         self.n = n
+        self.keepalive = keepalive
         self.port = port
         self.token = token
         self.ctx = tls.client_context(ca, None, None, alpn=["h2"])
@@ -165,11 +178,13 @@ class Fleet:
                 "tether-agent-identifiers": f"host=sim-{i}",
                 "tether-cluster": CLUSTER,
                 "authorization": f"Bearer {self.token}",
+                # As tether-agent: it drives keepalive, the broker answers.
+                keepalive.HEADER: keepalive.header_value(self.keepalive.interval) or "",
             },
             f"127.0.0.1:{self.port}",
         )
         agent = SimAgent(self, i)
-        conn = TunnelConnection(stream, sess, agent, keepalive=Keepalive(15, 15), name="sim")
+        conn = TunnelConnection(stream, sess, agent, keepalive=self.keepalive, name="sim")
         agent.conn = conn
         agent.stream = stream
         try:
@@ -380,6 +395,22 @@ def _restart(broker: BrokerHandle, workdir: Path) -> BrokerHandle:
     )
 
 
+async def _idle_cpu(pid: int, seconds: float, n: int) -> dict[str, Any]:
+    """The broker's CPU use while all agents are connected and idle."""
+    c0, w0 = measure.cpu_seconds(pid), time.monotonic()
+    sim0 = measure.cpu_seconds(os.getpid())
+    await trio.sleep(seconds)
+    wall = time.monotonic() - w0
+    cpu = measure.cpu_seconds(pid) - c0
+    return {
+        "seconds": wall,
+        "broker_cpu_pct": cpu / wall * 100,
+        # CPU seconds per idle agent per hour
+        "broker_cpu_s_per_agent_hour": cpu / wall * 3600 / max(1, n),
+        "simulator_cpu_pct": (measure.cpu_seconds(os.getpid()) - sim0) / wall * 100,
+    }
+
+
 async def run(
     n: int,
     workdir: Path,
@@ -389,6 +420,10 @@ async def run(
     extra_args: tuple[str, ...] = (),
     ticket_key: bool = True,
     broker_source: Path | None = None,
+    *,
+    idle_s: float = 0.0,
+    storm: bool = True,
+    keepalive_s: float = KEEPALIVE.interval,
 ) -> dict[str, Any]:
     """``extra_args``: more broker flags (admission settings to compare);
     ``ticket_key``: give the broker a ticket key file (survives the crash);
@@ -415,7 +450,8 @@ async def run(
         prefix=("env", f"PYTHONPATH={broker_source}") if broker_source else (),
     )
     out: dict[str, Any] = {"agents": n, "fd_limit": limit}
-    fleet = Fleet(n, broker.agent_port, token, pki.ca_cert)
+    fleet = Fleet(n, broker.agent_port, token, pki.ca_cert, Keepalive(keepalive_s, 15))
+    out["agent_keepalive_s"] = keepalive_s
     try:
         settle = 2.0 if n >= 100 else 0.3  # let allocations level off before reading RSS
         await broker.up()
@@ -440,6 +476,13 @@ async def run(
             out["per_agent_uss_kib"] = (full["uss"] - base["uss"]) / max(1, len(fleet.connected))
             progress(f"    S9 broker memory per agent: {out['per_agent_rss_kib']:.1f} KiB RSS")
 
+            if idle_s > 0:
+                out["idle"] = await _idle_cpu(broker.proc.pid, idle_s, len(fleet.connected))
+                progress(
+                    f"    S9 idle: broker CPU {out['idle']['broker_cpu_pct']:.1f}% of a core "
+                    f"over {idle_s:g} s (simulator {out['idle']['simulator_cpu_pct']:.0f}%)"
+                )
+
             b0, s0, w0 = (
                 measure.cpu_seconds(broker.proc.pid),
                 measure.cpu_seconds(os.getpid()),
@@ -447,13 +490,22 @@ async def run(
             )
             out["dial"] = await _dial_load(broker.uds, dial_s)
             wall = time.monotonic() - w0
-            out["dial"]["broker_cpu_pct"] = (measure.cpu_seconds(broker.proc.pid) - b0) / wall * 100
-            out["dial"]["simulator_cpu_pct"] = (measure.cpu_seconds(os.getpid()) - s0) / wall * 100
+            dial = out["dial"]
+            broker_cpu = measure.cpu_seconds(broker.proc.pid) - b0
+            sim_cpu = measure.cpu_seconds(os.getpid()) - s0
+            dial["broker_cpu_pct"] = broker_cpu / wall * 100
+            dial["simulator_cpu_pct"] = sim_cpu / wall * 100
+            dial["broker_cpu_s_per_1000_dials"] = broker_cpu / max(1, dial["dials_ok"]) * 1000
+            dial["simulator_cpu_s_per_1000_dials"] = sim_cpu / max(1, dial["dials_ok"]) * 1000
             progress(
-                f"    S9 {out['dial']['dials_per_s']:.0f} dials/s "
-                f"(broker CPU {out['dial']['broker_cpu_pct']:.0f}%, "
-                f"simulator {out['dial']['simulator_cpu_pct']:.0f}%)"
+                f"    S9 {dial['dials_per_s']:.0f} dials/s "
+                f"(broker CPU {dial['broker_cpu_pct']:.0f}%, "
+                f"{dial['broker_cpu_s_per_1000_dials']:.2f} s per 1,000 dials; "
+                f"simulator {dial['simulator_cpu_pct']:.0f}%)"
             )
+            if not storm:
+                nursery.cancel_scope.cancel()
+                return out
 
             # Reconnect storm after a crash-restart on the same port.
             before = (fleet.resumed, fleet.full_handshakes, fleet.shed)
@@ -516,9 +568,21 @@ def run_blocking(
     extra_args: tuple[str, ...] = (),
     ticket_key: bool = True,
     broker_source: Path | None = None,
+    **options: Any,
 ) -> dict[str, Any]:
     return trio.run(
-        run, n, workdir, dial_s, storm_cap_s, print, extra_args, ticket_key, broker_source
+        functools.partial(
+            run,
+            n,
+            workdir,
+            dial_s,
+            storm_cap_s,
+            print,
+            extra_args,
+            ticket_key,
+            broker_source,
+            **options,
+        )
     )
 
 
@@ -527,6 +591,16 @@ def main() -> int:
     parser.add_argument("--agents", type=int, default=1000)
     parser.add_argument("--dial-seconds", type=float, default=5.0)
     parser.add_argument("--storm-cap", type=float, default=120.0)
+    parser.add_argument(
+        "--idle-seconds", type=float, default=0.0, help="measure idle broker CPU this long"
+    )
+    parser.add_argument(
+        "--keepalive",
+        type=float,
+        default=KEEPALIVE.interval,
+        help="the simulated agents' keepalive interval, seconds (15: tether-agent's default)",
+    )
+    parser.add_argument("--no-storm", action="store_true", help="skip the reconnect storm")
     parser.add_argument("--json", type=Path, help="write the results here")
     parser.add_argument(
         "--no-ticket-key",
@@ -555,6 +629,9 @@ def main() -> int:
             tuple(args.broker_flag),
             not args.no_ticket_key,
             args.broker_source,
+            idle_s=args.idle_seconds,
+            storm=not args.no_storm,
+            keepalive_s=args.keepalive,
         )
     text = json.dumps(result, indent=2)
     if args.json:

@@ -14,7 +14,7 @@ from cryptography import x509
 from broker.auth import Authenticator, AuthError, Identity
 from broker.dialing import DialError, DialOutcome, Rerouted
 from broker.metrics import BrokerMetrics
-from protocol import events, handshake, messages
+from protocol import events, handshake, keepalive, messages
 from protocol.budget import Grant
 from protocol.errors import ProtocolError
 from protocol.identifiers import AgentIdentifiers, Allowance
@@ -299,6 +299,7 @@ class AgentConnection:
             # drop the connection on an unknown code).
             dial_fail_codes=frozenset({"busy"}),
         )
+        self._keepalive(ev.headers)
         self.conn.session.accept_control(welcome.to_headers())
         self.conn.wake_writer()
         self.roster.joined(self)
@@ -323,6 +324,44 @@ class AgentConnection:
         )
         self.registered.set()
         self.settled.set()
+
+    def _keepalive(self, headers: dict[str, str]) -> None:
+        """An agent that announces its keepalive interval drives the PINGs;
+        the broker then only keeps a dead-link deadline (protocol/keepalive.py).
+        A malformed announcement, or one longer than our own interval, leaves
+        the broker driving, as for an older agent; an out-of-range one is
+        clamped. Both are counted and logged."""
+        assert self.conn is not None
+        ann = keepalive.announced(headers)
+        self.metrics.keepalive_announced.labels(ann.verdict.value).inc()
+        if ann.verdict in (keepalive.Verdict.INVALID, keepalive.Verdict.CLAMPED):
+            if ann.verdict is keepalive.Verdict.INVALID:
+                self.metrics.bad_input.labels("agent", "bad_keepalive_ms").inc()
+            limited(
+                log,
+                logging.WARNING,
+                self.remote.rpartition(":")[0] or "?",
+                "agent %s/%s announced %s %r: %s",
+                self.cluster,
+                self.agent_id,
+                keepalive.HEADER,
+                ann.raw,
+                "not a positive integer; the broker sends the PINGs"
+                if ann.interval is None
+                else f"outside {keepalive.MIN_INTERVAL_MS}..{keepalive.MAX_INTERVAL_MS} ms; "
+                f"using {ann.interval * 1000:.0f} ms",
+                extra=event(
+                    "keepalive_announced",
+                    agent_id=self.agent_id,
+                    cluster=self.cluster,
+                    remote=self.remote,
+                    verdict=ann.verdict.value,
+                ),
+                key="keepalive_announced",
+            )
+        interval = keepalive.peer_drives(ann, self.conn.keepalive.interval)
+        if interval is not None:
+            self.conn.answer_keepalive(interval)
 
     async def _authenticate(self, headers: dict[str, str]) -> handshake.Refusal | None:
         """None: authenticated; else why not."""

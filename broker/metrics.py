@@ -90,6 +90,14 @@ class BrokerMetrics(TunnelMetrics):
             ["cause"],
             registry=r,
         )
+        self.keepalive_announced = prom.Counter(
+            "tether_agent_keepalive_announced_total",
+            "Agents' announced keepalive intervals (tether-keepalive-ms) at registration: "
+            "accepted, clamped into 1 s .. 10 min, invalid (the broker drives PINGs) "
+            "or absent (an older agent: the broker drives PINGs).",
+            ["verdict"],
+            registry=r,
+        )
         self.identifier_changes = prom.Counter(
             "tether_agent_identifiers_changes_total",
             "Changes of an agent's identifiers (at registration and on update).",

@@ -17,7 +17,7 @@ from edge_agent import sdnotify
 from edge_agent.config import AgentConfig, tls_server_name
 from edge_agent.dialer import DialFailed, dial_target
 from edge_agent.policy import Policy
-from protocol import events, handshake, messages, netlink
+from protocol import events, handshake, keepalive, messages, netlink
 from protocol.budget import BufferBudget, Grant
 from protocol.codes import DialFailCode
 from protocol.errors import ProtocolError
@@ -779,6 +779,8 @@ class Agent:
             connected_servers=held,
             token=token,
             instance=self.instance,
+            # We drive keepalive; the broker then only answers.
+            keepalive_ms=keepalive.header_value(cfg.keepalive_time),
             hedge=attempt is not None,
         )
         sess.open_control(hello.to_headers(), self.authority)

@@ -214,6 +214,10 @@ class FrameSizeGuard:
         #: first GOAWAY frame that ended there (None: no GOAWAY ended).
         self.goaway_end: int | None = None
 
+    @property
+    def between_frames(self) -> bool:
+        return not self._skip and not self._header
+
     def check(self, data: bytes) -> list[int]:
         """Raise :class:`FrameTooLarge` if ``data`` starts an oversized frame.
 

@@ -41,8 +41,14 @@ def bin_header_size(length: int) -> int:
     return 2 if length < 0x100 else 3 if length < 0x10000 else 5
 
 
+#: The unpacker's first buffer; it grows up to the message limit when a
+#: message needs it (msgpack would otherwise allocate the limit up front).
+UNPACK_START = 1024
+
+
 def _unpacker(max_size: int) -> msgpack.Unpacker:
     return msgpack.Unpacker(
+        read_size=min(UNPACK_START, max_size),
         raw=False,
         strict_map_key=True,
         max_buffer_size=max_size,
@@ -67,12 +73,15 @@ def _next_object(unpacker: msgpack.Unpacker) -> tuple[bool, Any]:
 class ControlDecoder:
     """Decodes the control stream into validated messages.
 
-    Unknown message types are dropped here, as the protocol requires.
+    Unknown message types are dropped here, as the protocol requires. The
+    msgpack unpacker exists only while a message is incomplete: an idle
+    connection keeps none.
     """
 
     def __init__(self, max_message_size: int = messages.MAX_MESSAGE_SIZE) -> None:
         self._max = max_message_size
-        self._unpacker = _unpacker(max_message_size)
+        self._unpacker: msgpack.Unpacker | None = None
+        self._base = 0  # stream offset where the current unpacker began
         self._fed = 0
         self._start = 0  # stream offset where the pending message began
 
@@ -97,13 +106,17 @@ class ControlDecoder:
             if room <= 0:
                 raise MessageTooLarge(f"control message exceeds {self._max} bytes")
             piece, view = view[:room], view[room:]
-            self._unpacker.feed(piece)
+            unpacker = self._unpacker
+            if unpacker is None:
+                unpacker = self._unpacker = _unpacker(self._max)
+                self._base = self._fed
+            unpacker.feed(piece)
             self._fed += len(piece)
             while True:
-                ok, obj = _next_object(self._unpacker)
+                ok, obj = _next_object(unpacker)
                 if not ok:
                     break
-                end = int(self._unpacker.tell())
+                end = self._base + int(unpacker.tell())
                 size = end - self._start
                 if size > self._max:
                     raise MessageTooLarge(f"control message exceeds {self._max} bytes")
@@ -114,6 +127,8 @@ class ControlDecoder:
                 out.append((msg, size))
             if self.buffered >= self._max:
                 raise MessageTooLarge(f"control message exceeds {self._max} bytes")
+            if self._start == self._fed:
+                self._unpacker = None  # nothing pending: free its buffer
         return out
 
 

@@ -59,13 +59,18 @@ import h2.exceptions
 import h2.settings
 import hyperframe.frame
 
-from protocol import flow, states
+from protocol import flow, h2compat, states
 from protocol.errors import ProtocolError, RemoteProtocolError
 from protocol.flood import FloodDetected, FloodGuard, FloodLimits, FrameSizeGuard, FrameTooLarge
 from protocol.states import ConnInput, ConnState
 
 #: Bytes of the client connection preface (``PRI * HTTP/2.0...``).
 PREFACE_LEN = 24
+#: One PING frame: the 9-byte header (length 8, type 6, no flags, stream 0)
+#: and its 8 bytes of payload; the ACK differs in the flags byte.
+PING_LEN = 17
+_PING_HEAD = b"\x00\x00\x08\x06\x00\x00\x00\x00\x00"
+_PING_ACK_HEAD = b"\x00\x00\x08\x06\x01\x00\x00\x00\x00"
 
 
 @attrs.frozen
@@ -266,6 +271,24 @@ class H2Base:
         chunk, self._backlog = self._backlog[:cut], self._backlog[cut:]
         self._backlog_headers = [o - cut for o in self._backlog_headers[limit:]]
         return chunk
+
+    def quick_ping(self, data: bytes, now: float) -> bytes | None:
+        """The ACK to send if ``data`` is exactly one PING (not an ACK)
+        arriving between frames of an open connection; None: feed it to
+        :meth:`receive_data` as usual. A PING changes no connection state,
+        so h2 need not parse it: on an idle connection whose peer drives
+        keepalive nearly every read is one. Its budget is spent as for any
+        PING (an exhausted budget falls through to :meth:`receive_data`,
+        which raises)."""
+        if len(data) != PING_LEN or data[:9] != _PING_HEAD:
+            return None
+        if self.state is not ConnState.OPEN or self._backlog or self._input_closed:
+            return None
+        if not (self._frame_sizes.between_frames and h2compat.between_frames(self.h2)):
+            return None
+        if not self.flood.spend("pings", now):
+            return None
+        return _PING_ACK_HEAD + data[9:]
 
     def receive_data(
         self, data: bytes, now: float, handle: Callable[[h2.events.Event], None]

@@ -16,6 +16,7 @@ from collections.abc import Mapping
 
 import attrs
 
+from protocol import keepalive
 from protocol.errors import ProtocolError
 from protocol.identifiers import AgentIdentifiers, valid_name
 
@@ -112,6 +113,9 @@ class Hello:
     #: The agent process's instance id (:func:`valid_instance`); "" from an
     #: older agent, which sends none.
     instance: str = ""
+    #: The keepalive interval this agent drives, as announced
+    #: (:func:`protocol.keepalive.header_value`); None: the broker drives.
+    keepalive_ms: str | None = None
     #: A hedged connection: the broker takes it for new dials and leaves the
     #: agent's current one (same credential and instance) open until it ends.
     hedge: bool = False
@@ -132,6 +136,8 @@ class Hello:
             headers[AGENT_HEDGE] = "1"
         if self.token is not None:
             headers[AUTHORIZATION] = f"Bearer {self.token}"
+        if self.keepalive_ms is not None:
+            headers[keepalive.HEADER] = self.keepalive_ms
         return headers
 
     @classmethod

@@ -548,6 +548,11 @@ class TunnelSession:
         ``b""`` (after handling the events) until this is False."""
         return self._base.backlog
 
+    def quick_ping(self, data: bytes) -> bytes | None:
+        """The PING ACK to write if ``data`` is exactly one PING (see
+        :meth:`protocol.h2base.H2Base.quick_ping`); None: use :meth:`receive_data`."""
+        return self._base.quick_ping(data, self._clock())
+
     def receive_data(self, data: bytes) -> list[events.Event]:
         """Feed bytes from the transport; return the resulting events.
 

@@ -460,10 +460,12 @@ async def open_peer(
     settings: dict[int, int] | None = None,
     control: bool = True,
     source: str | None = None,
+    headers: list[tuple[str, str]] | None = None,
 ) -> RawPeer:
     """A TLS HTTP/2 connection with a valid agent certificate (from the
     ``source`` address, default 127.0.0.1); with ``control`` the control
-    stream is opened and accepted (200)."""
+    stream is opened (with ``headers`` besides the agent's id and
+    identifiers) and accepted (200)."""
     with trio.fail_after(10):
         peer = RawPeer(await tls_to_agent_port(broker, agent_id, source))
         initial = {S_ENABLE_PUSH: 0, S_MAX_FRAME_SIZE: 65536}
@@ -472,7 +474,11 @@ async def open_peer(
             return peer
         headers = request_headers(
             session.CONTROL_PATH,
-            [("tether-agent-id", agent_id), ("tether-agent-identifiers", identifiers)],
+            [
+                ("tether-agent-id", agent_id),
+                ("tether-agent-identifiers", identifiers),
+                *(headers or []),
+            ],
         )
         await peer.send(frame(HEADERS, END_HEADERS, 1, header_block(headers)))
         reply = await peer.wait_for(lambda f: f.kind == HEADERS and f.sid == 1, 5)

@@ -50,6 +50,7 @@ from protocol.events import (
     StreamReset,
     WindowOpened,
 )
+from protocol.flood import FloodDetected
 from protocol.framing import bin_header
 from protocol.messages import Cancel, Close, Dial, DialFail, Drain, Identifiers, encode
 from protocol.session import Role, SessionConfig, TunnelSession
@@ -1136,3 +1137,41 @@ def test_frames_after_the_peers_goaway_in_one_read_are_no_violation(closer_role:
     got = peer.receive_data(wire)  # must not raise
     assert [e for e in got if isinstance(e, ConnectionClosed)] == [ConnectionClosed(0, "shutdown")]
     assert peer.receive_data(b"\x00\x00\x04\x08\x00\x00\x00\x00\x00\x00\x00\x10\x00") == []
+
+
+# ------------------------------------------------------- a lone PING's fast path
+
+
+def test_a_lone_ping_is_answered_past_h2_and_only_then(link: Link) -> None:
+    """quick_ping answers exactly one PING between frames, byte for byte the
+    ACK h2 would send; anything else (an ACK, two frames, part of a frame,
+    a PING after half a frame) goes through receive_data."""
+    payload = os.urandom(8)
+    link.agent.send_ping(payload)
+    ping = link.agent.data_to_send()
+    ack = link.broker.quick_ping(ping)
+    # what h2 itself answers to the same bytes
+    assert ack is not None and link.broker.receive_data(ping) == []
+    assert link.broker.data_to_send() == ack
+    assert link.agent.receive_data(ack) == [PingAcked(payload)]
+    assert link.agent.quick_ping(ack) is None  # an ACK is not a PING
+    assert link.broker.quick_ping(ping + ping) is None
+    assert link.broker.quick_ping(ping[:9]) is None
+    # half a frame already buffered: the PING bytes would be its rest
+    link.agent.send_message(Drain())
+    message = link.agent.data_to_send()
+    link.broker.receive_data(message[:5])
+    assert link.broker.quick_ping(ping) is None
+    link.broker.receive_data(message[5:])
+    assert link.broker.quick_ping(ping) is not None
+
+
+def test_the_fast_path_spends_the_ping_budget(link: Link) -> None:
+    ping = b"\x00\x00\x08\x06\x00\x00\x00\x00\x00" + b"12345678"
+    answered = 0
+    while link.broker.quick_ping(ping) is not None:
+        answered += 1
+        assert answered <= 2000, "no budget"
+    assert answered >= 900  # the burst, less what a slow machine refilled meanwhile
+    with pytest.raises(FloodDetected):
+        link.broker.receive_data(ping)

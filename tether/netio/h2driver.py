@@ -41,6 +41,7 @@ import trio
 from protocol import h2compat
 from protocol.errors import ProtocolError
 from protocol.flood import FloodDetected
+from protocol.h2base import PING_LEN
 from protocol.outcomes import CloseReason
 from tether.netio.sockopts import set_linger_zero, unacked_bytes, unsent_bytes
 
@@ -139,6 +140,10 @@ class H2Driver(Generic[EventT]):
         #: counts that as sending (a send_all meanwhile is BusyResourceError).
         self._awaiting_socket = False
         self._cancel: trio.CancelScope | None = None
+        #: The engine's fast path for a read that is one PING, if it has one.
+        self._quick_ping: Callable[[bytes], bytes | None] | None = getattr(
+            engine, "quick_ping", None
+        )
 
     # ------------------------------------------------------------------ run
 
@@ -378,6 +383,19 @@ class H2Driver(Generic[EventT]):
                 self.note_close(CloseReason.PEER_CLOSED, "peer closed the connection")
                 return
             self.last_rx = trio.current_time()
+            if (
+                self._quick_ping is not None
+                and len(data) == PING_LEN
+                and self._may_write_through()
+                and (ack := self._quick_ping(bytes(data))) is not None
+            ):
+                # A lone PING (the peer's keepalive): its ACK goes out from
+                # here, with what else is queued, past h2's parser and the
+                # writer task. Only when nothing contends for the socket, as
+                # for a write-through, so the send does not wait.
+                with trio.CancelScope(shield=True):
+                    await self._send(ack + self._take_output())
+                continue
             if await self._feed(bytes(data)):
                 return
 

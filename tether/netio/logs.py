@@ -74,6 +74,7 @@ EVENTS = frozenset(
         "lease_count_failed",  # agent: the Leases could not be listed (once per episode)
         "identifiers_changed",  # broker: an agent's identifiers were set or changed
         "identifier_not_allowed",  # broker: claims beyond the agent's credential, dropped
+        "keepalive_announced",  # broker: a tether-keepalive-ms refused or clamped
         "bad_input",  # a frontend or health request refused as malformed
         "log_suppressed",  # similar lines from one source were dropped; with the count
         "frontend_socket",  # broker: a frontend Unix socket created (owner, group, mode)

@@ -7,18 +7,43 @@ chunks, decrypts every complete record in one synchronous loop, and encrypts
 whole write batches at once, so a 256 KiB read or write costs one socket
 call instead of sixteen.
 
+Nothing large stays with a connection between reads: ciphertext is read
+from a socket into one receive buffer per thread, and plaintext decrypted
+into another, then copied out at its size. A PING-sized read therefore
+allocates a few dozen bytes, not two 256 KiB buffers, and an idle
+connection keeps only OpenSSL's state (CPython sets
+``SSL_MODE_RELEASE_BUFFERS`` on every context, so OpenSSL frees its record
+buffers while idle too).
+
 The API is the subset of ``trio.SSLStream`` the tunnel uses. As with
 ``SSLStream``, a cancelled ``send_all`` leaves the stream broken.
 """
 
 from __future__ import annotations
 
+import errno
+import os
 import ssl
+import threading
 from typing import Any
 
 import trio
 
 READ_CHUNK = 256 * 1024
+#: The largest plaintext of one TLS record: what one SSL read returns.
+RECORD = 16 * 1024
+
+
+class _Buffers(threading.local):
+    """Scratch space of the thread's TLS streams, filled and emptied with no
+    checkpoint in between, so the streams of one trio run can share it."""
+
+    def __init__(self) -> None:
+        self.cipher = bytearray(READ_CHUNK)
+        self.plain = bytearray(READ_CHUNK)
+
+
+_BUFFERS = _Buffers()
 
 
 class TLSStream(trio.abc.Stream):
@@ -96,11 +121,35 @@ class TLSStream(trio.abc.Stream):
 
     async def _fill(self) -> bool:
         """Read more ciphertext; False at transport EOF."""
-        data = await self.transport.receive_some(READ_CHUNK)
-        if not data:
+        transport = self.transport
+        if isinstance(transport, trio.SocketStream):
+            # Not trio's recv_into: it yields after the read, and another
+            # stream would overwrite the shared buffer meanwhile. Yield
+            # first, then read and hand the bytes to OpenSSL at once.
+            sock = transport.socket
+            buf = _BUFFERS.cipher
+            await trio.lowlevel.checkpoint()
+            while True:
+                try:
+                    n = os.readv(sock.fileno(), [buf])
+                    break
+                except BlockingIOError:
+                    await trio.lowlevel.wait_readable(sock)
+                except OSError as exc:
+                    if exc.errno == errno.EBADF:
+                        raise trio.ClosedResourceError("socket was closed") from exc
+                    raise trio.BrokenResourceError(exc) from exc
+            if n:
+                with memoryview(buf) as view:
+                    self._incoming.write(view[:n])
+        else:
+            data = await transport.receive_some(READ_CHUNK)
+            n = len(data)
+            if n:
+                self._incoming.write(data)
+        if not n:
             self._incoming.write_eof()
             return False
-        self._incoming.write(data)
         return True
 
     # ------------------------------------------------------------ public
@@ -130,32 +179,38 @@ class TLSStream(trio.abc.Stream):
         self._check()
         if not self._handshook:
             await self.do_handshake()
-        limit = max_bytes or READ_CHUNK
+        limit = min(max_bytes or READ_CHUNK, READ_CHUNK)
+        plain = _BUFFERS.plain
         while True:
-            chunks: list[bytes] = []
             total = 0
-            try:
-                while total < limit:
-                    chunk = self._ssl.read(limit - total)
-                    if not chunk:
-                        break
-                    chunks.append(chunk)
-                    total += len(chunk)
-            except ssl.SSLWantReadError:
-                pass
-            except ssl.SSLZeroReturnError:
-                self._eof = True
-            except ssl.SSLError as exc:
-                self._broken = exc
-                raise trio.BrokenResourceError(f"TLS error: {exc}") from exc
+            with memoryview(plain) as view:
+                try:
+                    while total < limit:
+                        # With a buffer, read returns a count (typeshed: bytes).
+                        got: int = self._ssl.read(  # type: ignore[assignment]
+                            min(limit - total, RECORD),
+                            view[total:],
+                        )
+                        if not got:
+                            break
+                        total += got
+                except ssl.SSLWantReadError:
+                    pass
+                except ssl.SSLZeroReturnError:
+                    self._eof = True
+                except ssl.SSLError as exc:
+                    self._broken = exc
+                    raise trio.BrokenResourceError(f"TLS error: {exc}") from exc
+                # Out of the shared buffer before any checkpoint.
+                data = bytes(view[:total])
             if self._outgoing.pending and not self._send_lock.locked():
                 # e.g. a TLS 1.3 key update answer. Never wait for a sender:
                 # one blocked on a peer that does not read would stop us
                 # reading too, and a peer doing the same deadlocks with us.
                 # The sender takes everything queued with its own flush.
                 await self._flush()
-            if chunks:
-                return b"".join(chunks)
+            if data:
+                return data
             if self._eof:
                 return b""
             try:

@@ -3,7 +3,8 @@
 Both the broker and the agent run one :class:`TunnelConnection` per
 agent-to-broker connection: a :class:`protocol.session.TunnelSession` run by
 the shared :class:`tether.netio.h2driver.H2Driver` (one reader, one writer),
-plus a keepalive task that detects dead links. Data-stream events are routed
+plus the keepalive that detects dead links (one timer for the whole
+process, :mod:`tether.netio.keepalive`). Data-stream events are routed
 to :class:`TunnelStream` objects; everything else goes to the owner's
 :class:`ConnectionHandler`. Payload waits in each stream's small outbox; the
 writer's scheduler (:mod:`tether.netio.scheduler`) moves it into HTTP/2.
@@ -34,9 +35,11 @@ from protocol import budget as budgets
 from protocol import events, flow, messages, session, tuner
 from protocol.codes import CloseCode
 from protocol.errors import ProtocolError
+from protocol.keepalive import Action, LinkKeepalive, Mode
 from protocol.outcomes import CloseReason
 from tether.netio import scheduler
 from tether.netio.h2driver import H2Driver
+from tether.netio.keepalive import timers
 from tether.netio.scheduler import RoundRobin
 from tether.netio.sockopts import set_notsent_lowat, tcp_info
 
@@ -477,7 +480,7 @@ class TunnelConnection:
             scheduler=self._scheduler,
             initial=initial,
         )
-        self._ping: tuple[bytes, trio.Event] | None = None
+        self._ka = LinkKeepalive.drive(self.keepalive.interval, self.keepalive.timeout)
         self._probes: dict[bytes, trio.Event] = {}
         #: Hedging probes in flight (at most one per silence), by payload: when sent.
         self._probe_pings: dict[bytes, float] = {}
@@ -512,9 +515,20 @@ class TunnelConnection:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Run until the connection ends; always closes the transport."""
-        await self._driver.run(
-            self._keepalive, self._tune, on_closed=self._shutdown, task_status=task_status
-        )
+        timers().schedule(self, self._ka.due(self._driver.last_rx))
+        await self._driver.run(self._tune, on_closed=self._shutdown, task_status=task_status)
+
+    def answer_keepalive(self, interval: float) -> None:
+        """The peer drives keepalive with ``interval`` (it announced it): send
+        no PINGs of our own, only drop the link after a few silent intervals
+        (:class:`protocol.keepalive.LinkKeepalive`)."""
+        self._ka = LinkKeepalive.answer(interval)
+        if not self._driver.closed:
+            timers().schedule(self, self._ka.due(self._driver.last_rx))
+
+    @property
+    def keepalive_mode(self) -> Mode:
+        return self._ka.mode
 
     def abort(self, reason: CloseReason, detail: str = "") -> None:
         """Tear the connection down now (from any task)."""
@@ -638,8 +652,13 @@ class TunnelConnection:
         elif isinstance(ev, events.ControlAccepted):
             self.handler.on_control_accepted(ev)
         elif isinstance(ev, events.PingAcked):
-            if self._ping is not None and self._ping[0] == ev.payload:
-                self._ping[1].set()
+            rtt = self._ka.acked(ev.payload, trio.current_time())
+            if rtt is not None:
+                # The next PING may be due before the ACK deadline was.
+                timers().schedule(self, self._ka.due(self._driver.last_rx))
+                self.link.rtt_sample(rtt)
+                if self._on_rtt is not None:
+                    self._on_rtt(rtt)
             if ev.payload in self._probes:
                 self._probes[ev.payload].set()
             if self._bdp_ping is not None and self._bdp_ping[0] == ev.payload:
@@ -696,33 +715,24 @@ class TunnelConnection:
 
     # ------------------------------------------------------------- tasks
 
-    async def _keepalive(self) -> None:
-        interval, timeout = self.keepalive.interval, self.keepalive.timeout
-        if not math.isfinite(interval) or interval <= 0:
+    def keepalive_due(self, now: float) -> None:
+        """The process's keepalive timer (:mod:`tether.netio.keepalive`)
+        found this connection due."""
+        if self._driver.closed:
             return
-        while True:
-            idle_for = trio.current_time() - self._driver.last_rx
-            if idle_for < interval:
-                await trio.sleep(interval - idle_for)
-                continue
-            payload = self.session.send_ping(os.urandom(8))
-            acked = trio.Event()
-            self._ping = (payload, acked)
+        ka = self._ka
+        action = ka.poll(now, self._driver.last_rx)
+        if action is Action.DEAD:
+            if ka.mode is Mode.ANSWER:
+                detail = f"keepalive: nothing heard for {ka.timeout:g}s (peer drives PINGs)"
+            else:
+                detail = f"keepalive: no PING ACK within {ka.timeout:g}s"
+            self.abort(CloseReason.KEEPALIVE_TIMEOUT, detail)
+            return
+        if action is Action.PING:
+            ka.ping_sent(self.session.send_ping(os.urandom(8)), now)
             self.wake_writer()
-            sent_at = trio.current_time()
-            with trio.move_on_after(timeout):
-                await acked.wait()
-            self._ping = None
-            if not acked.is_set():
-                self.abort(
-                    CloseReason.KEEPALIVE_TIMEOUT, f"keepalive: no PING ACK within {timeout:g}s"
-                )
-                return
-            rtt = trio.current_time() - sent_at
-            self.link.rtt_sample(rtt)
-            if self._on_rtt is not None:
-                self._on_rtt(rtt)
-            await trio.sleep(interval)
+        timers().schedule(self, ka.due(self._driver.last_rx))
 
     async def _tune(self) -> None:
         """While streams are open, once per round trip (within bounds): read
@@ -758,6 +768,7 @@ class TunnelConnection:
     # ------------------------------------------------------------ teardown
 
     def _shutdown(self) -> None:
+        timers().discard(self)
         for ts in list(self.streams.values()):
             ts._aborted(StreamAborted(f"tunnel connection lost: {self._driver.close_detail}"))
         self.streams.clear()
