@@ -317,6 +317,18 @@ class AgentServer:
         """``agent``'s identifiers changed: the registry routes by the new ones."""
         self.registry.refresh(agent)
 
+    def refuse_source(self, host: str, first: bool) -> None:
+        """A connection from ``host`` is closed unread: the address already
+        holds ``--max-handshakes-per-ip`` unauthenticated connections (in
+        admission or in the handshake). ``first``: log it (once an episode)."""
+        self.metrics.bad_input.labels("agent", "too_many_handshakes").inc()
+        if first:
+            log.warning(
+                "agent port: %s holds %d unauthenticated connections; refusing more",
+                host,
+                self.handshakes.limit,
+            )
+
     async def handle(self, tcp: trio.SocketStream, admitted: Pass | None = None) -> None:
         """Serve one agent connection; every failure stays inside.
         ``admitted``: its admission (tether/netio/admission.py), whose
@@ -332,13 +344,7 @@ class AgentServer:
             return
         slot = self.handshakes.acquire(host)
         if slot is None:
-            self.metrics.bad_input.labels("agent", "too_many_handshakes").inc()
-            if self.handshakes.first_refusal(host):
-                log.warning(
-                    "agent port: %s holds %d unauthenticated connections; refusing more",
-                    host,
-                    self.handshakes.limit,
-                )
+            self.refuse_source(host, self.handshakes.first_refusal(host))
             await trio.aclose_forcefully(tcp)
             return
         try:

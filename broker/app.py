@@ -157,6 +157,7 @@ class Broker:
                 0.0,  # built before trio runs: the bucket starts full
             ),
             on_verdict=lambda v: self.metrics.admission.labels(v.value).inc(),
+            on_source_refused=self.agent_server.refuse_source,
         )
         for state, read in (
             ("handshaking", lambda: self.admission.admission.active),

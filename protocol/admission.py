@@ -89,6 +89,11 @@ class Ticket:
     verdict: Verdict
     source: str = ""
     done: bool = False
+    #: Dropped because its source already holds ``max_per_source``
+    #: connections (a flood from one address, not load): ``first`` is True
+    #: for the first such drop of an episode (log once).
+    source_refused: bool = False
+    first_refusal: bool = False
 
 
 #: How many recent handshake completions the rate estimate looks at.
@@ -113,6 +118,8 @@ class Admission:
         #: Per source: connections in admission, and those in handshake slots.
         self._held: dict[str, int] = {}
         self._active_by: dict[str, int] = {}
+        #: Sources at ``max_per_source`` that have had a connection dropped.
+        self._refusing: set[str] = set()
         #: Totals per verdict, as first decided or later changed to.
         self.totals = {v: 0 for v in Verdict}
 
@@ -147,6 +154,9 @@ class Admission:
         if self._held.get(source, 0) >= self.config.max_per_source:
             self._set(ticket, Verdict.DROP)
             ticket.done = True
+            ticket.source_refused = True
+            ticket.first_refusal = source not in self._refusing
+            self._refusing.add(source)
             return ticket
         self._held[source] = self._held.get(source, 0) + 1
         if (
@@ -208,6 +218,8 @@ class Admission:
     def _leave(self, ticket: Ticket) -> None:
         ticket.done = True
         self._uncount(self._held, ticket.source)
+        if self._held.get(ticket.source, 0) < self.config.max_per_source:
+            self._refusing.discard(ticket.source)
 
     @staticmethod
     def _uncount(counts: dict[str, int], source: str) -> None:

@@ -324,3 +324,27 @@ def test_one_source_cannot_take_every_slot_or_the_queue() -> None:
     # When a hostile handshake ends, its own queued one takes the slot back.
     changed = a.finished(hostile[0], 0.1)
     assert changed == [hostile[2]]
+
+
+def test_a_flooding_source_is_refused_and_reported_once_an_episode() -> None:
+    """Drops for the per-source cap are marked as such (the broker counts
+    them as bad input and logs the first of each episode); load drops are not."""
+    a = Admission(
+        config(max_handshakes=2, max_queue=100, max_per_source=3, max_active_per_source=1),
+        now=0.0,
+    )
+    held = [a.arrive(0.0, "10.0.0.66") for _ in range(3)]
+    refused = [a.arrive(0.0, "10.0.0.66") for _ in range(3)]
+    assert all(t.verdict is Verdict.DROP and t.source_refused for t in refused)
+    assert [t.first_refusal for t in refused] == [True, False, False]
+    assert not any(t.source_refused for t in held)
+    # Below the cap again, the next refusal starts a new episode.
+    a.finished(held[0], 0.1)
+    a.arrive(0.1, "10.0.0.66")
+    again = a.arrive(0.1, "10.0.0.66")
+    assert again.source_refused and again.first_refusal
+    # A drop because the queue and the shedding lane are full is load, not a flood.
+    b = Admission(config(max_handshakes=1, max_queue=0, max_shedding=0), now=0.0)
+    b.arrive(0.0, "10.0.0.1")
+    load = b.arrive(0.0, "10.0.0.2")
+    assert load.verdict is Verdict.DROP and not load.source_refused

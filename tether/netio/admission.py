@@ -54,10 +54,14 @@ class AdmissionGate:
         admission: Admission,
         *,
         on_verdict: Callable[[Verdict], None] | None = None,
+        on_source_refused: Callable[[str, bool], None] | None = None,
         rng: random.Random | None = None,
     ) -> None:
         self.admission = admission
         self._on_verdict = on_verdict or (lambda _v: None)
+        #: (source, first of its episode): a connection dropped because its
+        #: address holds ``max_per_source`` already (bad input, not load).
+        self._on_source_refused = on_source_refused or (lambda _s, _f: None)
         self._rng = rng or random.Random()
         self._waiting: dict[Ticket, trio.Event] = {}
         self._queue_changed = trio.Event()
@@ -104,6 +108,8 @@ class AdmissionGate:
                 ticket = self.admission.arrive(now, _source(stream))
                 self._on_verdict(ticket.verdict)
                 if ticket.verdict is Verdict.DROP:
+                    if ticket.source_refused:
+                        self._on_source_refused(ticket.source, ticket.first_refusal)
                     stream.socket.close()
                     continue
                 if ticket.verdict is Verdict.QUEUE:
