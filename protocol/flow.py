@@ -24,18 +24,35 @@ import attrs
 #: Bytes of the largest msgpack ``bin`` header (``bin32``).
 BIN_HEADER = 5
 #: Credit goes back once this share of a window is owed (1/16: a WINDOW_UPDATE
-#: per 64 KiB of a 1 MiB window, about one per DATA frame).
+#: per 64 KiB of a 1 MiB window, about one per DATA frame) while the window is
+#: tight for the link: what the sender lacks of a full window is what it
+#: cannot have in flight.
 CREDIT_STEP = 16
+#: A window of this many bandwidth-delay products is ample: the sender keeps
+#: the link full even a quarter (streams) or an eighth (connection) short of
+#: it, so credit goes back in those larger steps, a quarter of the
+#: WINDOW_UPDATEs (and of the wake-ups they cause) on a short link.
+AMPLE_BDPS = 4
+AMPLE_STREAM_STEP = 4
+AMPLE_CONNECTION_STEP = 8
 
 
-def connection_credit_due(unacked: int, connection_window: int) -> bool:
-    """Whether connection credit earned so far should go back now."""
-    return unacked >= connection_window // CREDIT_STEP
+def _ample(window: int, bdp: int) -> bool:
+    return bdp > 0 and window >= AMPLE_BDPS * bdp
 
 
-def stream_credit_due(unacked: int, window: int) -> bool:
-    """Whether a stream's earned credit should go back now (WINDOW_UPDATE)."""
-    return unacked >= window // CREDIT_STEP
+def connection_credit_due(unacked: int, connection_window: int, bdp: int = 0) -> bool:
+    """Whether connection credit earned so far should go back now; ``bdp``:
+    the link's bandwidth-delay product in bytes (0: not known yet)."""
+    step = AMPLE_CONNECTION_STEP if _ample(connection_window, bdp) else CREDIT_STEP
+    return unacked >= connection_window // step
+
+
+def stream_credit_due(unacked: int, window: int, bdp: int = 0) -> bool:
+    """Whether a stream's earned credit should go back now (WINDOW_UPDATE);
+    ``bdp`` as for :func:`connection_credit_due`."""
+    step = AMPLE_STREAM_STEP if _ample(window, bdp) else CREDIT_STEP
+    return unacked >= window // step
 
 
 def payload_room(send_window: int, send_chunk: int) -> int:

@@ -153,6 +153,10 @@ class H2Base:
         #: Our receive window for the whole connection (grows with the
         #: streams' windows, :meth:`grow_connection_window`).
         self.connection_window = settings.connection_window
+        #: The link's bandwidth-delay product in bytes as the driver last
+        #: measured it (0: unknown): how large credit steps may be
+        #: (:func:`protocol.flow.stream_credit_due`).
+        self.link_bdp = 0
 
     # ------------------------------------------------------------- lifecycle
 
@@ -355,7 +359,7 @@ class H2Base:
         return True
 
     def _flush_conn_credit(self) -> None:
-        if flow.connection_credit_due(self._conn_unacked, self.connection_window):
+        if flow.connection_credit_due(self._conn_unacked, self.connection_window, self.link_bdp):
             try:
                 self.h2.increment_flow_control_window(self._conn_unacked)
             except h2.exceptions.ProtocolError:

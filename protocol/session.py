@@ -457,7 +457,7 @@ class TunnelSession:
             n -= kept
         stream.unacked += n
         # Batched WINDOW_UPDATEs (see protocol.flow).
-        if flow.stream_credit_due(stream.unacked, stream.window):
+        if flow.stream_credit_due(stream.unacked, stream.window, self._base.link_bdp):
             self._credit_stream(stream)
             return True
         return False
@@ -516,6 +516,12 @@ class TunnelSession:
     def connection_window(self) -> int:
         """Our receive window for the whole connection."""
         return self._base.connection_window
+
+    def link_measured(self, bdp: int) -> None:
+        """The link's bandwidth-delay product as last measured (bytes, 0:
+        unknown): windows several times larger take credit back in larger
+        steps (:func:`protocol.flow.stream_credit_due`)."""
+        self._base.link_bdp = max(0, bdp)
 
     def fit_connection_window(self) -> bool:
         """Grow the connection window when the data streams' windows together

@@ -429,3 +429,27 @@ async def test_a_receiver_that_does_not_keep_up_keeps_its_window(
     _peer, peak, got = await upload_over_slow_link(budget, data, 0.05, 2.0)
     assert got == data[: len(got)]
     assert peak == 256 * KiB
+
+
+@given(
+    window=st.integers(min_value=64 * 1024, max_value=16 * 1024 * 1024),
+    bdp=st.integers(min_value=0, max_value=16 * 1024 * 1024),
+)
+def test_credit_goes_back_in_small_steps_only_while_the_window_is_tight(
+    window: int, bdp: int
+) -> None:
+    """1/16 steps while the window is under four BDPs (or the BDP is not
+    known yet); quarter (stream) and eighth (connection) steps once it is
+    ample, so a short link is not sent four times the WINDOW_UPDATEs."""
+    ample = bdp > 0 and window >= flow.AMPLE_BDPS * bdp
+    stream_step = window // (4 if ample else 16)
+    conn_step = window // (8 if ample else 16)
+    assert flow.stream_credit_due(stream_step, window, bdp)
+    assert not flow.stream_credit_due(stream_step - 1, window, bdp)
+    assert flow.connection_credit_due(conn_step, window, bdp)
+    assert not flow.connection_credit_due(conn_step - 1, window, bdp)
+    # A tight window never waits longer for credit than an ample one would.
+    assert stream_step <= window // 4
+    if ample:
+        # The sender stays at least three BDPs in flight between updates.
+        assert window - stream_step >= 3 * bdp

@@ -762,6 +762,7 @@ class TunnelConnection:
             moved = abs(lowat - self.notsent_lowat) > self.notsent_lowat * LOWAT_CHANGE
             if moved and set_notsent_lowat(self.transport, lowat):
                 self.notsent_lowat = lowat
+        self.session.link_measured(self.link.bdp(now))
         if self.session.fit_connection_window():
             self.wake_writer()
 
