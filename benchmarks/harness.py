@@ -33,7 +33,7 @@ import time
 import types
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import attrs
 
@@ -346,6 +346,18 @@ class Run:
         self.progress(f"S9 broker scale, {n} simulated agents")
         work.mkdir(parents=True, exist_ok=True)
         out = work / "s9.json"
+        log = work / "s9.log"
+        with log.open("wb") as log_file:
+            rc = self._run_many_agents(n, out, log_file)
+        if rc != 0 or not out.exists():
+            tail = " | ".join(log.read_text(errors="replace").strip().splitlines()[-3:])
+            self.errors["S9"] = f"many_agents exited with {rc}: {tail}"
+            self.progress(f"    S9 failed: {self.errors['S9']}")
+            return
+        self.sc("S9")["result"] = json.loads(out.read_text())
+        self.save()
+
+    def _run_many_agents(self, n: int, out: Path, log_file: IO[bytes]) -> int | None:
         proc = subprocess.Popen(
             [
                 sys.executable,
@@ -358,9 +370,13 @@ class Run:
             ],
             cwd=REPO,
             env=dict(os.environ, PYTHONPATH=str(REPO)),
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
         )
         try:
-            rc = proc.wait(timeout=600 + n / 10)
+            return proc.wait(timeout=600 + n / 10)
+        except subprocess.TimeoutExpired:
+            return None
         finally:
             if proc.poll() is None:
                 proc.terminate()
@@ -369,11 +385,6 @@ class Run:
                 except subprocess.TimeoutExpired:
                     proc.kill()
                     proc.wait()
-        if rc != 0 or not out.exists():
-            self.errors["S9"] = f"many_agents exited with {rc}"
-            return
-        self.sc("S9")["result"] = json.loads(out.read_text())
-        self.save()
 
 
 def git_commit() -> str:
