@@ -46,6 +46,19 @@ class _Buffers(threading.local):
 _BUFFERS = _Buffers()
 
 
+def _read_into(sock: Any, buf: bytearray) -> int | None:
+    """One non-blocking read of ``sock`` into ``buf``: the byte count, or
+    None when nothing is there yet."""
+    try:
+        return os.readv(sock.fileno(), [buf])
+    except BlockingIOError:
+        return None
+    except OSError as exc:
+        if exc.errno == errno.EBADF:
+            raise trio.ClosedResourceError("socket was closed") from exc
+        raise trio.BrokenResourceError(exc) from exc
+
+
 class TLSStream(trio.abc.Stream):
     def __init__(
         self,
@@ -124,24 +137,23 @@ class TLSStream(trio.abc.Stream):
         transport = self.transport
         if isinstance(transport, trio.SocketStream):
             # Not trio's recv_into: it yields after the read, and another
-            # stream would overwrite the shared buffer meanwhile. Yield
-            # first, then read and hand the bytes to OpenSSL at once.
+            # stream would overwrite the shared buffer meanwhile. The bytes
+            # go to OpenSSL before any yield. As in trio's own socket calls,
+            # a read that finds data yields once after it, and one that has
+            # to wait yields only in the wait: one task step per read.
             sock = transport.socket
             buf = _BUFFERS.cipher
-            await trio.lowlevel.checkpoint()
-            while True:
-                try:
-                    n = os.readv(sock.fileno(), [buf])
-                    break
-                except BlockingIOError:
-                    await trio.lowlevel.wait_readable(sock)
-                except OSError as exc:
-                    if exc.errno == errno.EBADF:
-                        raise trio.ClosedResourceError("socket was closed") from exc
-                    raise trio.BrokenResourceError(exc) from exc
+            await trio.lowlevel.checkpoint_if_cancelled()
+            n = _read_into(sock, buf)
+            waited = n is None
+            while n is None:
+                await trio.lowlevel.wait_readable(sock)
+                n = _read_into(sock, buf)
             if n:
                 with memoryview(buf) as view:
                     self._incoming.write(view[:n])
+            if not waited:
+                await trio.lowlevel.cancel_shielded_checkpoint()
         else:
             data = await transport.receive_some(READ_CHUNK)
             n = len(data)
