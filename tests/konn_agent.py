@@ -68,6 +68,7 @@ class KonnAgent:
         # Bounded, as a real agent's sends block on the stream's flow control:
         # a target that streams without end must not fill our memory.
         self._out: queue.Queue[object] = queue.Queue(maxsize=64)
+        self._closed = threading.Event()
         md = [("agentid", agent_id)]
         if identifiers:
             md.append(("agentidentifiers", identifiers))
@@ -101,10 +102,17 @@ class KonnAgent:
             yield item
 
     def send(self, pkt: pb.Packet | bytes) -> None:
-        self._out.put(pkt)
+        """Queue ``pkt`` for the stream, waiting while the queue is full (the
+        stream's flow control), but never past :meth:`close`."""
+        while not self._closed.is_set():
+            try:
+                self._out.put(pkt, timeout=0.1)
+                return
+            except queue.Full:
+                continue
 
     def half_close(self) -> None:
-        self._out.put(_STOP)
+        self.send(_STOP)
 
     def headers(self, timeout: float = 10) -> dict[str, str]:
         """The response headers (serverid, servercount)."""
@@ -204,8 +212,17 @@ class KonnAgent:
             self.send(pb.Packet(type=pb.DATA, data=pb.Data(connectID=cid, data=data)))
 
     def close(self) -> None:
-        self.half_close()
+        """End the call and the channel. Never blocks on a full queue (a
+        stalled stream): senders give up, and the request iterator is handed
+        its end past whatever is still queued."""
+        self._closed.set()
         self.call.cancel()
+        while True:
+            try:
+                self._out.get_nowait()
+            except queue.Empty:
+                break
+        self._out.put_nowait(_STOP)
         self.channel.close()
         with self._lock:
             for s in self.conns.values():

@@ -582,6 +582,7 @@ def test_stalled_konnectivity_tunnel_does_not_stall_other_agents(
     )
     tether = start_agent(tmp_path, broker, "--agent-identifiers=ipv4=127.0.0.3", agent_id="agent-2")
     servers: list[socket.socket] = []
+    opened: list[socket.socket] = []
     total = 16 * MiB
     try:
         stalled_agent = konn(broker, pki, identifiers="ipv4=127.0.0.2")
@@ -606,6 +607,7 @@ def test_stalled_konnectivity_tunnel_does_not_stall_other_agents(
             addrs[host] = f"{host}:{srv.getsockname()[1]}"
         # The stalled client: opens a download and never reads.
         stuck, status = connect(broker, addrs["127.0.0.2"])
+        opened.append(stuck)
         assert status.startswith(b"HTTP/1.1 200")
         stalls = metric(broker, "tether_stream_window_stalls_total")
         wait_until(
@@ -621,9 +623,10 @@ def test_stalled_konnectivity_tunnel_does_not_stall_other_agents(
             download(broker, addrs["127.0.0.4"], total) == expected
         )  # the other konnectivity agent
         # The stalled tunnel is still held within its bound, not dropped.
-        assert stalled_agent.status is None
-        stuck.close()
+        assert stalled_agent.status is None, stalled_agent.status
     finally:
+        for s in opened:
+            s.close()
         for srv in servers:
             srv.close()
         tether.stop(timeout=5)
