@@ -123,10 +123,7 @@ class Stack:
         self.agent = self._agent()
 
     def restart_broker(self) -> None:
-        old = self.broker.proc
-        old.kill9()
-        old.stop()
-        self.broker.proc = Proc("broker", old.argv, self.workdir / f"broker-{time.time_ns()}.log")
+        self.broker = self.broker.crash_and_restart(self.workdir / f"broker-{time.time_ns()}.log")
 
     async def ready(self) -> bool:
         """Broker /readyz (asked from inside its namespace) says an agent is up."""

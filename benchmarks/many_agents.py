@@ -70,7 +70,7 @@ from tether.netio import sockopts, tls
 from tether.netio.tls_stream import TLSStream
 from tether.netio.tunnel import Keepalive, StreamAborted, TunnelClosed, TunnelConnection
 from tether.tools.certs import init_pki
-from tether.tools.launch import BrokerHandle, Proc, http_get, start_broker
+from tether.tools.launch import http_get, start_broker
 
 CLUSTER = "default"
 #: What ``tether-agent`` sets with its default keepalive (15 s + 15 s).
@@ -380,21 +380,6 @@ async def _storm_dials(uds: str, stop: trio.Event, out: dict[str, Any]) -> None:
     out.update({"ok": ok, "failed": failed})
 
 
-def _restart(broker: BrokerHandle, workdir: Path) -> BrokerHandle:
-    broker.proc.kill9()
-    broker.proc.stop()
-    proc = Proc("broker", broker.proc.argv, workdir / "broker-restarted.log")
-    return BrokerHandle(
-        proc,
-        broker.agent_port,
-        broker.server_port,
-        broker.health_port,
-        broker.uds,
-        broker.pki,
-        broker.admin_port,
-    )
-
-
 async def _idle_cpu(pid: int, seconds: float, n: int) -> dict[str, Any]:
     """The broker's CPU use while all agents are connected and idle."""
     c0, w0 = measure.cpu_seconds(pid), time.monotonic()
@@ -509,7 +494,7 @@ async def run(
 
             # Reconnect storm after a crash-restart on the same port.
             before = (fleet.resumed, fleet.full_handshakes, fleet.shed)
-            broker = _restart(broker, workdir)
+            broker = broker.crash_and_restart(workdir / "broker-restarted.log")
             restarted = trio.current_time()
             await broker.up()
             out["storm_broker_listening_s"] = trio.current_time() - restarted

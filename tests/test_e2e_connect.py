@@ -8,6 +8,7 @@ import hashlib
 import os
 import shutil
 import socket
+import subprocess
 import time
 from collections.abc import Callable, Iterator
 
@@ -16,6 +17,38 @@ import trio
 from procs import BrokerHandle, Proc, connect_tunnel, serve_echo, serve_local
 
 pytestmark = [pytest.mark.e2e]
+
+
+async def curl_tcp_frontend(
+    broker: BrokerHandle, url: str, *extra: str
+) -> subprocess.CompletedProcess[bytes]:
+    """GET ``url`` with real curl through the broker's TCP mTLS CONNECT
+    frontend (``extra``: more curl arguments); the finished process."""
+    curl = shutil.which("curl")
+    assert curl, "curl is installed by `make sysdeps`"
+    pki = broker.pki
+    return await trio.run_process(
+        [
+            curl,
+            "-sS",
+            "--max-time",
+            "20",
+            "-p",
+            "--proxy",
+            f"https://localhost:{broker.server_port}",
+            "--proxy-cacert",
+            str(pki.ca_cert),
+            "--proxy-cert",
+            str(pki.frontend_cert),
+            "--proxy-key",
+            str(pki.frontend_key),
+            *extra,
+            url,
+        ],
+        capture_stdout=True,
+        capture_stderr=True,
+        check=False,
+    )
 
 
 @pytest.mark.timeout(60)
@@ -35,33 +68,8 @@ async def test_curl_through_tcp_mtls_frontend(
         await stream.aclose()
 
     port = await serve_local(nursery, http_handler)
-    curl = shutil.which("curl")
-    assert curl, "curl is installed by `make sysdeps`"
-    pki = broker.pki
-    result = await trio.run_process(
-        [
-            curl,
-            "-sS",
-            "--max-time",
-            "20",
-            "-p",
-            "--proxy",
-            f"https://localhost:{broker.server_port}",
-            "--proxy-cacert",
-            str(pki.ca_cert),
-            "--proxy-cert",
-            str(pki.frontend_cert),
-            "--proxy-key",
-            str(pki.frontend_key),
-            "-o",
-            "-",
-            "-w",
-            "\n%{http_connect} %{http_code}",
-            f"http://127.0.0.1:{port}/",
-        ],
-        capture_stdout=True,
-        capture_stderr=True,
-        check=False,
+    result = await curl_tcp_frontend(
+        broker, f"http://127.0.0.1:{port}/", "-o", "-", "-w", "\n%{http_connect} %{http_code}"
     )
     out = result.stdout
     assert result.returncode == 0, result.stderr

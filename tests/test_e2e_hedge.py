@@ -17,6 +17,8 @@ from hostile import metric
 from procs import BrokerHandle, Proc, connect_tunnel, free_port, http_get, wait_for
 from test_e2e_routing import dials_by, serve_whoami, whoami
 
+from tether.tools.launch import Tunnel
+
 pytestmark = [pytest.mark.e2e]
 
 MiB = 1024 * 1024
@@ -121,6 +123,47 @@ def hedged(
     )
 
 
+class HedgeRig:
+    """One agent behind a pausable relay with hedging on, and an 8 MiB
+    upload to a digest target on its tunnel (:meth:`upload`, progress in
+    :attr:`sent`; it stops quietly if the tunnel breaks)."""
+
+    def __init__(
+        self, agent: Proc, relay: PausingRelay, admin: int, whoami_port: int, tunnel: Tunnel
+    ) -> None:
+        self.agent, self.relay, self.admin, self.whoami_port = agent, relay, admin, whoami_port
+        self.tunnel = tunnel
+        self.payload = os.urandom(8 * MiB)
+        self.sent = 0
+
+    async def upload(self) -> None:
+        try:
+            for off in range(0, len(self.payload), 64 * 1024):
+                await self.tunnel.send_all(self.payload[off : off + 64 * 1024])
+                self.sent = off + 64 * 1024
+            await self.tunnel.send_eof()
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+
+
+async def _hedge_rig(
+    broker_factory: Callable[..., BrokerHandle],
+    agent_factory: Callable[..., Proc],
+    nursery: trio.Nursery,
+) -> tuple[BrokerHandle, HedgeRig]:
+    broker = broker_factory("--backend-dial-timeout=20")
+    relay = PausingRelay(broker.agent_port)
+    await relay.serve(nursery)
+    admin = free_port()
+    agent = hedged(agent_factory, broker, relay, admin)
+    await broker.ready(agents=1)
+    whoami_port = await serve_whoami(nursery, "127.0.0.1")
+    digest_port = await serve_digest(nursery)
+    tunnel = await connect_tunnel(broker, f"127.0.0.1:{digest_port}", via="uds")
+    assert tunnel.status == 200
+    return broker, HedgeRig(agent, relay, admin, whoami_port, tunnel)
+
+
 async def _ready(value: bool) -> bool:
     return value
 
@@ -139,29 +182,13 @@ async def test_a_hedge_takes_new_dials_and_the_old_stream_keeps_its_bytes(
     hedge bound a fresh connection takes new dials while the old one still
     holds the transfer. The path returns: the old stream finishes with every
     byte intact (sha256), then the agent retires the old connection."""
-    broker = broker_factory("--backend-dial-timeout=20")
-    relay = PausingRelay(broker.agent_port)
-    await relay.serve(nursery)
-    admin = free_port()
-    agent = hedged(agent_factory, broker, relay, admin)
-    await broker.ready(agents=1)
-    whoami_port = await serve_whoami(nursery, "127.0.0.1")
-    digest_port = await serve_digest(nursery)
-    payload = os.urandom(8 * MiB)
-    tunnel = await connect_tunnel(broker, f"127.0.0.1:{digest_port}", via="uds")
-    assert tunnel.status == 200
-    sent = 0
-
-    async def upload() -> None:
-        nonlocal sent
-        for off in range(0, len(payload), 64 * 1024):
-            await tunnel.send_all(payload[off : off + 64 * 1024])
-            sent = off + 64 * 1024
-        await tunnel.send_eof()
+    broker, rig = await _hedge_rig(broker_factory, agent_factory, nursery)
+    agent, relay, admin, whoami_port = rig.agent, rig.relay, rig.admin, rig.whoami_port
+    payload, tunnel = rig.payload, rig.tunnel
 
     async with trio.open_nursery() as n:
-        n.start_soon(upload)
-        while sent < 2 * MiB:
+        n.start_soon(rig.upload)
+        while rig.sent < 2 * MiB:
             await trio.sleep(0.01)
         paused = relay.pause()
         assert paused
@@ -209,33 +236,14 @@ async def test_a_stream_on_a_dead_old_connection_ends_with_an_error_never_corrup
     """The old path never returns: the hedge serves new dials at once, and
     the transfer on the old connection ends when keepalive declares it dead:
     with an error (no digest), never with wrong bytes."""
-    broker = broker_factory("--backend-dial-timeout=20")
-    relay = PausingRelay(broker.agent_port)
-    await relay.serve(nursery)
-    admin = free_port()
-    agent = hedged(agent_factory, broker, relay, admin)
-    await broker.ready(agents=1)
-    whoami_port = await serve_whoami(nursery, "127.0.0.1")
-    digest_port = await serve_digest(nursery)
-    payload = os.urandom(8 * MiB)
-    tunnel = await connect_tunnel(broker, f"127.0.0.1:{digest_port}", via="uds")
-    assert tunnel.status == 200
-    sent = 0
-
-    async def upload() -> None:
-        nonlocal sent
-        try:
-            for off in range(0, len(payload), 64 * 1024):
-                await tunnel.send_all(payload[off : off + 64 * 1024])
-                sent = off + 64 * 1024
-            await tunnel.send_eof()
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
+    broker, rig = await _hedge_rig(broker_factory, agent_factory, nursery)
+    agent, relay, admin, whoami_port = rig.agent, rig.relay, rig.admin, rig.whoami_port
+    tunnel = rig.tunnel
 
     answer = b""
     async with trio.open_nursery() as n:
-        n.start_soon(upload)
-        while sent < 2 * MiB:
+        n.start_soon(rig.upload)
+        while rig.sent < 2 * MiB:
             await trio.sleep(0.01)
         relay.pause()
         await wait_for(lambda: _logged(agent, "hedged reconnect to broker .* won"), 20, "hedge")

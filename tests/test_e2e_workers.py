@@ -18,7 +18,6 @@ import json
 import os
 import random
 import re
-import shutil
 import socket
 import socketserver
 import stat
@@ -35,6 +34,7 @@ import trio
 from grpc_client import data_pkt, open_call
 from hostile import metric
 from procs import BrokerHandle, Proc, connect_tunnel, http_get, wait_for
+from test_e2e_connect import curl_tcp_frontend
 
 from protocol import konnectivity_pb2 as pb
 from protocol import workers as wp
@@ -151,30 +151,7 @@ async def host_metric(broker: BrokerHandle, name: str, **labels: str) -> float:
 
 async def curl_tcp(broker: BrokerHandle, target: str) -> bytes:
     """GET through the TCP mTLS CONNECT frontend with real curl."""
-    curl = shutil.which("curl")
-    assert curl, "curl is installed by `make sysdeps`"
-    pki = broker.pki
-    result = await trio.run_process(
-        [
-            curl,
-            "-sS",
-            "--max-time",
-            "20",
-            "-p",
-            "--proxy",
-            f"https://localhost:{broker.server_port}",
-            "--proxy-cacert",
-            str(pki.ca_cert),
-            "--proxy-cert",
-            str(pki.frontend_cert),
-            "--proxy-key",
-            str(pki.frontend_key),
-            f"http://{target}/",
-        ],
-        capture_stdout=True,
-        capture_stderr=True,
-        check=False,
-    )
+    result = await curl_tcp_frontend(broker, f"http://{target}/")
     assert result.returncode == 0, result.stderr
     return bytes(result.stdout)
 

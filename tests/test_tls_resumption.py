@@ -53,19 +53,9 @@ def key_file(path: Path, data: bytes | None = None, mode: int = 0o600) -> Path:
 
 def restart(broker: BrokerHandle, procs_started: list[Proc]) -> BrokerHandle:
     """Crash the broker (SIGKILL) and start the same command on the same ports."""
-    broker.proc.kill9()
-    broker.proc.stop()
-    proc = Proc("broker", broker.proc.argv, broker.proc.log_path.with_suffix(".restarted.log"))
-    procs_started.append(proc)
-    return BrokerHandle(
-        proc,
-        broker.agent_port,
-        broker.server_port,
-        broker.health_port,
-        broker.uds,
-        broker.pki,
-        broker.admin_port,
-    )
+    restarted = broker.crash_and_restart(broker.proc.log_path.with_suffix(".restarted.log"))
+    procs_started.append(restarted.proc)
+    return restarted
 
 
 async def handshakes(broker: BrokerHandle, resumed: str) -> float:

@@ -142,6 +142,13 @@ class BrokerHandle:
     #: /metrics lives here (``--admin-port``), not on the health port.
     admin_port: int = 0
 
+    def crash_and_restart(self, log: Path) -> BrokerHandle:
+        """SIGKILL the broker and start the same command on the same ports,
+        logging to ``log``; the new handle."""
+        self.proc.kill9()
+        self.proc.stop()
+        return attrs.evolve(self, proc=Proc("broker", self.proc.argv, log))
+
     async def ready(self, agents: int = 1, timeout: float = 20) -> None:
         async def check() -> bool:
             code, body = (
