@@ -272,11 +272,19 @@ async def test_other_certificate_for_a_live_id_is_refused(
     status, error = await control_status(broker, "agent-1", None, cert=pki.agent("agent-1"))
     assert status == "409" and "agent_id_live" in error, error
     # ... and from the same process (a reconnect after a stale link) replaces it.
+    registered = _connected_count(broker, "agent-1")
     status, error = await control_status(
         broker, "agent-1", None, cert=pki.agent("agent-1"), instance=instance_of(broker, "agent-1")
     )
     assert status == "200", error
     assert await wait_log(broker, "; closing its old connection")
+    # The replacing connection closed at once (it was this test's); the real
+    # agent, told it was replaced, registers again before it can be dialed.
+    await wait_for(
+        lambda: _ready(_connected_count(broker, "agent-1") >= registered + 2),
+        20,
+        "the real agent registered again",
+    )
     await broker.ready(agents=1)
     await _serving(broker, nursery)
 
@@ -453,6 +461,15 @@ def instance_of(broker: BrokerHandle, agent_id: str) -> str:
     )
     assert found, broker.proc.log()[-2000:]
     return str(found[-1])
+
+
+def _connected_count(broker: BrokerHandle, agent_id: str) -> int:
+    """How many times ``agent_id`` registered, from the broker's log."""
+    return len(re.findall(rf"agent connected: id={agent_id} ", broker.proc.log()))
+
+
+async def _ready(value: bool) -> bool:
+    return value
 
 
 async def _logged(proc: Proc, text: str) -> bool:
