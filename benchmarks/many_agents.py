@@ -238,14 +238,21 @@ class SimAgent:
         try:
             sid = conn.session.open_data_stream(msg.id, f"127.0.0.1:{self.fleet.port}")
             ts = conn.add_stream(sid, msg.id)
-            conn.wake_writer()
-            self.fleet.dials_served += 1
+        except (TunnelClosed, Exception):
+            return
+        conn.wake_writer()
+        self.fleet.dials_served += 1
+        try:
             while (chunk := await ts.receive()) is not None:
                 await ts.send_all(chunk.data)
                 ts.acknowledge(chunk.flow_len)
             ts.send_eof()
         except (StreamAborted, TunnelClosed, Exception):
             return
+        finally:
+            # As the agent's relay does: without it the connection keeps
+            # every stream it ever served (and tunes them all, forever).
+            ts.forget()
 
 
 async def _connect_client(uds: str) -> None:
