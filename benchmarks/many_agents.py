@@ -258,21 +258,26 @@ class SimAgent:
 async def _connect_client(uds: str) -> None:
     stream = await trio.open_unix_socket(uds)
     async with stream:
-        await stream.send_all(b"CONNECT 127.0.0.1:9 HTTP/1.1\r\nHost: 127.0.0.1:9\r\n\r\n")
-        data = b""
-        while b"\r\n\r\n" not in data:
-            chunk = await stream.receive_some(4096)
-            if not chunk:
-                raise ConnectionError("closed")
-            data += chunk
-        if not data.startswith(b"HTTP/1.1 200"):
-            raise ConnectionError(data[:80].decode(errors="replace"))
-        rest = data.partition(b"\r\n\r\n")[2]
-        await stream.send_all(b"x")
-        if not rest:
-            rest = await stream.receive_some(16)
-        if rest != b"x":
-            raise ConnectionError("no echo")
+        await _connect_over(stream)
+
+
+async def _connect_over(stream: trio.SocketStream) -> None:
+    """CONNECT through the broker on ``stream`` and check one echoed byte."""
+    await stream.send_all(b"CONNECT 127.0.0.1:9 HTTP/1.1\r\nHost: 127.0.0.1:9\r\n\r\n")
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = await stream.receive_some(4096)
+        if not chunk:
+            raise ConnectionError("closed")
+        data += chunk
+    if not data.startswith(b"HTTP/1.1 200"):
+        raise ConnectionError(data[:80].decode(errors="replace"))
+    rest = data.partition(b"\r\n\r\n")[2]
+    await stream.send_all(b"x")
+    if not rest:
+        rest = await stream.receive_some(16)
+    if rest != b"x":
+        raise ConnectionError("no echo")
 
 
 async def _dial_load(uds: str, seconds: float, concurrency: int = 64) -> dict[str, Any]:
@@ -387,6 +392,39 @@ async def _storm_dials(uds: str, stop: trio.Event, out: dict[str, Any]) -> None:
     out.update({"ok": ok, "failed": failed})
 
 
+async def _held_idle(uds: str, pid: int, seconds: float, count: int, n: int) -> dict[str, Any]:
+    """The broker's CPU use with ``count`` tunnels open through it (spread
+    over the agents by its load-aware routing) and no byte moving on them:
+    what open but quiet streams (``kubectl logs -f``, an unused
+    port-forward) cost it per second."""
+    opened = 0
+    ready = trio.Event()
+    release = trio.Event()
+    opening = trio.Semaphore(32)  # within the frontend's accept backlog
+
+    async def hold() -> None:
+        nonlocal opened
+        async with opening:
+            stream = await trio.open_unix_socket(uds)
+            await _connect_over(stream)
+        async with stream:
+            opened += 1
+            if opened == count:
+                ready.set()
+            await release.wait()
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(count):
+            nursery.start_soon(hold)
+        with trio.fail_after(60):
+            await ready.wait()
+        await trio.sleep(2.0)  # let the last dials' tuning rounds end
+        out = await _idle_cpu(pid, seconds, n)
+        release.set()
+    out["held_streams"] = opened
+    return out
+
+
 async def _idle_cpu(pid: int, seconds: float, n: int) -> dict[str, Any]:
     """The broker's CPU use while all agents are connected and idle."""
     c0, w0 = measure.cpu_seconds(pid), time.monotonic()
@@ -416,6 +454,7 @@ async def run(
     idle_s: float = 0.0,
     storm: bool = True,
     keepalive_s: float = KEEPALIVE.interval,
+    held: int = 0,
 ) -> dict[str, Any]:
     """``extra_args``: more broker flags (admission settings to compare);
     ``ticket_key``: give the broker a ticket key file (survives the crash);
@@ -473,6 +512,16 @@ async def run(
                 progress(
                     f"    S9 idle: broker CPU {out['idle']['broker_cpu_pct']:.1f}% of a core "
                     f"over {idle_s:g} s (simulator {out['idle']['simulator_cpu_pct']:.0f}%)"
+                )
+
+            if idle_s > 0 and held > 0:
+                out["held_idle"] = await _held_idle(
+                    broker.uds, broker.proc.pid, idle_s, held, len(fleet.connected)
+                )
+                progress(
+                    f"    S9 idle with {out['held_idle']['held_streams']} quiet tunnels open: "
+                    f"broker CPU {out['held_idle']['broker_cpu_pct']:.1f}% of a core "
+                    f"(simulator {out['held_idle']['simulator_cpu_pct']:.0f}%)"
                 )
 
             b0, s0, w0 = (
@@ -592,6 +641,12 @@ def main() -> int:
         default=KEEPALIVE.interval,
         help="the simulated agents' keepalive interval, seconds (15: tether-agent's default)",
     )
+    parser.add_argument(
+        "--held-streams",
+        type=int,
+        default=0,
+        help="with --idle-seconds, also measure idle CPU with this many quiet tunnels open",
+    )
     parser.add_argument("--no-storm", action="store_true", help="skip the reconnect storm")
     parser.add_argument("--json", type=Path, help="write the results here")
     parser.add_argument(
@@ -624,6 +679,7 @@ def main() -> int:
             idle_s=args.idle_seconds,
             storm=not args.no_storm,
             keepalive_s=args.keepalive,
+            held=args.held_streams,
         )
     text = json.dumps(result, indent=2)
     if args.json:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import collections
 import math
 import random
+from typing import Any
 
 import attrs
 import pytest
@@ -453,3 +454,90 @@ def test_credit_goes_back_in_small_steps_only_while_the_window_is_tight(
     if ample:
         # The sender stays at least three BDPs in flight between updates.
         assert window - stream_step >= 3 * bdp
+
+
+async def quiet_stream_tuning_rounds(
+    a_end: trio.abc.Stream, b_end: trio.abc.Stream, keepalive: Keepalive, seconds: float
+) -> tuple[int, int, int]:
+    """Open one data stream, move 256 KiB over it, then leave it open and
+    quiet for ``seconds``. Returns the tuning rounds of both ends during the
+    transfer and during the quiet part, and the bytes the connections moved
+    while quiet."""
+    budget = BufferBudget(64 * MiB, window=256 * KiB)
+    ah, bh = AgentHandler(), GrantingBroker(budget)
+    agent = TunnelConnection(a_end, agent_session(None), ah, keepalive=keepalive)
+    broker = TunnelConnection(b_end, broker_session(None), bh, keepalive=keepalive, budget=budget)
+    ah.conn, bh.conn = agent, broker
+    rounds = [0]
+    for conn in (agent, broker):
+        real = conn.tune_once
+
+        def counted(now: float, *, probe: bool = True, real: Any = real) -> None:
+            rounds[0] += 1
+            real(now, probe=probe)
+
+        conn.tune_once = counted  # type: ignore[method-assign]
+    async with trio.open_nursery() as n:
+        n.start_soon(agent.run)
+        n.start_soon(broker.run)
+        with trio.fail_after(5):
+            await ah.accepted.wait()
+        sid = agent.session.open_data_stream(1, AUTHORITY)
+        ts = agent.add_stream(sid, 1)
+        agent.wake_writer()
+        peer = await bh.streams.receive()
+        data = random.Random(5).randbytes(256 * KiB)
+        got = bytearray()
+
+        async def send() -> None:
+            await ts.send_all(data)
+
+        n.start_soon(send)
+        with trio.fail_after(10):
+            while len(got) < len(data):
+                chunk = await peer.receive()
+                assert chunk is not None
+                got += chunk.data
+                peer.acknowledge(chunk.flow_len)
+        assert bytes(got) == data
+        await trio.sleep(2.0)  # the transfer's last rounds
+        busy_rounds, rounds[0] = rounds[0], 0
+        moved = agent._driver.moved + broker._driver.moved
+        await trio.sleep(seconds)
+        quiet_moved = agent._driver.moved + broker._driver.moved - moved
+        assert ts.stream_id in agent.streams and peer.stream_id in broker.streams  # still open
+        n.cancel_scope.cancel()
+    return busy_rounds, rounds[0], quiet_moved
+
+
+@pytest.mark.timeout(60)
+async def test_an_open_quiet_stream_is_not_tuned_every_round(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # A port-forward nobody uses: open, nothing moving but keepalive PINGs
+    # every 15 s. Polling every round (100 ms here) would be 1,200 rounds
+    # in 60 s on the two ends; each PING exchange wakes each end for one.
+    a_end, b_end = slow_pair(0.05, 8 * MiB)
+    busy, quiet, moved = await quiet_stream_tuning_rounds(
+        a_end, b_end, Keepalive(interval=15, timeout=15), 60.0
+    )
+    assert busy >= 4  # the transfer was tuned
+    assert moved > 0  # the PINGs went
+    assert quiet <= 2 * (60 // 15 + 1), quiet
+
+
+@pytest.mark.timeout(30)
+async def test_an_open_quiet_stream_over_tcp_is_not_tuned_every_round() -> None:
+    # The same over a real loopback TCP connection, where the tuner reads
+    # TCP_INFO instead of timing PINGs: 3 s quiet with keepalive at 1 s.
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    async with listeners[0]:
+        a_end = await trio.testing.open_stream_to_socket_listener(listeners[0])
+        b_end = await listeners[0].accept()
+        busy, quiet, moved = await quiet_stream_tuning_rounds(
+            a_end, b_end, Keepalive(interval=1, timeout=5), 3.0
+        )
+    assert busy >= 2
+    assert moved > 0
+    # Polling would be 2 x 60 rounds (the 50 ms floor on loopback).
+    assert quiet <= 2 * (3 + 2), quiet

@@ -125,6 +125,10 @@ class H2Driver(Generic[EventT]):
         self.protocol_error: ProtocolError | None = None
         #: trio time of the last read that brought bytes.
         self.last_rx = trio.current_time()
+        #: Bytes read plus bytes written so far.
+        self.moved = 0
+        #: Set by the next read or write (see :meth:`next_traffic`).
+        self._traffic: trio.Event | None = None
         self._want_write = trio.Event()
         #: Woken (all at once) after every write and at the end: waiters park
         #: and recheck, so no wake-up is ever lost between two of them.
@@ -144,6 +148,21 @@ class H2Driver(Generic[EventT]):
         self._quick_ping: Callable[[bytes], bytes | None] | None = getattr(
             engine, "quick_ping", None
         )
+
+    def next_traffic(self) -> trio.Event:
+        """An event the next read or write of the connection sets: how a
+        task that only has work while bytes move (the window tuner) sleeps
+        through quiet periods without polling."""
+        ev = self._traffic
+        if ev is None:
+            ev = self._traffic = trio.Event()
+        return ev
+
+    def _moved(self) -> None:
+        ev = self._traffic
+        if ev is not None:
+            self._traffic = None
+            ev.set()
 
     # ------------------------------------------------------------------ run
 
@@ -298,6 +317,9 @@ class H2Driver(Generic[EventT]):
         try:
             await self.transport.send_all(data)
             self._write_interrupted = False
+            self.moved += len(data)
+            if self._traffic is not None:
+                self._moved()
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             self.abort(CloseReason.TRANSPORT_ERROR, f"transport error: {exc!r}")
             return False
@@ -383,6 +405,9 @@ class H2Driver(Generic[EventT]):
                 self.note_close(CloseReason.PEER_CLOSED, "peer closed the connection")
                 return
             self.last_rx = trio.current_time()
+            self.moved += len(data)
+            if self._traffic is not None:
+                self._moved()
             if (
                 self._quick_ping is not None
                 and len(data) == PING_LEN

@@ -52,6 +52,10 @@ OUTBOX_LIMIT = budgets.OUTBOX_LIMIT
 #: Bounds of the tuning task's period (it follows the link's RTT).
 TUNE_MIN_S = 0.05
 TUNE_MAX_S = 1.0
+#: A tuning round that moved fewer bytes (both ways) is quiet: keepalive
+#: PINGs and their ACKs, a keystroke. The tuner then sleeps until the next
+#: read or write instead of polling every round.
+TUNE_QUIET_BYTES = 512
 #: TCP_NOTSENT_LOWAT is set again when the estimate moved by more than this share.
 LOWAT_CHANGE = 0.25
 
@@ -735,26 +739,36 @@ class TunnelConnection:
         timers().schedule(self, ka.due(self._driver.last_rx))
 
     async def _tune(self) -> None:
-        """While streams are open, once per round trip (within bounds): read
-        the kernel's RTT and delivery rate into :attr:`link` (or, on a
-        transport without ``TCP_INFO``, time a PING), set TCP_NOTSENT_LOWAT
-        from it, and grow the connection window to the streams' windows.
-        With no streams it sleeps until one is added."""
+        """While streams are open and bytes move, once per round trip
+        (within bounds): read the kernel's RTT and delivery rate into
+        :attr:`link` (or, on a transport without ``TCP_INFO``, time a PING),
+        set TCP_NOTSENT_LOWAT from it, and grow the connection window to the
+        streams' windows. With no streams it sleeps until one is added; after
+        a round in which nothing was read or written it sleeps until
+        something is, so open but quiet streams (a ``logs -f`` or a
+        port-forward nobody uses) cost nothing per second."""
+        driver = self._driver
         while True:
             if not self.streams:
                 self._streams_added = trio.Event()
                 await self._streams_added.wait()
+            start = driver.moved
             await trio.sleep(min(TUNE_MAX_S, max(TUNE_MIN_S, self.link.round_length)))
-            self.tune_once(trio.current_time())
+            busy = driver.moved - start >= TUNE_QUIET_BYTES
+            self.tune_once(trio.current_time(), probe=busy)
+            if not busy:
+                await driver.next_traffic().wait()
 
-    def tune_once(self, now: float) -> None:
-        """One step of :meth:`_tune` (``now``: trio time)."""
+    def tune_once(self, now: float, *, probe: bool = True) -> None:
+        """One step of :meth:`_tune` (``now``: trio time; ``probe``: a
+        transport without ``TCP_INFO`` may time a PING, which a quiet round
+        does not, or the probe's own bytes would keep the tuner awake)."""
         info = tcp_info(self.transport)
         if info is not None:
             if info.rtt > 0:
                 self.link.rtt_sample(info.rtt, info.min_rtt)
             self.link.rate_sample(info.delivery_rate, now)
-        elif self._bdp_ping is None and not self._driver.closed:
+        elif probe and self._bdp_ping is None and not self._driver.closed:
             self._bdp_ping = (self.session.send_ping(os.urandom(8)), now)
             self.wake_writer()
         if self.auto_lowat and self.link.srtt is not None:
