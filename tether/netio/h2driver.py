@@ -61,6 +61,9 @@ WRITE_BUFFER = 4 * 1024 * 1024
 #: How long the writer may take for the last frames once reading stopped.
 FINAL_FLUSH = 1.0
 
+#: A transport's send_all, or one like it.
+SendAll = Callable[[bytes], Awaitable[None]]
+
 EventT = TypeVar("EventT")
 EventT_co = TypeVar("EventT_co", covariant=True)
 
@@ -148,6 +151,10 @@ class H2Driver(Generic[EventT]):
         self._quick_ping: Callable[[bytes], bytes | None] | None = getattr(
             engine, "quick_ping", None
         )
+        #: The transport's send without a schedule point after a complete
+        #: write (TLSStream.send_now), for the reader's PING answers: it
+        #: waits for the socket next, and that wait is its schedule point.
+        self._send_now: SendAll = getattr(transport, "send_now", transport.send_all)
 
     def next_traffic(self) -> trio.Event:
         """An event the next read or write of the connection sets: how a
@@ -308,14 +315,15 @@ class H2Driver(Generic[EventT]):
                 await self._send(data)
         return not self._want_write.is_set()
 
-    async def _send(self, data: bytes) -> bool:
-        """One write, by the writer or a sender writing through; False when
-        the transport failed (the connection is then aborted)."""
+    async def _send(self, data: bytes, *, send: SendAll | None = None) -> bool:
+        """One write, by the writer or a sender writing through (``send``:
+        another of the transport's send methods); False when the transport
+        failed (the connection is then aborted)."""
         self._pending_out += len(data)
         self._write_interrupted = True
         self._writing = True
         try:
-            await self.transport.send_all(data)
+            await (send or self.transport.send_all)(data)
             self._write_interrupted = False
             self.moved += len(data)
             if self._traffic is not None:
@@ -419,7 +427,7 @@ class H2Driver(Generic[EventT]):
                 # writer task. Only when nothing contends for the socket, as
                 # for a write-through, so the send does not wait.
                 with trio.CancelScope(shield=True):
-                    await self._send(ack + self._take_output())
+                    await self._send(ack + self._take_output(), send=self._send_now)
                 continue
             if await self._feed(bytes(data)):
                 return

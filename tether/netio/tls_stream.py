@@ -59,6 +59,18 @@ def _read_into(sock: Any, buf: bytearray) -> int | None:
         raise trio.BrokenResourceError(exc) from exc
 
 
+def _send_some(sock: Any, data: bytes) -> int:
+    """One non-blocking send of ``data`` to ``sock``: the bytes it took."""
+    try:
+        return os.write(sock.fileno(), data)
+    except BlockingIOError:
+        return 0
+    except OSError as exc:
+        if exc.errno == errno.EBADF:
+            raise trio.ClosedResourceError("socket was closed") from exc
+        raise trio.BrokenResourceError(exc) from exc
+
+
 class TLSStream(trio.abc.Stream):
     def __init__(
         self,
@@ -120,13 +132,27 @@ class TLSStream(trio.abc.Stream):
         async with self._send_lock:
             await self._send_queued()
 
-    async def _send_queued(self) -> None:
+    async def _send_queued(self, schedule: bool = True) -> None:
         # Called with the send lock held.
         data = self._outgoing.read()
         if not data:
             return
+        transport = self.transport
         try:
-            await self.transport.send_all(data)
+            if isinstance(transport, trio.SocketStream):
+                # As _fill reads: one non-blocking send of the records, and
+                # trio's send_all (which waits for the socket) only for what
+                # the kernel did not take.
+                await trio.lowlevel.checkpoint_if_cancelled()
+                sent = _send_some(transport.socket, data)
+                if sent == len(data):
+                    if schedule:
+                        await trio.lowlevel.cancel_shielded_checkpoint()
+                    return
+                with memoryview(data) as view:
+                    await transport.send_all(view[sent:])
+            else:
+                await transport.send_all(data)
         except BaseException as exc:
             # Cancelled or failed mid-record: the TLS byte stream is torn.
             self._broken = exc
@@ -234,6 +260,15 @@ class TLSStream(trio.abc.Stream):
                 raise
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self._send(data, schedule=True)
+
+    async def send_now(self, data: bytes | bytearray | memoryview) -> None:
+        """:meth:`send_all` without the schedule point after a send the
+        kernel took whole: for a caller that waits for the socket next
+        anyway (the reader answering a PING), so one wake-up serves both."""
+        await self._send(data, schedule=False)
+
+    async def _send(self, data: bytes | bytearray | memoryview, *, schedule: bool) -> None:
         self._check()
         if not self._handshook:
             await self.do_handshake()
@@ -242,14 +277,22 @@ class TLSStream(trio.abc.Stream):
         # sender holds it, so it never finds a sender's records queued and
         # blocks writing them to a peer that does not read (it would stop
         # reading, and a peer flooding us unread would never be noticed).
-        async with self._send_lock:
+        lock = self._send_lock
+        if schedule or lock.locked():
+            await lock.acquire()  # a schedule point, or a wait
+        else:
+            await trio.lowlevel.checkpoint_if_cancelled()
+            lock.acquire_nowait()
+        try:
             if data:
                 try:
                     self._ssl.write(data)
                 except ssl.SSLError as exc:
                     self._broken = exc
                     raise trio.BrokenResourceError(f"TLS error: {exc}") from exc
-            await self._send_queued()
+            await self._send_queued(schedule)
+        finally:
+            lock.release()
 
     async def wait_send_all_might_not_block(self) -> None:
         await self.transport.wait_send_all_might_not_block()
