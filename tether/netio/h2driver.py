@@ -43,7 +43,7 @@ from protocol.errors import ProtocolError
 from protocol.flood import FloodDetected
 from protocol.h2base import PING_LEN
 from protocol.outcomes import CloseReason
-from tether.netio.sockopts import set_linger_zero, unacked_bytes, unsent_bytes
+from tether.netio.sockopts import set_linger_zero, unacked_bytes, unsent_probe
 
 READ_SIZE = 256 * 1024
 #: Payload the scheduler moves into one socket write. Small enough that an
@@ -155,6 +155,8 @@ class H2Driver(Generic[EventT]):
         #: write (TLSStream.send_now), for the reader's PING answers: it
         #: waits for the socket next, and that wait is its schedule point.
         self._send_now: SendAll = getattr(transport, "send_now", transport.send_all)
+        #: Bytes the kernel has not sent yet (-1: unknown), asked per write.
+        self._unsent = unsent_probe(transport)
 
     def next_traffic(self) -> trio.Event:
         """An event the next read or write of the connection sets: how a
@@ -287,7 +289,7 @@ class H2Driver(Generic[EventT]):
             and not self._awaiting_socket
             and not self._write_interrupted
             and self.close_reason is None
-            and unsent_bytes(self.transport) == 0
+            and self._unsent() == 0
         )
 
     async def write_through(self, budget: int = WRITE_THROUGH) -> bool:
@@ -347,7 +349,7 @@ class H2Driver(Generic[EventT]):
             self._want_write = trio.Event()
             while self._writing:  # a sender is writing through
                 await self._progress.park()
-            if scheduler is not None and scheduler.ready and unsent_bytes(self.transport) == 0:
+            if scheduler is not None and scheduler.ready and self._unsent() == 0:
                 # Nothing unsent in the kernel: the socket wants more now,
                 # and asking the event loop would only say so a trip later.
                 batch = min(BATCH, batch * 2)

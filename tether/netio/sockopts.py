@@ -23,6 +23,7 @@ import logging
 import socket
 import struct
 import termios
+from collections.abc import Callable
 from pathlib import Path
 
 import attrs
@@ -142,6 +143,27 @@ def unsent_bytes(stream: object) -> int:
         return int(struct.unpack("i", fcntl.ioctl(raw.fileno(), SIOCOUTQNSD, b"\0" * 4))[0])
     except (OSError, ValueError):
         return -1
+
+
+def unsent_probe(stream: object) -> Callable[[], int]:
+    """:func:`unsent_bytes` of ``stream`` with its socket looked up once,
+    for callers that ask on every write (the socket's family and the
+    wrappers around it are not free to walk each time). Only while the
+    stream is open: the descriptor's number is kept, not the socket."""
+    raw = _raw_socket(stream)
+    if raw is None:
+        return lambda: -1
+    fd = raw.fileno()
+    arg = b"\0" * 4
+    ioctl, unpack = fcntl.ioctl, struct.unpack
+
+    def probe() -> int:
+        try:
+            return int(unpack("i", ioctl(fd, SIOCOUTQNSD, arg))[0])
+        except (OSError, ValueError):
+            return -1
+
+    return probe
 
 
 def set_linger_zero(stream: object) -> None:

@@ -32,6 +32,8 @@ import trio
 READ_CHUNK = 256 * 1024
 #: The largest plaintext of one TLS record: what one SSL read returns.
 RECORD = 16 * 1024
+#: A read of fewer bytes (ciphertext) leaves the socket likely empty.
+QUIET_READ = 1024
 
 
 class _Buffers(threading.local):
@@ -98,6 +100,8 @@ class TLSStream(trio.abc.Stream):
         self._handshook = False
         self._broken: BaseException | None = None
         self._eof = False
+        #: The last read was small: the next one waits for the socket first.
+        self._quiet = False
 
     # --------------------------------------------------------------- info
 
@@ -167,14 +171,21 @@ class TLSStream(trio.abc.Stream):
             # go to OpenSSL before any yield. As in trio's own socket calls,
             # a read that finds data yields once after it, and one that has
             # to wait yields only in the wait: one task step per read.
+            # After a small read (a PING, a keystroke: a quiet link) the
+            # socket is most likely empty, so wait first rather than try a
+            # read that fails.
             sock = transport.socket
             buf = _BUFFERS.cipher
-            await trio.lowlevel.checkpoint_if_cancelled()
-            n = _read_into(sock, buf)
+            if self._quiet:
+                n = None
+            else:
+                await trio.lowlevel.checkpoint_if_cancelled()
+                n = _read_into(sock, buf)
             waited = n is None
             while n is None:
                 await trio.lowlevel.wait_readable(sock)
                 n = _read_into(sock, buf)
+            self._quiet = 0 < n < QUIET_READ
             if n:
                 with memoryview(buf) as view:
                     self._incoming.write(view[:n])
