@@ -397,19 +397,27 @@ async def _held_idle(uds: str, pid: int, seconds: float, count: int, n: int) -> 
     over the agents by its load-aware routing) and no byte moving on them:
     what open but quiet streams (``kubectl logs -f``, an unused
     port-forward) cost it per second."""
-    opened = 0
+    opened = refused = 0
     ready = trio.Event()
     release = trio.Event()
     opening = trio.Semaphore(32)  # within the frontend's accept backlog
 
     async def hold() -> None:
-        nonlocal opened
+        nonlocal opened, refused
         async with opening:
             stream = await trio.open_unix_socket(uds)
-            await _connect_over(stream)
+            try:
+                await _connect_over(stream)
+            except ConnectionError:
+                # 503 once the broker's buffer budget has no stream left
+                refused += 1
+                await stream.aclose()
+                if opened + refused == count:
+                    ready.set()
+                return
         async with stream:
             opened += 1
-            if opened == count:
+            if opened + refused == count:
                 ready.set()
             await release.wait()
 
@@ -422,6 +430,7 @@ async def _held_idle(uds: str, pid: int, seconds: float, count: int, n: int) -> 
         out = await _idle_cpu(pid, seconds, n)
         release.set()
     out["held_streams"] = opened
+    out["held_refused"] = refused
     return out
 
 
@@ -519,7 +528,8 @@ async def run(
                     broker.uds, broker.proc.pid, idle_s, held, len(fleet.connected)
                 )
                 progress(
-                    f"    S9 idle with {out['held_idle']['held_streams']} quiet tunnels open: "
+                    f"    S9 idle with {out['held_idle']['held_streams']} quiet tunnels open "
+                    f"({out['held_idle']['held_refused']} refused): "
                     f"broker CPU {out['held_idle']['broker_cpu_pct']:.1f}% of a core "
                     f"(simulator {out['held_idle']['simulator_cpu_pct']:.0f}%)"
                 )

@@ -128,7 +128,8 @@ class BrokerMetrics(TunnelMetrics):
             "tether_agent_admission",
             "Agent-port connections by admission verdict (protocol/admission.py): admit "
             "(handshake at once), queue (waited for a handshake slot), shed (answered "
-            "503 overloaded with a retry hint), drop (closed before TLS).",
+            "503 overloaded with a retry hint), drop (closed before TLS), abandoned (the "
+            "client had closed it while it was queued: closed before TLS).",
             ["verdict"],
             registry=r,
         )

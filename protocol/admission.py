@@ -49,6 +49,10 @@ class Verdict(enum.Enum):
     SHED = "shed"
     #: Close at once, before any TLS.
     DROP = "drop"
+    #: Not the controller's: the adapter found the peer had closed a queued
+    #: connection by the time it was admitted (it gave up waiting), and
+    #: closed it before any TLS.
+    ABANDONED = "abandoned"
 
 
 @attrs.frozen

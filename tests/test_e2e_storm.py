@@ -157,3 +157,32 @@ async def test_one_address_cannot_hold_every_handshake_slot(
     assert metric(text, "tether_agent_admission_connections", state="queued") >= 38
     for stream in held:
         await trio.aclose_forcefully(stream)
+
+
+@pytest.mark.timeout(60)
+async def test_a_connection_that_left_while_queued_costs_no_handshake(
+    broker_factory: Callable[..., BrokerHandle],
+) -> None:
+    """In a storm, agents give up on connections that waited too long in
+    the queue and dial again. One handshake slot, held by a silent
+    connection; two more queue, and their clients leave (one after sending
+    the start of a ClientHello, one without a byte). When the slot frees,
+    the broker finds them closed by the peer and drops them before any TLS:
+    counted as abandoned, not as failed handshakes."""
+    broker = broker_factory("--max-concurrent-handshakes=1", "--handshake-timeout=30")
+    await broker.up()
+    held: list[trio.SocketStream] = []
+    await _silent(broker.agent_port, held)  # the handshake slot
+    await wait_for(lambda: _at_least(broker, "admit", 1), 10, "the slot taken")
+    left = [await trio.open_tcp_stream("127.0.0.1", broker.agent_port) for _ in range(2)]
+    await wait_for(lambda: _at_least(broker, "queue", 2), 10, "both queued")
+    await left[0].send_all(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03")
+    for stream in left:
+        await stream.aclose()
+    await trio.aclose_forcefully(held.pop())  # the slot frees: the queue moves
+    await wait_for(lambda: _at_least(broker, "abandoned", 2), 10, "both found abandoned")
+    text = await broker.metrics()
+    # The one failed handshake is the silent slot holder's, closed above.
+    assert metric(text, "tether_bad_input_total", source="agent", reason="tls_handshake") == 1
+    assert metric(text, "tether_agent_admission_connections", state="queued") == 0
+    assert await status_of(broker.health_port, "/healthz") == 200

@@ -19,6 +19,7 @@ import attrs
 import trio
 
 from protocol.admission import Admission, Ticket, Verdict
+from tether.netio.sockopts import peer_closed
 
 log = logging.getLogger("tether.admission")
 
@@ -123,6 +124,11 @@ class AdmissionGate:
             waiting = self._waiting.get(ticket)
             if waiting is not None:
                 await waiting.wait()
+                if ticket.verdict is not Verdict.DROP and peer_closed(stream):
+                    # It waited long enough for its client to give up (and
+                    # dial again): a handshake now would be work for nobody.
+                    self._on_verdict(Verdict.ABANDONED)
+                    return
             if ticket.verdict is Verdict.DROP:
                 return
             retry = 0

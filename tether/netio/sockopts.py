@@ -145,6 +145,25 @@ def unsent_bytes(stream: object) -> int:
         return -1
 
 
+#: tcpi_state values (include/net/tcp_states.h) of a connection the peer
+#: has closed (FIN or RST received).
+_PEER_CLOSED_STATES = frozenset({7, 8, 9})  # CLOSE, CLOSE_WAIT, LAST_ACK
+
+
+def peer_closed(stream: object) -> bool:
+    """Whether the peer has already closed ``stream``'s TCP connection (a
+    client that gave up while its connection waited in our queue); False
+    when unknown."""
+    raw = _raw_socket(stream)
+    if raw is None:
+        return False
+    try:
+        state = raw.getsockopt(socket.IPPROTO_TCP, TCP_INFO, 1)
+    except OSError:
+        return False
+    return len(state) == 1 and state[0] in _PEER_CLOSED_STATES
+
+
 def unsent_probe(stream: object) -> Callable[[], int]:
     """:func:`unsent_bytes` of ``stream`` with its socket looked up once,
     for callers that ask on every write (the socket's family and the
