@@ -562,6 +562,7 @@ async def run(
             before = (fleet.resumed, fleet.full_handshakes, fleet.shed)
             broker = broker.crash_and_restart(workdir / "broker-restarted.log")
             restarted = trio.current_time()
+            sim_storm0 = measure.cpu_seconds(os.getpid())
             await broker.up()
             out["storm_broker_listening_s"] = trio.current_time() - restarted
             # From the moment it listens, /healthz must keep answering.
@@ -578,6 +579,12 @@ async def run(
             out["storm_connected"] = len(fleet.connected)
             # Work, not time: the restarted broker's CPU from its start until all were back.
             out["storm_broker_cpu_s"] = measure.cpu_seconds(broker.proc.pid)
+            # The simulator's share: whether the agents' side set the pace.
+            storm_wall = trio.current_time() - restarted
+            out["storm_simulator_cpu_pct"] = (
+                (measure.cpu_seconds(os.getpid()) - sim_storm0) / storm_wall * 100
+            )
+            out["storm_broker_cpu_pct"] = out["storm_broker_cpu_s"] / storm_wall * 100
             stop.set()
             await trio.sleep(0.3)
             out["storm_healthz"] = health
@@ -603,7 +610,9 @@ async def run(
                 f"{out['storm_settle_s'] or float('nan'):.1f} s; /healthz p99 "
                 f"{health.get('p99_ms', 0):.0f} ms worst {health.get('worst_ms', 0):.0f} ms, "
                 f"{health.get('failed', 0)} failed; dials during it "
-                f"{storm_dials.get('ok', 0)} ok {storm_dials.get('failed', 0)} failed"
+                f"{storm_dials.get('ok', 0)} ok {storm_dials.get('failed', 0)} failed; "
+                f"CPU broker {out['storm_broker_cpu_pct']:.0f}%, "
+                f"simulator {out['storm_simulator_cpu_pct']:.0f}%"
             )
             nursery.cancel_scope.cancel()
     finally:
