@@ -12,8 +12,10 @@ does not read it does not grow.
 from __future__ import annotations
 
 import collections
+import contextlib
 import math
 import random
+from collections.abc import AsyncIterator
 from typing import Any
 
 import attrs
@@ -363,20 +365,25 @@ class GrantingBroker:
         self.send.send_nowait(ts)
 
 
-async def upload_over_slow_link(
-    budget: BufferBudget, data: bytes, reader_sleep: float, seconds: float
-) -> tuple[TunnelStream, int, bytes]:
-    """The agent sends ``data`` over a 100 ms, 8 MiB/s link; the broker's
-    reader sleeps ``reader_sleep`` per piece. Returns the broker's stream,
-    its largest window seen, and what it read within ``seconds``."""
-    a_end, b_end = slow_pair(0.05, 8 * MiB)
+@attrs.define
+class StreamPair:
+    """Two tunnel connections, agent and broker, running with one data
+    stream open from the agent: its two ends."""
+
+    agent: TunnelConnection
+    broker: TunnelConnection
+    sender: TunnelStream
+    receiver: TunnelStream
+
+
+@contextlib.asynccontextmanager
+async def stream_pair(
+    a_end: trio.abc.Stream, b_end: trio.abc.Stream, budget: BufferBudget, keepalive: Keepalive
+) -> AsyncIterator[StreamPair]:
     ah, bh = AgentHandler(), GrantingBroker(budget)
-    none = Keepalive(interval=math.inf)
-    agent = TunnelConnection(a_end, agent_session(None), ah, keepalive=none)
-    broker = TunnelConnection(b_end, broker_session(None), bh, keepalive=none, budget=budget)
+    agent = TunnelConnection(a_end, agent_session(None), ah, keepalive=keepalive)
+    broker = TunnelConnection(b_end, broker_session(None), bh, keepalive=keepalive, budget=budget)
     ah.conn, bh.conn = agent, broker
-    got = bytearray()
-    peak = 0
     async with trio.open_nursery() as n:
         n.start_soon(agent.run)
         n.start_soon(broker.run)
@@ -385,6 +392,25 @@ async def upload_over_slow_link(
         sid = agent.session.open_data_stream(1, AUTHORITY)
         ts = agent.add_stream(sid, 1)
         agent.wake_writer()
+        peer = await bh.streams.receive()
+        yield StreamPair(agent, broker, ts, peer)
+        n.cancel_scope.cancel()
+
+
+async def upload_over_slow_link(
+    budget: BufferBudget, data: bytes, reader_sleep: float, seconds: float
+) -> tuple[TunnelStream, int, bytes]:
+    """The agent sends ``data`` over a 100 ms, 8 MiB/s link; the broker's
+    reader sleeps ``reader_sleep`` per piece. Returns the broker's stream,
+    its largest window seen, and what it read within ``seconds``."""
+    a_end, b_end = slow_pair(0.05, 8 * MiB)
+    got = bytearray()
+    peak = 0
+    async with (
+        stream_pair(a_end, b_end, budget, Keepalive(interval=math.inf)) as pair,
+        trio.open_nursery() as n,
+    ):
+        ts, peer = pair.sender, pair.receiver
 
         async def send() -> None:
             for i in range(0, len(data), 64 * KiB):
@@ -392,14 +418,13 @@ async def upload_over_slow_link(
             ts.send_eof()
 
         n.start_soon(send)
-        peer = await bh.streams.receive()
         with trio.move_on_after(seconds):
             while (chunk := await peer.receive()) is not None:
                 got += chunk.data
                 if reader_sleep:
                     await trio.sleep(reader_sleep)
                 peer.acknowledge(chunk.flow_len)
-                peak = max(peak, broker.session.stream_window(peer.stream_id))
+                peak = max(peak, pair.broker.session.stream_window(peer.stream_id))
                 assert budget.reserved <= budget.limit
         n.cancel_scope.cancel()
     return peer, peak, bytes(got)
@@ -464,35 +489,20 @@ async def quiet_stream_tuning_rounds(
     transfer and during the quiet part, and the bytes the connections moved
     while quiet."""
     budget = BufferBudget(64 * MiB, window=256 * KiB)
-    ah, bh = AgentHandler(), GrantingBroker(budget)
-    agent = TunnelConnection(a_end, agent_session(None), ah, keepalive=keepalive)
-    broker = TunnelConnection(b_end, broker_session(None), bh, keepalive=keepalive, budget=budget)
-    ah.conn, bh.conn = agent, broker
     rounds = [0]
-    for conn in (agent, broker):
-        real = conn.tune_once
+    async with stream_pair(a_end, b_end, budget, keepalive) as pair, trio.open_nursery() as n:
+        agent, broker, ts, peer = pair.agent, pair.broker, pair.sender, pair.receiver
+        for conn in (agent, broker):
+            real = conn.tune_once
 
-        def counted(now: float, *, probe: bool = True, real: Any = real) -> None:
-            rounds[0] += 1
-            real(now, probe=probe)
+            def counted(now: float, *, probe: bool = True, real: Any = real) -> None:
+                rounds[0] += 1
+                real(now, probe=probe)
 
-        conn.tune_once = counted  # type: ignore[method-assign]
-    async with trio.open_nursery() as n:
-        n.start_soon(agent.run)
-        n.start_soon(broker.run)
-        with trio.fail_after(5):
-            await ah.accepted.wait()
-        sid = agent.session.open_data_stream(1, AUTHORITY)
-        ts = agent.add_stream(sid, 1)
-        agent.wake_writer()
-        peer = await bh.streams.receive()
+            conn.tune_once = counted  # type: ignore[method-assign]
         data = random.Random(5).randbytes(256 * KiB)
         got = bytearray()
-
-        async def send() -> None:
-            await ts.send_all(data)
-
-        n.start_soon(send)
+        n.start_soon(ts.send_all, data)
         with trio.fail_after(10):
             while len(got) < len(data):
                 chunk = await peer.receive()
@@ -506,7 +516,6 @@ async def quiet_stream_tuning_rounds(
         await trio.sleep(seconds)
         quiet_moved = agent._driver.moved + broker._driver.moved - moved
         assert ts.stream_id in agent.streams and peer.stream_id in broker.streams  # still open
-        n.cancel_scope.cancel()
     return busy_rounds, rounds[0], quiet_moved
 
 

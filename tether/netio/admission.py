@@ -124,12 +124,12 @@ class AdmissionGate:
             waiting = self._waiting.get(ticket)
             if waiting is not None:
                 await waiting.wait()
-                if ticket.verdict is not Verdict.DROP and peer_closed(stream):
-                    # It waited long enough for its client to give up (and
-                    # dial again): a handshake now would be work for nobody.
-                    self._on_verdict(Verdict.ABANDONED)
-                    return
             if ticket.verdict is Verdict.DROP:
+                return
+            if waiting is not None and peer_closed(stream):
+                # It waited long enough for its client to give up (and dial
+                # again): a handshake now would be work for nobody.
+                self._on_verdict(Verdict.ABANDONED)
                 return
             retry = 0
             if ticket.verdict is Verdict.SHED:

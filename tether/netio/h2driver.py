@@ -167,7 +167,10 @@ class H2Driver(Generic[EventT]):
             ev = self._traffic = trio.Event()
         return ev
 
-    def _moved(self) -> None:
+    def _count(self, n: int) -> None:
+        """``n`` bytes were read or written: count them, and wake whoever
+        waits for the next traffic."""
+        self.moved += n
         ev = self._traffic
         if ev is not None:
             self._traffic = None
@@ -327,9 +330,7 @@ class H2Driver(Generic[EventT]):
         try:
             await (send or self.transport.send_all)(data)
             self._write_interrupted = False
-            self.moved += len(data)
-            if self._traffic is not None:
-                self._moved()
+            self._count(len(data))
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             self.abort(CloseReason.TRANSPORT_ERROR, f"transport error: {exc!r}")
             return False
@@ -415,9 +416,7 @@ class H2Driver(Generic[EventT]):
                 self.note_close(CloseReason.PEER_CLOSED, "peer closed the connection")
                 return
             self.last_rx = trio.current_time()
-            self.moved += len(data)
-            if self._traffic is not None:
-                self._moved()
+            self._count(len(data))
             if (
                 self._quick_ping is not None
                 and len(data) == PING_LEN

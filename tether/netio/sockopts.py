@@ -133,18 +133,6 @@ def unacked_bytes(stream: object) -> int:
 SIOCOUTQNSD = 0x894B
 
 
-def unsent_bytes(stream: object) -> int:
-    """Bytes in the kernel's send queue not yet sent (SIOCOUTQNSD); -1 when
-    unknown (not a TCP socket, or a kernel without the ioctl)."""
-    raw = _raw_socket(stream)
-    if raw is None:
-        return -1
-    try:
-        return int(struct.unpack("i", fcntl.ioctl(raw.fileno(), SIOCOUTQNSD, b"\0" * 4))[0])
-    except (OSError, ValueError):
-        return -1
-
-
 #: tcpi_state values (include/net/tcp_states.h) of a connection the peer
 #: has closed (FIN or RST received).
 _PEER_CLOSED_STATES = frozenset({7, 8, 9})  # CLOSE, CLOSE_WAIT, LAST_ACK
@@ -154,21 +142,17 @@ def peer_closed(stream: object) -> bool:
     """Whether the peer has already closed ``stream``'s TCP connection (a
     client that gave up while its connection waited in our queue); False
     when unknown."""
-    raw = _raw_socket(stream)
-    if raw is None:
-        return False
-    try:
-        state = raw.getsockopt(socket.IPPROTO_TCP, TCP_INFO, 1)
-    except OSError:
-        return False
-    return len(state) == 1 and state[0] in _PEER_CLOSED_STATES
+    state = _tcp_info_bytes(stream, 1)  # tcpi_state is the first byte
+    return state is not None and len(state) == 1 and state[0] in _PEER_CLOSED_STATES
 
 
 def unsent_probe(stream: object) -> Callable[[], int]:
-    """:func:`unsent_bytes` of ``stream`` with its socket looked up once,
-    for callers that ask on every write (the socket's family and the
-    wrappers around it are not free to walk each time). Only while the
-    stream is open: the descriptor's number is kept, not the socket."""
+    """A function that says how many bytes of ``stream`` the kernel has
+    not sent yet (SIOCOUTQNSD; -1 when unknown: not a TCP socket, or a
+    kernel without the ioctl). The socket is looked up once, for callers
+    that ask on every write (its family and the wrappers around it are not
+    free to walk each time). Only while the stream is open: the
+    descriptor's number is kept, not the socket."""
     raw = _raw_socket(stream)
     if raw is None:
         return lambda: -1
@@ -220,17 +204,23 @@ _DELIVERY_RATE_OFFSET = _MIN_RTT_OFFSET + 3 * 4
 _TCP_INFO_LEN = _DELIVERY_RATE_OFFSET + 8
 
 
-def tcp_info(stream: object) -> TcpInfo | None:
-    """The kernel's view of ``stream``'s TCP connection; None when unknown
-    (not TCP, or a kernel too old to report a delivery rate)."""
+def _tcp_info_bytes(stream: object, size: int) -> bytes | None:
+    """The first ``size`` bytes of ``stream``'s ``struct tcp_info``; None
+    when it is not a TCP socket or the kernel refuses."""
     raw = _raw_socket(stream)
     if raw is None:
         return None
     try:
-        buf = raw.getsockopt(socket.IPPROTO_TCP, TCP_INFO, 256)
+        return bytes(raw.getsockopt(socket.IPPROTO_TCP, TCP_INFO, size))
     except OSError:
         return None
-    if len(buf) < _TCP_INFO_LEN:
+
+
+def tcp_info(stream: object) -> TcpInfo | None:
+    """The kernel's view of ``stream``'s TCP connection; None when unknown
+    (not TCP, or a kernel too old to report a delivery rate)."""
+    buf = _tcp_info_bytes(stream, 256)
+    if buf is None or len(buf) < _TCP_INFO_LEN:
         return None
     (rtt_us,) = struct.unpack_from("I", buf, _RTT_OFFSET)
     notsent, min_rtt_us = struct.unpack_from("II", buf, _NOTSENT_OFFSET)
