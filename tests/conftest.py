@@ -25,12 +25,31 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> PkiPaths:
     return init_pki(tmp_path_factory.mktemp("pki"), agents=("agent-1", "agent-2", "agent-3"))
 
 
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    """Keep each phase's report on the test item, for fixtures' teardown."""
+    report = yield
+    setattr(item, f"report_{report.when}", report)
+    return report
+
+
+#: Lines of each process's log printed when a test that started it fails.
+FAILURE_LOG_LINES = 40
+
+
 @pytest.fixture
-def procs_started() -> Iterator[list[Proc]]:
+def procs_started(request: pytest.FixtureRequest) -> Iterator[list[Proc]]:
     started: list[Proc] = []
     yield started
     for proc in reversed(started):
         proc.stop(timeout=5)
+    report = getattr(request.node, "report_call", None)
+    if report is not None and report.failed:
+        # CI keeps only the test's output: the processes' own account of
+        # what went wrong goes with it (pytest shows it under the failure).
+        for proc in started:
+            print(f"--- {proc.name} (pid {proc.pid}), last lines of {proc.log_path.name}:")
+            print("    " + proc.tail(FAILURE_LOG_LINES))
 
 
 @pytest.fixture
