@@ -18,7 +18,6 @@ from broker.auth import Authenticator, TokenStore
 from broker.clusters import ClusterConfig, load_clusters, parse_allowed_identifiers, socket_spec
 from broker.config import BrokerConfig, reviews_tokens
 from broker.connect_frontend import ConnectSettings, handle_connect
-from broker.grpc_frontend import GrpcFrontend, GrpcSettings
 from broker.leases import LeasePublisher
 from broker.metrics import BrokerMetrics
 from broker.registry import Registry
@@ -43,6 +42,9 @@ from tether.netio.process import wait_for_stop_signal
 from tether.netio.tunnel import Keepalive
 
 if TYPE_CHECKING:
+    # Imported only when used (issue 16): the gRPC frontend (protobuf) with
+    # a cluster in --mode=grpc, the workers with --workers.
+    from broker.grpc_frontend import GrpcFrontend
     from broker.workers import WorkerLink
 
 log = logging.getLogger("tether.broker")
@@ -185,21 +187,7 @@ class Broker:
         self.metrics.active_streams.set_function(self.agent_server.stream_count)
         for ctx in self._tls_contexts():
             self.metrics.watch_certificate(ctx)
-        self.grpc_frontends = {
-            c.name: GrpcFrontend(
-                self.registry,
-                self.metrics,
-                GrpcSettings(
-                    cluster=c.name,
-                    dial_timeout=cfg.backend_dial_timeout,
-                    handshake_timeout=cfg.frontend_header_timeout,
-                    max_message_size=cfg.max_grpc_message_size,
-                    max_concurrent_streams=cfg.max_grpc_streams,
-                ),
-            )
-            for c in self.clusters
-            if c.frontend_uds and c.frontend_mode == "grpc"
-        }
+        self.grpc_frontends = self._grpc_frontends()
         self._frontend_limit = trio.CapacityLimiter(cfg.max_frontend_connections)
         #: TCP frontend connections still in their TLS handshake, per address.
         self._frontend_handshakes = PerPeerLimiter(cfg.max_handshakes_per_ip)
@@ -213,6 +201,30 @@ class Broker:
         }
         self.sockets: dict[str, BoundUnixSocket] = {}
         self._sockets_lost: set[str] = set()
+
+    def _grpc_frontends(self) -> dict[str, GrpcFrontend]:
+        """One gRPC frontend per cluster in ``--mode=grpc``; the module (and
+        protobuf with it) is imported only when there is one."""
+        grpc = [c for c in self.clusters if c.frontend_uds and c.frontend_mode == "grpc"]
+        if not grpc:
+            return {}
+        from broker.grpc_frontend import GrpcFrontend, GrpcSettings
+
+        cfg = self.cfg
+        return {
+            c.name: GrpcFrontend(
+                self.registry,
+                self.metrics,
+                GrpcSettings(
+                    cluster=c.name,
+                    dial_timeout=cfg.backend_dial_timeout,
+                    handshake_timeout=cfg.frontend_header_timeout,
+                    max_message_size=cfg.max_grpc_message_size,
+                    max_concurrent_streams=cfg.max_grpc_streams,
+                ),
+            )
+            for c in grpc
+        }
 
     # --------------------------------------------------------- certificates
 

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 
 import attrs
 
-from broker import workers
 from broker.app import Broker, clusters_from
 from broker.clusters import ClusterConfig, ConfigError
-from broker.config import BrokerConfig, from_args
+from broker.config import WORKER_ENV, BrokerConfig, from_args
 from broker.tokenreview import TokenReviewError
 from tether.netio import tls
 from tether.netio.kubeapi import KubeApiError
@@ -60,7 +60,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     if not tls.start_up_checks_pass(checks, log):
         return 2
-    env = workers.worker_env()
+    env = None
+    if os.environ.get(WORKER_ENV) or cfg.workers > 1:
+        # Imported only with --workers: a broker without them does not pay
+        # for the module (issue 16).
+        from broker import workers
+
+        env = workers.worker_env()
     if env is not None:  # one of a supervisor's workers (broker/workers.py)
         first = int(env["index"]) == 0
         cfg = attrs.evolve(cfg, enable_lease_controller=cfg.enable_lease_controller and first)

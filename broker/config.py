@@ -22,6 +22,11 @@ from protocol import budget, leases
 from tether import compat, settings
 from tether.netio.listeners import parse_mode
 
+#: How a worker of ``--workers`` finds its inherited descriptors (JSON, set
+#: by the supervisor; broker/workers.py). Here so that a broker without
+#: workers need not import that module to check it.
+WORKER_ENV = "TETHER_WORKER_CHANNEL"
+
 
 @attrs.frozen
 class BrokerConfig:

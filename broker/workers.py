@@ -60,6 +60,7 @@ import attrs
 import prometheus_client as prom
 import trio
 
+from broker.config import WORKER_ENV
 from broker.dialing import DialError, DialOutcome
 from broker.metrics import BrokerMetrics
 from broker.registry import Membership, Registry, RoutableAgent
@@ -83,7 +84,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("tether.broker.workers")
 
 #: How a worker finds its inherited descriptors (JSON); set by the supervisor.
-ENV = "TETHER_WORKER_CHANNEL"
+ENV = WORKER_ENV
 _MAX_FDS = 16
 _CRED = struct.Struct("3i")
 

@@ -27,7 +27,7 @@ import enum
 
 import hpack
 
-from protocol import agent_pb2, handshake
+from protocol import handshake
 
 #: The client connection preface.
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
@@ -44,13 +44,19 @@ _PADDED = 0x8
 _PRIORITY = 0x20
 
 
-def _method_path(service: str, method: str) -> str:
+def method_path(service: str, method: str) -> str:
+    """A method's gRPC path as the schema (protocol/agent.proto) names it."""
+    from protocol import agent_pb2
+
     desc = agent_pb2.DESCRIPTOR.services_by_name[service].methods_by_name[method]
     return "/" + desc.full_name.rpartition(".")[0] + "/" + desc.name
 
 
-#: konnectivity's agent stream, as the schema (protocol/agent.proto) names it.
-KONNECTIVITY_CONNECT_PATH = _method_path("AgentService", "Connect")
+#: konnectivity's agent stream: ``method_path("AgentService", "Connect")``,
+#: written out so that telling the kinds apart does not import protobuf (a
+#: broker without konnectivity agents never does; issue 16). A test checks
+#: it against the schema.
+KONNECTIVITY_CONNECT_PATH = "/AgentService/Connect"
 
 # The konnectivity agent's request metadata (proto/header/header.go upstream;
 # gRPC metadata keys travel lower-case).

@@ -8,7 +8,14 @@ import h2.connection
 import pytest
 
 from protocol import handshake
-from protocol.agent_port import KONNECTIVITY_CONNECT_PATH, MAX_SNIFF, PREFACE, FirstRequest, Kind
+from protocol.agent_port import (
+    KONNECTIVITY_CONNECT_PATH,
+    MAX_SNIFF,
+    PREFACE,
+    FirstRequest,
+    Kind,
+    method_path,
+)
 
 
 def client_bytes(path: str) -> bytes:
@@ -28,6 +35,7 @@ def client_bytes(path: str) -> bytes:
 
 def test_the_schema_names_konnectivitys_path() -> None:
     assert KONNECTIVITY_CONNECT_PATH == "/AgentService/Connect"
+    assert method_path("AgentService", "Connect") == KONNECTIVITY_CONNECT_PATH
 
 
 @pytest.mark.parametrize(

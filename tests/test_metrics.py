@@ -25,7 +25,7 @@ from procs import (
 )
 from prometheus_client.parser import text_string_to_metric_families
 
-from tether.tools.certs import PkiPaths
+from tether.tools.certs import PkiPaths, init_pki
 
 ROOT = Path(__file__).resolve().parent.parent
 BULK = 2 * 1024 * 1024
@@ -73,6 +73,57 @@ def test_agent_import_path_stays_light() -> None:
     assert out.stdout.split() == ["False"] * len(heavy), dict(
         zip(heavy, out.stdout.split(), strict=False)
     )
+
+
+#: What a broker serving CONNECT alone, with one worker and no token review,
+#: never imports (issue 16): each is imported where it is first needed.
+BROKER_LAZY = (
+    "google.protobuf",
+    "protocol.konnectivity_pb2",
+    "protocol.agent_pb2",
+    "protocol.grpc_server",
+    "broker.grpc_frontend",  # a cluster in --mode=grpc
+    "broker.konnectivity_agent",  # the first stock konnectivity agent
+    "broker.workers",  # --workers
+    "protocol.workers",
+    "yaml",
+)
+
+
+def _broker_modules(tmp_path: Path, *flags: str) -> dict[str, bool]:
+    """Which of BROKER_LAZY a broker built from ``flags`` (its listeners not
+    yet open) has imported, in a fresh interpreter."""
+    pki = init_pki(tmp_path / "pki")
+    argv = [
+        f"--uds-name={tmp_path / 'broker.sock'}",
+        "--server-port=0",
+        f"--cluster-cert={pki.broker_cert}",
+        f"--cluster-key={pki.broker_key}",
+        f"--cluster-ca-cert={pki.ca_cert}",
+        *flags,
+    ]
+    code = (
+        "import sys\n"
+        "from broker.app import Broker\n"
+        "from broker.config import from_args\n"
+        f"Broker(from_args({argv!r}))\n"
+        f"print(*[m in sys.modules for m in {BROKER_LAZY!r}])\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=20, cwd=ROOT
+    )
+    assert out.returncode == 0, out.stderr
+    return dict(zip(BROKER_LAZY, [w == "True" for w in out.stdout.split()], strict=True))
+
+
+def test_broker_import_path_stays_light(tmp_path: Path) -> None:
+    # About 6 MiB of idle RSS (issue 16); tests/test_grpc_frontend.py,
+    # test_konnectivity_agent.py and test_e2e_workers.py run the lazy paths.
+    loaded = _broker_modules(tmp_path, "--mode=http-connect")
+    assert not any(loaded.values()), loaded
+    # The check sees imports: in gRPC mode the frontend and protobuf are there.
+    grpc = _broker_modules(tmp_path, "--mode=grpc")
+    assert grpc["broker.grpc_frontend"] and grpc["google.protobuf"], grpc
 
 
 @pytest.mark.timeout(30)
