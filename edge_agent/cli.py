@@ -8,10 +8,20 @@ import time
 from edge_agent.app import Agent
 from edge_agent.config import from_args
 from tether.netio import tls
-from tether.netio.kubeapi import KubeApiError
 from tether.netio.logs import start_logging
 from tether.netio.process import catch_stop_signals_early, run_main
 from tether.netio.tls import TLSConfigError
+
+
+def _start_up_errors() -> tuple[type[Exception], ...]:
+    """What ``Agent()`` raises for a setting it cannot use: TLS files, and the
+    kubeconfig of --count-server-leases. tether/netio/kubeapi.py is imported
+    only with that flag (issue 16), so only then can its error be raised."""
+    kubeapi = sys.modules.get("tether.netio.kubeapi")
+    if kubeapi is None:
+        return (TLSConfigError,)
+    kube_error: type[Exception] = kubeapi.KubeApiError
+    return (TLSConfigError, kube_error)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         agent = Agent(cfg)
-    except (TLSConfigError, KubeApiError) as exc:
+    except _start_up_errors() as exc:
         log.error("%s", exc)
         return 2
     return run_main(agent.run, log)

@@ -5,6 +5,7 @@ over real HTTPS, and a real agent counting leases."""
 from __future__ import annotations
 
 import signal
+import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -19,7 +20,8 @@ from procs import BrokerHandle, Proc, free_port, http_get, wait_for
 from broker.leases import LeasePublisher
 from protocol import leases
 from tether.netio.kubeapi import KubeApiError, KubeClient, load_kubeconfig
-from tether.tools.certs import PkiPaths
+from tether.tools.certs import PkiPaths, init_pki
+from tether.tools.launch import BIN
 
 LABELS = {"k8s-app": "konnectivity-server"}
 
@@ -180,3 +182,33 @@ async def test_broker_publishes_its_lease_and_reports_the_live_count(
 
 async def _async(value: bool) -> bool:
     return value
+
+
+@pytest.mark.timeout(30)
+def test_agent_refuses_an_unreadable_kubeconfig_at_start_up(tmp_path: Path) -> None:
+    # The agent imports the Kubernetes client only with --count-server-leases
+    # (issue 16); its error is still a clear start-up error, exit 2.
+    pki = init_pki(tmp_path / "pki", agents=("agent-1",))
+    bad = tmp_path / "kubeconfig"
+    bad.write_text("clusters: [\n")
+    cert, key = pki.agent("agent-1")
+    out = subprocess.run(
+        [
+            str(BIN / "tether-agent"),
+            "--proxy-server-host=127.0.0.1",
+            f"--proxy-server-port={free_port()}",
+            f"--ca-cert={pki.ca_cert}",
+            f"--agent-cert={cert}",
+            f"--agent-key={key}",
+            "--agent-id=agent-1",
+            "--health-server-port=0",
+            "--admin-server-port=0",
+            "--count-server-leases",
+            f"--kubeconfig={bad}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=20,
+    )
+    assert out.returncode == 2, out.stderr
+    assert f"kubeconfig {bad}" in out.stderr

@@ -51,8 +51,10 @@ async def scrape(port: int) -> str:
 @pytest.mark.timeout(20)
 def test_agent_import_path_stays_light() -> None:
     # Loaded on first use only: tomllib and difflib with a config file,
-    # logging.handlers (and the pickle it imports) with --log-file (issue 16).
+    # logging.handlers (and the pickle it imports) with --log-file, the
+    # Kubernetes client with --count-server-leases (issue 16).
     heavy = (
+        "tether.netio.kubeapi",
         "prometheus_client",
         "edge_agent.metrics",
         "cryptography",
