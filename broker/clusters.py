@@ -39,7 +39,6 @@ cannot open another tenant's socket.
 
 from __future__ import annotations
 
-import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -105,6 +104,8 @@ _KEYS = {f.name for f in attrs.fields(ClusterConfig)}
 
 
 def load_clusters(path: str) -> list[ClusterConfig]:
+    import tomllib  # only with --config (issue 16)
+
     try:
         data = tomllib.loads(Path(path).read_text())
     except OSError as exc:

@@ -89,6 +89,7 @@ BROKER_LAZY = (
     "broker.workers",  # --workers
     "protocol.workers",
     "yaml",
+    "tomllib",  # --config
 )
 
 
