@@ -108,7 +108,7 @@ def initiate(conn: h2.connection.H2Connection, settings: H2Settings, *, client: 
     before it sees our SETTINGS), so they are mirrored into h2's caches.
     """
     s = settings
-    conn.local_settings = h2.settings.Settings(
+    conn.local_settings = h2compat.CompactSettings(
         client=client,
         initial_values={
             h2.settings.SettingCodes.ENABLE_PUSH: 0,
@@ -118,6 +118,7 @@ def initiate(conn: h2.connection.H2Connection, settings: H2Settings, *, client: 
             h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: s.max_header_list_size,
         },
     )
+    h2compat.compact_settings(conn)  # the remote settings' stacks in lists too
     conn.max_inbound_frame_size = s.max_frame_size
     conn.decoder.max_header_list_size = s.max_header_list_size
     conn.initiate_connection()
