@@ -60,9 +60,7 @@ def apply(s: h2.settings.Settings, op: tuple[object, ...]) -> object:
         if op[0] == "del":
             del s[op[1]]  # type: ignore[arg-type]
             return None
-        return sorted(
-            (int(k), c.original_value, c.new_value) for k, c in s.acknowledge().items()
-        )
+        return sorted((int(k), c.original_value, c.new_value) for k, c in s.acknowledge().items())
     except (h2.exceptions.InvalidSettingsValueError, KeyError) as exc:
         return type(exc).__name__
 
