@@ -27,6 +27,7 @@ from protocol.budget import BufferBudget
 from protocol.session import SessionConfig
 from tether.netio import kubeapi, sockopts, tickets, tls
 from tether.netio.admission import AdmissionGate
+from tether.netio.gc_tenure import Tenure
 from tether.netio.http import serve_http, text
 from tether.netio.kubeapi import KubeClient
 from tether.netio.limits import PerPeerLimiter
@@ -161,6 +162,15 @@ class Broker:
             on_verdict=lambda v: self.metrics.admission.labels(v.value).inc(),
             on_source_refused=self.agent_server.refuse_source,
         )
+        #: Short collector pauses with many agents (tether/netio/gc_tenure.py).
+        self.tenure: Tenure | None = None
+        if cfg.gc_full_interval > 0:
+            pauses = {g: self.metrics.gc_pause.labels(str(g)) for g in range(3)}
+            tenure = self.tenure = Tenure(
+                full_every=cfg.gc_full_interval,
+                on_pause=lambda generation, seconds: pauses[generation].observe(seconds),
+            )
+            self.metrics.gc_tenured.set_function(lambda: tenure.tenured)
         for state, read in (
             ("handshaking", lambda: self.admission.admission.active),
             ("queued", lambda: self.admission.admission.queued),
@@ -524,6 +534,12 @@ class Broker:
 
     # ---------------------------------------------------------------- run
 
+    def _quiet(self) -> bool:
+        """No agent handshake in progress or queued: not in a reconnect
+        storm, so a long collector pause may run (:class:`Tenure`)."""
+        admission = self.admission.admission
+        return admission.active == 0 and admission.queued == 0
+
     async def _run(self, *, task_status: trio.TaskStatus[dict[str, int]]) -> None:
         cfg = self.cfg
         async with trio.open_nursery() as nursery:
@@ -534,6 +550,8 @@ class Broker:
                 self._cert_reloaded,
             )
             nursery.start_soon(run_suppressed_reporter)
+            if self.tenure is not None:
+                nursery.start_soon(self.tenure.run, self._quiet)
             if self.leases is not None:
                 await nursery.start(self.leases.run)
             ports: dict[str, int] = {}

@@ -72,6 +72,8 @@ class BrokerConfig:
     max_concurrent_handshakes: int = 32
     agent_accept_rate: float = 1000.0
     agent_accept_queue: int = 16384
+    #: Seconds between full collections of everything (tether/netio/gc_tenure.py); 0: off.
+    gc_full_interval: float = 300.0
     flood_penalty_after: int = 3
     max_grpc_message_size: int = 4 * 1024 * 1024
     max_grpc_streams: int = 1000
@@ -406,6 +408,14 @@ def build_parser() -> argparse.ArgumentParser:
         "a tether-retry-after hint",
     )
     ops.add_argument(
+        "--gc-full-interval",
+        type=float,
+        default=d.gc_full_interval,
+        help="seconds between garbage collections of every object, taken when no agent "
+        "handshake is queued; the others scan only objects newer than the last full one, "
+        "so pauses stay short with many agents (0: CPython's own schedule)",
+    )
+    ops.add_argument(
         "--flood-penalty-after",
         type=int,
         default=d.flood_penalty_after,
@@ -526,6 +536,8 @@ def validate(cfg: BrokerConfig) -> list[str]:
         problems.append("--max-concurrent-handshakes must be at least 1")
     if not cfg.agent_accept_rate > 0:
         problems.append("--agent-accept-rate must be above 0")
+    if not cfg.gc_full_interval >= 0:
+        problems.append("--gc-full-interval must be 0 (off) or more")
     if cfg.agent_accept_queue < 0:
         problems.append("--agent-accept-queue must be 0 or more")
     if cfg.flood_penalty_after < 0:

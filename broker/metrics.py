@@ -15,6 +15,20 @@ class BrokerMetrics(TunnelMetrics):
     def __init__(self) -> None:
         super().__init__("broker", "agent connections")
         r = self.registry
+        self.gc_pause = prom.Histogram(
+            "tether_gc_pause_seconds",
+            "Garbage collection pauses, by generation (with --gc-full-interval; "
+            "every connection waits while one runs).",
+            ["generation"],
+            registry=r,
+            buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+        )
+        self.gc_tenured = prom.Gauge(
+            "tether_gc_tenured_objects",
+            "Objects tenured after a full collection: not scanned until the next full "
+            "collection of everything (--gc-full-interval).",
+            registry=r,
+        )
         self.dial_duration = prom.Histogram(
             f"{NS}_dial_duration_seconds",
             "Time from dial request to the agent's data stream (successful dials).",
