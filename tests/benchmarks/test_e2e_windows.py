@@ -131,7 +131,9 @@ def test_windows_grow_over_a_long_fat_lossy_link_and_bytes_stay_intact(tmp_path:
     # The broker's receive window for the echo's way back grew with the link.
     assert _counter(metrics, "tether_stream_window_changes_total", "grown") >= 1, metrics[-2000:]
     assert _counter(metrics, "tether_stream_window_changes_total", "refused") == 0
-    # A 64 KiB window over a 600 ms round trip carries at most ~107 KB/s;
-    # the transfer ran at least twice that (it would take 77 s at that rate).
-    assert took < SIZE / (WINDOW / 0.6) / 2, took
+    # A 64 KiB window over a 600 ms round trip carries at most ~107 KB/s
+    # (77 s for this transfer); the transfer ran at least 1.5 times that. TCP
+    # under 1% loss at 600 ms sets the rest: 33-41 s in runs on this machine,
+    # so twice (38 s) failed one CI run with windows that had grown.
+    assert took < SIZE / (WINDOW / 0.6) / 1.5, took
     assert not [ns for ns in list_namespaces() if str(tmp_path.name) in ns]
