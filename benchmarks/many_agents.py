@@ -99,7 +99,41 @@ def source_address(i: int) -> str:
     return f"127.{1 + i // 62500}.{(i // 250) % 250}.{i % 250 + 1}"
 
 
-class Fleet:
+class FleetCounts:
+    """What a run reads of a fleet, in one process (:class:`Fleet`) or
+    several (:class:`ShardedFleet`), and how it waits on it: ``changed`` is
+    set (and replaced) whenever a count moved."""
+
+    changed: trio.Event
+
+    @property
+    def pids(self) -> tuple[int, ...]:
+        """Simulator processes besides this one."""
+        return ()
+
+    @property
+    def count(self) -> int:
+        """Agents connected now."""
+        raise NotImplementedError
+
+    @property
+    def lost(self) -> int:
+        """Accepted connections that ended (a storm waits for all N)."""
+        raise NotImplementedError
+
+    async def wait_connected(self, count: int) -> None:
+        while self.count < count:
+            await self.changed.wait()
+
+    async def wait_lost(self, count: int) -> None:
+        while self.lost < count:
+            await self.changed.wait()
+
+    async def stop(self) -> None:
+        """Stop the simulator processes besides this one (none here)."""
+
+
+class Fleet(FleetCounts):
     def __init__(
         self, n: int, port: int, token: str, ca: Path, keepalive: Keepalive = KEEPALIVE
     ) -> None:
@@ -119,38 +153,30 @@ class Fleet:
         self.full_handshakes = 0
         #: 503 overloaded answers, and the retry hints they carried.
         self.shed = 0
-        #: Accepted connections that ended (a storm waits for all N).
-        self.lost = 0
+        self._lost = 0
 
     def _changed(self) -> None:
         self.changed.set()
         self.changed = trio.Event()
 
-    #: Simulator processes besides this one (see :class:`ShardedFleet`).
-    pids: tuple[int, ...] = ()
-
     @property
     def count(self) -> int:
-        """Agents connected now."""
         return len(self.connected)
+
+    @property
+    def lost(self) -> int:
+        return self._lost
 
     async def start(self, nursery: trio.Nursery, agents: range | None = None) -> None:
         """Run agents ``agents`` (default: all ``n``) in ``nursery``."""
         for i in agents if agents is not None else range(self.n):
             nursery.start_soon(self.run_agent, i)
 
-    async def wait_connected(self, count: int) -> None:
-        while self.count < count:
-            await self.changed.wait()
-
-    async def wait_lost(self, count: int) -> None:
-        while self.lost < count:
-            await self.changed.wait()
-
     def snapshot(self) -> dict[str, Any]:
-        """The counts a shard reports to the parent (:class:`ShardedFleet`)."""
+        """The counts a shard reports to the parent (:class:`ShardedFleet`),
+        by attribute name."""
         return {
-            "connected": len(self.connected),
+            "count": len(self.connected),
             "handshake_failures": self.handshake_failures,
             "failure_kinds": dict(self.failure_kinds),
             "dials_served": self.dials_served,
@@ -228,7 +254,7 @@ class Fleet:
         finally:
             if i in self.connected:
                 self.connected.discard(i)
-                self.lost += 1
+                self._lost += 1
                 self._changed()
         rejection = conn.rejection
         if rejection is not None and rejection.reason_token == "overloaded":
@@ -237,7 +263,18 @@ class Fleet:
         return agent.accepted, None
 
 
-class ShardedFleet:
+class _Summed:
+    """One count of :meth:`Fleet.snapshot`, summed over the shards' last
+    reports (the attribute's name is the key)."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.key = name
+
+    def __get__(self, fleet: ShardedFleet, owner: type | None = None) -> int:
+        return sum(int(state.get(self.key, 0)) for state in fleet._state)
+
+
+class ShardedFleet(FleetCounts):
     """The fleet in ``procs`` processes (``--sim-procs``): each runs a
     :class:`Fleet` for a slice of the agent numbers (``--shard A:B``) and
     prints its counts (:meth:`Fleet.snapshot`) as a JSON line whenever they
@@ -250,7 +287,6 @@ class ShardedFleet:
     def __init__(
         self, n: int, procs: int, port: int, token_file: Path, ca: Path, keepalive_s: float
     ) -> None:
-        self.n = n
         self.argv = [
             sys.executable,
             "-m",
@@ -269,32 +305,12 @@ class ShardedFleet:
     def pids(self) -> tuple[int, ...]:
         return tuple(p.pid for p in self.procs)
 
-    def _sum(self, key: str) -> int:
-        return sum(int(state.get(key, 0)) for state in self._state)
-
-    @property
-    def count(self) -> int:
-        return self._sum("connected")
-
-    @property
-    def handshake_failures(self) -> int:
-        return self._sum("handshake_failures")
-
-    @property
-    def resumed(self) -> int:
-        return self._sum("resumed")
-
-    @property
-    def full_handshakes(self) -> int:
-        return self._sum("full_handshakes")
-
-    @property
-    def shed(self) -> int:
-        return self._sum("shed")
-
-    @property
-    def lost(self) -> int:
-        return self._sum("lost")
+    count = _Summed()
+    lost = _Summed()
+    handshake_failures = _Summed()
+    resumed = _Summed()
+    full_handshakes = _Summed()
+    shed = _Summed()
 
     @property
     def failure_kinds(self) -> dict[str, int]:
@@ -323,14 +339,6 @@ class ShardedFleet:
                 self._state[k] = json.loads(lines[-1])
                 self.changed.set()
                 self.changed = trio.Event()
-
-    async def wait_connected(self, count: int) -> None:
-        while self.count < count:
-            await self.changed.wait()
-
-    async def wait_lost(self, count: int) -> None:
-        while self.lost < count:
-            await self.changed.wait()
 
     async def stop(self) -> None:
         for proc in self.procs:
@@ -556,13 +564,13 @@ async def _storm_dials(uds: str, stop: trio.Event, out: dict[str, Any]) -> None:
     out.update({"ok": ok, "failed": failed})
 
 
-def simulator_cpu(fleet: Fleet | ShardedFleet) -> float:
+def simulator_cpu(fleet: FleetCounts) -> float:
     """CPU seconds of the simulator: this process and any shards."""
     return sum(measure.cpu_seconds(pid) for pid in (os.getpid(), *fleet.pids))
 
 
 async def _held_idle(
-    uds: str, pid: int, seconds: float, count: int, fleet: Fleet | ShardedFleet
+    uds: str, pid: int, seconds: float, count: int, fleet: FleetCounts
 ) -> dict[str, Any]:
     """The broker's CPU use with ``count`` tunnels open through it (spread
     over the agents by its load-aware routing) and no byte moving on them:
@@ -605,7 +613,7 @@ async def _held_idle(
     return out
 
 
-async def _idle_cpu(pid: int, seconds: float, fleet: Fleet | ShardedFleet) -> dict[str, Any]:
+async def _idle_cpu(pid: int, seconds: float, fleet: FleetCounts) -> dict[str, Any]:
     """The broker's CPU use while all agents are connected and idle."""
     n = fleet.count
     c0, w0 = measure.cpu_seconds(pid), time.monotonic()
@@ -797,8 +805,7 @@ async def run(
             )
             nursery.cancel_scope.cancel()
     finally:
-        if isinstance(fleet, ShardedFleet):
-            await fleet.stop()
+        await fleet.stop()
         broker.proc.stop(timeout=10)
     return out
 
