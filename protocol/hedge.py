@@ -13,11 +13,14 @@ race begins: every ``retry`` seconds a fresh connection attempt starts
 
 - an attempt is accepted by the broker: it takes new dials (``won``), the
   old connection's streams finish or die with it;
-- the old link is heard from again but no attempt won for ``recover_after``
-  seconds (the broker takes no new connections): the race stops
-  (``recovered``). An old link that answers sooner does not stop the race:
-  its TCP connection is still in the backoff the outage left, a fresh one is
-  not;
+- the old link is heard from again but no attempt won within
+  ``recover_after`` seconds of that (the broker takes no new connections):
+  the race stops (``recovered``). The old link answering does not stop the
+  race by itself: its TCP connection is still in the backoff the outage
+  left, a fresh one is not. The clock starts when the old link is first
+  heard again, not when the race began: after a long outage the first
+  retransmission arrives long after the race started, and the fresh
+  attempts need the restored link to win;
 - the old link died and nothing won within ``linger`` seconds: the race
   gives up and the ordinary reconnect schedule takes over (``gave_up``).
 
@@ -89,7 +92,7 @@ class HedgePolicy:
     linger: float = 60.0
     #: The most attempts in flight at once.
     max_parallel: int = 8
-    #: Racing this long with the old link answering and no win: stop racing.
+    #: This long after the old link is heard again with no win: stop racing.
     recover_after: float = 5.0
     state: State = State.WATCHING
     in_flight: int = 0
@@ -97,6 +100,8 @@ class HedgePolicy:
     _race_at: float = 0.0
     _last_attempt: float = -math.inf
     _died_at: float | None = None
+    #: When the old link was first heard from again during this race.
+    _heard_at: float | None = None
     #: The race was started by a route change, not by silence.
     triggered: bool = False
 
@@ -142,13 +147,16 @@ class HedgePolicy:
         self.state = State.RACING
         self._race_at = now
         self._last_attempt = -math.inf
+        self._heard_at = None
 
     def _race_step(self, now: float, last_rx: float) -> Step:
+        if self._heard_at is None and last_rx > self._race_at:
+            self._heard_at = last_rx
         if (
             self._died_at is None
-            and last_rx > self._race_at
+            and self._heard_at is not None
             and not self.triggered
-            and now - self._race_at >= self.recover_after
+            and now - self._heard_at >= self.recover_after
         ):
             # The old link answers and no fresh connection gets through: keep it.
             self.state = State.WATCHING

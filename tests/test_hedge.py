@@ -72,11 +72,11 @@ def test_old_link_answering_does_not_stop_the_race_until_recover_after() -> None
     assert p.step(100.0, rtt=0.6).action is Action.WAIT
     clock.now += 0.4
     assert p.step(100.0, rtt=0.6).action is Action.ATTEMPT
-    raced_at = clock.now
     clock.now += 0.5
-    step = p.step(clock.now)  # the old link answered
+    answered = clock.now
+    step = p.step(answered)  # the old link answered
     assert step.outcome is None and step.action is Action.ATTEMPT and p.racing
-    while clock.now - raced_at < 4.0:
+    while clock.now - answered < 4.0:
         assert p.step(clock.now).outcome is None
         p.attempt_ended(False)
         clock.now += 0.5
@@ -84,6 +84,48 @@ def test_old_link_answering_does_not_stop_the_race_until_recover_after() -> None
     assert step.outcome is Outcome.RECOVERED and p.state is State.WATCHING
     p.attempt_cancelled()
     assert p.in_flight == 0
+
+
+@pytest.mark.timeout(10)
+def test_recover_after_counts_from_the_old_links_answer_not_the_race_start() -> None:
+    """A 20 s outage: the race has run far longer than ``recover_after``
+    when the link returns. The old link's first retransmission must not
+    end the race at once: the fresh attempts need the restored link to win."""
+    clock = Clock()
+    p = make(clock, recover_after=4.0)
+    quiet_since = clock.now
+    clock.now += 3.0
+    assert p.step(quiet_since).action is Action.PROBE
+    clock.now += 1.0
+    assert p.step(quiet_since).action is Action.ATTEMPT
+    raced_at = clock.now
+    while clock.now - raced_at < 12.0:  # the outage: every attempt fails
+        if p.step(quiet_since).action is Action.ATTEMPT:
+            p.attempt_ended(False)
+        clock.now += 0.5
+    answered = clock.now  # the link is back; the old one answers first
+    step = p.step(answered)
+    assert step.outcome is None and p.racing
+    clock.now += 0.5
+    step = p.step(answered)
+    assert step.outcome is None and step.action is Action.ATTEMPT
+    assert p.attempt_ended(True) == (True, Outcome.WON)
+    # Had no attempt won, the race would stop recover_after after the answer.
+    p = make(clock, recover_after=4.0)
+    quiet_since = clock.now
+    clock.now += 3.0
+    assert p.step(quiet_since).action is Action.PROBE
+    clock.now += 1.0
+    assert p.step(quiet_since).action is Action.ATTEMPT
+    clock.now += 10.0
+    answered = clock.now
+    while clock.now - answered < 4.0:
+        step = p.step(answered)
+        assert step.outcome is None
+        if step.action is Action.ATTEMPT:
+            p.attempt_ended(False)
+        clock.now += 0.5
+    assert p.step(answered).outcome is Outcome.RECOVERED
 
 
 @pytest.mark.timeout(10)
