@@ -61,6 +61,10 @@ LABELS = {
     "tether-connect-optimistic": "Tether CONNECT, optimistic",
 }
 
+#: Log level of the tunnels' brokers and agents (``TETHER_BENCH_LOG_LEVEL``,
+#: e.g. debug to follow a reconnect; default info).
+LOG_LEVEL = os.environ.get("TETHER_BENCH_LOG_LEVEL", "info")
+
 
 class SetupError(RuntimeError):
     """A contender's processes did not come up (the log tail says why)."""
@@ -463,7 +467,7 @@ def _start_broker(
             f"--cluster-cert={pki.broker_cert}",
             f"--cluster-key={pki.broker_key}",
             f"--cluster-ca-cert={pki.ca_cert}",
-            "--log-level=info",
+            f"--log-level={LOG_LEVEL}",
             "--config-file=",
             *extra,
         ],
@@ -484,7 +488,7 @@ def _start_broker(
             f"--agent-key={key}",
             f"--agent-id={agent_id}",
             "--health-server-port=0",
-            "--log-level=info",
+            f"--log-level={LOG_LEVEL}",
             "--config-file=",
         ],
         wd / f"agent-{name}.log",
