@@ -95,6 +95,11 @@ def drain_pause_test_only() -> float:
         return 0.0
 
 
+async def _set_then_cancel(ev: trio.Event, scope: trio.CancelScope) -> None:
+    await ev.wait()
+    scope.cancel()
+
+
 class Race:
     """A hedged reconnect in progress for one link (protocol/hedge.py decides)."""
 
@@ -109,9 +114,15 @@ class Race:
         self._changed.set()
         self._changed = trio.Event()
 
-    async def wait(self, seconds: float) -> None:
+    async def wait(self, seconds: float, heard: trio.Event | None = None) -> None:
+        """Until ``seconds`` pass, :meth:`poke` is called or ``heard`` is set."""
         with trio.move_on_after(seconds):
-            await self._changed.wait()
+            if heard is None:
+                await self._changed.wait()
+                return
+            async with trio.open_nursery() as nursery:
+                for ev in (self._changed, heard):
+                    nursery.start_soon(_set_then_cancel, ev, nursery.cancel_scope)
 
     def cancel_attempts(self) -> None:
         for scope in self.attempts.values():
@@ -1015,7 +1026,8 @@ class Agent:
                 )
                 self._changed()
                 return
-            await race.wait(step.wait)
+            # Racing, the old link's next byte says the link is back (an attempt at once).
+            await race.wait(step.wait, conn.next_rx() if policy.awaiting_answer else None)
 
     async def _hedge_attempt(self, attempt: Attempt) -> None:
         scope = attempt.race.attempts.get(attempt)

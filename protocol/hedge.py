@@ -20,7 +20,9 @@ race begins: every ``retry`` seconds a fresh connection attempt starts
   left, a fresh one is not. The clock starts when the old link is first
   heard again, not when the race began: after a long outage the first
   retransmission arrives long after the race started, and the fresh
-  attempts need the restored link to win;
+  attempts need the restored link to win. Hearing the old link again is
+  also the first sign that the link is back: an attempt starts at once
+  instead of at the next ``retry`` tick;
 - the old link died and nothing won within ``linger`` seconds: the race
   gives up and the ordinary reconnect schedule takes over (``gave_up``).
 
@@ -116,6 +118,12 @@ class HedgePolicy:
     def racing(self) -> bool:
         return self.state is State.RACING
 
+    @property
+    def awaiting_answer(self) -> bool:
+        """Racing and the old link not heard from since: step again on its
+        next byte (the link is back; an attempt starts at once)."""
+        return self.state is State.RACING and self._heard_at is None
+
     def step(self, last_rx: float, rtt: float | None = None) -> Step:
         """What to do now, given when the link last received anything."""
         now = self.clock()
@@ -150,7 +158,8 @@ class HedgePolicy:
         self._heard_at = None
 
     def _race_step(self, now: float, last_rx: float) -> Step:
-        if self._heard_at is None and last_rx > self._race_at:
+        heard_now = self._heard_at is None and last_rx > self._race_at
+        if heard_now:
             self._heard_at = last_rx
         if (
             self._died_at is None
@@ -166,7 +175,7 @@ class HedgePolicy:
             self.state = State.DONE
             return Step(Action.WAIT, math.inf, Outcome.GAVE_UP)
         since = now - self._last_attempt
-        if since >= self.retry and self.in_flight < self.max_parallel:
+        if (since >= self.retry or heard_now) and self.in_flight < self.max_parallel:
             self.in_flight += 1
             self._last_attempt = now
             return Step(Action.ATTEMPT, self.retry)

@@ -28,11 +28,13 @@ class PausingRelay:
     """A TCP relay to the broker's agent port. :meth:`pause` holds every
     byte of the connections it carries now (they stay open, as a path that
     went dead without a FIN); :meth:`resume` lets them flow again. New
-    connections always pass."""
+    connections pass unless :attr:`refusing` (then they are closed at once,
+    as attempts that fail into an outage)."""
 
     def __init__(self, target: int) -> None:
         self.target = target
         self.port = 0
+        self.refusing = False
         self._conns: list[trio.Event] = []  # each set while its connection may flow
 
     async def serve(self, nursery: trio.Nursery) -> None:
@@ -55,6 +57,9 @@ class PausingRelay:
             ev.set()
 
     async def _handle(self, down: trio.SocketStream) -> None:
+        if self.refusing:
+            await trio.aclose_forcefully(down)
+            return
         index = len(self._conns)
         flowing = trio.Event()
         flowing.set()
@@ -262,3 +267,54 @@ async def test_a_stream_on_a_dead_old_connection_ends_with_an_error_never_corrup
     text = await agent_metrics(admin)
     assert metric(text, "tether_agent_hedges_total", outcome="won") == 1
     assert agent.alive()
+
+
+@pytest.mark.timeout(120)
+async def test_the_old_link_answering_starts_a_hedge_at_once(
+    broker_factory: Callable[..., BrokerHandle],
+    agent_factory: Callable[..., Proc],
+    nursery: trio.Nursery,
+) -> None:
+    """The path goes silent and every fresh connection fails; then the path
+    returns. The old connection's first bytes say so: a fresh attempt starts
+    then and wins, long before the next attempt of the race was due (8 s)
+    and before the race would stop to keep the old connection (4 s after
+    the answer, 2x the attempt bound)."""
+    broker = broker_factory()
+    relay = PausingRelay(broker.agent_port)
+    await relay.serve(nursery)
+    admin = free_port()
+    agent = agent_factory(
+        broker,
+        "--hedge-after=1",
+        "--hedge-interval=8",
+        "--keepalive-time=10",
+        "--keepalive-timeout=10",
+        "--metrics",
+        f"--admin-server-port={admin}",
+        "--watch-network=off",
+        port=relay.port,
+    )
+    await broker.ready(agents=1)
+    whoami_port = await serve_whoami(nursery, "127.0.0.1")
+    relay.refusing = True
+    paused = relay.pause()
+    assert paused
+    await wait_for(lambda: _logged(agent, "racing fresh connections"), 20, "the race")
+
+    async def refused() -> bool:
+        text = await agent_metrics(admin)
+        return metric(text, "tether_agent_hedges_total", outcome="failed") >= 1
+
+    await wait_for(refused, 10, "the race's first attempt, refused")
+    assert "hedged reconnect to broker" not in agent.log()
+    relay.refusing = False
+    resumed_at = trio.current_time()
+    relay.resume(paused)
+    await wait_for(lambda: _logged(agent, "hedged reconnect to broker .* won"), 10, "hedge")
+    took = trio.current_time() - resumed_at
+    assert took < 3.0, took  # a handshake on loopback, on a loaded machine
+    text = await agent_metrics(admin)
+    assert metric(text, "tether_agent_hedges_total", outcome="won") == 1
+    assert metric(text, "tether_agent_hedges_total", outcome="recovered") == 0
+    assert await whoami(broker, f"127.0.0.1:{whoami_port}") == (200, b"127.0.0.1")

@@ -129,6 +129,39 @@ def test_recover_after_counts_from_the_old_links_answer_not_the_race_start() -> 
 
 
 @pytest.mark.timeout(10)
+def test_old_link_heard_again_starts_an_attempt_at_once() -> None:
+    """The first byte the old link receives in a race says the link is back:
+    a fresh attempt starts then, not at the next ``retry`` tick (the ones
+    in flight sent their SYNs into the outage)."""
+    clock = Clock()
+    p = make(clock)
+    quiet_since = clock.now
+    clock.now += 3.0
+    assert p.step(quiet_since).action is Action.PROBE
+    clock.now += 1.0
+    assert p.step(quiet_since).action is Action.ATTEMPT
+    clock.now += 0.1
+    step = p.step(quiet_since)  # nothing heard: spaced by retry
+    assert step.action is Action.WAIT and step.wait == pytest.approx(0.4)
+    assert p.awaiting_answer
+    heard = clock.now
+    step = p.step(heard)
+    assert step.action is Action.ATTEMPT and p.in_flight == 2
+    assert not p.awaiting_answer
+    clock.now += 0.05
+    assert p.step(heard).action is Action.WAIT  # only the first answer counts
+    # Not past max_parallel.
+    p = make(clock, max_parallel=1)
+    quiet_since = clock.now
+    clock.now += 3.0
+    p.step(quiet_since)
+    clock.now += 1.0
+    assert p.step(quiet_since).action is Action.ATTEMPT
+    clock.now += 0.1
+    assert p.step(clock.now).action is Action.WAIT and p.in_flight == 1
+
+
+@pytest.mark.timeout(10)
 def test_dead_link_lingers_then_gives_up() -> None:
     clock = Clock()
     p = make(clock)

@@ -132,6 +132,8 @@ class H2Driver(Generic[EventT]):
         self.moved = 0
         #: Set by the next read or write (see :meth:`next_traffic`).
         self._traffic: trio.Event | None = None
+        #: Set by the next read that brings bytes (see :meth:`next_rx`).
+        self._rx: trio.Event | None = None
         self._want_write = trio.Event()
         #: Woken (all at once) after every write and at the end: waiters park
         #: and recheck, so no wake-up is ever lost between two of them.
@@ -165,6 +167,14 @@ class H2Driver(Generic[EventT]):
         ev = self._traffic
         if ev is None:
             ev = self._traffic = trio.Event()
+        return ev
+
+    def next_rx(self) -> trio.Event:
+        """An event the next read that brings bytes sets: how the agent's
+        hedging hears at once that a quiet link is back (protocol/hedge.py)."""
+        ev = self._rx
+        if ev is None:
+            ev = self._rx = trio.Event()
         return ev
 
     def _count(self, n: int) -> None:
@@ -417,6 +427,9 @@ class H2Driver(Generic[EventT]):
                 return
             self.last_rx = trio.current_time()
             self._count(len(data))
+            if (rx := self._rx) is not None:
+                self._rx = None
+                rx.set()
             if (
                 self._quick_ping is not None
                 and len(data) == PING_LEN

@@ -708,6 +708,10 @@ class TunnelConnection:
         """When the connection last received anything (trio clock)."""
         return self._driver.last_rx
 
+    def next_rx(self) -> trio.Event:
+        """An event set when the connection next receives anything."""
+        return self._driver.next_rx()
+
     def send_probe(self) -> None:
         """One PING, not waited for: its ACK (like anything else received)
         moves :attr:`last_rx` (the agent's hedging probe, protocol/hedge.py)."""
