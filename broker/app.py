@@ -71,6 +71,7 @@ class Broker:
         self.cfg = cfg
         self.metrics = BrokerMetrics()
         self.registry = make_registry(self.metrics, cfg.proxy_strategies)
+        self.registry.hold_for_return(cfg.agent_return_wait, cfg.agent_return_window)
         #: ``--workers``: this process is one of the host's workers.
         self.worker: WorkerLink | None = None
         self.server = ServerInfo(cfg.server_id, cfg.server_count)

@@ -57,6 +57,8 @@ class BrokerConfig:
     server_count: int = 1
     proxy_strategies: tuple[str, ...] = ("default",)
     backend_dial_timeout: float = 10.0
+    agent_return_wait: float = 2.0
+    agent_return_window: float = 300.0
     keepalive_time: float = 15.0
     keepalive_timeout: float = 15.0
     tcp_congestion: str = ""
@@ -335,6 +337,20 @@ def build_parser() -> argparse.ArgumentParser:
         type=settings.positive,
         default=d.backend_dial_timeout,
         help="seconds a dial may take end to end",
+    )
+    ag.add_argument(
+        "--agent-return-wait",
+        type=settings.non_negative,
+        default=d.agent_return_wait,
+        help="seconds a dial that finds no agent waits for one to register when an agent "
+        "it would have gone to left within --agent-return-window (a restart, a reconnect "
+        "after an outage); a dial no departed agent matches fails at once; 0 disables",
+    )
+    ag.add_argument(
+        "--agent-return-window",
+        type=settings.positive,
+        default=d.agent_return_window,
+        help="seconds a departed agent is remembered for --agent-return-wait",
     )
     ag.add_argument(
         "--handshake-timeout",

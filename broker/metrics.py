@@ -98,6 +98,14 @@ class BrokerMetrics(TunnelMetrics):
             "they were sent on was superseded before the agent answered.",
             registry=r,
         )
+        self.dials_held = prom.Counter(
+            "tether_dials_held_total",
+            "Dials that found no agent but matched one that left within "
+            "--agent-return-window, held up to --agent-return-wait: by whether an agent "
+            "came back (returned) or not (not_back, the dial then fails as no_agent).",
+            ["outcome"],
+            registry=r,
+        )
         self.agent_disconnects = prom.Counter(
             "tether_agent_disconnects_total",
             "Agent connections that ended, by cause.",

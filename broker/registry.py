@@ -20,6 +20,11 @@ it only when both were authenticated by the same credential (a reconnect
 after a stale link); otherwise the live one wins and the newcomer is refused
 (``identity_in_use``). Token entries with an id glob cap how many ids they
 hold at once (``token_cap``).
+
+Departures: with ``--agent-return-wait`` a dial that finds no agent but
+matches one that left within ``--agent-return-window``
+(:mod:`broker.departures`) waits for an agent to register, at most that
+long, before it fails (:meth:`Registry.await_return`).
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from typing import Protocol
 import attrs
 import trio
 
+from broker.departures import Departures
 from broker.dialing import DialError, DialOutcome, Rerouted
 from broker.metrics import BrokerMetrics
 from broker.routing_index import ClusterIndex
@@ -128,6 +134,16 @@ class Registry:
         self._dial_ids = itertools.count(1)
         self._rng = rng or random.Random()
         self._randbelow = self._rng.randrange
+        #: ``--agent-return-wait`` (0: off) and the departed agents it waits for.
+        self.return_wait = 0.0
+        self.departures: Departures | None = None
+        #: Per cluster, set (and dropped) when an agent registers or is refreshed.
+        self._arrivals: dict[str, trio.Event] = {}
+
+    def hold_for_return(self, wait: float, window: float) -> None:
+        """Dials for an agent that left within ``window`` s wait up to ``wait`` s."""
+        self.return_wait = wait
+        self.departures = Departures(window, trio.current_time) if wait > 0 else None
 
     # -------------------------------------------------------- membership
 
@@ -183,6 +199,7 @@ class Registry:
         if membership.cap_key is not None:
             self._capped[membership.cap_key] = self._capped.get(membership.cap_key, 0) + 1
         self._update()
+        self.note_arrival(agent.cluster, agent.agent_id)
         return old
 
     def _forget(self, agent: RoutableAgent) -> None:
@@ -204,12 +221,32 @@ class Registry:
                 del self._clusters[agent.cluster]
                 del self._indexes[agent.cluster]
             self._update()
+            self._departed(agent)
+
+    def _departed(self, agent: RoutableAgent) -> None:
+        """The registered ``agent`` left (a worker's registry hears it from
+        the host's view instead, :mod:`broker.workers`)."""
+        self.note_departure(agent.cluster, agent.agent_id, agent.identifiers)
+
+    def note_departure(self, cluster: str, agent_id: str, identifiers: AgentIdentifiers) -> None:
+        if self.departures is not None:
+            self.departures.left(cluster, agent_id, identifiers)
+
+    def note_arrival(self, cluster: str, agent_id: str | None = None) -> None:
+        """An agent of ``cluster`` registered (or became routable again):
+        dials waiting for one look again."""
+        if self.departures is not None and agent_id is not None:
+            self.departures.returned(cluster, agent_id)
+        waiting = self._arrivals.pop(cluster, None)
+        if waiting is not None:
+            waiting.set()
 
     def refresh(self, agent: RoutableAgent) -> None:
         """``agent``'s identifiers changed, or it became usable again: route
         by what it declares now. A no-op unless it is the registered one."""
         if self._clusters.get(agent.cluster, {}).get(agent.agent_id) is agent:
             self._indexes[agent.cluster].refresh(agent)
+            self.note_arrival(agent.cluster)
 
     def _update(self) -> None:
         self.metrics.ready_backends.set(self.count())
@@ -245,6 +282,50 @@ class Registry:
     def next_dial_id(self) -> int:
         return next(self._dial_ids)
 
+    def routable(self, cluster: str, host: str) -> bool:
+        """Some agent would take a dial to ``host`` now."""
+        return self.choose(cluster, host) is not None
+
+    async def await_return(self, cluster: str, host: str, timeout: float) -> float:
+        """No agent for ``host`` but one that would have taken it left
+        within the window: wait until one registers, at most
+        ``--agent-return-wait`` (and ``timeout``). Returns at once otherwise;
+        the dial then routes (or fails) as usual. Returns the seconds held."""
+        departures = self.departures
+        if departures is None or self.routable(cluster, host):
+            return 0.0
+        gone = departures.expected(cluster, host, self.strategies)
+        if gone is None:
+            return 0.0
+        started = trio.current_time()
+        with trio.move_on_after(min(self.return_wait, timeout)):
+            while not self.routable(cluster, host):
+                waiting = self._arrivals.get(cluster)
+                if waiting is None:
+                    waiting = self._arrivals[cluster] = trio.Event()
+                await waiting.wait()
+        back = self.routable(cluster, host)
+        held = trio.current_time() - started
+        self.metrics.dials_held.labels("returned" if back else "not_back").inc()
+        log.info(
+            "dial to %s in cluster %s held %.2fs for agent %s (left %.1fs before): %s",
+            host,
+            cluster,
+            held,
+            gone.agent_id,
+            started - gone.left_at,
+            "an agent is back" if back else "not back",
+            extra=event(
+                "dial_held",
+                cluster=cluster,
+                addr=host,
+                agent_id=gone.agent_id,
+                held_s=round(held, 3),
+                back=back,
+            ),
+        )
+        return held
+
     async def dial(
         self,
         cluster: str,
@@ -258,15 +339,17 @@ class Registry:
 
         ``local_only``: a worker's registry (:mod:`broker.workers`) routes
         across the host's workers unless told to use only its own agents;
-        this one has only its own."""
+        this one has only its own. Such a dial was routed (and held for a
+        returning agent) where it came in: it is not held again."""
         started = trio.current_time()
         try:
             host, _port = split_host_port(addr)
+            held = 0.0 if local_only else await self.await_return(cluster, host, timeout)
             for attempt in range(MAX_REROUTES + 1):
                 agent = self.choose(cluster, host)
                 if agent is None:
                     raise DialError(DialOutcome.NO_AGENT, "no agent available")
-                left = timeout - (trio.current_time() - started) if attempt else timeout
+                left = timeout - (trio.current_time() - started) if attempt else timeout - held
                 if left <= 0:
                     raise DialError(DialOutcome.TIMEOUT, f"dial to {addr} timed out")
                 try:

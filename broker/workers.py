@@ -142,17 +142,23 @@ class HostRouter:
         self._agents[(msg.cluster, msg.agent_id)] = agent
         self._index.setdefault(msg.cluster, ClusterIndex()).add(agent)
 
-    def down(self, cluster: str, agent_id: str, worker: int) -> None:
-        """Forget ``worker``'s agent (not one that replaced it on another)."""
+    def down(self, cluster: str, agent_id: str, worker: int) -> RemoteAgent | None:
+        """Forget ``worker``'s agent (not one that replaced it on another);
+        returns it if it was forgotten."""
         old = self._agents.get((cluster, agent_id))
         if old is not None and old.worker == worker:
             del self._agents[(cluster, agent_id)]
             self._index[cluster].remove(old)
+            return old
+        return None
 
-    def gone(self, worker: int) -> None:
-        for key, agent in list(self._agents.items()):
-            if agent.worker == worker:
-                self.down(*key, worker)
+    def gone(self, worker: int) -> list[RemoteAgent]:
+        """Forget every agent of ``worker`` (it exited); returns them."""
+        return [
+            agent
+            for key, agent in list(self._agents.items())
+            if agent.worker == worker and self.down(*key, worker) is not None
+        ]
 
     def choose(self, cluster: str, host: str) -> RemoteAgent | None:
         index = self._index.get(cluster)
@@ -175,9 +181,19 @@ def tier(ids: AgentIdentifiers, host: str, strategies: Sequence[str]) -> tuple[i
 
 class WorkerRegistry(Registry):
     """A worker's registry: its own agents, announced to the host; dials
-    routed on the host's view (:class:`HostRouter`)."""
+    routed on the host's view (:class:`HostRouter`), which also tells it of
+    arrivals and departures (:meth:`WorkerLink.routed`)."""
 
     link: WorkerLink | None = None
+
+    def _departed(self, agent: RoutableAgent) -> None:
+        if self.link is None:
+            super()._departed(agent)
+
+    def routable(self, cluster: str, host: str) -> bool:
+        if super().routable(cluster, host):
+            return True
+        return self.link is not None and self.link.router.choose(cluster, host) is not None
 
     def _announce(self, msg: wp.Message) -> None:
         if self.link is not None:
@@ -228,6 +244,8 @@ class WorkerRegistry(Registry):
                 host, _port = split_host_port(addr)
             except DialError:
                 host = ""
+            if host:
+                timeout -= await self.await_return(cluster, host, timeout)
             remote = link.remote_owner(cluster, host) if host else None
             if remote is not None:
                 try:
@@ -235,7 +253,9 @@ class WorkerRegistry(Registry):
                 except DialError as exc:
                     self.metrics.dial_failures.labels(exc.code).inc()
                     raise
-        return await super().dial(cluster, addr, timeout, early)
+            # Held above already (if at all): the local route, as it is now.
+            return await super().dial(cluster, addr, timeout, early, local_only=True)
+        return await super().dial(cluster, addr, timeout, early, local_only=local_only)
 
 
 def make_registry(metrics: BrokerMetrics, strategies: tuple[str, ...]) -> Registry:
@@ -422,10 +442,7 @@ class WorkerLink:
     def announce(self, msg: wp.Message) -> None:
         """Tell the supervisor about one of our agents; our own router takes
         it at once (the supervisor's broadcast skips the worker it came from)."""
-        if isinstance(msg, wp.AgentUp):
-            self.router.up(msg)
-        elif isinstance(msg, wp.AgentDown):
-            self.router.down(msg.cluster, msg.agent_id, msg.worker)
+        self.routed(msg)
         self._outbox.append(wp.encode(msg))
         self._outbox_ready.set()
 
@@ -482,13 +499,24 @@ class WorkerLink:
         log.warning("supervisor gone: this worker drains and stops")
         os.kill(os.getpid(), signal.SIGTERM)
 
-    def _on_control(self, msg: wp.Message) -> None:
+    def routed(self, msg: wp.Message) -> None:
+        """An agent of the host (ours or another worker's) came or went:
+        the router's view, and the registry's departures
+        (``--agent-return-wait``) from it."""
         if isinstance(msg, wp.AgentUp):
             self.router.up(msg)
+            self.registry.note_arrival(msg.cluster, msg.agent_id)
         elif isinstance(msg, wp.AgentDown):
-            self.router.down(msg.cluster, msg.agent_id, msg.worker)
+            gone = self.router.down(msg.cluster, msg.agent_id, msg.worker)
+            if gone is not None:
+                self.registry.note_departure(gone.cluster, gone.agent_id, gone.identifiers)
+
+    def _on_control(self, msg: wp.Message) -> None:
+        if isinstance(msg, wp.AgentUp | wp.AgentDown):
+            self.routed(msg)
         elif isinstance(msg, wp.WorkerGone):
-            self.router.gone(msg.worker)
+            for gone in self.router.gone(msg.worker):
+                self.registry.note_departure(gone.cluster, gone.agent_id, gone.identifiers)
             self._peers.pop(msg.worker, None)
         elif isinstance(msg, wp.Evict):
             agent = self.registry.get(msg.cluster, msg.agent_id)

@@ -62,6 +62,7 @@ EVENTS = frozenset(
         "protocol_violation",  # the peer broke the wire protocol; connection closed
         "dial_ok",  # a dial reached its target (debug level)
         "dial_failed",  # a dial failed, with its reason code
+        "dial_held",  # a dial waited for a departed agent (--agent-return-wait)
         "dial_cancelled",  # the client gave up while the agent was dialing
         "drain",  # a drain started (signal, broker hint, or agent going away)
         "reconnect",  # agent: waiting to reconnect, with delay and cause
