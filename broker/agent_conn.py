@@ -500,6 +500,11 @@ class AgentConnection:
         again on the new connection; the rest, and open streams, stay.
         Returns how many were rerouted."""
         self.superseded = True
+        return self._reroute_unanswered()
+
+    def _reroute_unanswered(self) -> int:
+        """Dials the agent has not answered (and that carried no early bytes)
+        end now, to be sent again on the connection that took this one's place."""
         moved = 0
         for pending in self.pending.values():
             if pending.reroutable and not pending.done.is_set():
@@ -508,14 +513,18 @@ class AgentConnection:
                 moved += 1
         return moved
 
-    def replace(self, by: AgentConnection) -> None:
+    def replace(self, by: AgentConnection, *, same_process: bool = False) -> int:
         """``by`` took this connection's place: its pending dials fail at
         once; the agent is told why (a ``replaced`` message, docs/protocol.md,
-        2. The control stream), then the connection closes."""
+        2. The control stream), then the connection closes. ``same_process``
+        (``by`` is the same agent instance with the same credential: it
+        reconnected): dials it has not answered go again on ``by`` instead,
+        as after a hedge. Returns how many."""
+        moved = self._reroute_unanswered() if same_process else 0
         self.fail_all("replaced by a new connection")
         conn = self.conn
         if conn is None or self.nursery is None:
-            return
+            return moved
         try:
             # No GOAWAY: the agent must not close first, so the close reason
             # stays ours (replaced) for the disconnect metric.
@@ -528,6 +537,7 @@ class AgentConnection:
             conn.abort(CloseReason.REPLACED, f"replaced by a new connection from {by.remote}")
 
         self.nursery.start_soon(close)
+        return moved
 
     def fail_all(self, reason: str) -> None:
         """The connection died: every pending dial fails at once."""

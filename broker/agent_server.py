@@ -223,18 +223,31 @@ class AgentServer:
             if isinstance(replaced, AgentConnection) and self._hedges(agent, replaced):
                 self._supersede(agent, replaced)
             elif isinstance(replaced, AgentConnection):
-                replaced.replace(agent)
+                moved = replaced.replace(agent, same_process=self._same_process(agent, replaced))
+                if moved:
+                    log.info(
+                        "agent %s/%s: %d unanswered dial(s) of its old connection go again "
+                        "on the new one",
+                        agent.cluster,
+                        agent.agent_id,
+                        moved,
+                    )
             else:
                 replaced.abort("replaced by a new connection from the same agent")
 
-    @staticmethod
-    def _hedges(agent: AgentConnection, old: AgentConnection) -> bool:
+    @classmethod
+    def _hedges(cls, agent: AgentConnection, old: AgentConnection) -> bool:
         """Whether ``agent`` is a hedge of ``old``: the marker, and the same
         agent process (instance) authenticated by the same credential. A
         marker from anyone else changes nothing (docs/security.md)."""
+        return agent.hedge and cls._same_process(agent, old)
+
+    @staticmethod
+    def _same_process(agent: AgentConnection, old: AgentConnection) -> bool:
+        """``agent`` is the agent process of ``old`` (its instance id)
+        authenticated by the same credential: a reconnect of it."""
         return (
-            agent.hedge
-            and bool(agent.instance)
+            bool(agent.instance)
             and agent.instance == old.instance
             and agent.identity is not None
             and old.identity is not None

@@ -318,3 +318,46 @@ async def test_the_old_link_answering_starts_a_hedge_at_once(
     assert metric(text, "tether_agent_hedges_total", outcome="won") == 1
     assert metric(text, "tether_agent_hedges_total", outcome="recovered") == 0
     assert await whoami(broker, f"127.0.0.1:{whoami_port}") == (200, b"127.0.0.1")
+
+
+@pytest.mark.timeout(120)
+async def test_a_dial_unanswered_on_a_replaced_connection_goes_again_on_the_new_one(
+    broker_factory: Callable[..., BrokerHandle],
+    agent_factory: Callable[..., Proc],
+    nursery: trio.Nursery,
+) -> None:
+    """Hedging off: the path stalls with a dial on its way to the agent; the
+    agent's keepalive gives up and it reconnects (the same process and
+    credential), which replaces the stalled connection at the broker. The
+    dial the agent never saw is sent again on the new connection and
+    succeeds, instead of failing as "agent connection lost"."""
+    broker = broker_factory("--backend-dial-timeout=20")
+    relay = PausingRelay(broker.agent_port)
+    await relay.serve(nursery)
+    agent = agent_factory(
+        broker,
+        "--hedge-after=0",
+        # The agent gives up on the link after 3 s; the broker, which
+        # expects a PING every 2 s, only after 6 s: the reconnect comes first.
+        "--keepalive-time=2",
+        "--keepalive-timeout=1",
+        "--watch-network=off",
+        port=relay.port,
+    )
+    await broker.ready(agents=1)
+    whoami_port = await serve_whoami(nursery, "127.0.0.1")
+    paused = relay.pause()
+    assert paused
+    answers: list[tuple[int, bytes]] = []
+
+    async def dial() -> None:
+        answers.append(await whoami(broker, f"127.0.0.1:{whoami_port}"))
+
+    async with trio.open_nursery() as n:
+        n.start_soon(dial)
+        await wait_for(lambda: _logged(broker.proc, "reconnected from"), 20, "the reconnect")
+        await wait_for(lambda: _ready(bool(answers)), 10, "the dial")
+    assert answers == [(200, b"127.0.0.1")]
+    assert "disconnected from broker" in agent.log()  # a reconnect, not a hedge
+    assert metric(await broker.metrics(), "tether_dials_rerouted_total") == 1
+    relay.resume(paused)

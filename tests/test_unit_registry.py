@@ -428,3 +428,34 @@ async def test_a_rerouted_dial_goes_to_the_connection_that_took_the_place() -> N
     with pytest.raises(DialError) as churn:
         await registry.dial("c", "10.2.3.4:443", 5.0)
     assert churn.value.outcome is DialOutcome.AGENT_LOST
+
+
+@pytest.mark.timeout(10)
+async def test_only_a_reconnect_of_the_same_process_takes_the_unanswered_dials(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """The same instance and credential reconnected: dials its old connection
+    had not answered (without early bytes) are rerouted to the new one. A
+    dead connection replaced by another process (another instance id, after
+    the probe) fails them, as does one that carried early bytes."""
+    from broker.agent_conn import PendingDial
+
+    registry = _registry()
+    server = _server(registry)
+    old = _connection(server, "1")
+    assert await server.join(old) is None
+    plain, early = PendingDial(1, "10.0.0.9:1"), PendingDial(2, "10.0.0.9:1", reroutable=False)
+    old.pending.update({1: plain, 2: early})
+    same = _connection(server, "1")
+    assert await server.join(same) is None
+    server.joined(same)
+    assert plain.rerouted and plain.error is None and plain.done.is_set()
+    assert early.error is not None and early.error.outcome is DialOutcome.AGENT_LOST
+    # Another process took the place of a dead connection: nothing moves.
+    same.conn = _Probed(False)  # type: ignore[assignment]
+    waiting = PendingDial(3, "10.0.0.9:1")
+    same.pending[3] = waiting
+    other = _connection(server, "2")
+    assert await server.join(other) is None
+    server.joined(other)
+    assert not waiting.rerouted and waiting.error is not None
