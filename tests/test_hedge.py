@@ -23,6 +23,27 @@ def make(clock: Clock, **kw: float) -> HedgePolicy:
     return HedgePolicy(after=3.0, clock=clock, retry=0.5, linger=10.0, **kw)  # type: ignore[arg-type]
 
 
+def race(clock: Clock, p: HedgePolicy, silent_for: float = 3.0) -> float:
+    """From a quiet link to the race's first attempt; returns when it went quiet."""
+    quiet_since = clock.now
+    clock.now += silent_for
+    assert p.step(quiet_since).action is Action.PROBE
+    clock.now += 1.0
+    assert p.step(quiet_since).action is Action.ATTEMPT
+    return quiet_since
+
+
+def fail_attempts(clock: Clock, p: HedgePolicy, last_rx: float, seconds: float, dt: float) -> None:
+    """``seconds`` of a race in which every attempt fails and nothing is decided."""
+    start = clock.now
+    while clock.now - start < seconds:
+        step = p.step(last_rx)
+        assert step.outcome is None
+        if step.action is Action.ATTEMPT:
+            p.attempt_ended(False)
+        clock.now += dt
+
+
 @pytest.mark.timeout(10)
 def test_quiet_link_probes_then_races() -> None:
     clock = Clock()
@@ -93,16 +114,8 @@ def test_recover_after_counts_from_the_old_links_answer_not_the_race_start() -> 
     end the race at once: the fresh attempts need the restored link to win."""
     clock = Clock()
     p = make(clock, recover_after=4.0)
-    quiet_since = clock.now
-    clock.now += 3.0
-    assert p.step(quiet_since).action is Action.PROBE
-    clock.now += 1.0
-    assert p.step(quiet_since).action is Action.ATTEMPT
-    raced_at = clock.now
-    while clock.now - raced_at < 12.0:  # the outage: every attempt fails
-        if p.step(quiet_since).action is Action.ATTEMPT:
-            p.attempt_ended(False)
-        clock.now += 0.5
+    quiet_since = race(clock, p)
+    fail_attempts(clock, p, quiet_since, 12.0, 0.5)  # the outage
     answered = clock.now  # the link is back; the old one answers first
     step = p.step(answered)
     assert step.outcome is None and p.racing
@@ -112,19 +125,10 @@ def test_recover_after_counts_from_the_old_links_answer_not_the_race_start() -> 
     assert p.attempt_ended(True) == (True, Outcome.WON)
     # Had no attempt won, the race would stop recover_after after the answer.
     p = make(clock, recover_after=4.0)
-    quiet_since = clock.now
-    clock.now += 3.0
-    assert p.step(quiet_since).action is Action.PROBE
-    clock.now += 1.0
-    assert p.step(quiet_since).action is Action.ATTEMPT
+    race(clock, p)
     clock.now += 10.0
     answered = clock.now
-    while clock.now - answered < 4.0:
-        step = p.step(answered)
-        assert step.outcome is None
-        if step.action is Action.ATTEMPT:
-            p.attempt_ended(False)
-        clock.now += 0.5
+    fail_attempts(clock, p, answered, 4.0, 0.5)
     assert p.step(answered).outcome is Outcome.RECOVERED
 
 
@@ -135,11 +139,7 @@ def test_old_link_heard_again_starts_an_attempt_at_once() -> None:
     in flight sent their SYNs into the outage)."""
     clock = Clock()
     p = make(clock)
-    quiet_since = clock.now
-    clock.now += 3.0
-    assert p.step(quiet_since).action is Action.PROBE
-    clock.now += 1.0
-    assert p.step(quiet_since).action is Action.ATTEMPT
+    quiet_since = race(clock, p)
     clock.now += 0.1
     step = p.step(quiet_since)  # nothing heard: spaced by retry
     assert step.action is Action.WAIT and step.wait == pytest.approx(0.4)
@@ -152,11 +152,7 @@ def test_old_link_heard_again_starts_an_attempt_at_once() -> None:
     assert p.step(heard).action is Action.WAIT  # only the first answer counts
     # Not past max_parallel.
     p = make(clock, max_parallel=1)
-    quiet_since = clock.now
-    clock.now += 3.0
-    p.step(quiet_since)
-    clock.now += 1.0
-    assert p.step(quiet_since).action is Action.ATTEMPT
+    race(clock, p)
     clock.now += 0.1
     assert p.step(clock.now).action is Action.WAIT and p.in_flight == 1
 
@@ -167,20 +163,10 @@ def test_dead_link_lingers_then_gives_up() -> None:
     p = make(clock)
     assert p.link_died() is False and p.state is State.DONE  # not racing: nothing to do
     p = make(clock)
-    quiet_since = clock.now
-    clock.now += 4.0
-    assert p.step(quiet_since).action is Action.PROBE
-    clock.now += 1.0
-    assert p.step(quiet_since).action is Action.ATTEMPT
+    quiet_since = race(clock, p, silent_for=4.0)
     assert p.racing
     assert p.link_died() is True
-    died = clock.now
-    while clock.now - died < 10.0:
-        step = p.step(quiet_since)
-        assert step.outcome is None
-        if step.action is Action.ATTEMPT:
-            p.attempt_ended(False)
-        clock.now += 0.25
+    fail_attempts(clock, p, quiet_since, 10.0, 0.25)
     assert p.step(quiet_since).outcome is Outcome.GAVE_UP and p.state is State.DONE
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import random
 
+import prometheus_client as prom
 import pytest
 import trio
 import trio.testing
@@ -37,8 +38,6 @@ def _held(registry: Registry, outcome: str) -> float:
 
 
 def prom_text(metrics: BrokerMetrics) -> str:
-    import prometheus_client as prom
-
     return prom.generate_latest(metrics.registry).decode()
 
 
@@ -46,6 +45,13 @@ def _registry(*strategies: str, wait: float = 2.0, window: float = 300.0) -> Reg
     r = Registry(BrokerMetrics(), strategies or ("default",), rng=random.Random(0))
     r.hold_for_return(wait, window)
     return r
+
+
+def _left(registry: Registry, identifiers: str = "host=node-1", cluster: str = "c") -> None:
+    """An agent ``node-1`` registered in ``cluster`` and left."""
+    node = _agent("node-1", identifiers, cluster=cluster)
+    _add(registry, node)
+    registry.remove(node)
 
 
 def test_departures_match_by_the_routing_rule_and_expire() -> None:
@@ -86,9 +92,7 @@ async def test_a_dial_for_a_departed_agent_waits_for_its_return(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     registry = _registry("destHost")
-    node = _agent("node-1", "host=node-1", cluster="c")
-    _add(registry, node)
-    registry.remove(node)
+    _left(registry)
     back = _agent("node-1", "host=node-1", cluster="c", answer="stream")
 
     async def come_back() -> None:
@@ -109,9 +113,7 @@ async def test_a_dial_for_an_agent_that_stays_away_fails_after_the_wait(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     registry = _registry("destHost", wait=2.0)
-    node = _agent("node-1", "host=node-1", cluster="c")
-    _add(registry, node)
-    registry.remove(node)
+    _left(registry)
     started = trio.current_time()
     with pytest.raises(DialError) as err:
         await registry.dial("c", "node-1:10250", 10.0)
@@ -161,9 +163,7 @@ async def test_another_agent_that_takes_the_host_ends_the_wait(
     """Any agent the dial may go to ends the hold, not only the one that
     left; an unrelated arrival does not."""
     registry = _registry("destHost")
-    node = _agent("node-1", "host=node-1", cluster="c")
-    _add(registry, node)
-    registry.remove(node)
+    _left(registry)
     other = _agent("other", "host=elsewhere", cluster="c")
     twin = _agent("twin", "host=node-1", cluster="c", answer="s")
 
