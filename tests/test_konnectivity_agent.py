@@ -605,11 +605,13 @@ def test_stalled_konnectivity_tunnel_does_not_stall_other_agents(
 
             threading.Thread(target=serve, daemon=True).start()
             addrs[host] = f"{host}:{srv.getsockname()[1]}"
+        # Counted once per stall, so read before the client connects: the
+        # buffer can fill before a count read after the 200 (a CI run timed out so).
+        stalls = metric(broker, "tether_stream_window_stalls_total")
         # The stalled client: opens a download and never reads.
         stuck, status = connect(broker, addrs["127.0.0.2"])
         opened.append(stuck)
         assert status.startswith(b"HTTP/1.1 200")
-        stalls = metric(broker, "tether_stream_window_stalls_total")
         wait_until(
             lambda: metric(broker, "tether_stream_window_stalls_total") > stalls,
             20,

@@ -25,10 +25,23 @@ from tether.tools.certs import PkiPaths
 BIN = Path(sys.executable).parent
 
 
+#: Ports free_port handed out in this process: never handed out twice, so
+#: processes started one after the other (each binding its ports only once
+#: it runs) cannot be given the same one (a CI run failed on that, with
+#: three brokers).
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    if len(_HANDED_OUT) > 10_000:  # a long session: the oldest are long bound or gone
+        _HANDED_OUT.clear()
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
 
 
 class Proc:
