@@ -23,7 +23,7 @@ from protocol.connect_request import (
     ConnectRequestParser,
     ConnectTarget,
 )
-from protocol.messages import MAX_EARLY_DATA, split_host_port
+from protocol.messages import MAX_EARLY_DATA
 from tether.netio.logs import event, limited
 from tether.netio.relay import relay
 from tether.netio.sockopts import set_linger_zero
@@ -136,15 +136,9 @@ async def _serve(
     if handover is not None and raw is not None:
         # The host's view picks the worker: a departed agent (it may come
         # back on any worker) is waited for first, within the dial's time.
-        try:
-            host, _port = split_host_port(target)
-        except DialError:
-            host = ""
-        if host:
-            held = await registry.await_return(settings.cluster, host, settings.dial_timeout)
-            if held:
-                left = max(0.001, settings.dial_timeout - held)
-                settings = attrs.evolve(settings, dial_timeout=left)
+        held = await registry.await_return(settings.cluster, target, settings.dial_timeout)
+        if held:
+            settings = attrs.evolve(settings, dial_timeout=max(0.001, settings.dial_timeout - held))
         if await handover(stream, settings.cluster, target, bytes(raw)):
             return  # the owner of the chosen agent serves it from here on
     # Bytes the client sent before the dial starts ride inside the dial

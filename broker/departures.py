@@ -53,6 +53,14 @@ class _Cluster:
         if gone is not None:
             self.index.remove(gone)
 
+    def expire(self, before: float) -> None:
+        """Drop the entries of agents that left at or before ``before``."""
+        while self.left:
+            oldest = next(iter(self.left.values()))
+            if oldest.left_at > before:
+                return
+            self.drop(oldest.agent_id)
+
 
 def _first(n: int) -> int:
     return 0
@@ -80,11 +88,9 @@ class Departures:
     def left(self, cluster: str, agent_id: str, identifiers: AgentIdentifiers) -> None:
         """``cluster``/``agent_id`` has no connection any more."""
         now = self.clock()
-        entries = self._clusters.get(cluster)
-        if entries is not None:
-            entries.drop(agent_id)
-            self._expire(cluster, entries, now)
-        entries = self._clusters.setdefault(cluster, entries or _Cluster())
+        entries = self._clusters.setdefault(cluster, _Cluster())
+        entries.drop(agent_id)
+        entries.expire(now - self.window)
         while len(entries.left) >= self.max_per_cluster:
             entries.drop(next(iter(entries.left)))
         gone = entries.left[agent_id] = Departed(agent_id, identifiers, now)
@@ -95,8 +101,7 @@ class Departures:
         entries = self._clusters.get(cluster)
         if entries is not None:
             entries.drop(agent_id)
-            if not entries.left:
-                del self._clusters[cluster]
+            self._forget_if_empty(cluster, entries)
 
     def expected(self, cluster: str, host: str, strategies: Sequence[str]) -> Departed | None:
         """A departed agent of ``cluster`` that a dial to ``host`` would have
@@ -104,18 +109,13 @@ class Departures:
         entries = self._clusters.get(cluster)
         if entries is None:
             return None
-        if self._expire(cluster, entries, self.clock()):
+        entries.expire(self.clock() - self.window)
+        if self._forget_if_empty(cluster, entries):
             return None
         return entries.index.choose(strategies, host, _first)
 
-    def _expire(self, cluster: str, entries: _Cluster, now: float) -> bool:
-        """Drop entries older than the window; True if none are left (and
-        the cluster's entry is gone)."""
-        while entries.left:
-            oldest = next(iter(entries.left.values()))
-            if now - oldest.left_at < self.window:
-                return False
-            entries.drop(oldest.agent_id)
-        if self._clusters.get(cluster) is entries:
-            del self._clusters[cluster]
+    def _forget_if_empty(self, cluster: str, entries: _Cluster) -> bool:
+        if entries.left:
+            return False
+        del self._clusters[cluster]
         return True

@@ -286,13 +286,20 @@ class Registry:
         """Some agent would take a dial to ``host`` now."""
         return self.choose(cluster, host) is not None
 
-    async def await_return(self, cluster: str, host: str, timeout: float) -> float:
-        """No agent for ``host`` but one that would have taken it left
+    async def await_return(self, cluster: str, addr: str, timeout: float) -> float:
+        """No agent for ``addr``'s host but one that would have taken it left
         within the window: wait until one registers, at most
-        ``--agent-return-wait`` (and ``timeout``). Returns at once otherwise;
-        the dial then routes (or fails) as usual. Returns the seconds held."""
+        ``--agent-return-wait`` (and ``timeout``). Returns at once otherwise
+        (a malformed ``addr`` too: the dial reports it); the dial then routes
+        (or fails) as usual. Returns the seconds held."""
         departures = self.departures
-        if departures is None or self.routable(cluster, host):
+        if departures is None:
+            return 0.0
+        try:
+            host, _port = split_host_port(addr)
+        except DialError:
+            return 0.0
+        if self.routable(cluster, host):
             return 0.0
         gone = departures.expected(cluster, host, self.strategies)
         if gone is None:
@@ -344,7 +351,7 @@ class Registry:
         started = trio.current_time()
         try:
             host, _port = split_host_port(addr)
-            held = 0.0 if local_only else await self.await_return(cluster, host, timeout)
+            held = 0.0 if local_only else await self.await_return(cluster, addr, timeout)
             for attempt in range(MAX_REROUTES + 1):
                 agent = self.choose(cluster, host)
                 if agent is None:

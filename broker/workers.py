@@ -244,8 +244,7 @@ class WorkerRegistry(Registry):
                 host, _port = split_host_port(addr)
             except DialError:
                 host = ""
-            if host:
-                timeout -= await self.await_return(cluster, host, timeout)
+            timeout -= await self.await_return(cluster, addr, timeout)
             remote = link.remote_owner(cluster, host) if host else None
             if remote is not None:
                 try:

@@ -7,6 +7,7 @@ through real processes: tests/test_e2e_agent_return.py."""
 from __future__ import annotations
 
 import random
+from collections.abc import Awaitable, Callable
 
 import prometheus_client as prom
 import pytest
@@ -18,7 +19,7 @@ from test_unit_registry import StubAgent, _add, _agent
 from broker.departures import Departures
 from broker.dialing import DialError, DialOutcome
 from broker.metrics import BrokerMetrics
-from broker.registry import Registry
+from broker.registry import Registry, RoutableAgent
 from protocol.identifiers import AgentIdentifiers
 
 pytestmark = pytest.mark.timeout(30)
@@ -52,6 +53,18 @@ def _left(registry: Registry, identifiers: str = "host=node-1", cluster: str = "
     node = _agent("node-1", identifiers, cluster=cluster)
     _add(registry, node)
     registry.remove(node)
+
+
+async def _dial_while(
+    registry: Registry, arrivals: Callable[[], Awaitable[None]], addr: str
+) -> tuple[object, RoutableAgent, float]:
+    """Dial ``addr`` while ``arrivals`` runs: the stream, the agent it went
+    to, and how long it took."""
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(arrivals)
+        started = trio.current_time()
+        stream, agent = await registry.dial("c", addr, 10.0)
+    return stream, agent, trio.current_time() - started
 
 
 def test_departures_match_by_the_routing_rule_and_expire() -> None:
@@ -99,12 +112,9 @@ async def test_a_dial_for_a_departed_agent_waits_for_its_return(
         await trio.sleep(0.7)
         _add(registry, back)
 
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(come_back)
-        started = trio.current_time()
-        stream, agent = await registry.dial("c", "node-1:10250", 10.0)
+    stream, agent, took = await _dial_while(registry, come_back, "node-1:10250")
     assert agent is back and stream == "stream"
-    assert trio.current_time() - started == pytest.approx(0.7)
+    assert took == pytest.approx(0.7)
     assert back.dials and back.dials[0][2] == pytest.approx(9.3)  # the hold counts
     assert _held(registry, "returned") == 1
 
@@ -173,12 +183,9 @@ async def test_another_agent_that_takes_the_host_ends_the_wait(
         await trio.sleep(0.3)
         _add(registry, twin)
 
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(arrivals)
-        started = trio.current_time()
-        _stream, agent = await registry.dial("c", "node-1:1", 10.0)
+    _stream, agent, took = await _dial_while(registry, arrivals, "node-1:1")
     assert agent is twin
-    assert trio.current_time() - started == pytest.approx(0.6)
+    assert took == pytest.approx(0.6)
     assert not other.dials
 
 
