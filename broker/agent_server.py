@@ -482,6 +482,9 @@ class AgentServer:
             budget=self.budget,
             initial=bytes(first.buffer),
             auto_lowat=self.socket_options.auto_notsent_lowat,
+            # The agent drives keepalive: between its PINGs the connection
+            # is parked with the idle poller (tether/netio/idle.py).
+            park_when_idle=True,
         )
 
         def rtt_seen(rtt: float) -> None:

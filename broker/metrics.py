@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import prometheus_client as prom
 
-from tether.netio.metrics import TunnelMetrics
+from tether.netio.metrics import IdleCollector, TunnelMetrics
 
 NS = "konnectivity_network_proxy_server"
 
@@ -15,6 +15,7 @@ class BrokerMetrics(TunnelMetrics):
     def __init__(self) -> None:
         super().__init__("broker", "agent connections")
         r = self.registry
+        r.register(IdleCollector())
         self.gc_pause = prom.Histogram(
             "tether_gc_pause_seconds",
             "Garbage collection pauses, by generation (with --gc-full-interval; "

@@ -132,14 +132,28 @@ async def tunnel(
     config: SessionConfig | None = None,
     keepalive: Keepalive = NO_KEEPALIVE,
     pair: PairFactory = trio.testing.memory_stream_pair,
+    *,
+    agent_keepalive: Keepalive | None = None,
+    park_when_idle: bool = False,
 ) -> AsyncIterator[Tunnel]:
+    """``agent_keepalive``: the agent's, when it differs from the broker's;
+    ``park_when_idle``: the broker side's (tether/netio/idle.py)."""
     a_end, b_end = pair()
     agent_handler, broker_handler = AgentHandler(), BrokerHandler()
     agent = TunnelConnection(
-        a_end, agent_session(config), agent_handler, keepalive=keepalive, name="agent"
+        a_end,
+        agent_session(config),
+        agent_handler,
+        keepalive=agent_keepalive or keepalive,
+        name="agent",
     )
     broker = TunnelConnection(
-        b_end, broker_session(config), broker_handler, keepalive=keepalive, name="broker"
+        b_end,
+        broker_session(config),
+        broker_handler,
+        keepalive=keepalive,
+        name="broker",
+        park_when_idle=park_when_idle,
     )
     agent_handler.conn, broker_handler.conn = agent, broker
     done = {"agent": trio.Event(), "broker": trio.Event()}

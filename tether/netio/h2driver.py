@@ -43,6 +43,7 @@ from protocol.errors import ProtocolError
 from protocol.flood import FloodDetected
 from protocol.h2base import PING_LEN
 from protocol.outcomes import CloseReason
+from tether.netio import idle
 from tether.netio.sockopts import set_linger_zero, unacked_bytes, unsent_probe
 
 READ_SIZE = 256 * 1024
@@ -110,6 +111,7 @@ class H2Driver(Generic[EventT]):
         on_handshake_timeout: Callable[[], None] | None = None,
         linger: float = LINGER,
         initial: bytes = b"",
+        park_when_idle: bool = False,
     ) -> None:
         self.transport = transport
         self.engine = engine
@@ -159,6 +161,18 @@ class H2Driver(Generic[EventT]):
         self._send_now: SendAll = getattr(transport, "send_now", transport.send_all)
         #: Bytes the kernel has not sent yet (-1: unknown), asked per write.
         self._unsent = unsent_probe(transport)
+        #: After a lone PING, the reader parks with the run's idle poller
+        #: (:mod:`tether.netio.idle`), which answers the next PINGs itself:
+        #: for a peer that drives keepalive on a mostly idle connection.
+        self._park_when_idle = (
+            park_when_idle
+            and self._quick_ping is not None
+            and hasattr(transport, "receive_nowait")
+            and getattr(transport, "raw_socket", lambda: None)() is not None
+        )
+        #: What the idle poller read that was more than a PING: the reader
+        #: feeds it before reading again.
+        self._stash = b""
 
     def next_traffic(self) -> trio.Event:
         """An event the next read or write of the connection sets: how a
@@ -392,9 +406,10 @@ class H2Driver(Generic[EventT]):
                 if scheduler.ready:
                     self._want_write.set()  # more queued: come back after this write
             data = self._take_output()
-            if not data:
+            if not data and not (self._park_when_idle and self.transport.unsent):  # type: ignore[attr-defined]
                 self._progress.unpark_all()
                 continue
+            # (with no data: what the idle poller's send left, see _idle_read)
             if not await self._send(data):
                 return
 
@@ -416,20 +431,24 @@ class H2Driver(Generic[EventT]):
             first, self._initial = self._initial, b""
             if await self._feed(first):
                 return
+        park = False
         while True:
-            try:
-                data = await self.transport.receive_some(READ_SIZE)
-            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                self.note_close(CloseReason.TRANSPORT_ERROR, f"transport error: {exc!r}")
-                return
-            if not data:
-                self.note_close(CloseReason.PEER_CLOSED, "peer closed the connection")
-                return
-            self.last_rx = trio.current_time()
-            self._count(len(data))
-            if (rx := self._rx) is not None:
-                self._rx = None
-                rx.set()
+            if park:
+                park = False
+                await self._park()
+            data: bytes | bytearray
+            if self._stash:
+                data, self._stash = self._stash, b""
+            else:
+                try:
+                    data = await self.transport.receive_some(READ_SIZE)
+                except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                    self.note_close(CloseReason.TRANSPORT_ERROR, f"transport error: {exc!r}")
+                    return
+                if not data:
+                    self.note_close(CloseReason.PEER_CLOSED, "peer closed the connection")
+                    return
+                self._heard(len(data))
             if (
                 self._quick_ping is not None
                 and len(data) == PING_LEN
@@ -442,9 +461,69 @@ class H2Driver(Generic[EventT]):
                 # for a write-through, so the send does not wait.
                 with trio.CancelScope(shield=True):
                     await self._send(ack + self._take_output(), send=self._send_now)
+                park = self._park_when_idle
                 continue
             if await self._feed(bytes(data)):
                 return
+
+    def _heard(self, n: int) -> None:
+        """A read brought ``n`` bytes."""
+        self.last_rx = trio.current_time()
+        self._count(n)
+        if (rx := self._rx) is not None:
+            self._rx = None
+            rx.set()
+
+    async def _park(self) -> None:
+        """Sleep while the idle poller answers the peer's PINGs; back when a
+        read brings anything else (kept in ``_stash``), or at EOF or an
+        error (which the next read meets again)."""
+        watcher = idle.poller()
+        if watcher is not None:
+            sock = self.transport.raw_socket()  # type: ignore[attr-defined]
+            await watcher.park(sock.fileno(), self._idle_read)
+
+    def _idle_read(self) -> bool:
+        """The idle poller found the parked socket readable: True to stay
+        parked (a PING answered, or no whole record yet)."""
+        transport = self.transport
+        try:
+            data: bytes = transport.receive_nowait()  # type: ignore[attr-defined]
+        except trio.WouldBlock:
+            if transport.unsent:  # type: ignore[attr-defined]
+                self.wake_writer()  # a TLS record the read produced (a key update's answer)
+            return True
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return False  # the reader's next read meets it again
+        if not data:
+            return False  # EOF: likewise
+        self._heard(len(data))
+        if (
+            len(data) == PING_LEN
+            # As _may_write_through, less the kernel's unsent queue: a send
+            # that cannot be written whole leaves the rest to the writer.
+            and not self._writing
+            and not self._awaiting_socket
+            and not self._write_interrupted
+            and self.close_reason is None
+            and transport.can_send_nowait()  # type: ignore[attr-defined]
+            and self._quick_ping is not None
+            and (ack := self._quick_ping(data)) is not None
+        ):
+            out = ack + self._take_output()
+            try:
+                whole = transport.send_nowait(out)  # type: ignore[attr-defined]
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                self.abort(CloseReason.TRANSPORT_ERROR, f"transport error: {exc!r}")
+                return False
+            self._count(len(out))
+            if len(out) > len(ack):
+                self._progress.unpark_all()
+            if not whole:
+                self.wake_writer()  # it writes the rest first
+            return True
+        self._stash = data
+        return False
 
     async def _feed(self, data: bytes) -> bool:
         """Hand one read to the engine; True when the connection is over."""

@@ -14,7 +14,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from protocol.budget import BufferBudget
-from tether.netio import introspect
+from tether.netio import idle, introspect
 from tether.netio.tls import ReloadableContext
 
 
@@ -87,6 +87,29 @@ class TunnelMetrics:
 
     def render(self) -> bytes:
         return bytes(prom.generate_latest(self.registry))
+
+
+class IdleCollector(Collector):
+    """The idle poller's figures (:mod:`tether.netio.idle`)."""
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        t = idle.TOTALS
+        yield GaugeMetricFamily(
+            "tether_idle_parked_connections",
+            "Agent connections parked with the idle poller: nothing but keepalive "
+            "PINGs since their last other traffic.",
+            value=t.parked,
+        )
+        yield CounterMetricFamily(
+            "tether_idle_pings_answered",
+            "Keepalive PINGs the idle poller answered without waking the connection.",
+            value=t.answered,
+        )
+        yield CounterMetricFamily(
+            "tether_idle_wakeups",
+            "Parked connections woken because a read brought more than one PING.",
+            value=t.woken,
+        )
 
 
 class _BudgetCollector(Collector):

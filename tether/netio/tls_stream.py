@@ -102,6 +102,8 @@ class TLSStream(trio.abc.Stream):
         self._eof = False
         #: The last read was small: the next one waits for the socket first.
         self._quiet = False
+        #: Ciphertext send_nowait encrypted but the kernel did not take.
+        self._tail = b""
 
     # --------------------------------------------------------------- info
 
@@ -139,6 +141,8 @@ class TLSStream(trio.abc.Stream):
     async def _send_queued(self, schedule: bool = True) -> None:
         # Called with the send lock held.
         data = self._outgoing.read()
+        if self._tail:
+            data, self._tail = self._tail + data, b""
         if not data:
             return
         transport = self.transport
@@ -229,30 +233,9 @@ class TLSStream(trio.abc.Stream):
         if not self._handshook:
             await self.do_handshake()
         limit = min(max_bytes or READ_CHUNK, READ_CHUNK)
-        plain = _BUFFERS.plain
         while True:
-            total = 0
-            with memoryview(plain) as view:
-                try:
-                    while total < limit:
-                        # With a buffer, read returns a count (typeshed: bytes).
-                        got: int = self._ssl.read(  # type: ignore[assignment]
-                            min(limit - total, RECORD),
-                            view[total:],
-                        )
-                        if not got:
-                            break
-                        total += got
-                except ssl.SSLWantReadError:
-                    pass
-                except ssl.SSLZeroReturnError:
-                    self._eof = True
-                except ssl.SSLError as exc:
-                    self._broken = exc
-                    raise trio.BrokenResourceError(f"TLS error: {exc}") from exc
-                # Out of the shared buffer before any checkpoint.
-                data = bytes(view[:total])
-            if self._outgoing.pending and not self._send_lock.locked():
+            data = self._decrypt(limit)
+            if (self._outgoing.pending or self._tail) and not self._send_lock.locked():
                 # e.g. a TLS 1.3 key update answer. Never wait for a sender:
                 # one blocked on a peer that does not read would stop us
                 # reading too, and a peer doing the same deadlocks with us.
@@ -269,6 +252,122 @@ class TLSStream(trio.abc.Stream):
             except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                 self._broken = exc
                 raise
+
+    def _decrypt(self, limit: int) -> bytes:
+        """Every complete record the TLS engine holds, up to ``limit``
+        plaintext bytes (b"": none yet, or EOF: see ``_eof``). A read that
+        can only fail (no ciphertext left, nothing decrypted and unread) is
+        not tried: its SSLWantReadError costs more than the check."""
+        incoming = self._incoming
+        tls = self._ssl
+        if not incoming.pending and not incoming.eof and not tls.pending():
+            return b""
+        total = 0
+        with memoryview(_BUFFERS.plain) as view:
+            try:
+                while total < limit:
+                    # With a buffer, read returns a count (typeshed: bytes).
+                    got: int = tls.read(  # type: ignore[assignment]
+                        min(limit - total, RECORD),
+                        view[total:],
+                    )
+                    if not got:
+                        break
+                    total += got
+                    if not incoming.pending and not incoming.eof and not tls.pending():
+                        break
+            except ssl.SSLWantReadError:
+                pass
+            except ssl.SSLZeroReturnError:
+                self._eof = True
+            except ssl.SSLError as exc:
+                self._broken = exc
+                raise trio.BrokenResourceError(f"TLS error: {exc}") from exc
+            # Out of the shared buffer before any checkpoint.
+            return bytes(view[:total])
+
+    def receive_nowait(self) -> bytes:
+        """:meth:`receive_some` without a checkpoint, for a task watching
+        many sockets at once (:mod:`tether.netio.idle`): what one
+        non-blocking read of the socket completes. Raises ``trio.WouldBlock``
+        when no complete record is there (a partial one stays in the TLS
+        engine for the next read); b"" at EOF, as :meth:`receive_some`."""
+        self._check()
+        sock = self.raw_socket()
+        if sock is None or not self._handshook:
+            raise trio.WouldBlock
+        data = self._decrypt(READ_CHUNK)
+        if data:
+            return data
+        if self._eof:
+            return b""
+        try:
+            n = _read_into(sock, _BUFFERS.cipher)
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            self._broken = exc
+            raise
+        if n is None:
+            raise trio.WouldBlock
+        if n:
+            with memoryview(_BUFFERS.cipher) as view:
+                self._incoming.write(view[:n])
+        else:
+            self._incoming.write_eof()
+        data = self._decrypt(READ_CHUNK)
+        if data:
+            return data
+        if self._eof or not n:
+            self._eof = True
+            return b""
+        raise trio.WouldBlock
+
+    def raw_socket(self) -> Any:
+        """The trio socket under this stream, or None (not over TCP)."""
+        transport = self.transport
+        return transport.socket if isinstance(transport, trio.SocketStream) else None
+
+    def can_send_nowait(self) -> bool:
+        """Whether :meth:`send_nowait` may run now: over a socket, after the
+        handshake, with no other send under way and nothing kept unsent."""
+        return (
+            self._broken is None
+            and self._handshook
+            and not self._send_lock.locked()
+            and not self._tail
+            and not self._outgoing.pending
+            and isinstance(self.transport, trio.SocketStream)
+        )
+
+    @property
+    def unsent(self) -> bool:
+        """Bytes to write before the stream may rest: ciphertext
+        :meth:`send_nowait` could not write, or TLS records a read produced
+        (a key update's answer). The next send, or the flush in
+        :meth:`receive_some`, writes them first."""
+        return bool(self._tail or self._outgoing.pending)
+
+    def send_nowait(self, data: bytes) -> bool:
+        """Encrypt ``data`` and write it with one non-blocking send, no
+        checkpoint (only when :meth:`can_send_nowait`): for a reply of a few
+        bytes (a PING ACK) from a task that may not wait. False when the
+        kernel did not take it whole: the rest is kept, in order, for the
+        next send (:attr:`unsent`)."""
+        assert self.can_send_nowait()
+        try:
+            self._ssl.write(data)
+        except ssl.SSLError as exc:
+            self._broken = exc
+            raise trio.BrokenResourceError(f"TLS error: {exc}") from exc
+        out = self._outgoing.read()
+        try:
+            sent = _send_some(self.transport.socket, out)  # type: ignore[attr-defined]
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            self._broken = exc
+            raise
+        if sent < len(out):
+            self._tail = out[sent:]
+            return False
+        return True
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         await self._send(data, schedule=True)

@@ -452,6 +452,7 @@ class TunnelConnection:
         initial: bytes = b"",
         tuning: tuner.TunerConfig | None = None,
         auto_lowat: bool = True,
+        park_when_idle: bool = False,
     ) -> None:
         self.transport = transport
         #: The link as this connection measures it, and how its streams'
@@ -483,6 +484,7 @@ class TunnelConnection:
             self._dispatch,
             scheduler=self._scheduler,
             initial=initial,
+            park_when_idle=park_when_idle,
         )
         self._ka = LinkKeepalive.drive(self.keepalive.interval, self.keepalive.timeout)
         self._probes: dict[bytes, trio.Event] = {}
