@@ -190,6 +190,13 @@ class LinkKeepalive:
 K = TypeVar("K")
 
 
+#: How late a keepalive deadline may fire so that the ones due close
+#: together fire in one wake-up: 10,000 agents answered at the default 15 s
+#: reach a deadline about 220 times a second, one wake-up each without it.
+#: Small beside any keepalive interval (1 s at the least).
+TIMER_SLACK = 0.05
+
+
 class TimerHeap(Generic[K]):
     """One deadline per key, in one heap. Moving a key's deadline later
     costs nothing here (the old entry fires, and the owner, finding nothing
@@ -235,6 +242,12 @@ class TimerHeap(Generic[K]):
         while heap and self._at.get(heap[0][2]) != heap[0][0]:
             heapq.heappop(heap)
         return heap[0][0] if heap else math.inf
+
+    def wake_at(self, slack: float = TIMER_SLACK) -> float:
+        """When the owner of the heap should next wake: the earliest
+        deadline, ``slack`` late, so that every deadline due within
+        ``slack`` of it is served by the same wake-up (inf when none)."""
+        return self.next_at() + slack
 
     def pop_due(self, now: float) -> list[K]:
         """Every key whose deadline is at or before ``now``; they no longer
