@@ -352,7 +352,6 @@ class TLSStream(trio.abc.Stream):
         bytes (a PING ACK) from a task that may not wait. False when the
         kernel did not take it whole: the rest is kept, in order, for the
         next send (:attr:`unsent`)."""
-        assert self.can_send_nowait()
         try:
             self._ssl.write(data)
         except ssl.SSLError as exc:
