@@ -18,7 +18,8 @@ import re
 import ssl
 import struct
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -31,7 +32,15 @@ import trio.lowlevel
 
 from protocol import framing, messages, session
 from tether.netio import tls
-from tether.tools.launch import BrokerHandle, connect_tunnel, http_get
+from tether.tools.certs import PkiPaths
+from tether.tools.launch import (
+    BrokerHandle,
+    Proc,
+    connect_tunnel,
+    http_get,
+    start_agent,
+    start_broker,
+)
 
 MiB = 1024 * 1024
 
@@ -436,6 +445,22 @@ class RawPeer:
 
     async def aclose(self) -> None:
         await trio.aclose_forcefully(self.stream)
+
+
+@contextmanager
+def broker_with_agent(tmp: Path, pki: PkiPaths, *flags: str) -> Iterator[BrokerHandle]:
+    """A broker with ``flags`` and one real agent (agent-1, ipv4=127.0.0.1)
+    that ``tunnel_roundtrip`` goes through; both stopped at the end."""
+    broker = start_broker(tmp, pki, *flags)
+    agent: Proc | None = None
+    try:
+        agent = start_agent(tmp, broker, "--agent-identifiers=ipv4=127.0.0.1")
+        trio.run(broker.ready)
+        yield broker
+    finally:
+        if agent is not None:
+            agent.stop(timeout=5)
+        broker.proc.stop(timeout=5)
 
 
 def agent_ssl(broker: BrokerHandle, agent_id: str) -> ssl.SSLContext:

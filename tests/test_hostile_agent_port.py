@@ -41,6 +41,7 @@ from hostile import (
     Meter,
     MiB,
     bad_input,
+    broker_with_agent,
     data_stream_block,
     dial_id_from,
     flood,
@@ -65,11 +66,8 @@ from protocol import framing, messages, session
 from tether.tools.certs import PkiPaths
 from tether.tools.launch import (
     BrokerHandle,
-    Proc,
     Tunnel,
     connect_tunnel,
-    start_agent,
-    start_broker,
 )
 
 pytestmark = [pytest.mark.e2e]
@@ -83,7 +81,7 @@ RSS_BOUND_MIB = 64
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory, pki: PkiPaths) -> Iterator[BrokerHandle]:
     tmp: Path = tmp_path_factory.mktemp("hostile-agent")
-    broker = start_broker(
+    with broker_with_agent(
         tmp,
         pki,
         f"--handshake-timeout={HANDSHAKE_TIMEOUT}",
@@ -95,16 +93,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory, pki: PkiPaths) -> Iterator[B
         # the module's tests share this broker and flood it in turn from one
         # address; the flood penalty has its own test (test_hostile_control_flood)
         "--flood-penalty-after=0",
-    )
-    agent: Proc | None = None
-    try:
-        agent = start_agent(tmp, broker, "--agent-identifiers=ipv4=127.0.0.1")
-        trio.run(broker.ready)
+    ) as broker:
         yield broker
-    finally:
-        if agent is not None:
-            agent.stop(timeout=5)
-        broker.proc.stop(timeout=5)
 
 
 @pytest.fixture

@@ -26,6 +26,7 @@ from hostile import (
     Meter,
     RawPeer,
     bad_input,
+    broker_with_agent,
     flood,
     frame,
     health_ok,
@@ -37,7 +38,7 @@ from hostile import (
 from procs import serve_echo
 
 from tether.tools.certs import PkiPaths
-from tether.tools.launch import BrokerHandle, Proc, start_agent, start_broker
+from tether.tools.launch import BrokerHandle
 
 pytestmark = [pytest.mark.e2e]
 
@@ -48,22 +49,14 @@ RSS_BOUND_MIB = 64
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory, pki: PkiPaths) -> Iterator[BrokerHandle]:
     tmp: Path = tmp_path_factory.mktemp("hostile-idle")
-    broker = start_broker(
+    with broker_with_agent(
         tmp,
         pki,
         "--proxy-strategies=destHost",
         "--agent-identifiers-policy=any",  # raw peers claim hosts; not what is tested here
         "--flood-penalty-after=0",  # the module's peers all come from one address
-    )
-    agent: Proc | None = None
-    try:
-        agent = start_agent(tmp, broker, "--agent-identifiers=ipv4=127.0.0.1")
-        trio.run(broker.ready)
+    ) as broker:
         yield broker
-    finally:
-        if agent is not None:
-            agent.stop(timeout=5)
-        broker.proc.stop(timeout=5)
 
 
 @pytest.fixture

@@ -18,7 +18,7 @@ from collections.abc import Callable
 
 import pytest
 import trio
-from test_tunnel_memory import receive_stream, send_stream, tunnel
+from test_tunnel_memory import exchange, receive_stream, tunnel
 
 from tether.netio import idle, tls
 from tether.netio.tls_stream import TLSStream
@@ -88,18 +88,8 @@ async def test_idle_connection_parks_answers_pings_and_wakes_for_traffic(pki: Pk
         down = random.Random(2).randbytes(2 * 1024 * 1024 + 5)
         a, b = await t.open_stream(7)
         assert totals.woken >= woken0 + 1
-        got: dict[str, bytes] = {}
-
-        async def recv(name: str, ts: object) -> None:
-            got[name] = await receive_stream(ts)  # type: ignore[arg-type]
-
-        with trio.fail_after(30):
-            async with trio.open_nursery() as n:
-                n.start_soon(send_stream, a, up)
-                n.start_soon(send_stream, b, down)
-                n.start_soon(recv, "up", b)
-                n.start_soon(recv, "down", a)
-        assert sha(got["up"]) == sha(up) and sha(got["down"]) == sha(down)
+        got_up, got_down = await exchange(a, b, up, down)
+        assert sha(got_up) == sha(up) and sha(got_down) == sha(down)
 
         # Quiet again: parked again, and a stream from the other side
         # (the broker's dial direction) still works.
