@@ -310,14 +310,17 @@ class H2Driver(Generic[EventT]):
         self._queued = 0
         return self.engine.data_to_send()
 
-    def _may_write_through(self) -> bool:
+    def _nobody_writing(self) -> bool:
+        """No write in progress, none awaited, none torn, and still open."""
         return (
             not self._writing
             and not self._awaiting_socket
             and not self._write_interrupted
             and self.close_reason is None
-            and self._unsent() == 0
         )
+
+    def _may_write_through(self) -> bool:
+        return self._nobody_writing() and self._unsent() == 0
 
     async def write_through(self, budget: int = WRITE_THROUGH) -> bool:
         """From a sender's task: write what is queued now, without waking the
@@ -500,12 +503,9 @@ class H2Driver(Generic[EventT]):
         self._heard(len(data))
         if (
             len(data) == PING_LEN
-            # As _may_write_through, less the kernel's unsent queue: a send
-            # that cannot be written whole leaves the rest to the writer.
-            and not self._writing
-            and not self._awaiting_socket
-            and not self._write_interrupted
-            and self.close_reason is None
+            # Not _may_write_through: the kernel's unsent queue does not
+            # matter, a send it cannot take whole leaves the rest to the writer.
+            and self._nobody_writing()
             and transport.can_send_nowait()  # type: ignore[attr-defined]
             and self._quick_ping is not None
             and (ack := self._quick_ping(data)) is not None

@@ -61,11 +61,6 @@ class IdlePoller:
         #: Parked sockets by file descriptor: the callback and the reader's wake-up.
         self._parked: dict[int, tuple[OnReadable, trio.Event]] = {}
 
-    @property
-    def parked(self) -> int:
-        """Connections parked now."""
-        return len(self._parked)
-
     async def park(self, fd: int, on_readable: OnReadable) -> None:
         """Sleep until ``on_readable`` returns False (or the caller is
         cancelled); meanwhile the poller calls it whenever ``fd`` is
@@ -138,11 +133,3 @@ def poller() -> IdlePoller | None:
     if found is not None:
         trio.lowlevel.spawn_system_task(found.run, name="tether idle poller")
     return found
-
-
-def current() -> IdlePoller | None:
-    """This trio run's idle poller if one was started, without starting it."""
-    try:
-        return _POLLER.get()
-    except LookupError:
-        return None

@@ -179,31 +179,39 @@ class TLSStream(trio.abc.Stream):
             # socket is most likely empty, so wait first rather than try a
             # read that fails.
             sock = transport.socket
-            buf = _BUFFERS.cipher
             if self._quiet:
                 n = None
             else:
                 await trio.lowlevel.checkpoint_if_cancelled()
-                n = _read_into(sock, buf)
+                n = self._pull(sock)
             waited = n is None
             while n is None:
                 await trio.lowlevel.wait_readable(sock)
-                n = _read_into(sock, buf)
+                n = self._pull(sock)
             self._quiet = 0 < n < QUIET_READ
-            if n:
-                with memoryview(buf) as view:
-                    self._incoming.write(view[:n])
             if not waited:
                 await trio.lowlevel.cancel_shielded_checkpoint()
-        else:
-            data = await transport.receive_some(READ_CHUNK)
-            n = len(data)
-            if n:
-                self._incoming.write(data)
-        if not n:
+            return n > 0
+        data = await transport.receive_some(READ_CHUNK)
+        if not data:
             self._incoming.write_eof()
             return False
+        self._incoming.write(data)
         return True
+
+    def _pull(self, sock: Any) -> int | None:
+        """One non-blocking read of ``sock`` into the TLS engine: the byte
+        count (0: EOF, given to the engine as such), or None when nothing is
+        there yet. No checkpoint between the read into the shared buffer
+        and the engine taking it."""
+        buf = _BUFFERS.cipher
+        n = _read_into(sock, buf)
+        if n:
+            with memoryview(buf) as view:
+                self._incoming.write(view[:n])
+        elif n == 0:
+            self._incoming.write_eof()
+        return n
 
     # ------------------------------------------------------------ public
 
@@ -258,10 +266,9 @@ class TLSStream(trio.abc.Stream):
         plaintext bytes (b"": none yet, or EOF: see ``_eof``). A read that
         can only fail (no ciphertext left, nothing decrypted and unread) is
         not tried: its SSLWantReadError costs more than the check."""
-        incoming = self._incoming
-        tls = self._ssl
-        if not incoming.pending and not incoming.eof and not tls.pending():
+        if self._drained():
             return b""
+        tls = self._ssl
         total = 0
         with memoryview(_BUFFERS.plain) as view:
             try:
@@ -274,7 +281,7 @@ class TLSStream(trio.abc.Stream):
                     if not got:
                         break
                     total += got
-                    if not incoming.pending and not incoming.eof and not tls.pending():
+                    if self._drained():
                         break
             except ssl.SSLWantReadError:
                 pass
@@ -285,6 +292,12 @@ class TLSStream(trio.abc.Stream):
                 raise trio.BrokenResourceError(f"TLS error: {exc}") from exc
             # Out of the shared buffer before any checkpoint.
             return bytes(view[:total])
+
+    def _drained(self) -> bool:
+        """Nothing for the TLS engine to decrypt: no ciphertext left (nor an
+        EOF to report), nothing decrypted and unread."""
+        incoming = self._incoming
+        return not incoming.pending and not incoming.eof and not self._ssl.pending()
 
     def receive_nowait(self) -> bytes:
         """:meth:`receive_some` without a checkpoint, for a task watching
@@ -302,17 +315,12 @@ class TLSStream(trio.abc.Stream):
         if self._eof:
             return b""
         try:
-            n = _read_into(sock, _BUFFERS.cipher)
+            n = self._pull(sock)
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             self._broken = exc
             raise
         if n is None:
             raise trio.WouldBlock
-        if n:
-            with memoryview(_BUFFERS.cipher) as view:
-                self._incoming.write(view[:n])
-        else:
-            self._incoming.write_eof()
         data = self._decrypt(READ_CHUNK)
         if data:
             return data
@@ -335,7 +343,7 @@ class TLSStream(trio.abc.Stream):
             and not self._send_lock.locked()
             and not self._tail
             and not self._outgoing.pending
-            and isinstance(self.transport, trio.SocketStream)
+            and self.raw_socket() is not None
         )
 
     @property
