@@ -187,7 +187,16 @@ async def test_a_reconnect_of_the_same_process_replaces_at_once(
     broker = broker_factory()
     relay = Relay(broker.agent_port)
     await relay.serve(nursery)
-    agent = agent_factory(broker, "--keepalive-time=1", "--keepalive-timeout=1", port=relay.port)
+    # The broker drops the silent connection 3 s after it last heard it,
+    # the agent gives up after 2 s: its reconnect must come within the
+    # second between, whatever attempt count start-up failures left it at.
+    agent = agent_factory(
+        broker,
+        "--keepalive-time=1",
+        "--keepalive-timeout=1",
+        "--sync-interval-cap=0.4",
+        port=relay.port,
+    )
     await broker.ready(agents=1)
     port = await serve_whoami(nursery, "127.0.0.1")
     relay.freeze()
